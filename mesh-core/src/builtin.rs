@@ -1,0 +1,460 @@
+//! Built-in kernels with a fixed meaning, so anyone can check a result on the CPU.
+//!
+//! | name | inputs | params | output |
+//! |---|---|---|---|
+//! | `saxpy` | `x`, `y`: f32 | `a` | `out[i] = a*x[i] + y[i]` |
+//! | `vector-add` | `x`, `y`: f32 | | `out[i] = x[i] + y[i]` |
+//! | `matmul` | `a` (m×k), `b` (k×n): f32 row-major | `m`, `n`, `k` | `out` (m×n) |
+//! | `reduce-sum` | `x`: f32 | | `out`: one f32 |
+//! | `mandelbrot` | | `width`, `height`, `max_iter` | `out`: u32 iteration counts |
+//!
+//! Every buffer is little-endian. Each kernel's CPU reference performs the same f32
+//! operations in the same order as the shader, so results compare bit for bit on
+//! adapters that round each operation (no fused multiply-add).
+
+use crate::kernel::{BindingPlan, KernelPlan, SpecError, MAX_WORKGROUPS_PER_DIMENSION};
+use crate::task::{NamedBytes, OutputDecl};
+use std::collections::BTreeMap;
+
+/// The names of all built-in kernels.
+pub const NAMES: &[&str] = &["saxpy", "vector-add", "matmul", "reduce-sum", "mandelbrot"];
+
+/// Invocations per workgroup of the 1-D kernels.
+const WORKGROUP: u32 = 256;
+/// Most f32 elements of a 1-D kernel: it must fit the 2-D dispatch grid.
+const MAX_ELEMENTS: u64 = WORKGROUP as u64 * MAX_WORKGROUPS_PER_DIMENSION as u64 * MAX_WORKGROUPS_PER_DIMENSION as u64;
+
+/// The 2-D dispatch of 1-D kernels: index = (wg.y * num_wg.x + wg.x) * 256 + local.
+const INDEX_1D: &str = r#"
+fn flat_index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wg.y * nwg.x + wg.x) * 256u + lid;
+}
+"#;
+
+const SAXPY: &str = r#"
+struct Params { a: f32, n: u32, _p0: u32, _p1: u32 }
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> y: array<f32>;
+@group(0) @binding(2) var<uniform> params: Params;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wg, nwg, lid);
+    if (i < params.n) { out[i] = params.a * x[i] + y[i]; }
+}
+"#;
+
+const VECTOR_ADD: &str = r#"
+struct Params { n: u32, _p0: u32, _p1: u32, _p2: u32 }
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> y: array<f32>;
+@group(0) @binding(2) var<uniform> params: Params;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wg, nwg, lid);
+    if (i < params.n) { out[i] = x[i] + y[i]; }
+}
+"#;
+
+const MATMUL: &str = r#"
+struct Params { m: u32, n: u32, k: u32, _p0: u32 }
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<uniform> params: Params;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(16, 16)
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {
+    let row = id.y;
+    let col = id.x;
+    if (row >= params.m || col >= params.n) { return; }
+    var acc = 0.0;
+    for (var i = 0u; i < params.k; i = i + 1u) {
+        acc = acc + a[row * params.k + i] * b[i * params.n + col];
+    }
+    out[row * params.n + col] = acc;
+}
+"#;
+
+const REDUCE_SUM: &str = r#"
+struct Params { n: u32, _p0: u32, _p1: u32, _p2: u32 }
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<uniform> params: Params;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+var<workgroup> partial: array<f32, 256>;
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) lid: u32) {
+    var acc = 0.0;
+    for (var i = lid; i < params.n; i = i + 256u) { acc = acc + x[i]; }
+    partial[lid] = acc;
+    workgroupBarrier();
+    for (var stride = 128u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) { partial[lid] = partial[lid] + partial[lid + stride]; }
+        workgroupBarrier();
+    }
+    if (lid == 0u) { out[0] = partial[0]; }
+}
+"#;
+
+const MANDELBROT: &str = r#"
+struct Params { width: u32, height: u32, max_iter: u32, _p0: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read_write> out: array<u32>;
+@compute @workgroup_size(16, 16)
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x >= params.width || id.y >= params.height) { return; }
+    let cx = -2.5 + 3.5 * ((f32(id.x) + 0.5) / f32(params.width));
+    let cy = -1.25 + 2.5 * ((f32(id.y) + 0.5) / f32(params.height));
+    var zx = 0.0;
+    var zy = 0.0;
+    var i = 0u;
+    loop {
+        if (i >= params.max_iter || zx * zx + zy * zy > 4.0) { break; }
+        let t = zx * zx - zy * zy + cx;
+        zy = 2.0 * zx * zy + cy;
+        zx = t;
+        i = i + 1u;
+    }
+    out[id.y * params.width + id.x] = i;
+}
+"#;
+
+/// Build the plan of a built-in kernel.
+pub fn plan(name: &str, params: &BTreeMap<String, String>, inputs: &[NamedBytes]) -> Result<KernelPlan, SpecError> {
+    let k = Builtin { name, params, inputs };
+    match name {
+        "saxpy" => {
+            k.allow_params(&["a"])?;
+            let a = k.f32_param("a")?;
+            let n = k.same_length_f32(&["x", "y"])?;
+            k.one_d(SAXPY, &["x", "y"], [a.to_bits(), n as u32, 0, 0], n)
+        }
+        "vector-add" => {
+            k.allow_params(&[])?;
+            let n = k.same_length_f32(&["x", "y"])?;
+            k.one_d(VECTOR_ADD, &["x", "y"], [n as u32, 0, 0, 0], n)
+        }
+        "matmul" => {
+            k.allow_params(&["m", "n", "k"])?;
+            let (m, n, kk) = (k.u32_param("m")?, k.u32_param("n")?, k.u32_param("k")?);
+            k.expect_inputs(&["a", "b"])?;
+            k.expect_len("a", m as u64 * kk as u64 * 4, "m*k f32")?;
+            k.expect_len("b", kk as u64 * n as u64 * 4, "k*n f32")?;
+            k.two_d(MATMUL, &["a", "b"], [m, n, kk, 0], n, m, m as u64 * n as u64 * 4)
+        }
+        "reduce-sum" => {
+            k.allow_params(&[])?;
+            let n = k.same_length_f32(&["x"])?;
+            let mut plan = k.one_d(REDUCE_SUM, &["x"], [n as u32, 0, 0, 0], n)?;
+            plan.workgroups = [1, 1, 1];
+            plan.outputs[0].size = 4;
+            Ok(plan)
+        }
+        "mandelbrot" => {
+            k.allow_params(&["width", "height", "max_iter"])?;
+            let (w, h, it) = (k.u32_param("width")?, k.u32_param("height")?, k.u32_param("max_iter")?);
+            k.expect_inputs(&[])?;
+            k.two_d(MANDELBROT, &[], [w, h, it, 0], w, h, w as u64 * h as u64 * 4)
+        }
+        _ => Err(SpecError::UnknownKernel { name: name.into() }),
+    }
+}
+
+struct Builtin<'a> {
+    name: &'a str,
+    params: &'a BTreeMap<String, String>,
+    inputs: &'a [NamedBytes],
+}
+
+impl Builtin<'_> {
+    fn bad_param(&self, param: &str, why: impl Into<String>) -> SpecError {
+        SpecError::BadParam { kernel: self.name.into(), param: param.into(), why: why.into() }
+    }
+
+    fn bad_inputs(&self, why: impl Into<String>) -> SpecError {
+        SpecError::BadInputs { kernel: self.name.into(), why: why.into() }
+    }
+
+    fn allow_params(&self, allowed: &[&str]) -> Result<(), SpecError> {
+        match self.params.keys().find(|p| !allowed.contains(&p.as_str())) {
+            Some(p) => Err(self.bad_param(p, format!("is unknown; {} takes: {}", self.name, allowed.join(", ")))),
+            None => Ok(()),
+        }
+    }
+
+    fn raw_param(&self, p: &str) -> Result<&str, SpecError> {
+        self.params
+            .get(p)
+            .map(String::as_str)
+            .ok_or_else(|| self.bad_param(p, format!("is missing; pass --param {p}=VALUE")))
+    }
+
+    fn f32_param(&self, p: &str) -> Result<f32, SpecError> {
+        let v = self.raw_param(p)?;
+        v.parse::<f32>()
+            .ok()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| self.bad_param(p, format!("must be a finite number, got '{v}'")))
+    }
+
+    fn u32_param(&self, p: &str) -> Result<u32, SpecError> {
+        let v = self.raw_param(p)?;
+        v.parse::<u32>()
+            .ok()
+            .filter(|x| *x > 0)
+            .ok_or_else(|| self.bad_param(p, format!("must be a positive whole number, got '{v}'")))
+    }
+
+    fn input(&self, name: &str) -> Option<&NamedBytes> {
+        self.inputs.iter().find(|i| i.name == name)
+    }
+
+    fn expect_inputs(&self, names: &[&str]) -> Result<(), SpecError> {
+        let mut given: Vec<&str> = self.inputs.iter().map(|i| i.name.as_str()).collect();
+        given.sort();
+        let mut want = names.to_vec();
+        want.sort();
+        if given != want {
+            return Err(self.bad_inputs(format!(
+                "needs inputs [{}], got [{}]",
+                want.join(", "),
+                given.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    fn expect_len(&self, name: &str, bytes: u64, what: &str) -> Result<(), SpecError> {
+        let got = self.input(name).map_or(0, |i| i.data.len() as u64);
+        if got != bytes {
+            return Err(self.bad_inputs(format!("input {name} must be {bytes} bytes ({what}), got {got}")));
+        }
+        Ok(())
+    }
+
+    /// Inputs that are f32 arrays of one common, non-zero length; returns it.
+    fn same_length_f32(&self, names: &[&str]) -> Result<u64, SpecError> {
+        self.expect_inputs(names)?;
+        let lens: Vec<u64> = names.iter().map(|n| self.input(n).map_or(0, |i| i.data.len() as u64)).collect();
+        if lens[0] == 0 || lens[0] % 4 != 0 {
+            return Err(self.bad_inputs(format!(
+                "input {} is {} bytes; it must hold one or more little-endian f32 (a multiple of 4 bytes)",
+                names[0], lens[0]
+            )));
+        }
+        if let Some((i, l)) = lens.iter().enumerate().find(|(_, l)| **l != lens[0]) {
+            return Err(self.bad_inputs(format!(
+                "inputs must have the same length: {} is {} bytes, {} is {l} bytes",
+                names[0], lens[0], names[i]
+            )));
+        }
+        let n = lens[0] / 4;
+        if n > MAX_ELEMENTS || n > u32::MAX as u64 {
+            return Err(self.bad_inputs(format!("{n} elements is more than one dispatch can cover")));
+        }
+        Ok(n)
+    }
+
+    fn bindings(&self, names: &[&str], params: [u32; 4]) -> Vec<BindingPlan> {
+        let mut b: Vec<BindingPlan> = names
+            .iter()
+            .map(|n| BindingPlan::Input(self.inputs.iter().position(|i| i.name == *n).expect("checked")))
+            .collect();
+        b.push(BindingPlan::Uniform(params.iter().flat_map(|p| p.to_le_bytes()).collect()));
+        b.push(BindingPlan::Output(0));
+        b
+    }
+
+    fn one_d(&self, src: &str, names: &[&str], params: [u32; 4], n: u64) -> Result<KernelPlan, SpecError> {
+        let groups = n.div_ceil(WORKGROUP as u64);
+        let x = groups.min(MAX_WORKGROUPS_PER_DIMENSION as u64) as u32;
+        let y = groups.div_ceil(x as u64) as u32;
+        Ok(KernelPlan {
+            source: format!("{INDEX_1D}{src}"),
+            entry: "main".into(),
+            workgroups: [x, y, 1],
+            bindings: self.bindings(names, params),
+            outputs: vec![OutputDecl { name: "out".into(), size: n * 4 }],
+        })
+    }
+
+    fn two_d(
+        &self,
+        src: &str,
+        names: &[&str],
+        params: [u32; 4],
+        width: u32,
+        height: u32,
+        out_bytes: u64,
+    ) -> Result<KernelPlan, SpecError> {
+        Ok(KernelPlan {
+            source: src.into(),
+            entry: "main".into(),
+            workgroups: [width.div_ceil(16), height.div_ceil(16), 1],
+            bindings: self.bindings(names, params),
+            outputs: vec![OutputDecl { name: "out".into(), size: out_bytes }],
+        })
+    }
+}
+
+/// Little-endian f32s from bytes.
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+}
+
+/// Little-endian bytes of f32s.
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The output a built-in kernel must produce, computed on the CPU with the same f32
+/// operations in the same order as its shader. The spec must already have planned.
+pub fn cpu_reference(name: &str, params: &BTreeMap<String, String>, inputs: &[NamedBytes]) -> Vec<u8> {
+    let input = |n: &str| f32s(&inputs.iter().find(|i| i.name == n).expect("planned").data);
+    let p = |n: &str| params.get(n).expect("planned");
+    let u = |n: &str| p(n).parse::<u32>().expect("planned");
+    match name {
+        "saxpy" => {
+            let a: f32 = p("a").parse().expect("planned");
+            let out: Vec<f32> = input("x").iter().zip(input("y")).map(|(x, y)| a * x + y).collect();
+            f32_bytes(&out)
+        }
+        "vector-add" => f32_bytes(&input("x").iter().zip(input("y")).map(|(x, y)| x + y).collect::<Vec<_>>()),
+        "matmul" => {
+            let (m, n, k) = (u("m") as usize, u("n") as usize, u("k") as usize);
+            let (a, b) = (input("a"), input("b"));
+            let mut out = vec![0f32; m * n];
+            for row in 0..m {
+                for col in 0..n {
+                    let mut acc = 0f32;
+                    for i in 0..k {
+                        acc += a[row * k + i] * b[i * n + col];
+                    }
+                    out[row * n + col] = acc;
+                }
+            }
+            f32_bytes(&out)
+        }
+        "reduce-sum" => {
+            let x = input("x");
+            let mut partial = [0f32; 256];
+            for (lid, slot) in partial.iter_mut().enumerate() {
+                let mut acc = 0f32;
+                let mut i = lid;
+                while i < x.len() {
+                    acc += x[i];
+                    i += 256;
+                }
+                *slot = acc;
+            }
+            let mut stride = 128;
+            while stride > 0 {
+                for lid in 0..stride {
+                    partial[lid] += partial[lid + stride];
+                }
+                stride /= 2;
+            }
+            f32_bytes(&partial[..1])
+        }
+        "mandelbrot" => {
+            let (w, h, max_iter) = (u("width"), u("height"), u("max_iter"));
+            let mut out = Vec::with_capacity((w * h) as usize * 4);
+            for py in 0..h {
+                for px in 0..w {
+                    let cx = -2.5f32 + 3.5 * ((px as f32 + 0.5) / w as f32);
+                    let cy = -1.25f32 + 2.5 * ((py as f32 + 0.5) / h as f32);
+                    let (mut zx, mut zy, mut i) = (0f32, 0f32, 0u32);
+                    while i < max_iter && zx * zx + zy * zy <= 4.0 {
+                        let t = zx * zx - zy * zy + cx;
+                        zy = 2.0 * zx * zy + cy;
+                        zx = t;
+                        i += 1;
+                    }
+                    out.extend_from_slice(&i.to_le_bytes());
+                }
+            }
+            out
+        }
+        other => panic!("cpu_reference: {other} is not a built-in kernel"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Bytes;
+    use crate::kernel;
+    use crate::task::KernelSpec;
+
+    fn spec(name: &str, params: &[(&str, &str)]) -> KernelSpec {
+        KernelSpec::Builtin {
+            name: name.into(),
+            params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    fn inp(name: &str, v: &[f32]) -> NamedBytes {
+        NamedBytes { name: name.into(), data: Bytes::from(f32_bytes(v)) }
+    }
+
+    #[test]
+    fn every_builtin_plans_and_validates_with_naga() {
+        let cases = vec![
+            (spec("saxpy", &[("a", "2")]), vec![inp("x", &[1.0; 300]), inp("y", &[1.0; 300])], 1200),
+            (spec("vector-add", &[]), vec![inp("x", &[1.0; 8]), inp("y", &[1.0; 8])], 32),
+            (spec("matmul", &[("m", "2"), ("n", "3"), ("k", "4")]), vec![inp("a", &[1.0; 8]), inp("b", &[1.0; 12])], 24),
+            (spec("reduce-sum", &[]), vec![inp("x", &[1.0; 1000])], 4),
+            (spec("mandelbrot", &[("width", "64"), ("height", "32"), ("max_iter", "50")]), vec![], 64 * 32 * 4),
+        ];
+        for (k, inputs, out) in cases {
+            let p = kernel::plan(&k, &inputs, &[]).unwrap_or_else(|e| panic!("{k:?}: {e}"));
+            kernel::validate_wgsl(&p.source).unwrap_or_else(|e| panic!("{k:?}: {e}"));
+            assert_eq!(p.outputs[0].size, out, "{k:?}");
+        }
+    }
+
+    #[test]
+    fn large_saxpy_uses_a_2d_grid() {
+        let n = 20_000_000usize;
+        let x = NamedBytes { name: "x".into(), data: Bytes::from(vec![0u8; n * 4]) };
+        let k = Builtin { name: "saxpy", params: &BTreeMap::from([("a".to_string(), "1".to_string())]), inputs: &[x.clone(), NamedBytes { name: "y".into(), ..x }] };
+        let p = k.one_d(SAXPY, &["x", "y"], [0; 4], n as u64).unwrap();
+        assert_eq!(p.workgroups, [65535, 2, 1]);
+        assert!(p.workgroups[0] as u64 * p.workgroups[1] as u64 * 256 >= n as u64);
+    }
+
+    #[test]
+    fn bad_builtin_requests_are_explained() {
+        let e = kernel::plan(&spec("sgemm", &[]), &[], &[]).unwrap_err();
+        assert!(e.to_string().contains("unknown kernel 'sgemm'; built-in kernels are: saxpy"), "{e}");
+        let e = kernel::plan(&spec("saxpy", &[]), &[inp("x", &[1.0]), inp("y", &[1.0])], &[]).unwrap_err();
+        assert!(e.to_string().contains("parameter 'a' is missing"), "{e}");
+        let e = kernel::plan(&spec("saxpy", &[("a", "two")]), &[inp("x", &[1.0]), inp("y", &[1.0])], &[]).unwrap_err();
+        assert!(e.to_string().contains("must be a finite number, got 'two'"), "{e}");
+        let e = kernel::plan(&spec("saxpy", &[("a", "2")]), &[inp("x", &[1.0; 4]), inp("y", &[1.0; 3])], &[]).unwrap_err();
+        assert!(e.to_string().contains("same length: x is 16 bytes, y is 12 bytes"), "{e}");
+        let e = kernel::plan(&spec("saxpy", &[("a", "2")]), &[inp("x", &[1.0])], &[]).unwrap_err();
+        assert!(e.to_string().contains("needs inputs [x, y], got [x]"), "{e}");
+        let e = kernel::plan(&spec("matmul", &[("m", "2"), ("n", "2"), ("k", "2")]), &[inp("a", &[1.0; 4]), inp("b", &[1.0; 3])], &[]).unwrap_err();
+        assert!(e.to_string().contains("input b must be 16 bytes"), "{e}");
+        let e = kernel::plan(&spec("mandelbrot", &[("width", "0"), ("height", "2"), ("max_iter", "2")]), &[], &[]).unwrap_err();
+        assert!(e.to_string().contains("'width' must be a positive whole number"), "{e}");
+    }
+
+    #[test]
+    fn cpu_references_compute_the_documented_values() {
+        let p = BTreeMap::from([("a".to_string(), "2".to_string())]);
+        let out = f32s(&cpu_reference("saxpy", &p, &[inp("x", &[1.0, 2.0]), inp("y", &[10.0, 20.0])]));
+        assert_eq!(out, vec![12.0, 24.0]);
+        let p = BTreeMap::from([("m", "1"), ("n", "1"), ("k", "2")].map(|(a, b)| (a.to_string(), b.to_string())));
+        let out = f32s(&cpu_reference("matmul", &p, &[inp("a", &[1.0, 2.0]), inp("b", &[3.0, 4.0])]));
+        assert_eq!(out, vec![11.0]);
+        let xs: Vec<f32> = (1..=1000).map(|i| i as f32).collect();
+        assert_eq!(f32s(&cpu_reference("reduce-sum", &BTreeMap::new(), &[inp("x", &xs)])), vec![500500.0]);
+        let p = BTreeMap::from([("width", "4"), ("height", "4"), ("max_iter", "20")].map(|(a, b)| (a.to_string(), b.to_string())));
+        let out = cpu_reference("mandelbrot", &p, &[]);
+        assert_eq!(out.len(), 64);
+    }
+}

@@ -1,0 +1,209 @@
+//! Commands: the only way the replicated state changes. One Raft entry carries a
+//! `Request` (many commands, one timestamp) and yields a `Response` (one outcome each).
+
+use crate::capability::NodeCapabilities;
+use crate::data::Bytes;
+use crate::identity::fingerprint::Fingerprint;
+use crate::ids::{Attempt, NodeId, TaskId, Timestamp};
+use crate::task::{OutputDecl, TaskSpec};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// One state transition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// A node announces itself and what it can run (also used to refresh).
+    RegisterNode {
+        /// The node.
+        node: NodeId,
+        /// Its host key fingerprint.
+        fingerprint: Fingerprint,
+        /// Its advertised address.
+        addr: String,
+        /// Its adapters and labels.
+        capabilities: NodeCapabilities,
+    },
+    /// A user submits a task. The spec was planned (validated) before proposal;
+    /// `outputs` are the resolved output buffers.
+    Submit {
+        /// The task.
+        spec: TaskSpec,
+        /// Its output buffers.
+        outputs: Vec<OutputDecl>,
+        /// The key that submitted it.
+        submitter: Fingerprint,
+    },
+    /// The scheduler gives a pending task to a node, with a new attempt number.
+    Assign {
+        /// The task.
+        task: TaskId,
+        /// The node.
+        node: NodeId,
+    },
+    /// A node reports that it started an attempt.
+    Start {
+        /// The task.
+        task: TaskId,
+        /// The attempt the node holds.
+        attempt: Attempt,
+        /// The reporting node.
+        node: NodeId,
+    },
+    /// A node reports the outputs of an attempt.
+    Complete {
+        /// The task.
+        task: TaskId,
+        /// The attempt the node holds.
+        attempt: Attempt,
+        /// The reporting node.
+        node: NodeId,
+        /// Output buffers, in declaration order.
+        outputs: Vec<Bytes>,
+    },
+    /// A node reports that an attempt failed.
+    Fail {
+        /// The task.
+        task: TaskId,
+        /// The attempt the node holds.
+        attempt: Attempt,
+        /// The reporting node.
+        node: NodeId,
+        /// Why.
+        error: String,
+        /// False when retrying cannot help (the kernel itself is broken).
+        retryable: bool,
+    },
+    /// A user cancels a task.
+    Cancel {
+        /// The task.
+        task: TaskId,
+        /// Who cancelled it.
+        actor: Fingerprint,
+    },
+}
+
+impl Command {
+    /// The task a command is about, for log fields.
+    pub fn task(&self) -> Option<TaskId> {
+        match self {
+            Command::Assign { task, .. }
+            | Command::Start { task, .. }
+            | Command::Complete { task, .. }
+            | Command::Fail { task, .. }
+            | Command::Cancel { task, .. } => Some(*task),
+            Command::RegisterNode { .. } | Command::Submit { .. } => None,
+        }
+    }
+}
+
+/// What applying one command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The node is registered.
+    NodeRegistered(NodeId),
+    /// The task exists; `existing` is true when an idempotency key matched.
+    Submitted {
+        /// Its id.
+        task: TaskId,
+        /// True when this returned an earlier submission.
+        existing: bool,
+    },
+    /// The task was assigned.
+    Assigned {
+        /// The task.
+        task: TaskId,
+        /// The node.
+        node: NodeId,
+        /// The new attempt.
+        attempt: Attempt,
+    },
+    /// The attempt is running.
+    Started(TaskId),
+    /// The result is recorded.
+    Completed(TaskId),
+    /// The attempt failed; `retry` says whether the task went back to pending.
+    Failed {
+        /// The task.
+        task: TaskId,
+        /// True when it will be retried.
+        retry: bool,
+    },
+    /// The task is cancelled.
+    Cancelled(TaskId),
+    /// Nothing changed.
+    Rejected(Rejection),
+}
+
+/// Why a command changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    /// No such task.
+    #[error("task {0} does not exist")]
+    UnknownTask(TaskId),
+    /// No such node.
+    #[error("node {0} is not registered")]
+    UnknownNode(NodeId),
+    /// A report from an attempt that is no longer current (the fencing check).
+    #[error("task {task}: attempt {got} is stale (current attempt is {current} on {holder})")]
+    StaleAttempt {
+        /// The task.
+        task: TaskId,
+        /// The attempt in the report.
+        got: Attempt,
+        /// The task's current attempt.
+        current: Attempt,
+        /// Who holds the task now.
+        holder: String,
+    },
+    /// The task is not in a state that allows this command.
+    #[error("task {task} is {state}; {action} is not possible")]
+    WrongState {
+        /// The task.
+        task: TaskId,
+        /// Its state.
+        state: String,
+        /// What was tried.
+        action: String,
+    },
+    /// The outputs do not match the declared buffers.
+    #[error("task {task}: {why}")]
+    BadOutputs {
+        /// The task.
+        task: TaskId,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::NodeRegistered(n) => write!(f, "node {n} registered"),
+            Outcome::Submitted { task, existing: false } => write!(f, "task {task} submitted"),
+            Outcome::Submitted { task, existing: true } => write!(f, "task {task} already exists (same idempotency key)"),
+            Outcome::Assigned { task, node, attempt } => write!(f, "task {task} assigned to node {node} as attempt {attempt}"),
+            Outcome::Started(t) => write!(f, "task {t} running"),
+            Outcome::Completed(t) => write!(f, "task {t} succeeded"),
+            Outcome::Failed { task, retry: true } => write!(f, "task {task} attempt failed, will retry"),
+            Outcome::Failed { task, retry: false } => write!(f, "task {task} failed"),
+            Outcome::Cancelled(t) => write!(f, "task {t} cancelled"),
+            Outcome::Rejected(r) => write!(f, "rejected: {r}"),
+        }
+    }
+}
+
+/// The payload of one Raft entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Proposer's wall clock when the entry was formed.
+    pub now: Timestamp,
+    /// Commands, applied in order.
+    pub commands: Vec<Command>,
+}
+
+/// The result of applying one entry: one outcome per command.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// Outcomes, in command order.
+    pub outcomes: Vec<Outcome>,
+}

@@ -1,0 +1,109 @@
+//! Placement: a pure function from (state, live nodes) to assignments.
+//!
+//! Pending tasks are taken highest priority first, first come first within a
+//! priority. Each goes to the live matching node with the most free slots, preferring
+//! discrete over integrated over CPU adapters and then the lower node id, so equal
+//! work spreads across equal nodes.
+
+use crate::capability::{DeviceType, NodeCapabilities};
+use crate::ids::{NodeId, TaskId};
+use crate::requirement::{first_unmet, Requirement};
+use crate::state::MeshState;
+use crate::task::{Task, TaskState};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One placement decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assignment {
+    /// The task.
+    pub task: TaskId,
+    /// Where it goes.
+    pub node: NodeId,
+}
+
+/// Assign as many pending tasks as free slots allow.
+pub fn schedule(state: &MeshState, live: &BTreeSet<NodeId>) -> Vec<Assignment> {
+    let mut free: BTreeMap<NodeId, i64> = state
+        .nodes
+        .values()
+        .filter(|n| live.contains(&n.id) && n.capabilities.primary().is_some())
+        .map(|n| (n.id, n.capabilities.slots.max(1) as i64))
+        .collect();
+    for t in state.tasks.values() {
+        if let Some((node, _)) = t.state.assignment() {
+            if let Some(f) = free.get_mut(&node) {
+                *f -= 1;
+            }
+        }
+    }
+    let mut pending: Vec<&Task> = state.tasks.values().filter(|t| t.state == TaskState::Pending).collect();
+    pending.sort_by_key(|t| (std::cmp::Reverse(t.priority), t.id));
+    let mut out = Vec::new();
+    for task in pending {
+        let best = free
+            .iter()
+            .filter(|(_, f)| **f > 0)
+            .filter(|(id, _)| first_unmet(&task.requirements, &state.nodes[id].capabilities).is_none())
+            .max_by_key(|(id, f)| (device_rank(&state.nodes[id].capabilities), **f, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id);
+        if let Some(node) = best {
+            *free.get_mut(&node).expect("present") -= 1;
+            out.push(Assignment { task: task.id, node });
+        }
+    }
+    out
+}
+
+fn device_rank(caps: &NodeCapabilities) -> u8 {
+    match caps.primary().map(|a| a.device_type) {
+        Some(DeviceType::Discrete) => 4,
+        Some(DeviceType::Integrated) => 3,
+        Some(DeviceType::Virtual) => 2,
+        Some(DeviceType::Cpu) => 1,
+        _ => 0,
+    }
+}
+
+/// Why no registered node could ever run a task with these requirements, or `None`
+/// when at least one could.
+pub fn never_runnable(state: &MeshState, reqs: &[Requirement]) -> Option<String> {
+    if state.nodes.is_empty() {
+        return Some("no node has registered yet".into());
+    }
+    let mut unmet = Vec::new();
+    for n in state.nodes.values() {
+        if n.capabilities.primary().is_none() {
+            unmet.push(format!("node {} has no GPU adapter", n.id));
+            continue;
+        }
+        match first_unmet(reqs, &n.capabilities) {
+            None => return None,
+            Some(r) => unmet.push(format!("node {} lacks {r}", n.id)),
+        }
+    }
+    Some(format!("no node in the mesh can run it: {}", unmet.join("; ")))
+}
+
+/// Why a pending task is still waiting, for `mesh-cli task ID`.
+pub fn why_waiting(state: &MeshState, task: &Task, live: &BTreeSet<NodeId>) -> Option<String> {
+    if task.state != TaskState::Pending {
+        return None;
+    }
+    let matching: Vec<NodeId> = state
+        .nodes
+        .values()
+        .filter(|n| n.capabilities.primary().is_some() && first_unmet(&task.requirements, &n.capabilities).is_none())
+        .map(|n| n.id)
+        .collect();
+    if matching.is_empty() {
+        return never_runnable(state, &task.requirements);
+    }
+    if !matching.iter().any(|n| live.contains(n)) {
+        return Some(format!("every node that matches ({}) is down", join(&matching)));
+    }
+    Some(format!("every live node that matches ({}) has all its slots busy", join(&matching)))
+}
+
+fn join(ids: &[NodeId]) -> String {
+    ids.iter().map(|n| format!("node {n}")).collect::<Vec<_>>().join(", ")
+}

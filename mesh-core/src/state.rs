@@ -1,0 +1,335 @@
+//! The replicated state machine: `apply` is a pure function of (state, command).
+//!
+//! Architecture invariant: a result is recorded only from the task's current attempt,
+//! and a terminal task never changes again.
+
+use crate::capability::NodeCapabilities;
+use crate::command::{Command, Outcome, Rejection, Request, Response};
+use crate::data::{Bytes, Digest};
+use crate::identity::fingerprint::Fingerprint;
+use crate::ids::{Attempt, NodeId, TaskId, Timestamp};
+use crate::task::{AttemptError, DataRef, OutputDecl, Task, TaskResult, TaskSpec, TaskState};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A node as the mesh knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Id.
+    pub id: NodeId,
+    /// Host key fingerprint.
+    pub fingerprint: Fingerprint,
+    /// Advertised address.
+    pub addr: String,
+    /// Adapters and labels.
+    pub capabilities: NodeCapabilities,
+    /// When it first registered.
+    pub registered_at: Timestamp,
+    /// When it last registered or refreshed.
+    pub updated_at: Timestamp,
+}
+
+/// The whole replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MeshState {
+    /// Nodes by id.
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Tasks by id.
+    pub tasks: BTreeMap<TaskId, Task>,
+    /// (submitter, idempotency key) -> task.
+    pub idempotency: BTreeMap<(Fingerprint, String), TaskId>,
+    /// Input and output bytes by digest.
+    pub blobs: BTreeMap<Digest, Bytes>,
+    /// The id the next submitted task gets.
+    pub next_task: u64,
+}
+
+impl MeshState {
+    /// Apply one Raft entry.
+    pub fn apply_request(&mut self, req: &Request) -> Response {
+        Response { outcomes: req.commands.iter().map(|c| self.apply(req.now, c)).collect() }
+    }
+
+    /// Apply one command at time `now`.
+    pub fn apply(&mut self, now: Timestamp, cmd: &Command) -> Outcome {
+        match cmd {
+            Command::RegisterNode { node, fingerprint, addr, capabilities } => {
+                let registered_at = self.nodes.get(node).map_or(now, |n| n.registered_at);
+                self.nodes.insert(
+                    *node,
+                    NodeRecord {
+                        id: *node,
+                        fingerprint: fingerprint.clone(),
+                        addr: addr.clone(),
+                        capabilities: capabilities.clone(),
+                        registered_at,
+                        updated_at: now,
+                    },
+                );
+                Outcome::NodeRegistered(*node)
+            }
+            Command::Submit { spec, outputs, submitter } => self.submit(now, spec, outputs, submitter),
+            Command::Assign { task, node } => self.assign(*task, *node),
+            Command::Start { task, attempt, node } => self.start(now, *task, *attempt, *node),
+            Command::Complete { task, attempt, node, outputs } => self.complete(now, *task, *attempt, *node, outputs),
+            Command::Fail { task, attempt, node, error, retryable } => {
+                self.fail(now, *task, *attempt, *node, error, *retryable)
+            }
+            Command::Cancel { task, .. } => self.cancel(now, *task),
+        }
+    }
+
+    fn submit(&mut self, now: Timestamp, spec: &TaskSpec, outputs: &[OutputDecl], submitter: &Fingerprint) -> Outcome {
+        if let Some(key) = &spec.idempotency_key {
+            if let Some(&task) = self.idempotency.get(&(submitter.clone(), key.clone())) {
+                return Outcome::Submitted { task, existing: true };
+            }
+        }
+        let id = TaskId(self.next_task);
+        self.next_task += 1;
+        let inputs = spec.inputs.iter().map(|i| self.store_blob(&i.name, &i.data)).collect();
+        if let Some(key) = &spec.idempotency_key {
+            self.idempotency.insert((submitter.clone(), key.clone()), id);
+        }
+        self.tasks.insert(
+            id,
+            Task {
+                id,
+                kernel: spec.kernel.clone(),
+                inputs,
+                outputs: outputs.to_vec(),
+                requirements: spec.requirements.clone(),
+                priority: spec.priority,
+                timeout: spec.timeout,
+                max_attempts: spec.max_attempts.max(1),
+                idempotency_key: spec.idempotency_key.clone(),
+                submitter: submitter.clone(),
+                state: TaskState::Pending,
+                attempt: Attempt(0),
+                submitted_at: now,
+                started_at: None,
+                finished_at: None,
+                result: None,
+                errors: Vec::new(),
+            },
+        );
+        Outcome::Submitted { task: id, existing: false }
+    }
+
+    fn store_blob(&mut self, name: &str, data: &Bytes) -> DataRef {
+        let digest = data.digest();
+        self.blobs.entry(digest).or_insert_with(|| data.clone());
+        DataRef { name: name.into(), digest, len: data.len() as u64 }
+    }
+
+    fn assign(&mut self, id: TaskId, node: NodeId) -> Outcome {
+        if !self.nodes.contains_key(&node) {
+            return Outcome::Rejected(Rejection::UnknownNode(node));
+        }
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return Outcome::Rejected(Rejection::UnknownTask(id));
+        };
+        if task.state != TaskState::Pending {
+            return Outcome::Rejected(wrong_state(task, "assign"));
+        }
+        let attempt = task.attempt.next();
+        debug_assert!(attempt > task.attempt, "an attempt number only grows");
+        task.attempt = attempt;
+        task.state = TaskState::Assigned { node, attempt };
+        Outcome::Assigned { task: id, node, attempt }
+    }
+
+    /// The fencing check: the report must come from the node holding the current attempt.
+    fn current<'a>(&'a mut self, id: TaskId, attempt: Attempt, node: NodeId, action: &str) -> Result<&'a mut Task, Rejection> {
+        let task = self.tasks.get_mut(&id).ok_or(Rejection::UnknownTask(id))?;
+        if task.state.is_terminal() {
+            return Err(wrong_state(task, action));
+        }
+        match task.state.assignment() {
+            Some((holder, current)) if current == attempt && holder == node => Ok(task),
+            holder => Err(Rejection::StaleAttempt {
+                task: id,
+                got: attempt,
+                current: task.attempt,
+                holder: match holder {
+                    Some((n, _)) => format!("node {n}"),
+                    None => "no node".into(),
+                },
+            }),
+        }
+    }
+
+    fn start(&mut self, now: Timestamp, id: TaskId, attempt: Attempt, node: NodeId) -> Outcome {
+        match self.current(id, attempt, node, "start") {
+            Ok(task) => {
+                if let TaskState::Assigned { node, attempt } = task.state {
+                    task.state = TaskState::Running { node, attempt };
+                    task.started_at = Some(now);
+                }
+                Outcome::Started(id)
+            }
+            Err(r) => Outcome::Rejected(r),
+        }
+    }
+
+    fn complete(&mut self, now: Timestamp, id: TaskId, attempt: Attempt, node: NodeId, outputs: &[Bytes]) -> Outcome {
+        let declared = match self.current(id, attempt, node, "record a result") {
+            Ok(task) => task.outputs.clone(),
+            Err(r) => return Outcome::Rejected(r),
+        };
+        let sizes_match = declared.len() == outputs.len()
+            && declared.iter().zip(outputs).all(|(d, o)| d.size == o.len() as u64);
+        if !sizes_match {
+            return Outcome::Rejected(Rejection::BadOutputs {
+                task: id,
+                why: format!(
+                    "outputs of {:?} bytes do not match the declared {:?}",
+                    outputs.iter().map(|o| o.len()).collect::<Vec<_>>(),
+                    declared.iter().map(|d| d.size).collect::<Vec<_>>()
+                ),
+            });
+        }
+        let refs = declared.iter().zip(outputs).map(|(d, o)| self.store_blob(&d.name, o)).collect();
+        let task = self.tasks.get_mut(&id).expect("checked above");
+        debug_assert!(task.result.is_none(), "a task records exactly one result");
+        task.result = Some(TaskResult { attempt, node, outputs: refs });
+        task.state = TaskState::Succeeded;
+        task.finished_at = Some(now);
+        Outcome::Completed(id)
+    }
+
+    fn fail(&mut self, now: Timestamp, id: TaskId, attempt: Attempt, node: NodeId, error: &str, retryable: bool) -> Outcome {
+        let task = match self.current(id, attempt, node, "fail") {
+            Ok(task) => task,
+            Err(r) => return Outcome::Rejected(r),
+        };
+        task.errors.push(AttemptError { attempt, node, error: error.into() });
+        let retry = retryable && attempt.0 < task.max_attempts;
+        if retry {
+            task.state = TaskState::Pending;
+        } else {
+            task.state = TaskState::Failed;
+            task.finished_at = Some(now);
+        }
+        Outcome::Failed { task: id, retry }
+    }
+
+    fn cancel(&mut self, now: Timestamp, id: TaskId) -> Outcome {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return Outcome::Rejected(Rejection::UnknownTask(id));
+        };
+        if task.state.is_terminal() {
+            return Outcome::Rejected(wrong_state(task, "cancel"));
+        }
+        task.state = TaskState::Cancelled;
+        task.finished_at = Some(now);
+        Outcome::Cancelled(id)
+    }
+
+    /// The bytes of a stored buffer.
+    pub fn blob(&self, digest: &Digest) -> Option<&Bytes> {
+        self.blobs.get(digest)
+    }
+
+    /// Tasks assigned to or running on `node`.
+    pub fn tasks_on(&self, node: NodeId) -> impl Iterator<Item = &Task> {
+        self.tasks.values().filter(move |t| t.state.assignment().is_some_and(|(n, _)| n == node))
+    }
+
+    /// Number of tasks in each state, by state name.
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut c = BTreeMap::new();
+        for t in self.tasks.values() {
+            *c.entry(t.state.name()).or_insert(0) += 1;
+        }
+        c
+    }
+}
+
+fn wrong_state(task: &Task, action: &str) -> Rejection {
+    Rejection::WrongState { task: task.id, state: task.state.name().into(), action: action.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::{KernelSpec, NamedBytes, DEFAULT_TIMEOUT};
+
+    fn fp(c: char) -> Fingerprint {
+        Fingerprint::of_key_blob(&[c as u8])
+    }
+
+    fn spec(key: Option<&str>) -> TaskSpec {
+        TaskSpec {
+            kernel: KernelSpec::Builtin { name: "vector-add".into(), params: Default::default() },
+            inputs: vec![NamedBytes { name: "x".into(), data: Bytes::from(vec![1, 2, 3, 4]) }],
+            outputs: vec![],
+            requirements: vec![],
+            priority: 0,
+            timeout: DEFAULT_TIMEOUT,
+            max_attempts: 2,
+            idempotency_key: key.map(String::from),
+        }
+    }
+
+    fn with_node() -> MeshState {
+        let mut s = MeshState::default();
+        s.apply(
+            Timestamp(1),
+            &Command::RegisterNode { node: NodeId(1), fingerprint: fp('a'), addr: "n1".into(), capabilities: Default::default() },
+        );
+        s
+    }
+
+    fn submit(s: &mut MeshState, key: Option<&str>) -> Outcome {
+        s.apply(Timestamp(2), &Command::Submit { spec: spec(key), outputs: vec![OutputDecl { name: "out".into(), size: 4 }], submitter: fp('u') })
+    }
+
+    #[test]
+    fn identical_inputs_are_stored_once() {
+        let mut s = with_node();
+        submit(&mut s, None);
+        submit(&mut s, None);
+        assert_eq!(s.tasks.len(), 2);
+        assert_eq!(s.blobs.len(), 1);
+    }
+
+    #[test]
+    fn idempotency_is_per_submitter() {
+        let mut s = with_node();
+        assert_eq!(submit(&mut s, Some("k")), Outcome::Submitted { task: TaskId(0), existing: false });
+        assert_eq!(submit(&mut s, Some("k")), Outcome::Submitted { task: TaskId(0), existing: true });
+        let other = s.apply(Timestamp(3), &Command::Submit { spec: spec(Some("k")), outputs: vec![], submitter: fp('v') });
+        assert_eq!(other, Outcome::Submitted { task: TaskId(1), existing: false });
+    }
+
+    #[test]
+    fn wrong_output_size_is_rejected_and_changes_nothing() {
+        let mut s = with_node();
+        submit(&mut s, None);
+        s.apply(Timestamp(3), &Command::Assign { task: TaskId(0), node: NodeId(1) });
+        let before = s.clone();
+        let o = s.apply(
+            Timestamp(4),
+            &Command::Complete { task: TaskId(0), attempt: Attempt(1), node: NodeId(1), outputs: vec![Bytes::from(vec![0; 8])] },
+        );
+        assert!(matches!(o, Outcome::Rejected(Rejection::BadOutputs { .. })), "{o:?}");
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn request_applies_commands_in_order() {
+        let mut s = with_node();
+        let resp = s.apply_request(&Request {
+            now: Timestamp(5),
+            commands: vec![
+                Command::Submit { spec: spec(None), outputs: vec![], submitter: fp('u') },
+                Command::Assign { task: TaskId(0), node: NodeId(1) },
+                Command::Assign { task: TaskId(0), node: NodeId(1) },
+            ],
+        });
+        assert_eq!(resp.outcomes.len(), 3);
+        assert!(matches!(resp.outcomes[1], Outcome::Assigned { attempt: Attempt(1), .. }));
+        assert!(matches!(resp.outcomes[2], Outcome::Rejected(Rejection::WrongState { .. })));
+    }
+}

@@ -1,0 +1,1 @@
+//! The wgpu executor: adapter probing and kernel dispatch.

@@ -1,0 +1,1 @@
+//! The sled store: Raft log, vote, state machine and snapshots.
