@@ -57,6 +57,8 @@ pub struct TaskView {
     pub id: TaskId,
     /// Kernel label (`saxpy`, `wgsl:main`).
     pub kernel: String,
+    /// Built-in kernel parameters (empty for WGSL kernels).
+    pub params: BTreeMap<String, String>,
     /// `pending`, `assigned`, `running`, `succeeded`, `failed` or `cancelled`.
     pub state: String,
     /// Node holding or last holding the task.
@@ -101,6 +103,10 @@ impl TaskView {
         TaskView {
             id: t.id,
             kernel: t.kernel.label(),
+            params: match &t.kernel {
+                crate::task::KernelSpec::Builtin { params, .. } => params.clone(),
+                crate::task::KernelSpec::Wgsl { .. } => BTreeMap::new(),
+            },
             state: t.state.name().into(),
             node: t.state.assignment().map(|(n, _)| n).or(t.result.as_ref().map(|r| r.node)).or(t.errors.last().map(|e| e.node)),
             attempt: t.attempt.0,
