@@ -1,1 +1,7 @@
-//! placeholder
+//! Cross-process integration tests: real `mesh-node` and `mesh-cli` processes talking
+//! SSH over loopback TCP, real sled files, real wgpu dispatches on the local adapter
+//! (Mesa's lavapipe on machines without a GPU). One test binary; files by theme.
+
+mod t10_single_node;
+mod t15_durability;
+mod t20_bad_input;

@@ -1,8 +1,12 @@
 //! The Mesh daemon: Raft over sled, the SSH operator endpoint, the wgpu executor.
 //!
-//! `main.rs` only parses the command line; everything else lives in the modules here
-//! so integration tests and benchmarks can reuse it.
+//! `main.rs` only parses the command line; `node.rs` wires the modules below.
 #![warn(missing_docs)]
 
+pub mod admin_keys;
+pub mod config;
 pub mod gpu;
+pub mod host_key;
+pub mod proposer;
+pub mod raft_network;
 pub mod store;

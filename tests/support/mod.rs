@@ -1,1 +1,243 @@
-//! placeholder
+//! Test support: real `mesh-node` and `mesh-cli` processes on loopback, each node with
+//! its own data directory, user keys made by `ssh-keygen`.
+//!
+//! The binaries are the workspace's own, found beside the test executable
+//! (`target/debug/`); the test command builds them first (`cargo build --bins`).
+
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long a node may take to print its ready line (first start probes the GPU).
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Path of a workspace binary.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/integration-xxxx -> target/debug/
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)", path.display());
+    path
+}
+
+/// A free loopback port (bound then released; good enough on a test machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Log a test phase, so a failing run shows how far it got.
+pub fn phase(msg: &str) {
+    eprintln!("--- {msg}");
+}
+
+/// An ed25519 user key made by OpenSSH's `ssh-keygen`.
+pub struct UserKey {
+    /// Private key file.
+    pub private: PathBuf,
+    /// Public key file.
+    pub public: PathBuf,
+}
+
+impl UserKey {
+    /// Generate `dir/name` and `dir/name.pub`.
+    pub fn generate(dir: &Path, name: &str) -> Result<UserKey> {
+        let private = dir.join(name);
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&private)
+            .output()
+            .context("ssh-keygen is needed (apt-get install openssh-client)")?;
+        if !out.status.success() {
+            bail!("ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(UserKey { public: private.with_extension("pub"), private })
+    }
+}
+
+/// A running `mesh-node` process.
+pub struct Node {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// SSH port.
+    pub ssh_port: u16,
+    /// HTTP port.
+    pub http_port: u16,
+    /// Raft port.
+    pub raft_port: u16,
+    admin_keys: Vec<PathBuf>,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// Start a node on fresh ports with `data_dir` and the given admin keys.
+    pub fn start(data_dir: &Path, admin_keys: &[&Path]) -> Result<Node> {
+        let mut node = Node {
+            data_dir: data_dir.into(),
+            ssh_port: free_port(),
+            http_port: free_port(),
+            raft_port: free_port(),
+            admin_keys: admin_keys.iter().map(|p| p.to_path_buf()).collect(),
+            child: None,
+        };
+        node.spawn()?;
+        Ok(node)
+    }
+
+    /// `127.0.0.1:SSH_PORT`.
+    pub fn ssh_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.ssh_port)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        std::fs::create_dir_all(&self.data_dir)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.join("node.log"))?;
+        let mut cmd = Command::new(bin("mesh-node"));
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--ssh-listen", &self.ssh_addr()])
+            .args(["--http-listen", &format!("127.0.0.1:{}", self.http_port)])
+            .args(["--listen", &format!("127.0.0.1:{}", self.raft_port)]);
+        for k in &self.admin_keys {
+            cmd.arg("--admin-key").arg(k);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(log).stdin(Stdio::null()).spawn().context("spawn mesh-node")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains(" ready: ") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+                phase(&format!("node up: {line}"));
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().expect("spawned").try_wait()? {
+                bail!("mesh-node exited with {status} before it was ready; log:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("mesh-node not ready after {READY_TIMEOUT:?}; log:\n{}", self.log());
+            }
+        }
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL the process (no shutdown, no flush) and reap it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start the process again on the same data directory and ports.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    /// The host key fingerprint, from `mesh-node fingerprint`.
+    pub fn fingerprint(&self) -> Result<String> {
+        let out = Command::new(bin("mesh-node")).arg("fingerprint").arg("--data-dir").arg(&self.data_dir).output()?;
+        if !out.status.success() {
+            bail!("mesh-node fingerprint failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A `mesh-cli` configuration: identity, known_hosts, target node.
+#[derive(Clone)]
+pub struct Cli {
+    /// `--node`.
+    pub node: String,
+    /// `--identity`.
+    pub identity: PathBuf,
+    /// `--known-hosts`.
+    pub known_hosts: PathBuf,
+}
+
+/// The outcome of one `mesh-cli` run.
+pub struct CliOutput {
+    /// Exit code.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: Vec<u8>,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Standard output as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Standard output as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.stdout).unwrap_or_else(|e| {
+            panic!("mesh-cli printed no JSON ({e}); stdout: {} stderr: {}", self.text(), self.stderr)
+        })
+    }
+
+    /// Panic unless it exited 0.
+    pub fn ok(self) -> CliOutput {
+        assert_eq!(self.code, 0, "mesh-cli failed: {}\nstdout: {}", self.stderr, self.text());
+        self
+    }
+}
+
+impl Cli {
+    /// Run `mesh-cli` with these global options and `args`.
+    pub fn run(&self, args: &[&str]) -> CliOutput {
+        let out: Output = Command::new(bin("mesh-cli"))
+            .arg("--node")
+            .arg(&self.node)
+            .arg("--identity")
+            .arg(&self.identity)
+            .arg("--known-hosts")
+            .arg(&self.known_hosts)
+            .args(args)
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mesh-cli");
+        CliOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// Deterministic pseudo-random f32s in [-1, 1) (an LCG; no dependency needed).
+pub fn lcg_f32(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}

@@ -1,0 +1,152 @@
+//! Group commit: commands from many callers are batched into few Raft entries.
+//!
+//! openraft syncs each entry on its own, so throughput comes from putting many
+//! commands in one entry. The proposer takes whatever has queued while the previous
+//! entries were in flight, up to a count and byte budget, and proposes it as one
+//! `Request`; each caller gets its own command's outcome back.
+
+use mesh_core::raft_types::TypeConfig;
+use mesh_core::{Command, Outcome, Request, Timestamp};
+use openraft::error::ClientWriteError;
+use openraft::Raft;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Commands waiting for a batch. Callers wait (back-pressure) when it is full.
+const QUEUE_CAPACITY: usize = 4096;
+/// Most commands in one entry: bounds apply latency per entry.
+const MAX_BATCH_COMMANDS: usize = 1024;
+/// Most payload bytes in one entry (inputs and outputs travel in the log); a single
+/// larger command still goes alone.
+const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+/// Entries proposed but not yet applied: lets a new batch form while others commit.
+const MAX_IN_FLIGHT_ENTRIES: usize = 4;
+
+/// Why a proposal did not produce an outcome.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProposeError {
+    /// This node is not the leader.
+    #[error("this node is not the Raft leader{}", match .leader { Some(l) => format!(" (the leader is node {l})"), None => " and no leader is known yet; retry in a moment".into() })]
+    NotLeader {
+        /// The leader, if known.
+        leader: Option<u64>,
+    },
+    /// Raft failed or is shutting down.
+    #[error("consensus is unavailable: {0}")]
+    Unavailable(String),
+}
+
+struct Proposal {
+    command: Command,
+    reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+}
+
+/// Handle to propose commands.
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::Sender<Proposal>,
+}
+
+impl Proposer {
+    /// Propose one command and wait for its outcome.
+    pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Proposal { command, reply })
+            .await
+            .map_err(|_| ProposeError::Unavailable("the node is shutting down".into()))?;
+        rx.await.map_err(|_| ProposeError::Unavailable("the node is shutting down".into()))?
+    }
+
+    /// Propose several commands (they may share an entry) and wait for all outcomes.
+    pub async fn propose_all(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, ProposeError> {
+        let waits: Vec<_> = commands.into_iter().map(|c| self.propose(c)).collect();
+        futures::future::join_all(waits).await.into_iter().collect()
+    }
+}
+
+/// The batching loop.
+pub struct ProposerLoop {
+    raft: Raft<TypeConfig>,
+    rx: mpsc::Receiver<Proposal>,
+}
+
+/// Create the proposer handle and its loop.
+pub fn proposer(raft: Raft<TypeConfig>) -> (Proposer, ProposerLoop) {
+    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+    (Proposer { tx }, ProposerLoop { raft, rx })
+}
+
+fn payload_bytes(c: &Command) -> usize {
+    match c {
+        Command::Submit { spec, .. } => spec.inputs.iter().map(|i| i.data.len()).sum(),
+        Command::Complete { outputs, .. } => outputs.iter().map(|o| o.len()).sum(),
+        _ => 64,
+    }
+}
+
+/// Wall-clock now, for the entry's timestamp.
+pub fn now() -> Timestamp {
+    Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+}
+
+impl ProposerLoop {
+    /// Run until shutdown.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_ENTRIES));
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = self.rx.recv() => match p { Some(p) => p, None => return },
+            };
+            let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+            let mut bytes = payload_bytes(&first.command);
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
+                match self.rx.try_recv() {
+                    Ok(p) => {
+                        bytes += payload_bytes(&p.command);
+                        batch.push(p);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+            metrics::histogram!("mesh_raft_batch_commands").record(commands.len() as f64);
+            let request = Request { now: now(), commands };
+            let receiver = self.raft.client_write_ff(request).await;
+            tokio::spawn(async move {
+                let result = match receiver {
+                    Ok(rx) => match rx.await {
+                        Ok(Ok(resp)) => Ok(resp.data.outcomes),
+                        Ok(Err(e)) => Err(write_error(e)),
+                        Err(e) => Err(ProposeError::Unavailable(e.to_string())),
+                    },
+                    Err(fatal) => Err(ProposeError::Unavailable(fatal.to_string())),
+                };
+                drop(permit);
+                match result {
+                    Ok(outcomes) => {
+                        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                            let _ = reply.send(Ok(outcome));
+                        }
+                    }
+                    Err(e) => {
+                        for reply in replies {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+fn write_error(e: ClientWriteError<u64, openraft::BasicNode>) -> ProposeError {
+    match e {
+        ClientWriteError::ForwardToLeader(f) => ProposeError::NotLeader { leader: f.leader_id },
+        other => ProposeError::Unavailable(other.to_string()),
+    }
+}

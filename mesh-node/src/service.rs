@@ -1,0 +1,238 @@
+//! The operator operations behind every SSH command: read the replicated state,
+//! check a request, propose commands. Transport-free, so tests and other front ends
+//! can call it.
+
+use crate::proposer::{ProposeError, Proposer};
+use crate::store::StateView;
+use mesh_core::api::{NodeView, StatusView, SubmitReply, TaskView};
+use mesh_core::kernel::{self, SpecError};
+use mesh_core::raft_types::TypeConfig;
+use mesh_core::scheduler::never_runnable;
+use mesh_core::task::KernelSpec;
+use mesh_core::{Bytes, Command, Fingerprint, MeshState, NodeId, Outcome, Rejection, TaskId, TaskSpec};
+use openraft::Raft;
+use std::collections::BTreeSet;
+
+/// Why an operation failed. Each message names the thing, the reason and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The request is malformed (the caller's fault).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The task spec cannot run.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// No node could ever run the task.
+    #[error("task refused: {0}")]
+    Unschedulable(String),
+    /// No such task.
+    #[error("task {0} does not exist; `mesh-cli tasks` lists the tasks")]
+    UnknownTask(TaskId),
+    /// The state machine refused the command.
+    #[error("{0}")]
+    Rejected(#[from] Rejection),
+    /// The task has no such output or no result yet.
+    #[error("{0}")]
+    NoResult(String),
+    /// Consensus could not take the write.
+    #[error(transparent)]
+    Propose(#[from] ProposeError),
+}
+
+/// The operations of one node.
+#[derive(Clone)]
+pub struct Service {
+    /// This node.
+    pub node: NodeId,
+    /// This node's host key fingerprint.
+    pub fingerprint: Fingerprint,
+    /// This node's primary adapter name.
+    pub adapter: Option<String>,
+    raft: Raft<TypeConfig>,
+    state: StateView,
+    proposer: Proposer,
+}
+
+impl Service {
+    /// Bundle the parts.
+    pub fn new(
+        node: NodeId,
+        fingerprint: Fingerprint,
+        adapter: Option<String>,
+        raft: Raft<TypeConfig>,
+        state: StateView,
+        proposer: Proposer,
+    ) -> Service {
+        Service { node, fingerprint, adapter, raft, state, proposer }
+    }
+
+    /// Nodes considered live. A single-node mesh has only itself; heartbeat-based
+    /// liveness arrives with the cluster issue.
+    pub fn live_nodes(&self, state: &MeshState) -> BTreeSet<NodeId> {
+        state.nodes.keys().copied().collect()
+    }
+
+    /// `status`.
+    pub fn status(&self) -> StatusView {
+        let m = self.raft.metrics().borrow().clone();
+        let voters = m.membership_config.membership().voter_ids().map(NodeId).collect();
+        self.state.read(|s| StatusView {
+            node: self.node,
+            fingerprint: self.fingerprint.to_string(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            role: role_name(&m.state).into(),
+            leader: m.current_leader.map(NodeId),
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            voters,
+            nodes: s.nodes.len(),
+            tasks: s.counts().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            adapter: self.adapter.clone(),
+        })
+    }
+
+    /// `nodes`.
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let m = self.raft.metrics().borrow().clone();
+        let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
+        self.state.read(|s| {
+            let live = self.live_nodes(s);
+            s.nodes
+                .values()
+                .map(|n| {
+                    let role = if m.current_leader == Some(n.id.0) {
+                        "leader"
+                    } else if voters.contains(&n.id.0) {
+                        "follower"
+                    } else {
+                        "learner"
+                    };
+                    NodeView::of(s, n, role, live.contains(&n.id))
+                })
+                .collect()
+        })
+    }
+
+    /// `tasks [--state S]`.
+    pub fn tasks(&self, state_filter: Option<&str>) -> Vec<TaskView> {
+        self.state.read(|s| {
+            let live = self.live_nodes(s);
+            s.tasks
+                .values()
+                .filter(|t| state_filter.is_none_or(|f| t.state.name() == f))
+                .map(|t| TaskView::of(s, t, &live))
+                .collect()
+        })
+    }
+
+    /// `task ID`.
+    pub fn task(&self, id: TaskId) -> Result<TaskView, ServiceError> {
+        self.state.read(|s| {
+            let t = s.tasks.get(&id).ok_or(ServiceError::UnknownTask(id))?;
+            Ok(TaskView::of(s, t, &self.live_nodes(s)))
+        })
+    }
+
+    /// `submit`: check the spec (naga for WGSL), refuse what no node could ever run,
+    /// then propose it.
+    pub async fn submit(&self, spec: TaskSpec, submitter: Fingerprint) -> Result<SubmitReply, ServiceError> {
+        check_spec_fields(&spec)?;
+        let declared = match &spec.kernel {
+            KernelSpec::Wgsl { .. } => spec.outputs.clone(),
+            KernelSpec::Builtin { .. } => Vec::new(),
+        };
+        let plan = kernel::plan(&spec.kernel, &spec.inputs, &declared)?;
+        if let Some(why) = self.state.read(|s| never_runnable(s, &spec.requirements)) {
+            return Err(ServiceError::Unschedulable(why));
+        }
+        let outcome = self.proposer.propose(Command::Submit { spec, outputs: plan.outputs, submitter }).await?;
+        match outcome {
+            Outcome::Submitted { task, existing } => {
+                metrics::counter!("mesh_tasks_submitted_total").increment(u64::from(!existing));
+                Ok(SubmitReply { task, existing })
+            }
+            Outcome::Rejected(r) => Err(r.into()),
+            other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+        }
+    }
+
+    /// `wait ID`: block until the task is terminal.
+    pub async fn wait(&self, id: TaskId) -> Result<TaskView, ServiceError> {
+        let mut changes = self.state.changes();
+        loop {
+            let view = self.task(id)?;
+            if view.is_terminal() {
+                return Ok(view);
+            }
+            if changes.changed().await.is_err() {
+                return Err(ServiceError::Propose(ProposeError::Unavailable("the node is shutting down".into())));
+            }
+        }
+    }
+
+    /// `result ID --raw`: the bytes of one output (the first, or the named one).
+    pub fn result_bytes(&self, id: TaskId, name: Option<&str>) -> Result<Bytes, ServiceError> {
+        self.state.read(|s| {
+            let t = s.tasks.get(&id).ok_or(ServiceError::UnknownTask(id))?;
+            let r = t.result.as_ref().ok_or_else(|| {
+                ServiceError::NoResult(format!("task {id} is {} and has no result; `mesh-cli task {id}` shows why", t.state.name()))
+            })?;
+            let out = match name {
+                Some(n) => r.outputs.iter().find(|o| o.name == n).ok_or_else(|| {
+                    let names: Vec<&str> = r.outputs.iter().map(|o| o.name.as_str()).collect();
+                    ServiceError::NoResult(format!("task {id} has no output '{n}'; its outputs are: {}", names.join(", ")))
+                })?,
+                None => r.outputs.first().ok_or_else(|| ServiceError::NoResult(format!("task {id} has no outputs")))?,
+            };
+            s.blob(&out.digest)
+                .cloned()
+                .ok_or_else(|| ServiceError::NoResult(format!("output {} of task {id} is not stored on this node", out.name)))
+        })
+    }
+
+    /// `cancel ID`.
+    pub async fn cancel(&self, id: TaskId, actor: Fingerprint) -> Result<TaskView, ServiceError> {
+        self.task(id)?;
+        match self.proposer.propose(Command::Cancel { task: id, actor }).await? {
+            Outcome::Cancelled(_) => self.task(id),
+            Outcome::Rejected(r) => Err(r.into()),
+            other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+        }
+    }
+}
+
+fn check_spec_fields(spec: &TaskSpec) -> Result<(), ServiceError> {
+    use mesh_core::limits::MAX_IDEMPOTENCY_KEY_BYTES;
+    if spec.max_attempts == 0 {
+        return Err(ServiceError::BadRequest("max_attempts must be at least 1".into()));
+    }
+    if spec.timeout.is_zero() {
+        return Err(ServiceError::BadRequest("timeout must be longer than zero".into()));
+    }
+    if let Some(k) = &spec.idempotency_key {
+        if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(ServiceError::BadRequest(format!(
+                "idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"
+            )));
+        }
+    }
+    let mut names = BTreeSet::new();
+    for i in &spec.inputs {
+        if !names.insert(i.name.as_str()) {
+            return Err(ServiceError::BadRequest(format!("input '{}' is given twice", i.name)));
+        }
+    }
+    Ok(())
+}
+
+/// The word for a Raft server state.
+pub fn role_name(s: &openraft::ServerState) -> &'static str {
+    match s {
+        openraft::ServerState::Leader => "leader",
+        openraft::ServerState::Follower => "follower",
+        openraft::ServerState::Candidate => "candidate",
+        openraft::ServerState::Learner => "learner",
+        openraft::ServerState::Shutdown => "shutdown",
+    }
+}

@@ -1,0 +1,297 @@
+//! One operator command: parse the exec line, run it against the `Service`, and turn
+//! the result into stdout, stderr and an exit status (the only place where service
+//! errors become SSH replies).
+
+use crate::service::{Service, ServiceError};
+use mesh_core::api::{ErrorView, TaskView, EXIT_ERROR, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE};
+use mesh_core::{Fingerprint, TaskId, TaskSpec};
+use serde::Serialize;
+
+/// Largest request body accepted on a command's standard input. A submit carries its
+/// inputs base64-encoded in JSON: 16 MiB of inputs need about 22 MiB.
+pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// A parsed command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `status`
+    Status,
+    /// `nodes`
+    Nodes,
+    /// `tasks [--state S]`
+    Tasks(Option<String>),
+    /// `submit` (body on stdin)
+    Submit,
+    /// `task ID`
+    Task(TaskId),
+    /// `wait ID`
+    Wait(TaskId),
+    /// `result ID [--raw] [--name N]`
+    Result {
+        /// Task.
+        id: TaskId,
+        /// Raw bytes instead of a summary.
+        raw: bool,
+        /// Output name.
+        name: Option<String>,
+    },
+    /// `cancel ID`
+    Cancel(TaskId),
+}
+
+/// A parsed exec line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandLine {
+    /// What to do.
+    pub request: Request,
+    /// Answer in JSON.
+    pub json: bool,
+}
+
+const USAGE: &str = "commands: status, nodes, tasks [--state S], submit (JSON task on stdin), task ID, wait ID, result ID [--raw] [--name OUTPUT], cancel ID; add --json for JSON output";
+
+impl CommandLine {
+    /// Parse `COMMAND [ARGS] [--json]`.
+    pub fn parse(line: &str) -> Result<CommandLine, String> {
+        let mut words: Vec<&str> = line.split_whitespace().collect();
+        let json = words.contains(&"--json");
+        words.retain(|w| *w != "--json");
+        let raw = words.contains(&"--raw");
+        words.retain(|w| *w != "--raw");
+        let flag = |words: &mut Vec<&str>, name: &str| -> Result<Option<String>, String> {
+            match words.iter().position(|w| *w == name) {
+                None => Ok(None),
+                Some(i) if i + 1 < words.len() => {
+                    let v = words[i + 1].to_string();
+                    words.drain(i..=i + 1);
+                    Ok(Some(v))
+                }
+                Some(_) => Err(format!("{name} needs a value")),
+            }
+        };
+        let state = flag(&mut words, "--state")?;
+        let name = flag(&mut words, "--name")?;
+        let id = |words: &[&str]| -> Result<TaskId, String> {
+            match words {
+                [_, id] => id.parse().map_err(|_| format!("'{id}' is not a task id (a number, as `mesh-cli tasks` shows)")),
+                _ => Err(format!("{} takes one task id", words[0])),
+            }
+        };
+        let request = match words.first().copied() {
+            None => return Err(format!("no command given; {USAGE}")),
+            Some("status") => Request::Status,
+            Some("nodes") => Request::Nodes,
+            Some("tasks") => Request::Tasks(state),
+            Some("submit") => Request::Submit,
+            Some("task") => Request::Task(id(&words)?),
+            Some("wait") => Request::Wait(id(&words)?),
+            Some("result") => Request::Result { id: id(&words)?, raw, name },
+            Some("cancel") => Request::Cancel(id(&words)?),
+            Some(other) => return Err(format!("unknown command '{other}'; {USAGE}")),
+        };
+        Ok(CommandLine { request, json })
+    }
+
+    /// Whether the command reads a body from standard input.
+    pub fn takes_body(&self) -> bool {
+        self.request == Request::Submit
+    }
+}
+
+/// What goes back over the channel.
+#[derive(Debug, Default)]
+pub struct Reply {
+    /// Standard output.
+    pub stdout: Vec<u8>,
+    /// Standard error.
+    pub stderr: Vec<u8>,
+    /// Exit status.
+    pub status: u32,
+}
+
+impl Reply {
+    fn json<T: Serialize>(v: &T) -> Reply {
+        let mut stdout = serde_json::to_vec_pretty(v).expect("API views serialize");
+        stdout.push(b'\n');
+        Reply { stdout, ..Reply::default() }
+    }
+
+    fn text(s: String) -> Reply {
+        Reply { stdout: s.into_bytes(), ..Reply::default() }
+    }
+
+    /// A failure: one line on stderr, and `{"error": ...}` on stdout in JSON mode.
+    pub fn error(message: &str, status: u32, json: bool) -> Reply {
+        let line = message.replace('\n', " ");
+        Reply {
+            stdout: if json { Reply::json(&ErrorView { error: message.into() }).stdout } else { Vec::new() },
+            stderr: format!("error: {line}\n").into_bytes(),
+            status,
+        }
+    }
+}
+
+/// Run a parsed command for the authenticated user `actor`.
+pub async fn run(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fingerprint) -> Reply {
+    match dispatch(service, cmd, body, actor).await {
+        Ok(reply) => reply,
+        Err(e) => Reply::error(&e.to_string(), EXIT_ERROR, cmd.json),
+    }
+}
+
+async fn dispatch(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fingerprint) -> Result<Reply, ServiceError> {
+    let json = cmd.json;
+    Ok(match &cmd.request {
+        Request::Status => {
+            let s = service.status();
+            if json {
+                Reply::json(&s)
+            } else {
+                let tasks: Vec<String> = s.tasks.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                Reply::text(format!(
+                    "node {} ({})\nrole {}, leader {}, term {}, applied index {}\nadapter {}\nnodes {}, tasks: {}\n",
+                    s.node,
+                    s.fingerprint,
+                    s.role,
+                    s.leader.map_or("none".into(), |l| l.to_string()),
+                    s.term,
+                    s.applied_index.map_or("none".into(), |i| i.to_string()),
+                    s.adapter.as_deref().unwrap_or("none"),
+                    s.nodes,
+                    if tasks.is_empty() { "none".into() } else { tasks.join(" ") }
+                ))
+            }
+        }
+        Request::Nodes => {
+            let nodes = service.nodes();
+            if json {
+                Reply::json(&nodes)
+            } else {
+                Reply::text(
+                    nodes
+                        .iter()
+                        .map(|n| {
+                            let a = n.capabilities.primary();
+                            format!(
+                                "{} {} {} {} {} adapter={} ({}, {}) slots={}\n",
+                                n.id,
+                                n.role,
+                                n.health,
+                                n.addr,
+                                n.fingerprint,
+                                a.map_or("none", |a| a.name.as_str()),
+                                a.map_or("-".into(), |a| a.device_type.to_string()),
+                                a.map_or("-", |a| a.backend.as_str()),
+                                n.capabilities.slots
+                            )
+                        })
+                        .collect(),
+                )
+            }
+        }
+        Request::Tasks(state) => {
+            let tasks = service.tasks(state.as_deref());
+            if json {
+                Reply::json(&tasks)
+            } else {
+                Reply::text(tasks.iter().map(task_line).collect())
+            }
+        }
+        Request::Submit => {
+            let spec: TaskSpec = serde_json::from_slice(body)
+                .map_err(|e| ServiceError::BadRequest(format!("the task on standard input is not valid JSON for a task spec: {e}")))?;
+            let r = service.submit(spec, actor.clone()).await?;
+            if json {
+                Reply::json(&r)
+            } else if r.existing {
+                Reply::text(format!("task {} (already submitted with this idempotency key)\n", r.task))
+            } else {
+                Reply::text(format!("task {} submitted\n", r.task))
+            }
+        }
+        Request::Task(id) => task_reply(&service.task(*id)?, json),
+        Request::Wait(id) => {
+            let view = service.wait(*id).await?;
+            let mut reply = task_reply(&view, json);
+            if view.state != "succeeded" {
+                reply.status = EXIT_TASK_FAILED;
+            }
+            reply
+        }
+        Request::Result { id, raw: true, name } => {
+            let bytes = service.result_bytes(*id, name.as_deref())?;
+            Reply { stdout: bytes.to_vec(), ..Reply::default() }
+        }
+        Request::Result { id, raw: false, .. } => {
+            let view = service.task(*id)?;
+            if view.state != "succeeded" {
+                return Err(ServiceError::NoResult(format!("task {id} is {} and has no result", view.state)));
+            }
+            task_reply(&view, json)
+        }
+        Request::Cancel(id) => task_reply(&service.cancel(*id, actor.clone()).await?, json),
+    })
+}
+
+fn task_line(t: &TaskView) -> String {
+    format!(
+        "{} {} {} attempt {}/{}{}\n",
+        t.id,
+        t.kernel,
+        t.state,
+        t.attempt,
+        t.max_attempts,
+        t.node.map_or(String::new(), |n| format!(" node {n}"))
+    )
+}
+
+fn task_reply(t: &TaskView, json: bool) -> Reply {
+    if json {
+        return Reply::json(t);
+    }
+    let mut s = task_line(t);
+    for o in &t.outputs {
+        s += &format!("  output {} {} bytes {}\n", o.name, o.bytes, o.sha256.as_deref().unwrap_or("-"));
+    }
+    for e in &t.errors {
+        s += &format!("  attempt {} on node {} failed: {}\n", e.attempt, e.node, e.error);
+    }
+    if let Some(w) = &t.waiting {
+        s += &format!("  waiting: {w}\n");
+    }
+    Reply::text(s)
+}
+
+/// The reply to a line that does not parse.
+pub fn usage_error(message: &str, json: bool) -> Reply {
+    Reply::error(message, EXIT_USAGE, json)
+}
+
+/// Exit status of success, for the server.
+pub const OK: u32 = EXIT_OK;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands_and_flags() {
+        assert_eq!(CommandLine::parse("status").unwrap(), CommandLine { request: Request::Status, json: false });
+        assert_eq!(CommandLine::parse("task 7 --json").unwrap(), CommandLine { request: Request::Task(TaskId(7)), json: true });
+        assert_eq!(
+            CommandLine::parse("result 3 --raw --name out").unwrap().request,
+            Request::Result { id: TaskId(3), raw: true, name: Some("out".into()) }
+        );
+        assert_eq!(CommandLine::parse("tasks --state running").unwrap().request, Request::Tasks(Some("running".into())));
+        assert!(CommandLine::parse("submit").unwrap().takes_body());
+    }
+
+    #[test]
+    fn bad_lines_say_what_is_wrong() {
+        assert!(CommandLine::parse("").unwrap_err().contains("no command given"));
+        assert!(CommandLine::parse("launch").unwrap_err().contains("unknown command 'launch'"));
+        assert!(CommandLine::parse("task x").unwrap_err().contains("'x' is not a task id"));
+        assert!(CommandLine::parse("task").unwrap_err().contains("takes one task id"));
+        assert!(CommandLine::parse("tasks --state").unwrap_err().contains("--state needs a value"));
+    }
+}

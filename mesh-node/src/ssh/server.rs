@@ -1,0 +1,207 @@
+//! The russh server: key authentication against the admin keys, one tokio task per
+//! exec request, bounded connections and request bodies.
+
+use super::command::{self, CommandLine, Reply, MAX_BODY_BYTES};
+use crate::host_key::{fingerprint_of, HostKey};
+use crate::service::Service;
+use mesh_core::Fingerprint;
+use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+/// Concurrent SSH connections; more wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 256;
+/// An idle connection is closed after this long.
+const INACTIVITY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Delay before answering a rejected authentication (slows down key guessing).
+const AUTH_REJECTION_TIME: Duration = Duration::from_millis(300);
+
+/// The SSH endpoint of a node.
+pub struct SshServer {
+    config: Arc<russh::server::Config>,
+    service: Service,
+    admins: Arc<BTreeSet<Fingerprint>>,
+}
+
+impl SshServer {
+    /// A server presenting `host_key` and admitting the `admins` keys.
+    pub fn new(host_key: &HostKey, service: Service, admins: BTreeSet<Fingerprint>) -> SshServer {
+        let config = russh::server::Config {
+            keys: vec![host_key.private_key().clone()],
+            methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+            auth_rejection_time: AUTH_REJECTION_TIME,
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            inactivity_timeout: Some(INACTIVITY_TIMEOUT),
+            ..Default::default()
+        };
+        SshServer { config: Arc::new(config), service, admins: Arc::new(admins) }
+    }
+
+    /// Serve connections from `listener` until shutdown.
+    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let tracker = TaskTracker::new();
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else { break };
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => { warn!(error = %e, "ssh accept failed"); continue; }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let handler = Connection {
+                service: self.service.clone(),
+                admins: self.admins.clone(),
+                peer,
+                user: None,
+                channels: HashMap::new(),
+                tracker: tracker.clone(),
+            };
+            let config = self.config.clone();
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                let _permit = permit;
+                match russh::server::run_stream(config, stream, handler).await {
+                    Ok(session) => {
+                        tokio::select! {
+                            r = session => if let Err(e) = r { debug!(%peer, error = %e, "ssh session ended") },
+                            _ = shutdown.cancelled() => {}
+                        }
+                    }
+                    Err(e) => {
+                        metrics::counter!("mesh_ssh_handshake_failures_total").increment(1);
+                        debug!(%peer, error = %e, "ssh handshake failed");
+                    }
+                }
+            });
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+}
+
+/// One client connection.
+struct Connection {
+    service: Service,
+    admins: Arc<BTreeSet<Fingerprint>>,
+    peer: SocketAddr,
+    user: Option<Fingerprint>,
+    channels: HashMap<ChannelId, Channel<Msg>>,
+    tracker: TaskTracker,
+}
+
+impl Connection {
+    fn admit(&self, key: &russh::keys::PublicKey) -> Option<Fingerprint> {
+        let fp = fingerprint_of(key);
+        self.admins.contains(&fp).then_some(fp)
+    }
+}
+
+impl russh::server::Handler for Connection {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(&mut self, _user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+        Ok(if self.admit(offer.public_key).is_some() { Auth::Accept } else { Auth::reject() })
+    }
+
+    async fn auth_publickey(&mut self, _user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        match self.admit(key.public_key) {
+            Some(fp) => {
+                info!(peer = %self.peer, user = %fp, "ssh user authenticated");
+                self.user = Some(fp);
+                Ok(Auth::Accept)
+            }
+            None => {
+                metrics::counter!("mesh_ssh_auth_failures_total", "reason" => "unknown_key").increment(1);
+                warn!(peer = %self.peer, key = %fingerprint_of(key.public_key), "ssh key refused: not an admin key");
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.insert(channel.id(), channel);
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn exec_request(&mut self, id: ChannelId, data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+        let (Some(channel), Some(user)) = (self.channels.remove(&id), self.user.clone()) else {
+            return session.channel_failure(id);
+        };
+        session.channel_success(id)?;
+        let line = String::from_utf8_lossy(data).into_owned();
+        let service = self.service.clone();
+        debug!(peer = %self.peer, %user, command = %line, "ssh exec");
+        self.tracker.spawn(serve_exec(service, user, line, channel));
+        Ok(())
+    }
+}
+
+/// Read the body if the command takes one, run it, and send the reply.
+async fn serve_exec(service: Service, user: Fingerprint, line: String, channel: Channel<Msg>) {
+    let (mut read, write) = channel.split();
+    let reply = match CommandLine::parse(&line) {
+        Err(e) => command::usage_error(&e, line.split_whitespace().any(|w| w == "--json")),
+        Ok(cmd) => {
+            let body = if cmd.takes_body() { read_body(&mut read).await } else { Ok(Vec::new()) };
+            match body {
+                Ok(body) => command::run(&service, &cmd, &body, &user).await,
+                Err(e) => Reply::error(&e, mesh_core::api::EXIT_ERROR, cmd.json),
+            }
+        }
+    };
+    // Keep draining client messages so a client that sends data we ignore never
+    // blocks the session.
+    let drain = tokio::spawn(async move { while read.wait().await.is_some() {} });
+    let send = async {
+        if !reply.stdout.is_empty() {
+            write.data(&reply.stdout[..]).await?;
+        }
+        if !reply.stderr.is_empty() {
+            write.extended_data(1, &reply.stderr[..]).await?;
+        }
+        write.exit_status(reply.status).await?;
+        write.eof().await?;
+        write.close().await
+    };
+    if let Err(e) = send.await {
+        debug!(error = %e, "client went away before the reply was sent");
+    }
+    drain.abort();
+}
+
+async fn read_body(read: &mut russh::ChannelReadHalf) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(msg) = read.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                if body.len() + data.len() > MAX_BODY_BYTES {
+                    return Err(format!(
+                        "the request body is larger than {MAX_BODY_BYTES} bytes; task inputs are limited to {} bytes",
+                        mesh_core::limits::MAX_TASK_INPUT_BYTES
+                    ));
+                }
+                body.extend_from_slice(&data);
+            }
+            ChannelMsg::Eof | ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    Ok(body)
+}
