@@ -10,7 +10,10 @@
 //!
 //! Every buffer is little-endian. Each kernel's CPU reference performs the same f32
 //! operations in the same order as the shader, so results compare bit for bit on
-//! adapters that round each operation (no fused multiply-add).
+//! adapters that round each operation (no fused multiply-add). Shaders avoid chains of
+//! additions a driver could reassociate (naga emits no SPIR-V `NoContraction`, and
+//! lavapipe turns `a*a - b*b + c` into `(a*a + c) - b*b`): Mandelbrot's real part is
+//! `(zx - zy) * (zx + zy) + cx` for that reason.
 
 use crate::kernel::{BindingPlan, KernelPlan, SpecError, MAX_WORKGROUPS_PER_DIMENSION};
 use crate::task::{NamedBytes, OutputDecl};
@@ -112,7 +115,7 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
     var i = 0u;
     loop {
         if (i >= params.max_iter || zx * zx + zy * zy > 4.0) { break; }
-        let t = zx * zx - zy * zy + cx;
+        let t = (zx - zy) * (zx + zy) + cx;
         zy = 2.0 * zx * zy + cy;
         zx = t;
         i = i + 1u;
@@ -238,7 +241,7 @@ impl Builtin<'_> {
     fn same_length_f32(&self, names: &[&str]) -> Result<u64, SpecError> {
         self.expect_inputs(names)?;
         let lens: Vec<u64> = names.iter().map(|n| self.input(n).map_or(0, |i| i.data.len() as u64)).collect();
-        if lens[0] == 0 || lens[0] % 4 != 0 {
+        if lens[0] == 0 || !lens[0].is_multiple_of(4) {
             return Err(self.bad_inputs(format!(
                 "input {} is {} bytes; it must hold one or more little-endian f32 (a multiple of 4 bytes)",
                 names[0], lens[0]
@@ -367,7 +370,7 @@ pub fn cpu_reference(name: &str, params: &BTreeMap<String, String>, inputs: &[Na
                     let cy = -1.25f32 + 2.5 * ((py as f32 + 0.5) / h as f32);
                     let (mut zx, mut zy, mut i) = (0f32, 0f32, 0u32);
                     while i < max_iter && zx * zx + zy * zy <= 4.0 {
-                        let t = zx * zx - zy * zy + cx;
+                        let t = (zx - zy) * (zx + zy) + cx;
                         zy = 2.0 * zx * zy + cy;
                         zx = t;
                         i += 1;

@@ -62,7 +62,7 @@ pub struct Timestamp(pub u64);
 
 impl Timestamp {
     /// The time `d` after this one.
-    pub fn add(self, d: Duration) -> Timestamp {
+    pub fn plus(self, d: Duration) -> Timestamp {
         Timestamp(self.0.saturating_add(d.as_millis() as u64))
     }
 

@@ -171,7 +171,7 @@ fn plan_wgsl(
         )));
     }
     for o in outputs {
-        if o.size == 0 || o.size % 4 != 0 {
+        if o.size == 0 || !o.size.is_multiple_of(4) {
             return Err(SpecError::Invalid(format!(
                 "output {} is {} bytes; output sizes must be a positive multiple of 4",
                 o.name, o.size
@@ -179,7 +179,7 @@ fn plan_wgsl(
         }
     }
     for i in inputs {
-        if i.data.is_empty() || i.data.len() % 4 != 0 {
+        if i.data.is_empty() || !i.data.len().is_multiple_of(4) {
             return Err(SpecError::Invalid(format!(
                 "input {} is {} bytes; input sizes must be a positive multiple of 4",
                 i.name,

@@ -1,1 +1,96 @@
-fn main() {}
+//! `mesh-node`: the Mesh daemon's command line.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mesh_node::config::RunArgs;
+use mesh_node::host_key::HostKey;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// The Mesh daemon: one per machine. Nodes form a Raft group that schedules WGSL
+/// compute tasks onto their GPUs. Operators talk to it over SSH with `mesh-cli` or
+/// plain OpenSSH.
+#[derive(Parser)]
+#[command(name = "mesh-node", version, after_help = "Examples:
+  mesh-node                      start a node with defaults (data under ~/.local/share/mesh,
+                                 SSH on 127.0.0.1:7722, your ~/.ssh/id_ed25519.pub as admin)
+  mesh-node run --data-dir /var/lib/mesh --admin-key ~/.ssh/id_ed25519.pub
+  mesh-node fingerprint --data-dir /var/lib/mesh   print the host key fingerprint to pin")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node (the default when no command is given).
+    Run(RunArgs),
+    /// Print the node's host key fingerprint, as `ssh-keygen -lf` prints it.
+    Fingerprint {
+        /// Data directory holding the generated host key.
+        #[arg(long, env = "MESH_DATA_DIR", value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Host key file, if the node runs with --host-key.
+        #[arg(long, env = "MESH_HOST_KEY", value_name = "FILE")]
+        host_key: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Cmd::Fingerprint { data_dir, host_key }) => fingerprint(data_dir, host_key),
+        Some(Cmd::Run(args)) => run(args),
+        None => run(RunArgs::parse_from_defaults()),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+trait Defaults {
+    fn parse_from_defaults() -> RunArgs;
+}
+
+impl Defaults for RunArgs {
+    /// `mesh-node` with no arguments: `run` with every default (environment still applies).
+    fn parse_from_defaults() -> RunArgs {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            args: RunArgs,
+        }
+        Only::parse_from(["mesh-node"]).args
+    }
+}
+
+fn fingerprint(data_dir: Option<PathBuf>, host_key: Option<PathBuf>) -> anyhow::Result<()> {
+    let path = match (host_key, data_dir) {
+        (Some(k), _) => k,
+        (None, Some(d)) => d.join(mesh_node::host_key::HOST_KEY_FILE),
+        (None, None) => dirs::data_dir().context("no --data-dir given")?.join("mesh").join(mesh_node::host_key::HOST_KEY_FILE),
+    };
+    let key = HostKey::load(&path)?;
+    println!("{}", key.fingerprint());
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = args.validate()?;
+    mesh_node::telemetry::init_logs(config.json_logs);
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            signal.cancel();
+        });
+        mesh_node::node::run(config, shutdown).await
+    })
+}

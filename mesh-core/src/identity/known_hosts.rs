@@ -49,7 +49,7 @@ impl KnownHosts {
         let pinned: Vec<&PublicKeyLine> = self
             .entries
             .iter()
-            .filter(|(hosts, _)| hosts.iter().any(|h| *h == pattern))
+            .filter(|(hosts, _)| hosts.contains(&pattern))
             .map(|(_, k)| k)
             .collect();
         if pinned.is_empty() {

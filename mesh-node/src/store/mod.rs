@@ -1,1 +1,58 @@
-//! The sled store: Raft log, vote, state machine and snapshots.
+//! The sled store: Raft log, vote, state machine and snapshots, in one `sled::Db`.
+//!
+//! Nothing is acknowledged to openraft before it is on stable storage: every write path
+//! ends in the barrier in `durable.rs`, once per batch.
+
+mod durable;
+mod error;
+mod log;
+mod state_machine;
+
+pub use error::StoreError;
+pub use log::LogStore;
+pub use state_machine::{StateMachineStore, StateView};
+
+use std::path::Path;
+
+/// Raft log entries, keyed by big-endian index.
+const LOG_TREE: &str = "log";
+/// Vote, committed and purged log ids.
+const META_TREE: &str = "meta";
+/// The last snapshot: its meta, its payload and the snapshot sequence number.
+const SNAPSHOT_TREE: &str = "snapshot";
+
+/// The node's storage: both halves openraft needs, sharing one sled database.
+pub struct Store {
+    /// The Raft log (also its own log reader).
+    pub log: LogStore,
+    /// The state machine, holding the applied state in memory.
+    pub state_machine: StateMachineStore,
+}
+
+impl Store {
+    /// Opens (creating if missing) the store in `dir` and loads the last snapshot into
+    /// memory. sled locks the directory: one `Store` per directory per process.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        let tree = |name: &'static str| {
+            db.open_tree(name)
+                .map_err(StoreError::sled("opening a tree"))
+        };
+        let (log, meta, snapshots) = (tree(LOG_TREE)?, tree(META_TREE)?, tree(SNAPSHOT_TREE)?);
+        let durable = durable::Durable::open(db.clone(), dir)?;
+        Ok(Store {
+            log: LogStore::new(log, meta, durable.clone()),
+            state_machine: StateMachineStore::open(snapshots, durable)?,
+        })
+    }
+}

@@ -1,0 +1,645 @@
+//! The executor: one wgpu device on the best adapter, running kernel plans to output
+//! bytes with every wgpu error turned into a [`GpuError`] instead of a panic.
+
+use super::error::GpuError;
+use super::probe;
+use mesh_core::capability::AdapterInfo;
+use mesh_core::kernel::{BindingPlan, KernelPlan};
+use mesh_core::Bytes;
+use std::borrow::Cow;
+use std::panic::AssertUnwindSafe;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use wgpu::util::DeviceExt as _;
+
+/// Storage buffers must be a non-zero multiple of this many bytes.
+const STORAGE_ALIGNMENT: u64 = 4;
+/// Uniform buffers are padded to this many bytes: WGSL uniform structs have 16-byte
+/// alignment, so their size is a multiple of 16 and a shorter buffer fails binding.
+const UNIFORM_ALIGNMENT: u64 = 16;
+
+/// How long to wait for map callbacks once our submission is done. They normally
+/// fire inside our own poll; a concurrent run's poll on another thread may have taken
+/// them and fire them moments later, so allow a generous margin before giving up.
+const MAP_CALLBACK_GRACE: Duration = Duration::from_secs(10);
+
+/// The buffers of a checked plan.
+#[derive(Debug)]
+struct BufferLayout {
+    /// Size of each binding, in binding order.
+    sizes: Vec<BindingSize>,
+    /// The binding of each output, in `plan.outputs` order.
+    output_bindings: Vec<usize>,
+}
+
+/// The size of one binding's buffer.
+#[derive(Debug, Clone, Copy)]
+struct BindingSize {
+    /// Bytes the plan asks for.
+    bytes: u64,
+    /// Bytes allocated: `bytes` rounded up to the alignment, never zero.
+    padded: u64,
+}
+
+/// Owns a wgpu instance, adapter, device and queue for one adapter and runs
+/// [`KernelPlan`]s on it. `Send + Sync`: runs from several threads may overlap.
+pub struct Executor {
+    // Field order is drop order: the device goes before its adapter and instance.
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    limits: wgpu::Limits,
+    info: AdapterInfo,
+    /// Set by the device-lost callback; once set, every run fails with `DeviceLost`.
+    lost: Arc<Mutex<Option<String>>>,
+    _adapter: wgpu::Adapter,
+    _instance: wgpu::Instance,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .finish()
+    }
+}
+
+impl Executor {
+    /// Open the best adapter (index 0 of [`probe`](super::probe) order), requesting
+    /// the adapter's own limits (not wgpu's defaults, so large buffers work) and all
+    /// its non-experimental features.
+    pub fn open_best() -> Result<Executor, GpuError> {
+        let instance = probe::new_instance();
+        let (adapter, info) = probe::ranked_adapters(&instance)
+            .into_iter()
+            .next()
+            .ok_or(GpuError::NoAdapter)?;
+        let limits = adapter.limits();
+        // Experimental features need an unsafe opt-in and are never used by tasks.
+        let features = adapter.features() - wgpu::Features::all_experimental_mask();
+        let device_for = |required_features: wgpu::Features| {
+            pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+                label: Some("mesh executor"),
+                required_features,
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            }))
+        };
+        let (device, queue) = match device_for(features) {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Some drivers advertise features they then fail to enable; the
+                // adapter's limits matter more than its optional features.
+                tracing::warn!(adapter = %info.name, error = %e, "request_device with all features failed; retrying with none");
+                device_for(wgpu::Features::empty()).map_err(|e| GpuError::RequestDevice {
+                    adapter: info.name.clone(),
+                    reason: e.to_string(),
+                })?
+            }
+        };
+
+        // Publish what the device really enables, which is less than the adapter
+        // offers when the retry above dropped the optional features.
+        let mut info = info;
+        info.features = probe::feature_names(device.features());
+
+        // wgpu's default handler panics; errors we do not capture in a scope are logged.
+        device.on_uncaptured_error(Arc::new(|error: wgpu::Error| {
+            tracing::error!(%error, "uncaptured wgpu error");
+        }));
+        let lost = Arc::new(Mutex::new(None));
+        let lost_slot = Arc::clone(&lost);
+        device.set_device_lost_callback(move |reason, message| {
+            let what = format!("{reason:?}: {message}");
+            if reason == wgpu::DeviceLostReason::Destroyed {
+                tracing::debug!(reason = %what, "GPU device closed");
+            } else {
+                tracing::error!(reason = %what, "GPU device lost");
+            }
+            if let Ok(mut slot) = lost_slot.lock() {
+                slot.get_or_insert(what);
+            }
+        });
+        tracing::info!(
+            adapter = %info.name, backend = %info.backend, device_type = %info.device_type, driver = %info.driver,
+            max_buffer_size = limits.max_buffer_size,
+            max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size,
+            "GPU executor opened"
+        );
+        Ok(Executor {
+            device,
+            queue,
+            limits,
+            info,
+            lost,
+            _adapter: adapter,
+            _instance: instance,
+        })
+    }
+
+    /// The adapter this executor runs on, with the features its device enabled
+    /// (the adapter's, less wgpu's experimental ones).
+    pub fn info(&self) -> &AdapterInfo {
+        &self.info
+    }
+
+    /// Blocking: run one plan with the task's input bytes (indexed as in
+    /// [`BindingPlan::Input`]) and return the output buffers in `plan.outputs` order,
+    /// each exactly `plan.outputs[i].size` bytes.
+    ///
+    /// Sizes are checked against the adapter's limits before anything is allocated.
+    /// Buffers are padded to a non-zero multiple of 4 bytes (uniforms to 16); padding
+    /// is zero and an empty input binds as 4 zero bytes.
+    pub fn run(&self, plan: &KernelPlan, inputs: &[Bytes]) -> Result<Vec<Vec<u8>>, GpuError> {
+        self.check_lost()?;
+        let started = Instant::now();
+        let layout = self.check(plan, inputs)?;
+        let (bind_group_layout, pipeline) = self.compile(plan)?;
+        let compiled = Instant::now();
+        let (staged, submission) =
+            self.dispatch(plan, inputs, &layout, &bind_group_layout, &pipeline)?;
+        let outputs = self.read_back(&staged, submission)?;
+        tracing::debug!(
+            entry = %plan.entry,
+            workgroups = ?plan.workgroups,
+            compile_ms = compiled.duration_since(started).as_secs_f64() * 1e3,
+            run_ms = compiled.elapsed().as_secs_f64() * 1e3,
+            "kernel ran"
+        );
+        Ok(outputs)
+    }
+
+    /// Shader module, bind group layout and pipeline: everything that depends only
+    /// on the source and the binding kinds. Validation errors are `Compile`.
+    fn compile(
+        &self,
+        plan: &KernelPlan,
+    ) -> Result<(wgpu::BindGroupLayout, wgpu::ComputePipeline), GpuError> {
+        let (compiled, error) = scoped(&self.device, || {
+            let module = self
+                .device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some("mesh kernel"),
+                    source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(&plan.source)),
+                });
+            // An explicit layout, not the shader's derived one: a derived layout
+            // leaves out bindings the entry point never touches, and the bind group
+            // would then not match.
+            let entries: Vec<wgpu::BindGroupLayoutEntry> = plan
+                .bindings
+                .iter()
+                .enumerate()
+                .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                    binding: i as u32,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: match b {
+                            BindingPlan::Input(_) => {
+                                wgpu::BufferBindingType::Storage { read_only: true }
+                            }
+                            BindingPlan::Uniform(_) => wgpu::BufferBindingType::Uniform,
+                            BindingPlan::Output(_) => {
+                                wgpu::BufferBindingType::Storage { read_only: false }
+                            }
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                })
+                .collect();
+            let bind_group_layout =
+                self.device
+                    .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                        label: Some("mesh kernel"),
+                        entries: &entries,
+                    });
+            let pipeline_layout =
+                self.device
+                    .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                        label: Some("mesh kernel"),
+                        bind_group_layouts: &[Some(&bind_group_layout)],
+                        immediate_size: 0,
+                    });
+            let pipeline = self
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some("mesh kernel"),
+                    layout: Some(&pipeline_layout),
+                    module: &module,
+                    entry_point: Some(&plan.entry),
+                    compilation_options: wgpu::PipelineCompilationOptions::default(),
+                    cache: None,
+                });
+            (bind_group_layout, pipeline)
+        });
+        match error {
+            Some(e) => Err(self.classify(e, GpuError::Compile)),
+            None => Ok(compiled),
+        }
+    }
+
+    /// Upload the inputs, bind, dispatch and copy every output into a mappable
+    /// staging buffer; returns (plan's output size, staging buffer) per output.
+    /// Validation errors are `Dispatch`.
+    fn dispatch(
+        &self,
+        plan: &KernelPlan,
+        inputs: &[Bytes],
+        layout: &BufferLayout,
+        bind_group_layout: &wgpu::BindGroupLayout,
+        pipeline: &wgpu::ComputePipeline,
+    ) -> Result<(Vec<(u64, wgpu::Buffer)>, wgpu::SubmissionIndex), GpuError> {
+        let (dispatched, error) = scoped(&self.device, || {
+            let buffers: Vec<wgpu::Buffer> = plan
+                .bindings
+                .iter()
+                .zip(&layout.sizes)
+                .enumerate()
+                .map(|(i, (b, size))| match b {
+                    BindingPlan::Input(idx) => {
+                        self.device
+                            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                                label: Some(&format!("mesh input {idx}")),
+                                contents: &padded(&inputs[*idx], size.padded),
+                                usage: wgpu::BufferUsages::STORAGE,
+                            })
+                    }
+                    BindingPlan::Uniform(bytes) => {
+                        self.device
+                            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                                label: Some(&format!("mesh uniform {i}")),
+                                contents: &padded(bytes, size.padded),
+                                usage: wgpu::BufferUsages::UNIFORM,
+                            })
+                    }
+                    BindingPlan::Output(idx) => {
+                        self.device.create_buffer(&wgpu::BufferDescriptor {
+                            label: Some(&format!("mesh output {idx}")),
+                            size: size.padded,
+                            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                            mapped_at_creation: false,
+                        })
+                    }
+                })
+                .collect();
+            let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
+                .iter()
+                .enumerate()
+                .map(|(i, buffer)| wgpu::BindGroupEntry {
+                    binding: i as u32,
+                    resource: buffer.as_entire_binding(),
+                })
+                .collect();
+            let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("mesh kernel"),
+                layout: bind_group_layout,
+                entries: &entries,
+            });
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("mesh kernel"),
+                });
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("mesh kernel"),
+                    timestamp_writes: None,
+                });
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, &bind_group, &[]);
+                let [x, y, z] = plan.workgroups;
+                pass.dispatch_workgroups(x, y, z);
+            }
+            let staged: Vec<(u64, wgpu::Buffer)> = layout
+                .output_bindings
+                .iter()
+                .zip(&plan.outputs)
+                .map(|(&binding, decl)| {
+                    let size = layout.sizes[binding];
+                    let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(&format!("mesh readback {}", decl.name)),
+                        size: size.padded,
+                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    });
+                    encoder.copy_buffer_to_buffer(&buffers[binding], 0, &staging, 0, size.padded);
+                    (size.bytes, staging)
+                })
+                .collect();
+            let submission = self.queue.submit(Some(encoder.finish()));
+            (staged, submission)
+        });
+        match error {
+            Some(e) => Err(self.classify(e, GpuError::Dispatch)),
+            None => Ok(dispatched),
+        }
+    }
+
+    /// Map every staging buffer, wait for `submission`, and copy the outputs out.
+    fn read_back(
+        &self,
+        staged: &[(u64, wgpu::Buffer)],
+        submission: wgpu::SubmissionIndex,
+    ) -> Result<Vec<Vec<u8>>, GpuError> {
+        let (tx, rx) = mpsc::channel();
+        let ((), error) = scoped(&self.device, || {
+            for (i, (_, staging)) in staged.iter().enumerate() {
+                let tx = tx.clone();
+                staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                    // A send error only means the run already failed and returned.
+                    let _ = tx.send((i, r));
+                });
+            }
+        });
+        drop(tx);
+        if let Some(e) = error {
+            return Err(self.classify(e, GpuError::Readback));
+        }
+        self.wait(submission)?;
+        for _ in 0..staged.len() {
+            match rx.recv_timeout(MAP_CALLBACK_GRACE) {
+                Ok((_, Ok(()))) => {}
+                Ok((i, Err(e))) => {
+                    return Err(self.lost_or(GpuError::Readback(format!("mapping output {i}: {e}"))))
+                }
+                Err(e) => {
+                    return Err(self.lost_or(GpuError::Readback(format!(
+                        "an output was not mapped after the GPU finished: {e}"
+                    ))))
+                }
+            }
+        }
+        let mut outputs = Vec::with_capacity(staged.len());
+        for (i, (bytes, staging)) in staged.iter().enumerate() {
+            let view = staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| GpuError::Readback(format!("output {i}: {e}")))?;
+            // `bytes` <= the padded size, so this never overruns the view.
+            outputs.push(view[..*bytes as usize].to_vec());
+            drop(view);
+            staging.unmap();
+        }
+        Ok(outputs)
+    }
+
+    /// Validate the plan against the inputs and this adapter's limits before
+    /// allocating anything.
+    fn check(&self, plan: &KernelPlan, inputs: &[Bytes]) -> Result<BufferLayout, GpuError> {
+        let l = &self.limits;
+        let mut sizes = Vec::with_capacity(plan.bindings.len());
+        let mut output_bindings: Vec<Vec<usize>> = vec![Vec::new(); plan.outputs.len()];
+        let (mut storage, mut uniform) = (0u32, 0u32);
+        for (i, b) in plan.bindings.iter().enumerate() {
+            let binding = i as u32;
+            let (bytes, alignment, binding_limit, binding_limit_name) = match b {
+                BindingPlan::Input(idx) => {
+                    let input = inputs.get(*idx).ok_or_else(|| {
+                        GpuError::InvalidPlan(format!(
+                            "binding {binding} reads input {idx}, but the task has {} input(s)",
+                            inputs.len()
+                        ))
+                    })?;
+                    storage += 1;
+                    (
+                        input.len() as u64,
+                        STORAGE_ALIGNMENT,
+                        l.max_storage_buffer_binding_size,
+                        "max_storage_buffer_binding_size",
+                    )
+                }
+                BindingPlan::Uniform(bytes) => {
+                    uniform += 1;
+                    (
+                        bytes.len() as u64,
+                        UNIFORM_ALIGNMENT,
+                        l.max_uniform_buffer_binding_size,
+                        "max_uniform_buffer_binding_size",
+                    )
+                }
+                BindingPlan::Output(idx) => {
+                    let decl = plan.outputs.get(*idx).ok_or_else(|| {
+                        GpuError::InvalidPlan(format!(
+                            "binding {binding} writes output {idx}, but the plan declares {} output(s)",
+                            plan.outputs.len()
+                        ))
+                    })?;
+                    output_bindings[*idx].push(i);
+                    storage += 1;
+                    (
+                        decl.size,
+                        STORAGE_ALIGNMENT,
+                        l.max_storage_buffer_binding_size,
+                        "max_storage_buffer_binding_size",
+                    )
+                }
+            };
+            let padded = allocated_size(bytes, alignment);
+            for (limit, limit_name) in [
+                (binding_limit, binding_limit_name),
+                (l.max_buffer_size, "max_buffer_size"),
+            ] {
+                if padded > limit {
+                    return Err(GpuError::BufferTooLarge {
+                        binding,
+                        bytes,
+                        limit,
+                        limit_name,
+                    });
+                }
+            }
+            sizes.push(BindingSize { bytes, padded });
+        }
+        if let Some(idx) = output_bindings.iter().position(|b| b.len() != 1) {
+            return Err(GpuError::InvalidPlan(format!(
+                "output {idx} is bound {} times; each output needs exactly one binding",
+                output_bindings[idx].len()
+            )));
+        }
+        if storage > l.max_storage_buffers_per_shader_stage {
+            return Err(GpuError::TooManyBuffers {
+                kind: "storage",
+                count: storage,
+                limit: l.max_storage_buffers_per_shader_stage,
+            });
+        }
+        if uniform > l.max_uniform_buffers_per_shader_stage {
+            return Err(GpuError::TooManyBuffers {
+                kind: "uniform",
+                count: uniform,
+                limit: l.max_uniform_buffers_per_shader_stage,
+            });
+        }
+        if plan.bindings.len() as u64 > u64::from(l.max_bindings_per_bind_group) {
+            return Err(GpuError::InvalidPlan(format!(
+                "{} bindings, over this adapter's limit of {} per bind group",
+                plan.bindings.len(),
+                l.max_bindings_per_bind_group
+            )));
+        }
+        let max_groups = l.max_compute_workgroups_per_dimension;
+        if plan.workgroups.iter().any(|&w| w == 0 || w > max_groups) {
+            return Err(GpuError::InvalidPlan(format!(
+                "workgroups {:?}: each count must be between 1 and this adapter's limit of {max_groups}",
+                plan.workgroups
+            )));
+        }
+        let output_bindings = output_bindings.into_iter().flatten().collect();
+        Ok(BufferLayout {
+            sizes,
+            output_bindings,
+        })
+    }
+
+    /// Block until `submission` has finished on the device.
+    fn wait(&self, submission: wgpu::SubmissionIndex) -> Result<(), GpuError> {
+        let poll = wgpu::PollType::Wait {
+            submission_index: Some(submission),
+            timeout: None,
+        };
+        // wgpu panics (instead of returning an error) when the device is lost
+        // during a wait; turn that into DeviceLost so the node survives.
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.device.poll(poll))) {
+            Ok(Ok(_)) => self.check_lost(),
+            Ok(Err(e)) => {
+                Err(self.lost_or(GpuError::Readback(format!("waiting for the GPU: {e}"))))
+            }
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "wgpu panicked while waiting for the device".into());
+                self.mark_lost(&message);
+                Err(GpuError::DeviceLost(message))
+            }
+        }
+    }
+
+    fn check_lost(&self) -> Result<(), GpuError> {
+        match self.lost.lock() {
+            Ok(slot) => slot
+                .as_ref()
+                .map_or(Ok(()), |why| Err(GpuError::DeviceLost(why.clone()))),
+            Err(_) => Err(GpuError::DeviceLost(
+                "the device-lost record is poisoned".into(),
+            )),
+        }
+    }
+
+    fn mark_lost(&self, why: &str) {
+        if let Ok(mut slot) = self.lost.lock() {
+            slot.get_or_insert_with(|| why.to_string());
+        }
+    }
+
+    /// `DeviceLost` if the device is gone (the real cause of most other failures),
+    /// else `error`.
+    fn lost_or(&self, error: GpuError) -> GpuError {
+        // wgpu reports some losses (e.g. `destroy`) to the callback only from a
+        // poll; a non-blocking one lets it fire before we decide. Errors caused by
+        // the loss itself are swallowed by wgpu, so the poll's own result is moot.
+        let _ =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.device.poll(wgpu::PollType::Poll)));
+        self.check_lost().err().unwrap_or(error)
+    }
+
+    /// Map an error captured in a scope: validation errors belong to the stage that
+    /// raised them, memory and driver errors to the machine.
+    fn classify(&self, error: wgpu::Error, validation: fn(String) -> GpuError) -> GpuError {
+        let error = match error {
+            wgpu::Error::Validation { description, .. } => validation(description),
+            wgpu::Error::OutOfMemory { source } => GpuError::OutOfMemory(source.to_string()),
+            wgpu::Error::Internal { description, .. } => GpuError::Driver(description),
+        };
+        self.lost_or(error)
+    }
+}
+
+/// Run `f` inside validation, internal and out-of-memory error scopes; return its
+/// value and the first error captured (validation first).
+///
+/// Scopes are per thread, so concurrent runs on other threads do not see each
+/// other's errors.
+fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> T) -> (T, Option<wgpu::Error>) {
+    let out_of_memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let value = f();
+    // Scopes pop innermost first.
+    let validation = pollster::block_on(validation.pop());
+    let internal = pollster::block_on(internal.pop());
+    let out_of_memory = pollster::block_on(out_of_memory.pop());
+    (value, validation.or(internal).or(out_of_memory))
+}
+
+/// Bytes to allocate for a binding of `bytes`: rounded up to `alignment`, never zero
+/// (wgpu refuses zero-sized bindings).
+fn allocated_size(bytes: u64, alignment: u64) -> u64 {
+    bytes.max(1).next_multiple_of(alignment)
+}
+
+/// `bytes` zero-extended to `len` (borrowed when already that long).
+fn padded(bytes: &[u8], len: u64) -> Cow<'_, [u8]> {
+    if bytes.len() as u64 == len {
+        Cow::Borrowed(bytes)
+    } else {
+        let mut v = bytes.to_vec();
+        v.resize(len as usize, 0);
+        Cow::Owned(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padding_is_zero_and_never_empty() {
+        assert_eq!(&*padded(&[1, 2], 4), &[1, 2, 0, 0]);
+        assert!(matches!(padded(&[1, 2, 3, 4], 4), Cow::Borrowed(_)));
+        assert_eq!(allocated_size(0, STORAGE_ALIGNMENT), 4);
+        assert_eq!(allocated_size(6, STORAGE_ALIGNMENT), 8);
+        assert_eq!(allocated_size(16, UNIFORM_ALIGNMENT), 16);
+        assert_eq!(allocated_size(20, UNIFORM_ALIGNMENT), 32);
+    }
+
+    /// Needs an adapter (lavapipe in CI), like `tests/gpu.rs`: destroying the device
+    /// stands in for a driver reset, which a test cannot cause.
+    #[test]
+    fn a_lost_device_fails_runs_with_device_lost_instead_of_panicking() {
+        let executor =
+            Executor::open_best().unwrap_or_else(|e| panic!("this test needs a GPU adapter: {e}"));
+        let plan = KernelPlan {
+            source: "@group(0) @binding(0) var<storage, read_write> o: array<u32>;\n\
+                     @compute @workgroup_size(1) fn main() { o[0] = 7u; }"
+                .into(),
+            entry: "main".into(),
+            workgroups: [1, 1, 1],
+            bindings: vec![BindingPlan::Output(0)],
+            outputs: vec![mesh_core::task::OutputDecl {
+                name: "o".into(),
+                size: 4,
+            }],
+        };
+        assert_eq!(
+            executor.run(&plan, &[]).expect("healthy device"),
+            vec![7u32.to_le_bytes().to_vec()]
+        );
+        executor.device.destroy();
+        let err = executor
+            .run(&plan, &[])
+            .expect_err("a destroyed device cannot run");
+        assert!(matches!(err, GpuError::DeviceLost(_)), "{err:?}");
+        assert!(err.retryable());
+    }
+
+    #[test]
+    fn executor_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Executor>();
+    }
+}

@@ -1,0 +1,337 @@
+//! The state machine half of the store: `MeshState` in memory, snapshots in sled.
+//!
+//! The state itself is not written on every apply. It is durable as the last snapshot
+//! plus the committed log: after a restart `Store::open` loads the snapshot and openraft
+//! re-applies the committed entries after it (`read_committed`).
+
+use super::durable::Durable;
+use super::error::{self, RaftStorageError, StoreError};
+use super::SNAPSHOT_TREE;
+use mesh_core::codec::{decode, encode};
+use mesh_core::raft_types::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use mesh_core::{MeshState, Response};
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use tokio::sync::watch;
+
+const SNAPSHOT_META: &str = "meta";
+const SNAPSHOT_DATA: &str = "data";
+/// The last snapshot sequence number, so snapshot ids stay unique across restarts.
+const SNAPSHOT_SEQ: &str = "seq";
+
+/// The applied state; a snapshot's payload is this, encoded with the codec.
+#[derive(Default)]
+struct Applied {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    state: MeshState,
+}
+
+/// The snapshot payload as written: borrowed fields so building one copies nothing.
+type PayloadRef<'a> = (&'a Option<LogId>, &'a StoredMembership, &'a MeshState);
+type Payload = (Option<LogId>, StoredMembership, MeshState);
+
+/// A read-only view of the applied state for the rest of the node (API handlers,
+/// scheduler, metrics). Cheap to clone.
+#[derive(Clone)]
+pub struct StateView {
+    applied: Arc<RwLock<Applied>>,
+    changes: Arc<watch::Sender<u64>>,
+}
+
+impl StateView {
+    /// Runs `f` on the current state under a read lock; keep `f` short, applies wait for it.
+    pub fn read<R>(&self, f: impl FnOnce(&MeshState) -> R) -> R {
+        // A poisoned lock means an apply panicked; openraft stops the node then, and
+        // readers may still look at the state until it does.
+        let applied = self.applied.read().unwrap_or_else(PoisonError::into_inner);
+        f(&applied.state)
+    }
+
+    /// Notified after each apply and snapshot install with the last applied log index
+    /// (0 before any).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+/// The openraft state machine over `MeshState`. Cloning shares the same state; openraft
+/// uses a clone as the snapshot builder.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    view: StateView,
+    snapshots: sled::Tree,
+    durable: Durable,
+    seq: Arc<AtomicU64>,
+    /// Serializes snapshot reads and writes: the meta and data keys must be read as a
+    /// pair, and a slow build must not overwrite a newer installed snapshot.
+    snapshot_lock: Arc<Mutex<()>>,
+}
+
+impl StateMachineStore {
+    /// Loads the stored snapshot, if any, as the applied state.
+    pub(crate) fn open(
+        snapshots: sled::Tree,
+        durable: Durable,
+    ) -> Result<StateMachineStore, StoreError> {
+        let seq = match snapshots
+            .get(SNAPSHOT_SEQ)
+            .map_err(StoreError::sled("reading the snapshot tree"))?
+        {
+            Some(bytes) => decode(&bytes).map_err(|source| corrupt(SNAPSHOT_SEQ, source))?,
+            None => 0,
+        };
+        let applied = match read_snapshot(&snapshots)? {
+            Some((meta, data)) => {
+                let (last_applied, membership, state) =
+                    decode_payload(&data, &meta).map_err(|problem| StoreError::Inconsistent {
+                        tree: SNAPSHOT_TREE,
+                        key: SNAPSHOT_DATA.into(),
+                        problem,
+                    })?;
+                Applied {
+                    last_applied,
+                    membership,
+                    state,
+                }
+            }
+            None => Applied::default(),
+        };
+        let (changes, _) = watch::channel(applied.last_applied.map_or(0, |id| id.index));
+        Ok(StateMachineStore {
+            view: StateView {
+                applied: Arc::new(RwLock::new(applied)),
+                changes: Arc::new(changes),
+            },
+            snapshots,
+            durable,
+            seq: Arc::new(AtomicU64::new(seq)),
+            snapshot_lock: Arc::default(),
+        })
+    }
+
+    /// A view of the applied state for readers outside Raft.
+    pub fn view(&self) -> StateView {
+        self.view.clone()
+    }
+
+    /// Stores a snapshot durably unless a newer one is already stored.
+    async fn store_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StoreError> {
+        {
+            let _guard = self
+                .snapshot_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(stored) = read_meta(&self.snapshots)? {
+                if stored.last_log_id > meta.last_log_id {
+                    return Ok(());
+                }
+            }
+            let mut batch = sled::Batch::default();
+            batch.insert(
+                SNAPSHOT_META,
+                encode(meta).map_err(StoreError::encode("snapshot meta"))?,
+            );
+            batch.insert(SNAPSHOT_DATA, data);
+            let seq = self.seq.load(Ordering::SeqCst);
+            batch.insert(
+                SNAPSHOT_SEQ,
+                encode(&seq).map_err(StoreError::encode("snapshot seq"))?,
+            );
+            self.snapshots
+                .apply_batch(batch)
+                .map_err(StoreError::sled("storing a snapshot"))?;
+        }
+        self.durable.barrier().await
+    }
+}
+
+fn corrupt(key: &str, source: mesh_core::codec::CodecError) -> StoreError {
+    StoreError::Corrupt {
+        tree: SNAPSHOT_TREE,
+        key: key.into(),
+        source,
+    }
+}
+
+fn read_meta(snapshots: &sled::Tree) -> Result<Option<SnapshotMeta>, StoreError> {
+    match snapshots
+        .get(SNAPSHOT_META)
+        .map_err(StoreError::sled("reading the snapshot tree"))?
+    {
+        Some(bytes) => Ok(Some(
+            decode(&bytes).map_err(|source| corrupt(SNAPSHOT_META, source))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The stored snapshot's meta and payload. The caller holds `snapshot_lock` or has the
+/// tree to itself (at open).
+fn read_snapshot(snapshots: &sled::Tree) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StoreError> {
+    let Some(meta) = read_meta(snapshots)? else {
+        return Ok(None);
+    };
+    let data = snapshots
+        .get(SNAPSHOT_DATA)
+        .map_err(StoreError::sled("reading the snapshot tree"))?
+        .ok_or_else(|| StoreError::Inconsistent {
+            tree: SNAPSHOT_TREE,
+            key: SNAPSHOT_DATA.into(),
+            problem: format!("missing, but meta names snapshot {}", meta.snapshot_id),
+        })?;
+    Ok(Some((meta, data.to_vec())))
+}
+
+/// Decodes a snapshot payload and checks it against its meta.
+fn decode_payload(data: &[u8], meta: &SnapshotMeta) -> Result<Payload, String> {
+    let payload: Payload = decode(data).map_err(|e| e.to_string())?;
+    if payload.0 != meta.last_log_id || payload.1 != meta.last_membership {
+        return Err(format!(
+            "the payload holds state up to {:?}, the meta says {:?}",
+            payload.0, meta.last_log_id
+        ));
+    }
+    Ok(payload)
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+        let (meta, data) = {
+            let applied = self
+                .view
+                .applied
+                .read()
+                .map_err(|_| error::read_state_machine(StoreError::Poisoned))?;
+            let payload: PayloadRef<'_> =
+                (&applied.last_applied, &applied.membership, &applied.state);
+            let data = encode(&payload)
+                .map_err(StoreError::encode("the state machine"))
+                .map_err(error::write_snapshot)?;
+            let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+            let snapshot_id = match applied.last_applied {
+                Some(id) => format!("{}-{}-{seq}", id.leader_id.term, id.index),
+                None => format!("0-0-{seq}"),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: applied.last_applied,
+                last_membership: applied.membership.clone(),
+                snapshot_id,
+            };
+            (meta, data)
+        };
+        self.store_snapshot(&meta, &data)
+            .await
+            .map_err(error::write_snapshot)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership), RaftStorageError> {
+        let applied = self
+            .view
+            .applied
+            .read()
+            .map_err(|_| error::read_state_machine(StoreError::Poisoned))?;
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, RaftStorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let (responses, index) = {
+            let mut applied = self
+                .view
+                .applied
+                .write()
+                .map_err(|_| error::write_state_machine(StoreError::Poisoned))?;
+            let mut responses = Vec::new();
+            for entry in entries {
+                applied.last_applied = Some(entry.log_id);
+                responses.push(match entry.payload {
+                    EntryPayload::Blank => Response::default(),
+                    EntryPayload::Normal(request) => applied.state.apply_request(&request),
+                    EntryPayload::Membership(membership) => {
+                        applied.membership = StoredMembership::new(Some(entry.log_id), membership);
+                        Response::default()
+                    }
+                });
+            }
+            (responses, applied.last_applied.map_or(0, |id| id.index))
+        };
+        if !responses.is_empty() {
+            self.view.changes.send_replace(index);
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> StateMachineStore {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), RaftStorageError> {
+        let data = snapshot.into_inner();
+        let (last_applied, membership, state) = decode_payload(&data, meta).map_err(|problem| {
+            error::read_snapshot(StoreError::Snapshot {
+                id: meta.snapshot_id.clone(),
+                problem,
+            })
+        })?;
+        // Durable first: if storing fails, the in-memory state is left as it was.
+        self.store_snapshot(meta, &data)
+            .await
+            .map_err(error::write_snapshot)?;
+        let index = last_applied.map_or(0, |id| id.index);
+        {
+            let mut applied = self
+                .view
+                .applied
+                .write()
+                .map_err(|_| error::write_state_machine(StoreError::Poisoned))?;
+            *applied = Applied {
+                last_applied,
+                membership,
+                state,
+            };
+        }
+        self.view.changes.send_replace(index);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
+        let stored = {
+            let _guard = self
+                .snapshot_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            read_snapshot(&self.snapshots).map_err(error::read_snapshot)?
+        };
+        Ok(stored.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}

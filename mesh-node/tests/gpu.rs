@@ -1,0 +1,547 @@
+//! Proves that the wgpu executor runs every built-in kernel bit-for-bit equal to its
+//! CPU reference, runs custom WGSL, refuses oversized buffers and broken kernels with
+//! typed errors instead of panics, and that `probe()` describes real adapters.
+//!
+//! Method: one `Executor` on the best adapter (lavapipe in CI) is shared by all tests;
+//! inputs come from a fixed-seed LCG, so every run computes the same bytes. Built-in
+//! outputs are compared byte for byte, never with a tolerance; when one differs,
+//! `the_adapter_rounds_builtin_f32_expressions_as_written` names the f32 expression
+//! the driver fused or reassociated. Without an adapter the tests FAIL (they never
+//! skip): CI must install mesa-vulkan-drivers.
+
+use mesh_core::builtin::{cpu_reference, f32_bytes, f32s};
+use mesh_core::kernel::{self, BindingPlan, KernelPlan};
+use mesh_core::task::{KernelSpec, NamedBytes, OutputDecl};
+use mesh_core::Bytes;
+use mesh_node::gpu::{probe, Executor, GpuError};
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+/// The executor every test shares: opening a device costs more than most kernels.
+fn executor() -> &'static Executor {
+    static EXECUTOR: OnceLock<Executor> = OnceLock::new();
+    EXECUTOR.get_or_init(|| match Executor::open_best() {
+        Ok(executor) => executor,
+        Err(e) => panic!(
+            "the GPU tests need a wgpu adapter and found none usable: {e}\n\
+             On a machine without a GPU run `apt-get update && apt-get install -y mesa-vulkan-drivers` \
+             (Mesa's lavapipe CPU Vulkan driver). These tests never skip."
+        ),
+    })
+}
+
+/// Deterministic pseudo-random f32s in [-1, 1) (Knuth's MMIX LCG, top 24 bits).
+fn lcg_f32s(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn input(name: &str, values: &[f32]) -> NamedBytes {
+    NamedBytes {
+        name: name.into(),
+        data: Bytes::from(f32_bytes(values)),
+    }
+}
+
+fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Plan a built-in kernel, run it on the GPU and require the CPU reference's bytes.
+fn check_builtin(name: &str, params: BTreeMap<String, String>, inputs: Vec<NamedBytes>) {
+    let spec = KernelSpec::Builtin {
+        name: name.into(),
+        params: params.clone(),
+    };
+    let plan =
+        kernel::plan(&spec, &inputs, &[]).unwrap_or_else(|e| panic!("{name} does not plan: {e}"));
+    let data: Vec<Bytes> = inputs.iter().map(|i| i.data.clone()).collect();
+    let outputs = executor()
+        .run(&plan, &data)
+        .unwrap_or_else(|e| panic!("{name} failed on the GPU: {e}"));
+    assert_eq!(outputs.len(), 1, "{name}: one output");
+    let expected = cpu_reference(name, &params, &inputs);
+    assert_same_bytes(name, &outputs[0], &expected);
+}
+
+/// Byte equality with a readable report of the first differences (the buffers are
+/// megabytes; `assert_eq!` would print all of them).
+fn assert_same_bytes(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: output length");
+    if got == want {
+        return;
+    }
+    let words = |b: &[u8]| {
+        b.chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect::<Vec<_>>()
+    };
+    let (g, w) = (words(got), words(want));
+    let diffs: Vec<usize> = (0..g.len()).filter(|&i| g[i] != w[i]).collect();
+    // Mandelbrot writes u32 iteration counts; every other built-in writes f32.
+    let show = |x: u32| {
+        if what == "mandelbrot" {
+            x.to_string()
+        } else {
+            format!("{:e}", f32::from_bits(x))
+        }
+    };
+    let shown: Vec<String> = diffs
+        .iter()
+        .take(5)
+        .map(|&i| {
+            format!(
+                "[{i}] gpu {} ({:#010x}) cpu {} ({:#010x})",
+                show(g[i]),
+                g[i],
+                show(w[i]),
+                w[i]
+            )
+        })
+        .collect();
+    panic!(
+        "{what}: GPU output differs from the CPU reference in {} of {} words (adapter {}):\n{}",
+        diffs.len(),
+        g.len(),
+        executor().info().name,
+        shown.join("\n")
+    );
+}
+
+#[test]
+fn saxpy_over_a_million_elements_matches_the_cpu_reference() {
+    let n = 1 << 20;
+    check_builtin(
+        "saxpy",
+        params(&[("a", "1.7320508")]),
+        vec![input("x", &lcg_f32s(1, n)), input("y", &lcg_f32s(2, n))],
+    );
+}
+
+#[test]
+fn vector_add_matches_the_cpu_reference() {
+    let n = 100_003;
+    check_builtin(
+        "vector-add",
+        params(&[]),
+        vec![input("x", &lcg_f32s(3, n)), input("y", &lcg_f32s(4, n))],
+    );
+}
+
+#[test]
+fn matmul_with_odd_shapes_matches_the_cpu_reference() {
+    let (m, n, k) = (33, 17, 65);
+    check_builtin(
+        "matmul",
+        params(&[("m", "33"), ("n", "17"), ("k", "65")]),
+        vec![
+            input("a", &lcg_f32s(5, m * k)),
+            input("b", &lcg_f32s(6, k * n)),
+        ],
+    );
+}
+
+#[test]
+fn reduce_sum_over_a_million_elements_matches_the_cpu_reference() {
+    check_builtin(
+        "reduce-sum",
+        params(&[]),
+        vec![input("x", &lcg_f32s(7, 1 << 20))],
+    );
+}
+
+#[test]
+fn mandelbrot_matches_the_cpu_reference() {
+    check_builtin(
+        "mandelbrot",
+        params(&[("width", "256"), ("height", "128"), ("max_iter", "200")]),
+        vec![],
+    );
+}
+
+const SQUARE_PLUS_INDEX: &str = r#"
+@group(0) @binding(0) var<storage, read> x: array<u32>;
+@group(0) @binding(1) var<storage, read_write> y: array<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x < arrayLength(&x)) { y[id.x] = x[id.x] * x[id.x] + id.x; }
+}
+"#;
+
+fn custom_plan(source: &str, n: u64) -> KernelPlan {
+    KernelPlan {
+        source: source.into(),
+        entry: "main".into(),
+        workgroups: [n.div_ceil(64) as u32, 1, 1],
+        bindings: vec![BindingPlan::Input(0), BindingPlan::Output(0)],
+        outputs: vec![OutputDecl {
+            name: "y".into(),
+            size: n * 4,
+        }],
+    }
+}
+
+#[test]
+fn a_custom_wgsl_kernel_runs() {
+    let n = 1000u32;
+    let x: Vec<u8> = (0..n).flat_map(|i| (i * 3).to_le_bytes()).collect();
+    let inputs = [NamedBytes {
+        name: "x".into(),
+        data: Bytes::from(x),
+    }];
+    let spec = KernelSpec::Wgsl {
+        source: SQUARE_PLUS_INDEX.into(),
+        entry: "main".into(),
+        workgroups: [16, 1, 1],
+    };
+    let plan = kernel::plan(
+        &spec,
+        &inputs,
+        &[OutputDecl {
+            name: "y".into(),
+            size: n as u64 * 4,
+        }],
+    )
+    .unwrap_or_else(|e| panic!("the custom kernel does not plan: {e}"));
+    let out = executor()
+        .run(&plan, &[inputs[0].data.clone()])
+        .unwrap_or_else(|e| panic!("custom kernel failed: {e}"));
+    let got: Vec<u32> = out[0]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let want: Vec<u32> = (0..n).map(|i| (i * 3) * (i * 3) + i).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn an_output_over_the_storage_binding_limit_is_refused_before_dispatch() {
+    let limit = executor().info().limits.max_storage_buffer_binding_size;
+    let mut plan = custom_plan(SQUARE_PLUS_INDEX, 4);
+    plan.outputs[0].size = limit + 4;
+    let err = executor()
+        .run(&plan, &[Bytes::from(vec![0u8; 16])])
+        .expect_err("an oversized output must be refused");
+    match &err {
+        GpuError::BufferTooLarge {
+            binding: 1,
+            bytes,
+            limit: l,
+            ..
+        } => {
+            assert_eq!((*bytes, *l), (limit + 4, limit), "{err}");
+        }
+        other => panic!("expected BufferTooLarge for binding 1, got {other:?}"),
+    }
+    assert!(
+        !err.retryable(),
+        "a too-large buffer fails everywhere: {err}"
+    );
+    // Nothing was dispatched or lost: the executor still works.
+    let out = executor().run(
+        &custom_plan(SQUARE_PLUS_INDEX, 4),
+        &[Bytes::from(f32_bytes(&[0.0; 4]))],
+    );
+    assert!(out.is_ok(), "{out:?}");
+}
+
+#[test]
+fn broken_kernels_are_compile_errors_not_panics() {
+    // Fails wgpu's (naga's) validation: `z` is undefined.
+    let undefined = SQUARE_PLUS_INDEX.replace("x[id.x] * x[id.x]", "z[id.x]");
+    let err = executor()
+        .run(&custom_plan(&undefined, 4), &[Bytes::from(vec![0u8; 16])])
+        .expect_err("undefined name");
+    assert!(matches!(err, GpuError::Compile(_)), "{err:?}");
+    assert!(!err.retryable());
+    // Valid WGSL whose binding contradicts the plan: the shader writes binding 0,
+    // which the plan binds as a read-only input. Fails at pipeline creation.
+    let writes_input =
+        SQUARE_PLUS_INDEX.replace("var<storage, read> x", "var<storage, read_write> x");
+    let err = executor()
+        .run(
+            &custom_plan(&writes_input, 4),
+            &[Bytes::from(vec![0u8; 16])],
+        )
+        .expect_err("mismatch");
+    assert!(matches!(err, GpuError::Compile(_)), "{err:?}");
+    // A missing input is the planner's bug, reported as such.
+    let err = executor()
+        .run(&custom_plan(SQUARE_PLUS_INDEX, 4), &[])
+        .expect_err("no inputs");
+    assert!(matches!(err, GpuError::InvalidPlan(_)), "{err:?}");
+}
+
+#[test]
+fn probe_describes_at_least_one_adapter() {
+    let adapters = probe();
+    assert!(
+        !adapters.is_empty(),
+        "probe() found no adapter; install mesa-vulkan-drivers (lavapipe) or a GPU driver"
+    );
+    for a in &adapters {
+        assert!(!a.name.is_empty(), "{a:?}");
+        assert!(!a.backend.is_empty(), "{a:?}");
+        assert!(a.limits.max_buffer_size > 0, "{a:?}");
+        assert!(a.limits.max_storage_buffer_binding_size > 0, "{a:?}");
+        assert!(a.limits.max_storage_buffers_per_shader_stage > 0, "{a:?}");
+        assert!(a.limits.max_compute_workgroups_per_dimension > 0, "{a:?}");
+        assert!(a.limits.max_compute_invocations_per_workgroup > 0, "{a:?}");
+        assert!(a.limits.max_compute_workgroup_size_x > 0, "{a:?}");
+        for f in &a.features {
+            assert!(
+                !f.is_empty()
+                    && f.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "feature name {f:?} is not kebab-case"
+            );
+            assert!(
+                wgpu::Features::from_name(&f.to_ascii_uppercase().replace('-', "_")).is_some(),
+                "feature {f:?} is not a wgpu flag name"
+            );
+        }
+    }
+    // Best first: the list is sorted by device kind, and the executor opens index 0.
+    assert!(
+        adapters
+            .windows(2)
+            .all(|w| w[0].device_type <= w[1].device_type),
+        "{adapters:?}"
+    );
+    assert_eq!(executor().info().name, adapters[0].name);
+    assert_eq!(executor().info().backend, adapters[0].backend);
+    println!("adapters: {adapters:#?}");
+}
+
+/// The readable round trip of the helpers above, so a failing comparison is trusted.
+#[test]
+fn f32_helpers_round_trip() {
+    let v = lcg_f32s(9, 1000);
+    assert!(v.iter().all(|x| (-1.0..1.0).contains(x)));
+    assert_eq!(f32s(&f32_bytes(&v)), v);
+}
+
+/// An f32 expression of (a, b, c) evaluated on the CPU.
+type Eval = fn(f32, f32, f32) -> f32;
+
+/// One f32 expression shape: how a built-in kernel spells it, its value with every
+/// operation rounded as written, and what a compiler may compute instead.
+struct Form {
+    /// The expression over `a`, `b`, `c`; also its WGSL in [`FORMS_WGSL`].
+    expr: &'static str,
+    /// How the built-in kernels' WGSL spells it; the form is checked only while
+    /// some built-in still contains this text.
+    in_builtin: &'static str,
+    /// Every operation rounded separately, in the order written (the CPU reference).
+    as_written: Eval,
+    /// Fused (FMA) or reassociated evaluations, to name what the adapter did.
+    alternatives: &'static [(&'static str, Eval)],
+}
+
+const FORMS: &[Form] = &[
+    Form {
+        expr: "a * b + c",
+        in_builtin: "params.a * x[i] + y[i]",
+        as_written: |a, b, c| a * b + c,
+        alternatives: &[("fma(a, b, c)", |a, b, c| a.mul_add(b, c))],
+    },
+    Form {
+        expr: "c + a * b",
+        in_builtin: "acc + a[row * params.k + i] * b[i * params.n + col]",
+        as_written: |a, b, c| c + a * b,
+        alternatives: &[("fma(a, b, c)", |a, b, c| a.mul_add(b, c))],
+    },
+    Form {
+        expr: "a * a + b * b",
+        in_builtin: "zx * zx + zy * zy",
+        as_written: |a, b, _| a * a + b * b,
+        alternatives: &[
+            ("fma(a, a, b * b)", |a, b, _| a.mul_add(a, b * b)),
+            ("fma(b, b, a * a)", |a, b, _| b.mul_add(b, a * a)),
+        ],
+    },
+    Form {
+        expr: "a * a - b * b + c",
+        in_builtin: "zx * zx - zy * zy + cx",
+        as_written: |a, b, c| a * a - b * b + c,
+        alternatives: &[
+            ("(a * a + c) - b * b", |a, b, c| (a * a + c) - b * b),
+            ("fma(a, a, -(b * b)) + c", |a, b, c| {
+                a.mul_add(a, -(b * b)) + c
+            }),
+            ("fma(-b, b, a * a) + c", |a, b, c| {
+                (-b).mul_add(b, a * a) + c
+            }),
+        ],
+    },
+    Form {
+        expr: "(a - b) * (a + b) + c",
+        in_builtin: "(zx - zy) * (zx + zy) + cx",
+        as_written: |a, b, c| (a - b) * (a + b) + c,
+        alternatives: &[("fma(a - b, a + b, c)", |a, b, c| (a - b).mul_add(a + b, c))],
+    },
+    Form {
+        expr: "2.0 * a * b + c",
+        in_builtin: "2.0 * zx * zy + cy",
+        as_written: |a, b, c| 2.0 * a * b + c,
+        alternatives: &[("fma(2.0 * a, b, c)", |a, b, c| (2.0 * a).mul_add(b, c))],
+    },
+];
+
+/// Evaluates [`FORMS`], in order, over (a, b, c) triples: one word per form per triple.
+const FORMS_WGSL: &str = r#"
+@group(0) @binding(0) var<storage, read> v: array<f32>;
+@group(0) @binding(1) var<storage, read_write> o: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x >= arrayLength(&v) / 3u) { return; }
+    let a = v[3u * id.x];
+    let b = v[3u * id.x + 1u];
+    let c = v[3u * id.x + 2u];
+    let k = 6u * id.x;
+    o[k] = a * b + c;
+    o[k + 1u] = c + a * b;
+    o[k + 2u] = a * a + b * b;
+    o[k + 3u] = a * a - b * b + c;
+    o[k + 4u] = (a - b) * (a + b) + c;
+    o[k + 5u] = 2.0 * a * b + c;
+}
+"#;
+
+/// The WGSL of every built-in kernel, planned with small inputs.
+fn builtin_sources() -> String {
+    let tiny = |names: &[&str], n: usize| {
+        names
+            .iter()
+            .map(|name| input(name, &vec![1.0; n]))
+            .collect::<Vec<_>>()
+    };
+    let cases = [
+        ("saxpy", params(&[("a", "2")]), tiny(&["x", "y"], 4)),
+        ("vector-add", params(&[]), tiny(&["x", "y"], 4)),
+        (
+            "matmul",
+            params(&[("m", "2"), ("n", "2"), ("k", "2")]),
+            tiny(&["a", "b"], 4),
+        ),
+        ("reduce-sum", params(&[]), tiny(&["x"], 4)),
+        (
+            "mandelbrot",
+            params(&[("width", "2"), ("height", "2"), ("max_iter", "2")]),
+            vec![],
+        ),
+    ];
+    cases
+        .into_iter()
+        .map(|(name, params, inputs)| {
+            let spec = KernelSpec::Builtin {
+                name: name.into(),
+                params,
+            };
+            kernel::plan(&spec, &inputs, &[])
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .source
+        })
+        .collect()
+}
+
+/// The built-in kernels' CPU references assume every f32 operation is rounded on its
+/// own, in the order written. Vulkan lets a driver fuse or reassociate operations
+/// that SPIR-V does not mark `NoContraction`, and naga never marks them, so this
+/// checks each expression shape the built-ins use and, when the adapter computes it
+/// differently, names the form it computed instead: a built-in mismatch above then
+/// has a precise cause.
+#[test]
+fn the_adapter_rounds_builtin_f32_expressions_as_written() {
+    let n = 4096;
+    let v: Vec<f32> = lcg_f32s(11, 3 * n).iter().map(|x| x * 2.0).collect();
+    let plan = KernelPlan {
+        source: FORMS_WGSL.into(),
+        entry: "main".into(),
+        workgroups: [(n / 64) as u32, 1, 1],
+        bindings: vec![BindingPlan::Input(0), BindingPlan::Output(0)],
+        outputs: vec![OutputDecl {
+            name: "o".into(),
+            size: (FORMS.len() * n * 4) as u64,
+        }],
+    };
+    let out = executor()
+        .run(&plan, &[Bytes::from(f32_bytes(&v))])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = f32s(&out[0]);
+    let sources = builtin_sources();
+    let args = |i: usize| (v[3 * i], v[3 * i + 1], v[3 * i + 2]);
+    let mut failures = Vec::new();
+    for (k, form) in FORMS.iter().enumerate() {
+        let gpu = |i: usize| out[FORMS.len() * i + k];
+        let differs: Vec<usize> = (0..n)
+            .filter(|&i| {
+                let (a, b, c) = args(i);
+                gpu(i).to_bits() != (form.as_written)(a, b, c).to_bits()
+            })
+            .collect();
+        let used = sources.contains(form.in_builtin);
+        println!(
+            "`{}` ({}): {} of {n} differ from the as-written rounding",
+            form.expr,
+            if used {
+                "used by a built-in"
+            } else {
+                "not used by any built-in"
+            },
+            differs.len()
+        );
+        let Some(&i) = differs.first() else { continue };
+        let computed: Vec<&str> = form
+            .alternatives
+            .iter()
+            .filter(|(_, f)| {
+                (0..n).all(|i| {
+                    let (a, b, c) = args(i);
+                    f(a, b, c).to_bits() == gpu(i).to_bits()
+                })
+            })
+            .map(|(name, _)| *name)
+            .collect();
+        let (a, b, c) = args(i);
+        let want = (form.as_written)(a, b, c);
+        let message = format!(
+            "`{}` (built-in WGSL `{}`) differs in {} of {n} cases; the adapter computes {}; \
+             e.g. a={a:e} b={b:e} c={c:e}: gpu {:e} ({:#010x}), as written {want:e} ({:#010x})",
+            form.expr,
+            form.in_builtin,
+            differs.len(),
+            if computed.is_empty() {
+                "no known fused or reassociated form".into()
+            } else {
+                computed.join(" / ")
+            },
+            gpu(i),
+            gpu(i).to_bits(),
+            want.to_bits(),
+        );
+        if used {
+            failures.push(message);
+        } else {
+            println!("  (not used by a built-in, not a failure) {message}");
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "adapter {} does not round these built-in f32 expressions as written, so the built-in \
+         kernels cannot match their CPU references bit for bit; rewrite the kernel and its \
+         reference in mesh-core to a form the driver leaves alone:\n{}",
+        executor().info().name,
+        failures.join("\n")
+    );
+}

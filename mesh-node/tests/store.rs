@@ -1,0 +1,265 @@
+//! Proves the sled store: it passes openraft's storage suite, keeps log, vote, committed
+//! id and snapshot across a reopen (and rebuilds the state from them), reports corrupt
+//! records as errors instead of panicking, and tells state viewers about applies.
+
+use mesh_core::command::{Command, Request};
+use mesh_core::raft_types::{Entry, LogId, TypeConfig, Vote};
+use mesh_core::{Fingerprint, NodeId, Timestamp};
+use mesh_node::store::{LogStore, StateMachineStore, Store, StoreError};
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine, StorageHelper};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{
+    EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder, StorageError, StorageIOError,
+};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+use tempfile::TempDir;
+
+/// Each store in its own temporary directory, removed when the suite drops the guard.
+struct TempStores;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for TempStores {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError<u64>> {
+        let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+        let store = Store::open(dir.path()).map_err(|e| StorageIOError::write(&e))?;
+        Ok((dir, store.log, store.state_machine))
+    }
+}
+
+#[test]
+fn passes_the_openraft_storage_suite() {
+    Suite::test_all(TempStores).expect("openraft storage suite");
+}
+
+fn log_id(index: u64) -> LogId {
+    openraft::testing::log_id(1, 1, index)
+}
+
+fn membership(index: u64) -> Entry {
+    let voters = BTreeSet::from([1]);
+    Entry {
+        log_id: log_id(index),
+        payload: EntryPayload::Membership(Membership::new(vec![voters], None)),
+    }
+}
+
+fn register(index: u64, node: u64, addr: &str) -> Entry {
+    let command = Command::RegisterNode {
+        node: NodeId(node),
+        fingerprint: Fingerprint::of_ed25519(&[node as u8; 32]),
+        addr: addr.to_string(),
+        capabilities: Default::default(),
+    };
+    let request = Request {
+        now: Timestamp(index),
+        commands: vec![command],
+    };
+    Entry {
+        log_id: log_id(index),
+        payload: EntryPayload::Normal(request),
+    }
+}
+
+/// sled releases its directory lock a moment after the last handle drops (its flusher
+/// thread winds down), so a reopen in the same process may need a few tries.
+fn retry_lock<T, E: std::fmt::Display>(mut open: impl FnMut() -> Result<T, E>) -> T {
+    let mut tries = 0;
+    loop {
+        match open() {
+            Ok(value) => return value,
+            Err(e) if tries < 50 && e.to_string().contains("lock") => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("reopen failed: {e}"),
+        }
+    }
+}
+
+fn reopen(dir: &Path) -> Store {
+    retry_lock(|| Store::open(dir))
+}
+
+#[tokio::test]
+async fn reopen_restores_log_vote_committed_and_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    // Over sled's ~128 KiB inline limit, so this entry goes through sled's blob files.
+    let big_addr = "x".repeat(300 * 1024);
+    let entries = vec![
+        membership(0),
+        register(1, 1, "a"),
+        register(2, 2, &big_addr),
+        register(3, 3, "c"),
+        register(4, 4, "d"),
+    ];
+    let vote = Vote::new(3, 1);
+    let snapshot_meta = {
+        let Store {
+            mut log,
+            mut state_machine,
+        } = Store::open(dir.path()).unwrap();
+        log.blocking_append(entries.clone()).await.unwrap();
+        log.save_vote(&vote).await.unwrap();
+        state_machine.apply(entries[..3].to_vec()).await.unwrap();
+        let snapshot = state_machine
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        log.save_committed(Some(log_id(4))).await.unwrap();
+        snapshot.meta
+    };
+    let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+    assert!(
+        blobs > 0,
+        "the big entry should have exercised sled's blob files"
+    );
+
+    let Store {
+        mut log,
+        mut state_machine,
+    } = reopen(dir.path());
+    assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(4)));
+    assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries);
+    let current = state_machine
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("the snapshot survives");
+    assert_eq!(current.meta, snapshot_meta);
+
+    let (applied, membership) = state_machine.applied_state().await.unwrap();
+    assert_eq!(
+        applied,
+        Some(log_id(2)),
+        "applied state comes back from the snapshot"
+    );
+    assert_eq!(membership.log_id(), &Some(log_id(0)));
+    let view = state_machine.view();
+    assert_eq!(view.read(|s| s.nodes.len()), 2);
+    assert_eq!(*view.changes().borrow(), 2);
+
+    // What openraft does at start-up: re-apply the committed entries after the snapshot.
+    StorageHelper::new(&mut log, &mut state_machine)
+        .get_initial_state()
+        .await
+        .unwrap();
+    assert_eq!(
+        state_machine.applied_state().await.unwrap().0,
+        Some(log_id(4))
+    );
+    assert_eq!(view.read(|s| s.nodes.len()), 4);
+    assert_eq!(
+        view.read(|s| s.nodes[&NodeId(2)].addr.len()),
+        big_addr.len()
+    );
+}
+
+/// Overwrites one key of one tree of a closed store.
+fn poke(dir: &Path, tree: &str, key: &[u8], value: &[u8]) {
+    let db = retry_lock(|| sled::open(dir));
+    db.open_tree(tree).unwrap().insert(key, value).unwrap();
+    db.flush().unwrap();
+}
+
+#[tokio::test]
+async fn corrupt_log_record_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut log = Store::open(dir.path()).unwrap().log;
+        log.blocking_append([membership(1), register(2, 1, "a"), register(3, 2, "b")])
+            .await
+            .unwrap();
+    }
+    poke(dir.path(), "log", &2u64.to_be_bytes(), b"\x01not an entry");
+    poke(
+        dir.path(),
+        "log",
+        &3u64.to_be_bytes(),
+        &mesh_core::codec::encode(&register(7, 2, "b")).unwrap(),
+    );
+    poke(dir.path(), "meta", b"vote", b"\x63");
+
+    let mut log = reopen(dir.path()).log;
+    let err = log.try_get_log_entries(..).await.unwrap_err().to_string();
+    assert!(err.contains("`log` at key index 2"), "{err}");
+    let err = log.try_get_log_entries(3..).await.unwrap_err().to_string();
+    assert!(err.contains("index 3: it holds entry"), "{err}");
+    assert_eq!(
+        log.try_get_log_entries(..2).await.unwrap(),
+        vec![membership(1)]
+    );
+    let err = log.read_vote().await.unwrap_err().to_string();
+    assert!(err.contains("`meta` at key vote"), "{err}");
+}
+
+#[tokio::test]
+async fn corrupt_snapshot_fails_open_naming_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut sm = Store::open(dir.path()).unwrap().state_machine;
+        sm.apply([membership(1)]).await.unwrap();
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+    }
+    poke(dir.path(), "snapshot", b"data", b"\x01\xff\xff");
+    match retry_lock(|| match Store::open(dir.path()) {
+        Err(StoreError::Open { path, source }) => Err(StoreError::Open { path, source }),
+        other => Ok(other),
+    }) {
+        Err(
+            e @ StoreError::Inconsistent {
+                tree: "snapshot", ..
+            },
+        ) => assert!(e.to_string().contains("key data")),
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("a corrupt snapshot must not open"),
+    }
+}
+
+#[tokio::test]
+async fn changes_fire_after_apply_and_install() {
+    fn shareable<T: Clone + Send + Sync + 'static>() {}
+    shareable::<mesh_node::store::StateView>();
+
+    let leader_dir = tempfile::tempdir().unwrap();
+    let mut leader = Store::open(leader_dir.path()).unwrap().state_machine;
+    let mut changes = leader.view().changes();
+    assert_eq!(*changes.borrow_and_update(), 0);
+    leader
+        .apply([membership(1), register(2, 1, "a")])
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), changes.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(*changes.borrow_and_update(), 2);
+    assert_eq!(leader.view().read(|s| s.nodes.len()), 1);
+
+    let follower_dir = tempfile::tempdir().unwrap();
+    let mut follower = Store::open(follower_dir.path()).unwrap().state_machine;
+    let mut follower_changes = follower.view().changes();
+    let snapshot = leader
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    follower
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), follower_changes.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(*follower_changes.borrow(), 2);
+    assert_eq!(follower.view().read(|s| s.nodes.len()), 1);
+}
