@@ -1,1 +1,50 @@
-fn main() {}
+//! `mesh-cli`, the operator client: parse the command line, run the command over SSH,
+//! and turn the outcome into output and an exit status (0 ok, 1 error, 2 usage,
+//! 3 waited-for task failed).
+
+mod args;
+mod commands;
+mod connection;
+mod duration;
+mod exit_code;
+#[cfg(test)]
+mod fake_node;
+mod host_keys;
+mod identity;
+mod node_addr;
+mod png_out;
+mod render;
+mod task_file;
+mod task_spec;
+
+use clap::Parser as _;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    // Usage errors, --help and --version exit here (2 or 0), as clap does.
+    let cli = args::Cli::parse();
+    let json = cli.json;
+    let outcome = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(async {
+            let ctx = commands::Context::from_cli(&cli)?;
+            commands::run(cli, &ctx).await
+        }),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot start the async runtime")),
+    };
+    match outcome {
+        Ok(()) => ExitCode::from(mesh_core::api::EXIT_OK as u8),
+        Err(err) => {
+            let message = exit_code::one_line(&format!("{err:#}"));
+            if json && !exit_code::reported_on_stdout(&err) {
+                let _ = commands::print_json(&mesh_core::api::ErrorView {
+                    error: message.clone(),
+                });
+            }
+            eprintln!("error: {message}");
+            ExitCode::from(exit_code::exit_status_of(&err) as u8)
+        }
+    }
+}

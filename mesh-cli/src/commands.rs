@@ -1,0 +1,768 @@
+//! What each command does: the protocol calls it makes (docs/ssh-protocol.md) and what
+//! it prints. With `--json` exactly one JSON document goes to stdout: the node's
+//! answer as it came, or for `pin` and `result --output/--png` one of ours.
+
+use crate::args::{Cli, Command, ResultArgs, SubmitArgs};
+use crate::connection::{fetch_host_key, Connection, ExecOutput};
+use crate::exit_code::ExitError;
+use crate::host_keys::{self, default_known_hosts_path, HostKeyPolicy, PinOutcome};
+use crate::identity::IdentityChoice;
+use crate::node_addr::NodeAddr;
+use crate::{png_out, render, task_file, task_spec};
+use anyhow::Context as _;
+use mesh_core::api::{
+    NodeView, StatusView, SubmitReply, TaskView, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE,
+};
+use mesh_core::{Digest, Fingerprint, TaskId};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::io::{IsTerminal as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How often the spinner of `submit --wait` asks for the task's state.
+const WAIT_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Settings every command shares, checked once.
+pub struct Context {
+    node: NodeAddr,
+    known_hosts: PathBuf,
+    identity: IdentityChoice,
+    json: bool,
+}
+
+/// A node's answer: the document as it came and its parsed form.
+struct Reply<T> {
+    raw: Vec<u8>,
+    value: T,
+}
+
+/// `pin --json`.
+#[derive(Serialize)]
+struct PinnedView {
+    pinned: String,
+    fingerprint: String,
+    known_hosts: String,
+}
+
+/// `result --output/--png --json`.
+#[derive(Serialize)]
+struct SavedView {
+    task: TaskId,
+    output: String,
+    bytes: u64,
+    sha256: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    png: Option<String>,
+}
+
+impl Context {
+    /// Check the global options.
+    pub fn from_cli(cli: &Cli) -> anyhow::Result<Context> {
+        let known_hosts = match (&cli.known_hosts, default_known_hosts_path()) {
+            (Some(p), _) => p.clone(),
+            (None, Some(p)) => p,
+            (None, None) => anyhow::bail!(
+                "there is no config directory for the default known_hosts file; pass --known-hosts FILE or set MESH_KNOWN_HOSTS"
+            ),
+        };
+        Ok(Context {
+            node: cli.node.clone(),
+            known_hosts,
+            identity: cli
+                .identity
+                .clone()
+                .map_or(IdentityChoice::Auto, IdentityChoice::File),
+            json: cli.json,
+        })
+    }
+
+    async fn connect(&self) -> anyhow::Result<Connection> {
+        let policy = HostKeyPolicy::load(&self.node, &self.known_hosts)?;
+        Connection::open(&self.node, policy, &self.identity).await
+    }
+}
+
+/// Run the command.
+pub async fn run(cli: Cli, ctx: &Context) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Pin { node, fingerprint } => pin(ctx, &node, &fingerprint).await,
+        Command::Submit(args) => {
+            // Build and check the task before connecting: mistakes show without a node.
+            let body = prepare_submit(&args)?;
+            let conn = ctx.connect().await?;
+            let result = submit(ctx, &conn, &args, body).await;
+            conn.close().await;
+            result
+        }
+        command => {
+            let conn = ctx.connect().await?;
+            let result = run_connected(ctx, &conn, command).await;
+            conn.close().await;
+            result
+        }
+    }
+}
+
+async fn run_connected(ctx: &Context, conn: &Connection, command: Command) -> anyhow::Result<()> {
+    let now = now_ms();
+    match command {
+        Command::Status => {
+            let r: Reply<StatusView> = call(conn, "status --json", None).await?;
+            show(ctx, &r, || render::status(&r.value))
+        }
+        Command::Nodes => {
+            let r: Reply<Vec<NodeView>> = call(conn, "nodes --json", None).await?;
+            show(ctx, &r, || render::nodes(&r.value))
+        }
+        Command::Tasks { state } => {
+            let line = match state {
+                Some(s) => format!("tasks --state {s} --json"),
+                None => "tasks --json".to_string(),
+            };
+            let r: Reply<Vec<TaskView>> = call(conn, &line, None).await?;
+            show(ctx, &r, || render::tasks(&r.value, now))
+        }
+        Command::Task { id } => {
+            let r: Reply<TaskView> = call(conn, &format!("task {id} --json"), None).await?;
+            show(ctx, &r, || render::task(&r.value, now))
+        }
+        Command::Cancel { id } => {
+            let r: Reply<TaskView> = call(conn, &format!("cancel {id} --json"), None).await?;
+            show(ctx, &r, || {
+                format!("task {}: {}\n", r.value.id, r.value.state)
+            })
+        }
+        Command::Result(args) => result(ctx, conn, &args).await,
+        Command::Pin { .. } | Command::Submit(_) => unreachable!("handled by run"),
+    }
+}
+
+/// Run a protocol command and read its JSON answer.
+async fn call<T: DeserializeOwned>(
+    conn: &Connection,
+    command: &str,
+    stdin: Option<Vec<u8>>,
+) -> anyhow::Result<Reply<T>> {
+    let out = conn.exec(command, stdin).await?;
+    match out.exit_status {
+        Some(EXIT_OK) => parse_reply(out.stdout, command),
+        _ => Err(remote_error(&out, command)),
+    }
+}
+
+fn parse_reply<T: DeserializeOwned>(raw: Vec<u8>, command: &str) -> anyhow::Result<Reply<T>> {
+    match serde_json::from_slice(&raw) {
+        Ok(value) => Ok(Reply { raw, value }),
+        Err(e) => anyhow::bail!(
+            "the node's answer to '{command}' is not the JSON mesh-cli expects ({e}); are mesh-cli and mesh-node the same version?"
+        ),
+    }
+}
+
+/// The error for a command that did not exit 0.
+fn remote_error(out: &ExecOutput, command: &str) -> anyhow::Error {
+    let status = out.exit_status.unwrap_or(u32::MAX);
+    let message = out.error_message().unwrap_or_else(|| {
+        format!("the node answered '{command}' with exit status {status} and no message")
+    });
+    if status == EXIT_USAGE {
+        ExitError::Usage(format!(
+            "the node did not understand '{command}': {message}"
+        ))
+        .into()
+    } else {
+        anyhow::anyhow!("{message}")
+    }
+}
+
+/// Print the node's document (JSON mode) or its text rendering.
+fn show<T>(ctx: &Context, reply: &Reply<T>, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+    if ctx.json {
+        print_json_raw(&reply.raw)
+    } else {
+        print_out(&text())
+    }
+}
+
+/// Write text to stdout. A closed pipe (`| head`) is not an error.
+pub fn print_out(text: &str) -> anyhow::Result<()> {
+    if cfg!(test) {
+        // Captured by the test harness, unlike writes to the stdout handle.
+        print!("{text}");
+        return Ok(());
+    }
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
+fn print_json_raw(raw: &[u8]) -> anyhow::Result<()> {
+    print_out(&format!("{}\n", String::from_utf8_lossy(raw).trim()))
+}
+
+/// Print one JSON document of ours.
+pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    print_out(&format!("{}\n", serde_json::to_string_pretty(value)?))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+async fn pin(ctx: &Context, node: &NodeAddr, expected: &Fingerprint) -> anyhow::Result<()> {
+    let key = fetch_host_key(node).await?;
+    if &key.fingerprint != expected {
+        anyhow::bail!(
+            "host key for {node} is {}, not the {expected} you asked to pin; nothing was written. Check the \
+             fingerprint with `mesh-node fingerprint` on the node; a mismatch may mean the address is wrong \
+             or someone is intercepting the connection",
+            key.fingerprint
+        );
+    }
+    let outcome = host_keys::pin(&ctx.known_hosts, node, &key)?;
+    if ctx.json {
+        return print_json(&PinnedView {
+            pinned: node.to_string(),
+            fingerprint: key.fingerprint.to_string(),
+            known_hosts: ctx.known_hosts.display().to_string(),
+        });
+    }
+    match outcome {
+        PinOutcome::Added => print_out(&format!(
+            "pinned {} for {node} in {}\n",
+            key.fingerprint,
+            ctx.known_hosts.display()
+        )),
+        PinOutcome::AlreadyPinned => print_out(&format!(
+            "{} is already pinned for {node} in {}\n",
+            key.fingerprint,
+            ctx.known_hosts.display()
+        )),
+    }
+}
+
+/// The JSON body of `submit`: the task from its file or flags, checked locally.
+fn prepare_submit(args: &SubmitArgs) -> anyhow::Result<Vec<u8>> {
+    let spec = match &args.task_file {
+        Some(path) => task_spec::apply_policy(task_file::load(path)?, args),
+        None => task_spec::from_flags(args)?,
+    };
+    task_spec::check_locally(&spec).context("the task was not sent")?;
+    serde_json::to_vec(&spec).context("cannot encode the task")
+}
+
+async fn submit(
+    ctx: &Context,
+    conn: &Connection,
+    args: &SubmitArgs,
+    body: Vec<u8>,
+) -> anyhow::Result<()> {
+    let reply: Reply<SubmitReply> = call(conn, "submit --json", Some(body)).await?;
+    let id = reply.value.task;
+    if !args.wait {
+        return show(ctx, &reply, || {
+            if reply.value.existing {
+                format!("task {id} already exists (same idempotency key)\n")
+            } else {
+                format!("task {id} submitted\n")
+            }
+        });
+    }
+    if !ctx.json {
+        let existing = if reply.value.existing {
+            " (existing task, same idempotency key)"
+        } else {
+            ""
+        };
+        print_out(&format!("task {id} submitted{existing}\n"))?;
+    }
+    let done = wait(conn, id).await?;
+    show(ctx, &done, || {
+        let mut text = render::task(&done.value, now_ms());
+        if done.value.state == "succeeded" {
+            text.push_str(&format!(
+                "fetch the output with: mesh-cli result {id} --output FILE\n"
+            ));
+        }
+        text
+    })?;
+    match done.value.state.as_str() {
+        "succeeded" => Ok(()),
+        "cancelled" => Err(ExitError::TaskFailed(format!("task {id} was cancelled")).into()),
+        state => {
+            let why = done
+                .value
+                .errors
+                .last()
+                .map(|e| format!(": {}", e.error))
+                .unwrap_or_default();
+            Err(ExitError::TaskFailed(format!(
+                "task {id} {state} after {} attempt(s){why}",
+                done.value.attempt
+            ))
+            .into())
+        }
+    }
+}
+
+/// `wait ID --json`, with a spinner on a terminal that shows the task's state.
+async fn wait(conn: &Connection, id: TaskId) -> anyhow::Result<Reply<TaskView>> {
+    let command = format!("wait {id} --json");
+    let waiting = conn.exec(&command, None);
+    let out = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new_spinner();
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
+            bar.set_style(style);
+        }
+        bar.set_message(format!("task {id}: waiting"));
+        bar.enable_steady_tick(Duration::from_millis(120));
+        tokio::pin!(waiting);
+        let mut poll = tokio::time::interval(WAIT_POLL_INTERVAL);
+        let out = loop {
+            tokio::select! {
+                out = &mut waiting => break out,
+                _ = poll.tick() => {
+                    if let Ok(r) = call::<TaskView>(conn, &format!("task {id} --json"), None).await {
+                        bar.set_message(render::progress(&r.value));
+                    }
+                }
+            }
+        };
+        bar.finish_and_clear();
+        out
+    } else {
+        waiting.await
+    }?;
+    match out.exit_status {
+        // Exit 3: the task ended but did not succeed; the view is still the answer.
+        Some(EXIT_OK | EXIT_TASK_FAILED) => parse_reply(out.stdout, &command),
+        _ => Err(remote_error(&out, &command)),
+    }
+}
+
+async fn result(ctx: &Context, conn: &Connection, args: &ResultArgs) -> anyhow::Result<()> {
+    let id = args.id;
+    let view: Reply<TaskView> = call(conn, &format!("task {id} --json"), None).await?;
+    let task = &view.value;
+    match task.state.as_str() {
+        "succeeded" => {}
+        "failed" | "cancelled" => anyhow::bail!(
+            "task {id} {} and has no outputs; see why with: mesh-cli task {id}",
+            if task.state == "failed" { "failed" } else { "was cancelled" }
+        ),
+        state => anyhow::bail!(
+            "task {id} is {state}; its outputs exist once it succeeds (follow it with: mesh-cli task {id})"
+        ),
+    }
+    if args.output.is_none() && args.png.is_none() {
+        return show(ctx, &view, || render::outputs(task));
+    }
+    let names = || {
+        task.outputs
+            .iter()
+            .map(|o| o.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let wanted = match &args.name {
+        Some(n) => task.outputs.iter().find(|o| &o.name == n).ok_or_else(|| {
+            anyhow::anyhow!(
+                "task {id} has no output named '{n}'; its outputs are: {}",
+                names()
+            )
+        })?,
+        None => task
+            .outputs
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("task {id} has no outputs"))?,
+    };
+    let recorded = wanted
+        .sha256
+        .as_deref()
+        .and_then(Digest::from_hex)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "the node reports no SHA-256 for output {} of task {id}",
+                wanted.name
+            )
+        })?;
+
+    let command = format!("result {id} --raw --name {}", wanted.name);
+    let out = conn.exec(&command, None).await?;
+    if out.exit_status != Some(EXIT_OK) {
+        return Err(remote_error(&out, &command));
+    }
+    let bytes = out.stdout;
+    let got = Digest::of(&bytes);
+    if got != recorded || bytes.len() as u64 != wanted.bytes {
+        anyhow::bail!(
+            "output {} of task {id} arrived as {} bytes with SHA-256 {got}, but the mesh recorded {} bytes with \
+             {recorded}; nothing was written. Try again; if it persists, the node's copy is damaged",
+            wanted.name,
+            bytes.len(),
+            wanted.bytes
+        );
+    }
+
+    let mut saved = SavedView {
+        task: id,
+        output: wanted.name.clone(),
+        bytes: wanted.bytes,
+        sha256: got.to_hex(),
+        file: None,
+        png: None,
+    };
+    let mut lines = String::new();
+    if let Some(path) = &args.output {
+        write_file(path, &bytes)?;
+        lines.push_str(&format!(
+            "wrote output {} of task {id} to {} ({} bytes, sha256 {got}, verified)\n",
+            wanted.name,
+            path.display(),
+            bytes.len()
+        ));
+        saved.file = Some(path.display().to_string());
+    }
+    if let Some(path) = &args.png {
+        let (w, h, max_iter) = mandelbrot_params(task)?;
+        let image = png_out::mandelbrot_png(&bytes, w, h, max_iter).with_context(|| {
+            format!(
+                "cannot render output {} of task {id} as an image",
+                wanted.name
+            )
+        })?;
+        write_file(path, &image)?;
+        lines.push_str(&format!(
+            "wrote a {w}x{h} image of task {id} to {}\n",
+            path.display()
+        ));
+        saved.png = Some(path.display().to_string());
+    }
+    if ctx.json {
+        print_json(&saved)
+    } else {
+        print_out(&lines)
+    }
+}
+
+/// Width, height and max_iter of a mandelbrot task, from its view.
+fn mandelbrot_params(task: &TaskView) -> anyhow::Result<(u32, u32, u32)> {
+    if task.kernel != "mandelbrot" {
+        anyhow::bail!(
+            "--png renders the built-in mandelbrot kernel's iteration counts; task {} ran {}; use --output FILE",
+            task.id,
+            task.kernel
+        );
+    }
+    let param = |name: &str| -> anyhow::Result<u32> {
+        task.params
+            .get(name)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "task {} has no usable mandelbrot parameter '{name}'",
+                    task.id
+                )
+            })
+    };
+    Ok((param("width")?, param("height")?, param("max_iter")?))
+}
+
+/// Write a whole file, or nothing: bytes go to a temporary name, then into place.
+fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    std::fs::write(&partial, bytes)
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| {
+        let _ = std::fs::remove_file(&partial);
+        format!("cannot move {} to {}", partial.display(), path.display())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit_code::exit_status_of;
+    use crate::fake_node::{self, FakeNode, Reply};
+    use crate::host_keys::HostKey;
+    use clap::Parser as _;
+    use mesh_core::api::{AttemptErrorView, BufferView};
+    use mesh_core::task::KernelSpec;
+    use mesh_core::{NodeId, TaskSpec};
+    use std::collections::BTreeMap;
+
+    fn view(
+        id: u64,
+        kernel: &str,
+        params: &[(&str, &str)],
+        state: &str,
+        out: Option<&[u8]>,
+    ) -> TaskView {
+        TaskView {
+            id: TaskId(id),
+            kernel: kernel.into(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            state: state.into(),
+            node: Some(NodeId(1)),
+            attempt: 3,
+            max_attempts: 3,
+            priority: 0,
+            idempotency_key: None,
+            submitter: "SHA256:someone".into(),
+            submitted_at_ms: 0,
+            started_at_ms: None,
+            finished_at_ms: None,
+            inputs: vec![],
+            outputs: vec![BufferView {
+                name: "out".into(),
+                bytes: out.map_or(8, |o| o.len() as u64),
+                sha256: out.map(|o| Digest::of(o).to_hex()),
+            }],
+            errors: if state == "failed" {
+                vec![AttemptErrorView {
+                    attempt: 3,
+                    node: NodeId(1),
+                    error: "device lost".into(),
+                }]
+            } else {
+                vec![]
+            },
+            waiting: None,
+        }
+    }
+
+    fn json(v: &impl Serialize) -> Vec<u8> {
+        serde_json::to_vec(v).unwrap()
+    }
+
+    /// Run a command line against the fake node, with its key pinned and the user key given.
+    async fn run_cli(node: &FakeNode, dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+        let known_hosts = dir.join("known_hosts");
+        host_keys::pin(&known_hosts, &node.addr, &node.host_key).unwrap();
+        let (addr, kh, id) = (
+            node.addr.to_string(),
+            known_hosts.display().to_string(),
+            node.user_key_file(dir),
+        );
+        let id = id.display().to_string();
+        let mut argv = vec![
+            "mesh-cli",
+            "--node",
+            &addr,
+            "--known-hosts",
+            &kh,
+            "--identity",
+            &id,
+        ];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let ctx = Context::from_cli(&cli)?;
+        run(cli, &ctx).await
+    }
+
+    #[tokio::test]
+    async fn submit_wait_sends_the_spec_and_exits_3_when_the_task_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (x, y) = (dir.path().join("x.bin"), dir.path().join("y.bin"));
+        std::fs::write(&x, mesh_core::builtin::f32_bytes(&[1.0, 2.0])).unwrap();
+        std::fs::write(&y, mesh_core::builtin::f32_bytes(&[10.0, 20.0])).unwrap();
+        let failed = view(5, "saxpy", &[("a", "2")], "failed", None);
+        let node = fake_node::start(
+            10,
+            11,
+            vec![
+                (
+                    "submit --json",
+                    Reply::ok(json(&SubmitReply {
+                        task: TaskId(5),
+                        existing: false,
+                    })),
+                ),
+                (
+                    "wait 5 --json",
+                    Reply::Fixed {
+                        stdout: json(&failed),
+                        stderr: String::new(),
+                        status: 3,
+                    },
+                ),
+            ],
+        )
+        .await;
+        let (xa, ya) = (format!("x=@{}", x.display()), format!("y=@{}", y.display()));
+        let err = run_cli(
+            &node,
+            dir.path(),
+            &[
+                "submit", "--kernel", "saxpy", "--param", "a=2", "--input", &xa, "--input", &ya,
+                "--wait",
+            ],
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(exit_status_of(&err), 3);
+        assert_eq!(
+            err.to_string(),
+            "task 5 failed after 3 attempt(s): device lost"
+        );
+
+        let received = node.received.lock().unwrap().clone();
+        assert_eq!(
+            received.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+            ["submit --json", "wait 5 --json"]
+        );
+        let spec: TaskSpec = serde_json::from_slice(&received[0].1).unwrap();
+        assert_eq!(
+            spec.kernel,
+            KernelSpec::Builtin {
+                name: "saxpy".into(),
+                params: BTreeMap::from([("a".into(), "2".into())])
+            }
+        );
+        assert_eq!(
+            spec.inputs[1].data.as_slice(),
+            mesh_core::builtin::f32_bytes(&[10.0, 20.0]).as_slice()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_spec_is_refused_before_anything_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = fake_node::start(12, 13, vec![]).await;
+        let err = run_cli(&node, dir.path(), &["submit", "--kernel", "sgemm"])
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("the task was not sent: unknown kernel 'sgemm'"),
+            "{err:#}"
+        );
+        assert!(node.received.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn result_verifies_the_digest_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0u32..8).flat_map(|i| i.to_le_bytes()).collect();
+        let good = view(
+            5,
+            "mandelbrot",
+            &[("width", "4"), ("height", "2"), ("max_iter", "7")],
+            "succeeded",
+            Some(&data),
+        );
+        let bad = view(6, "saxpy", &[], "succeeded", Some(b"something else"));
+        let node = fake_node::start(
+            14,
+            15,
+            vec![
+                ("task 5 --json", Reply::ok(json(&good))),
+                ("result 5 --raw --name out", Reply::ok(data.clone())),
+                ("task 6 --json", Reply::ok(json(&bad))),
+                ("result 6 --raw --name out", Reply::ok(data.clone())),
+                (
+                    "task 7 --json",
+                    Reply::ok(json(&view(7, "saxpy", &[], "running", None))),
+                ),
+            ],
+        )
+        .await;
+        let (file, png) = (dir.path().join("out.bin"), dir.path().join("m.png"));
+        let (f, p) = (file.display().to_string(), png.display().to_string());
+        run_cli(
+            &node,
+            dir.path(),
+            &["result", "5", "--output", &f, "--png", &p],
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), data);
+        let decoded = png::Decoder::new(std::io::Cursor::new(std::fs::read(&png).unwrap()))
+            .read_info()
+            .unwrap();
+        assert_eq!((decoded.info().width, decoded.info().height), (4, 2));
+
+        let other = dir.path().join("other.bin");
+        let e = run_cli(
+            &node,
+            dir.path(),
+            &["result", "6", "--output", &other.display().to_string()],
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("nothing was written"), "{e}");
+        assert!(!other.exists());
+
+        let e = run_cli(
+            &node,
+            dir.path(),
+            &["result", "5", "--name", "nope", "--output", &f],
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "task 5 has no output named 'nope'; its outputs are: out"
+        );
+        let e = run_cli(&node, dir.path(), &["result", "7", "--output", &f])
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("task 7 is running; its outputs exist once it succeeds"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn pin_writes_only_the_fingerprint_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = fake_node::start(16, 17, vec![]).await;
+        let known_hosts = dir.path().join("kh");
+        let (addr, kh) = (node.addr.to_string(), known_hosts.display().to_string());
+        let wrong = HostKey::of(fake_node::key(18).public_key())
+            .unwrap()
+            .fingerprint
+            .to_string();
+        let pin_cli = |fp: &str| {
+            Cli::try_parse_from(["mesh-cli", "--known-hosts", &kh, "pin", &addr, fp]).unwrap()
+        };
+
+        let cli = pin_cli(&wrong);
+        let ctx = Context::from_cli(&cli).unwrap();
+        let e = run(cli, &ctx).await.unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "not the {wrong} you asked to pin; nothing was written"
+            )),
+            "{e}"
+        );
+        assert!(!known_hosts.exists());
+
+        let cli = pin_cli(node.host_key.fingerprint.as_str());
+        let ctx = Context::from_cli(&cli).unwrap();
+        run(cli, &ctx).await.unwrap();
+        let text = std::fs::read_to_string(&known_hosts).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        assert!(
+            text.starts_with(&format!("[127.0.0.1]:{} ssh-ed25519 ", node.addr.port)),
+            "{text}"
+        );
+    }
+}

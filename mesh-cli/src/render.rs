@@ -1,0 +1,362 @@
+//! Human-readable text for the node's JSON answers (`mesh_core::api`). With `--json`
+//! none of this is used: the node's document is printed as it came.
+
+use crate::duration::format_duration;
+use mesh_core::api::{NodeView, StatusView, TaskView};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// Columns padded to their widest cell, separated by two spaces.
+struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Table {
+        Table {
+            rows: vec![header.iter().map(|h| h.to_string()).collect()],
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn render(&self) -> String {
+        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|s| s.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        for row in &self.rows {
+            let mut line = String::new();
+            for (c, cell) in row.iter().enumerate() {
+                if c + 1 == row.len() {
+                    line.push_str(cell);
+                } else {
+                    let pad = widths[c] - cell.chars().count();
+                    line.push_str(cell);
+                    line.push_str(&" ".repeat(pad + 2));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn or_dash(s: Option<String>) -> String {
+    s.filter(|s| !s.is_empty()).unwrap_or_else(|| "-".into())
+}
+
+/// How long ago `then_ms` was, e.g. `12s ago`.
+fn ago(now_ms: u64, then_ms: u64) -> String {
+    format!(
+        "{} ago",
+        format_duration(Duration::from_millis(now_ms.saturating_sub(then_ms)))
+    )
+}
+
+/// `status`.
+pub fn status(s: &StatusView) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "node:     {} ({}), {}", s.node, s.fingerprint, s.role);
+    let _ = writeln!(
+        out,
+        "leader:   {}",
+        or_dash(s.leader.map(|l| format!("node {l}")))
+    );
+    let _ = writeln!(out, "term:     {}", s.term);
+    let _ = writeln!(
+        out,
+        "log:      last index {}, applied {}",
+        or_dash(s.last_log_index.map(|i| i.to_string())),
+        or_dash(s.applied_index.map(|i| i.to_string()))
+    );
+    let voters: Vec<String> = s.voters.iter().map(ToString::to_string).collect();
+    let _ = writeln!(out, "voters:   {}", or_dash(Some(voters.join(", "))));
+    let _ = writeln!(out, "nodes:    {}", s.nodes);
+    let tasks: Vec<String> = s
+        .tasks
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(state, n)| format!("{n} {state}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "tasks:    {}",
+        if tasks.is_empty() {
+            "none".to_string()
+        } else {
+            tasks.join(", ")
+        }
+    );
+    let _ = writeln!(out, "adapter:  {}", or_dash(s.adapter.clone()));
+    let _ = writeln!(out, "version:  {}", s.version);
+    out
+}
+
+/// `nodes`: one row per node.
+pub fn nodes(nodes: &[NodeView]) -> String {
+    if nodes.is_empty() {
+        return "no nodes are registered\n".into();
+    }
+    let mut t = Table::new(&[
+        "ID",
+        "ROLE",
+        "HEALTH",
+        "ADDRESS",
+        "FINGERPRINT",
+        "ADAPTER",
+        "SLOTS",
+        "LABELS",
+    ]);
+    for n in nodes {
+        let adapter = match n.capabilities.primary() {
+            Some(a) => format!("{} ({}, {})", a.name, a.device_type, a.backend),
+            None => "none".into(),
+        };
+        let labels: Vec<String> = n
+            .capabilities
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        t.row(vec![
+            n.id.to_string(),
+            n.role.clone(),
+            n.health.clone(),
+            n.addr.clone(),
+            n.fingerprint.clone(),
+            adapter,
+            format!("{}/{}", n.running, n.capabilities.slots),
+            or_dash(Some(labels.join(","))),
+        ]);
+    }
+    t.render()
+}
+
+/// The one-line note on a task: why it waits, or its latest error.
+fn note(t: &TaskView) -> String {
+    if let Some(w) = &t.waiting {
+        return w.clone();
+    }
+    match (t.state.as_str(), t.errors.last()) {
+        ("succeeded", _) => String::new(),
+        (_, Some(e)) => format!("attempt {}: {}", e.attempt, e.error),
+        _ => String::new(),
+    }
+}
+
+/// `tasks`: one row per task.
+pub fn tasks(tasks: &[TaskView], now_ms: u64) -> String {
+    if tasks.is_empty() {
+        return "no tasks\n".into();
+    }
+    let mut t = Table::new(&[
+        "ID",
+        "STATE",
+        "KERNEL",
+        "NODE",
+        "ATTEMPT",
+        "PRIO",
+        "SUBMITTED",
+        "NOTE",
+    ]);
+    for v in tasks {
+        t.row(vec![
+            v.id.to_string(),
+            v.state.clone(),
+            v.kernel.clone(),
+            or_dash(v.node.map(|n| n.to_string())),
+            format!("{}/{}", v.attempt, v.max_attempts),
+            v.priority.to_string(),
+            ago(now_ms, v.submitted_at_ms),
+            note(v),
+        ]);
+    }
+    t.render()
+}
+
+/// `task ID`: everything about one task.
+pub fn task(t: &TaskView, now_ms: u64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "task {}: {}", t.id, t.state);
+    let params: Vec<String> = t.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if params.is_empty() {
+        let _ = writeln!(out, "  kernel:     {}", t.kernel);
+    } else {
+        let _ = writeln!(out, "  kernel:     {} ({})", t.kernel, params.join(", "));
+    }
+    let _ = writeln!(
+        out,
+        "  node:       {}, attempt {} of {}",
+        or_dash(t.node.map(|n| n.to_string())),
+        t.attempt,
+        t.max_attempts
+    );
+    let _ = writeln!(out, "  priority:   {}", t.priority);
+    if let Some(k) = &t.idempotency_key {
+        let _ = writeln!(out, "  key:        {k}");
+    }
+    let _ = writeln!(out, "  submitter:  {}", t.submitter);
+    let _ = writeln!(out, "  submitted:  {}", ago(now_ms, t.submitted_at_ms));
+    match (t.started_at_ms, t.finished_at_ms) {
+        (Some(s), Some(f)) => {
+            let _ = writeln!(
+                out,
+                "  ran:        {}",
+                format_duration(Duration::from_millis(f.saturating_sub(s)))
+            );
+        }
+        (Some(s), None) => {
+            let _ = writeln!(out, "  started:    {}", ago(now_ms, s));
+        }
+        (None, Some(f)) => {
+            let _ = writeln!(out, "  finished:   {}", ago(now_ms, f));
+        }
+        (None, None) => {}
+    }
+    for (label, buffers) in [("inputs", &t.inputs), ("outputs", &t.outputs)] {
+        if buffers.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "  {label}:");
+        let mut table = Table::new(&["", "NAME", "BYTES", "SHA-256"]);
+        for b in buffers.iter() {
+            table.row(vec![
+                String::new(),
+                b.name.clone(),
+                b.bytes.to_string(),
+                or_dash(b.sha256.clone()),
+            ]);
+        }
+        for line in table.render().lines().skip(1) {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    if !t.errors.is_empty() {
+        let _ = writeln!(out, "  errors:");
+        for e in &t.errors {
+            let _ = writeln!(
+                out,
+                "    attempt {} on node {}: {}",
+                e.attempt, e.node, e.error
+            );
+        }
+    }
+    if let Some(w) = &t.waiting {
+        let _ = writeln!(out, "  waiting:    {w}");
+    }
+    out
+}
+
+/// `result ID` without a file: what can be fetched.
+pub fn outputs(t: &TaskView) -> String {
+    let mut table = Table::new(&["OUTPUT", "BYTES", "SHA-256"]);
+    for b in &t.outputs {
+        table.row(vec![
+            b.name.clone(),
+            b.bytes.to_string(),
+            or_dash(b.sha256.clone()),
+        ]);
+    }
+    let mut out = table.render();
+    let _ = writeln!(
+        out,
+        "fetch one with: mesh-cli result {} --output FILE [--name OUTPUT]",
+        t.id
+    );
+    out
+}
+
+/// A spinner line while waiting: `task 5: running on node 2 (attempt 1/3)`.
+pub fn progress(t: &TaskView) -> String {
+    match (t.state.as_str(), t.node) {
+        ("assigned" | "running", Some(n)) => {
+            format!(
+                "task {}: {} on node {n} (attempt {}/{})",
+                t.id, t.state, t.attempt, t.max_attempts
+            )
+        }
+        _ => match &t.waiting {
+            Some(w) => format!("task {}: {} ({w})", t.id, t.state),
+            None => format!("task {}: {}", t.id, t.state),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::api::{AttemptErrorView, BufferView};
+    use mesh_core::{NodeId, TaskId};
+    use std::collections::BTreeMap;
+
+    fn view() -> TaskView {
+        TaskView {
+            id: TaskId(5),
+            kernel: "saxpy".into(),
+            params: BTreeMap::from([("a".into(), "2".into())]),
+            state: "failed".into(),
+            node: Some(NodeId(2)),
+            attempt: 3,
+            max_attempts: 3,
+            priority: 0,
+            idempotency_key: None,
+            submitter: "SHA256:x".into(),
+            submitted_at_ms: 1_000,
+            started_at_ms: Some(2_000),
+            finished_at_ms: Some(3_500),
+            inputs: vec![BufferView {
+                name: "x".into(),
+                bytes: 8,
+                sha256: Some("ab".into()),
+            }],
+            outputs: vec![BufferView {
+                name: "out".into(),
+                bytes: 8,
+                sha256: None,
+            }],
+            errors: vec![AttemptErrorView {
+                attempt: 3,
+                node: NodeId(2),
+                error: "device lost".into(),
+            }],
+            waiting: None,
+        }
+    }
+
+    #[test]
+    fn task_views_read_well() {
+        let text = task(&view(), 61_000);
+        assert!(
+            text.starts_with("task 5: failed\n  kernel:     saxpy (a=2)\n"),
+            "{text}"
+        );
+        assert!(text.contains("  submitted:  1m ago\n"), "{text}");
+        assert!(text.contains("  ran:        1.5s\n"), "{text}");
+        assert!(text.contains("attempt 3 on node 2: device lost"), "{text}");
+        let list = tasks(&[view()], 61_000);
+        let mut lines = list.lines();
+        assert!(
+            lines
+                .next()
+                .unwrap()
+                .starts_with("ID  STATE   KERNEL  NODE"),
+            "{list}"
+        );
+        assert!(
+            lines.next().unwrap().ends_with("attempt 3: device lost"),
+            "{list}"
+        );
+    }
+}
