@@ -149,8 +149,10 @@ pub struct NodeView {
     pub addr: String,
     /// `leader`, `follower`, `learner` or `unknown`.
     pub role: String,
-    /// `up` or `down`.
+    /// `up`, `down` or `removed`.
     pub health: String,
+    /// Milliseconds since the leader last heard from it (known on the leader only).
+    pub last_contact_ms: Option<u64>,
     /// Tasks assigned or running there.
     pub running: usize,
     /// Adapters, labels, slots.
@@ -159,13 +161,21 @@ pub struct NodeView {
 
 impl NodeView {
     /// The view of a registered node.
-    pub fn of(state: &MeshState, n: &NodeRecord, role: &str, up: bool) -> NodeView {
+    pub fn of(state: &MeshState, n: &NodeRecord, role: &str, last_contact_ms: Option<u64>) -> NodeView {
         NodeView {
             id: n.id,
             fingerprint: n.fingerprint.to_string(),
             addr: n.addr.clone(),
             role: role.into(),
-            health: if up { "up" } else { "down" }.into(),
+            health: if n.removed {
+                "removed"
+            } else if n.down {
+                "down"
+            } else {
+                "up"
+            }
+            .into(),
+            last_contact_ms,
             running: state.tasks_on(n.id).count(),
             capabilities: n.capabilities.clone(),
         }

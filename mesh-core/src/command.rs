@@ -73,6 +73,57 @@ pub enum Command {
         /// False when retrying cannot help (the kernel itself is broken).
         retryable: bool,
     },
+    /// An admin creates a join token; only the secret's hash enters the log.
+    CreateToken {
+        /// Public id.
+        id: String,
+        /// SHA-256 of the secret.
+        secret_hash: crate::data::Digest,
+        /// How long it stays valid.
+        #[serde(with = "crate::task::duration_ms")]
+        ttl: std::time::Duration,
+        /// How many joins it allows.
+        uses: u32,
+        /// Who created it.
+        actor: Fingerprint,
+    },
+    /// An admin revokes a join token.
+    RevokeToken {
+        /// Public id.
+        id: String,
+        /// Who revoked it.
+        actor: Fingerprint,
+    },
+    /// A new machine presents a token. The fingerprint is the key the joiner presented
+    /// in the TLS handshake, never a value from the request body.
+    Join {
+        /// Token id.
+        token: String,
+        /// SHA-256 of the secret presented.
+        secret_hash: crate::data::Digest,
+        /// The joiner's host key fingerprint, from the TLS session.
+        fingerprint: Fingerprint,
+        /// The joiner's node-to-node address.
+        addr: String,
+    },
+    /// The leader saw no heartbeat from a node for the node timeout: its attempts
+    /// are taken back and the node gets no new work.
+    MarkDown {
+        /// The node.
+        node: NodeId,
+    },
+    /// A node marked down is heard from again.
+    MarkUp {
+        /// The node.
+        node: NodeId,
+    },
+    /// An admin removes a node for good.
+    RemoveNode {
+        /// The node.
+        node: NodeId,
+        /// Who removed it.
+        actor: Fingerprint,
+    },
     /// A user cancels a task.
     Cancel {
         /// The task.
@@ -91,7 +142,7 @@ impl Command {
             | Command::Complete { task, .. }
             | Command::Fail { task, .. }
             | Command::Cancel { task, .. } => Some(*task),
-            Command::RegisterNode { .. } | Command::Submit { .. } => None,
+            _ => None,
         }
     }
 }
@@ -130,6 +181,18 @@ pub enum Outcome {
     },
     /// The task is cancelled.
     Cancelled(TaskId),
+    /// A join token exists.
+    TokenCreated(String),
+    /// A join token is revoked.
+    TokenRevoked(String),
+    /// A machine joined and got this node id.
+    Joined(NodeId),
+    /// A node's liveness changed.
+    NodeDown(NodeId),
+    /// A node is up again.
+    NodeUp(NodeId),
+    /// A node is removed.
+    NodeRemoved(NodeId),
     /// Nothing changed.
     Rejected(Rejection),
 }
@@ -165,6 +228,12 @@ pub enum Rejection {
         /// What was tried.
         action: String,
     },
+    /// A node record cannot be written under this identity.
+    #[error("{0}")]
+    NodeIdentity(String),
+    /// The join token is unusable; the reason says why.
+    #[error("join refused: {0}")]
+    Token(String),
     /// The outputs do not match the declared buffers.
     #[error("task {task}: {why}")]
     BadOutputs {
@@ -187,6 +256,12 @@ impl fmt::Display for Outcome {
             Outcome::Failed { task, retry: true } => write!(f, "task {task} attempt failed, will retry"),
             Outcome::Failed { task, retry: false } => write!(f, "task {task} failed"),
             Outcome::Cancelled(t) => write!(f, "task {t} cancelled"),
+            Outcome::TokenCreated(t) => write!(f, "token {t} created"),
+            Outcome::TokenRevoked(t) => write!(f, "token {t} revoked"),
+            Outcome::Joined(n) => write!(f, "joined as node {n}"),
+            Outcome::NodeDown(n) => write!(f, "node {n} down"),
+            Outcome::NodeUp(n) => write!(f, "node {n} up"),
+            Outcome::NodeRemoved(n) => write!(f, "node {n} removed"),
             Outcome::Rejected(r) => write!(f, "rejected: {r}"),
         }
     }

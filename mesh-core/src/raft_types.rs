@@ -8,7 +8,7 @@ openraft::declare_raft_types!(
         D = Request,
         R = Response,
         NodeId = u64,
-        Node = openraft::BasicNode,
+        Node = crate::membership::MeshNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = std::io::Cursor<Vec<u8>>,
         AsyncRuntime = openraft::TokioRuntime,
@@ -21,6 +21,6 @@ pub type LogId = openraft::LogId<u64>;
 /// A vote.
 pub type Vote = openraft::Vote<u64>;
 /// The stored membership.
-pub type StoredMembership = openraft::StoredMembership<u64, openraft::BasicNode>;
+pub type StoredMembership = openraft::StoredMembership<u64, crate::membership::MeshNode>;
 /// Snapshot metadata.
-pub type SnapshotMeta = openraft::SnapshotMeta<u64, openraft::BasicNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<u64, crate::membership::MeshNode>;

@@ -67,11 +67,11 @@ fn device_rank(caps: &NodeCapabilities) -> u8 {
 /// Why no registered node could ever run a task with these requirements, or `None`
 /// when at least one could.
 pub fn never_runnable(state: &MeshState, reqs: &[Requirement]) -> Option<String> {
-    if state.nodes.is_empty() {
+    if state.nodes.values().all(|n| n.removed) {
         return Some("no node has registered yet".into());
     }
     let mut unmet = Vec::new();
-    for n in state.nodes.values() {
+    for n in state.nodes.values().filter(|n| !n.removed) {
         if n.capabilities.primary().is_none() {
             unmet.push(format!("node {} has no GPU adapter", n.id));
             continue;
@@ -92,7 +92,7 @@ pub fn why_waiting(state: &MeshState, task: &Task, live: &BTreeSet<NodeId>) -> O
     let matching: Vec<NodeId> = state
         .nodes
         .values()
-        .filter(|n| n.capabilities.primary().is_some() && first_unmet(&task.requirements, &n.capabilities).is_none())
+        .filter(|n| !n.removed && n.capabilities.primary().is_some() && first_unmet(&task.requirements, &n.capabilities).is_none())
         .map(|n| n.id)
         .collect();
     if matching.is_empty() {

@@ -9,6 +9,7 @@ use crate::data::{Bytes, Digest};
 use crate::identity::fingerprint::Fingerprint;
 use crate::ids::{Attempt, NodeId, TaskId, Timestamp};
 use crate::task::{AttemptError, DataRef, OutputDecl, Task, TaskResult, TaskSpec, TaskState};
+use crate::token::TokenRecord;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -27,6 +28,17 @@ pub struct NodeRecord {
     pub registered_at: Timestamp,
     /// When it last registered or refreshed.
     pub updated_at: Timestamp,
+    /// Marked down by the leader (no heartbeat for the node timeout).
+    pub down: bool,
+    /// Removed for good; its id is never reused.
+    pub removed: bool,
+}
+
+impl NodeRecord {
+    /// Whether placement may use this node.
+    pub fn is_live(&self) -> bool {
+        !self.down && !self.removed
+    }
 }
 
 /// The whole replicated state.
@@ -42,6 +54,8 @@ pub struct MeshState {
     pub blobs: BTreeMap<Digest, Bytes>,
     /// The id the next submitted task gets.
     pub next_task: u64,
+    /// Join tokens by id.
+    pub tokens: BTreeMap<String, TokenRecord>,
 }
 
 impl MeshState {
@@ -54,6 +68,14 @@ impl MeshState {
     pub fn apply(&mut self, now: Timestamp, cmd: &Command) -> Outcome {
         match cmd {
             Command::RegisterNode { node, fingerprint, addr, capabilities } => {
+                if let Some(n) = self.nodes.get(node) {
+                    if n.removed || n.fingerprint != *fingerprint {
+                        return Outcome::Rejected(Rejection::NodeIdentity(format!(
+                            "node {node} is {}; it cannot register again",
+                            if n.removed { "removed" } else { "registered under another key" }
+                        )));
+                    }
+                }
                 let registered_at = self.nodes.get(node).map_or(now, |n| n.registered_at);
                 self.nodes.insert(
                     *node,
@@ -64,10 +86,59 @@ impl MeshState {
                         capabilities: capabilities.clone(),
                         registered_at,
                         updated_at: now,
+                        down: false,
+                        removed: false,
                     },
                 );
                 Outcome::NodeRegistered(*node)
             }
+            Command::CreateToken { id, secret_hash, ttl, uses, actor } => {
+                self.tokens.insert(
+                    id.clone(),
+                    TokenRecord {
+                        id: id.clone(),
+                        secret_hash: *secret_hash,
+                        created_at: now,
+                        expires_at: now.plus(*ttl),
+                        uses_left: *uses,
+                        created_by: actor.clone(),
+                        revoked: false,
+                    },
+                );
+                Outcome::TokenCreated(id.clone())
+            }
+            Command::RevokeToken { id, .. } => match self.tokens.get_mut(id) {
+                Some(t) => {
+                    t.revoked = true;
+                    Outcome::TokenRevoked(id.clone())
+                }
+                None => Outcome::Rejected(Rejection::Token(format!("token {id} does not exist"))),
+            },
+            Command::Join { token, secret_hash, fingerprint, addr } => self.join(now, token, secret_hash, fingerprint, addr),
+            Command::MarkDown { node } => match self.nodes.get_mut(node) {
+                Some(n) if !n.removed => {
+                    n.down = true;
+                    self.requeue(*node, "was marked down (no heartbeat)");
+                    Outcome::NodeDown(*node)
+                }
+                _ => Outcome::Rejected(Rejection::UnknownNode(*node)),
+            },
+            Command::MarkUp { node } => match self.nodes.get_mut(node) {
+                Some(n) if !n.removed => {
+                    n.down = false;
+                    Outcome::NodeUp(*node)
+                }
+                _ => Outcome::Rejected(Rejection::UnknownNode(*node)),
+            },
+            Command::RemoveNode { node, .. } => match self.nodes.get_mut(node) {
+                Some(n) if !n.removed => {
+                    n.removed = true;
+                    n.down = true;
+                    self.requeue(*node, "was removed");
+                    Outcome::NodeRemoved(*node)
+                }
+                _ => Outcome::Rejected(Rejection::UnknownNode(*node)),
+            },
             Command::Submit { spec, outputs, submitter } => self.submit(now, spec, outputs, submitter),
             Command::Assign { task, node } => self.assign(*task, *node),
             Command::Start { task, attempt, node } => self.start(now, *task, *attempt, *node),
@@ -77,6 +148,70 @@ impl MeshState {
             }
             Command::Cancel { task, .. } => self.cancel(now, *task),
         }
+    }
+
+    fn join(&mut self, now: Timestamp, token: &str, secret_hash: &Digest, fingerprint: &Fingerprint, addr: &str) -> Outcome {
+        let refuse = |why: String| Outcome::Rejected(Rejection::Token(why));
+        let Some(t) = self.tokens.get_mut(token) else {
+            return refuse(format!("token {token} does not exist"));
+        };
+        if t.revoked {
+            return refuse(format!("token {token} was revoked"));
+        }
+        if now >= t.expires_at {
+            return refuse(format!("token {token} expired"));
+        }
+        if t.uses_left == 0 {
+            return refuse(format!("token {token} is used up"));
+        }
+        if t.secret_hash != *secret_hash {
+            return refuse(format!("the secret does not match token {token}"));
+        }
+        t.uses_left -= 1;
+        // A machine that comes back under a key the mesh knows (its data was wiped)
+        // joins as a new node; the old identity is removed so it can never vote again.
+        let old: Vec<NodeId> =
+            self.nodes.values().filter(|n| n.fingerprint == *fingerprint && !n.removed).map(|n| n.id).collect();
+        for id in old {
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.removed = true;
+                n.down = true;
+            }
+            self.requeue(id, "rejoined under a new node id");
+        }
+        let id = NodeId(self.nodes.keys().next_back().map_or(1, |n| n.0 + 1));
+        self.nodes.insert(
+            id,
+            NodeRecord {
+                id,
+                fingerprint: fingerprint.clone(),
+                addr: addr.into(),
+                capabilities: NodeCapabilities::default(),
+                registered_at: now,
+                updated_at: now,
+                down: false,
+                removed: false,
+            },
+        );
+        Outcome::Joined(id)
+    }
+
+    /// Take back every attempt held by `node`: the tasks go back to pending, so the
+    /// next assignment carries a new attempt and the old node's reports are stale.
+    fn requeue(&mut self, node: NodeId, why: &str) {
+        for t in self.tasks.values_mut() {
+            if let Some((holder, attempt)) = t.state.assignment() {
+                if holder == node {
+                    t.errors.push(AttemptError { attempt, node, error: format!("node {node} {why}") });
+                    t.state = TaskState::Pending;
+                }
+            }
+        }
+    }
+
+    /// Nodes placement may use: registered, not down, not removed.
+    pub fn live_nodes(&self) -> std::collections::BTreeSet<NodeId> {
+        self.nodes.values().filter(|n| n.is_live()).map(|n| n.id).collect()
     }
 
     fn submit(&mut self, now: Timestamp, spec: &TaskSpec, outputs: &[OutputDecl], submitter: &Fingerprint) -> Outcome {

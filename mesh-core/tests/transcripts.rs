@@ -9,7 +9,10 @@
 //! `assign TASK NODE`, `start TASK ATTEMPT NODE`, `complete TASK ATTEMPT NODE [bytes=N]`,
 //! `fail TASK ATTEMPT NODE [fatal]`, `cancel TASK`, `state TASK`,
 //! `schedule [live=N,N]` (prints decisions without applying), `place [live=N,N]` (applies them),
-//! `why TASK [live=N,N]`, `refuse [require=EXPR]...` (would submit refuse it?).
+//! `why TASK [live=N,N]`, `refuse [require=EXPR]...` (would submit refuse it?),
+//! `token create ID [ttl=MS] [uses=N] [secret=S]`, `token revoke ID`,
+//! `join TOKEN [secret=S] [key=NAME]`, `down NODE`, `up NODE`, `remove NODE`,
+//! `advance MS` (the clock), `live` (nodes placement may use).
 
 use mesh_core::capability::{AdapterInfo, AdapterLimits, DeviceType, NodeCapabilities};
 use mesh_core::requirement::Requirement;
@@ -64,6 +67,7 @@ fn requirements(words: &[&str]) -> Vec<Requirement> {
 
 impl Session {
     fn run(&mut self, line: &str) -> Vec<String> {
+        // "register N" for a node that joined keeps the key it joined with.
         self.clock += 1;
         let now = Timestamp(self.clock);
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -83,7 +87,7 @@ impl Session {
                 let adapters = if kv(&words, "device") == Some("none") { vec![] } else { vec![adapter(device)] };
                 Command::RegisterNode {
                     node: NodeId(n(1)),
-                    fingerprint: user(words[1]),
+                    fingerprint: kv(&words, "key").map_or_else(|| user(words[1]), user),
                     addr: format!("node{}", words[1]),
                     capabilities: NodeCapabilities { adapters, labels, slots },
                 }
@@ -117,6 +121,30 @@ impl Session {
                 error: "boom".into(),
                 retryable: !words.contains(&"fatal"),
             },
+            "token" if words[1] == "create" => Command::CreateToken {
+                id: words[2].into(),
+                secret_hash: mesh_core::token::secret_hash(kv(&words, "secret").unwrap_or("s3cret")),
+                ttl: std::time::Duration::from_millis(kv(&words, "ttl").map_or(1000, |v| v.parse().unwrap())),
+                uses: kv(&words, "uses").map_or(1, |v| v.parse().unwrap()),
+                actor: user("admin"),
+            },
+            "token" if words[1] == "revoke" => Command::RevokeToken { id: words[2].into(), actor: user("admin") },
+            "join" => Command::Join {
+                token: words[1].into(),
+                secret_hash: mesh_core::token::secret_hash(kv(&words, "secret").unwrap_or("s3cret")),
+                fingerprint: user(kv(&words, "key").unwrap_or("newcomer")),
+                addr: "joiner:7720".into(),
+            },
+            "down" => Command::MarkDown { node: NodeId(n(1)) },
+            "up" => Command::MarkUp { node: NodeId(n(1)) },
+            "remove" => Command::RemoveNode { node: NodeId(n(1)), actor: user("admin") },
+            "advance" => {
+                self.clock += n(1);
+                return vec![format!("clock at {}", self.clock)];
+            }
+            "live" => {
+                return vec![format!("{:?}", self.state.live_nodes().iter().map(|n| n.0).collect::<Vec<_>>())];
+            }
             "cancel" => Command::Cancel { task: TaskId(n(1)), actor: user("alice") },
             "state" => {
                 let t = &self.state.tasks[&TaskId(n(1))];

@@ -16,7 +16,8 @@ use crate::{http, telemetry};
 use anyhow::Context;
 use mesh_core::raft_types::TypeConfig;
 use mesh_core::{Command, NodeCapabilities, NodeId, Outcome};
-use openraft::{BasicNode, Raft};
+use mesh_core::MeshNode;
+use openraft::Raft;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,7 +82,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         .await
         .context("cannot start Raft")?;
     if !raft.is_initialized().await? {
-        let members = BTreeMap::from([(node.0, BasicNode { addr: config.listen.to_string() })]);
+        let members = BTreeMap::from([(node.0, MeshNode { addr: config.listen.to_string(), fingerprint: host_key.fingerprint() })]);
         raft.initialize(members).await.context("cannot initialise a new mesh")?;
         info!(node = %node, "initialised a new single-voter mesh");
     }

@@ -144,7 +144,7 @@ impl ProposerLoop {
     }
 }
 
-fn write_error(e: ClientWriteError<u64, openraft::BasicNode>) -> ProposeError {
+fn write_error(e: ClientWriteError<u64, mesh_core::MeshNode>) -> ProposeError {
     match e {
         ClientWriteError::ForwardToLeader(f) => ProposeError::NotLeader { leader: f.leader_id },
         other => ProposeError::Unavailable(other.to_string()),

@@ -8,7 +8,8 @@ use mesh_core::raft_types::TypeConfig;
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
 use openraft::network::RPCOption;
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
-use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
+use mesh_core::MeshNode;
+use openraft::{RaftNetwork, RaftNetworkFactory};
 
 /// Builds `NoPeer` clients.
 #[derive(Debug, Clone, Default)]
@@ -24,7 +25,7 @@ struct NoTransport(u64);
 
 impl RaftNetworkFactory<TypeConfig> for NoPeers {
     type Network = NoPeer;
-    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> NoPeer {
+    async fn new_client(&mut self, target: u64, _node: &MeshNode) -> NoPeer {
         NoPeer(target)
     }
 }
@@ -34,7 +35,7 @@ impl RaftNetwork<TypeConfig> for NoPeer {
         &mut self,
         _rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, MeshNode, RaftError<u64>>> {
         Err(RPCError::Unreachable(Unreachable::new(&NoTransport(self.0))))
     }
 
@@ -42,7 +43,7 @@ impl RaftNetwork<TypeConfig> for NoPeer {
         &mut self,
         _rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
+    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, MeshNode, RaftError<u64, InstallSnapshotError>>> {
         Err(RPCError::Unreachable(Unreachable::new(&NoTransport(self.0))))
     }
 
@@ -50,7 +51,7 @@ impl RaftNetwork<TypeConfig> for NoPeer {
         &mut self,
         _rpc: VoteRequest<u64>,
         _option: RPCOption,
-    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+    ) -> Result<VoteResponse<u64>, RPCError<u64, MeshNode, RaftError<u64>>> {
         Err(RPCError::Unreachable(Unreachable::new(&NoTransport(self.0))))
     }
 }

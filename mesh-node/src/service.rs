@@ -66,10 +66,9 @@ impl Service {
         Service { node, fingerprint, adapter, raft, state, proposer }
     }
 
-    /// Nodes considered live. A single-node mesh has only itself; heartbeat-based
-    /// liveness arrives with the cluster issue.
+    /// Nodes placement may use (not marked down, not removed).
     pub fn live_nodes(&self, state: &MeshState) -> BTreeSet<NodeId> {
-        state.nodes.keys().copied().collect()
+        state.live_nodes()
     }
 
     /// `status`.
@@ -97,7 +96,6 @@ impl Service {
         let m = self.raft.metrics().borrow().clone();
         let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
         self.state.read(|s| {
-            let live = self.live_nodes(s);
             s.nodes
                 .values()
                 .map(|n| {
@@ -108,7 +106,7 @@ impl Service {
                     } else {
                         "learner"
                     };
-                    NodeView::of(s, n, role, live.contains(&n.id))
+                    NodeView::of(s, n, role, None)
                 })
                 .collect()
         })

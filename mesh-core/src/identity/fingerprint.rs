@@ -7,7 +7,8 @@ use std::fmt;
 
 /// A key fingerprint exactly as `ssh-keygen -lf` prints it, e.g.
 /// `SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// `Default` is the empty string, which matches no key (openraft's node type needs it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Fingerprint(String);
 
 /// A string that is not an OpenSSH SHA-256 fingerprint.
