@@ -1,6 +1,6 @@
 //! The command line: global options, commands and their help text.
 
-use crate::duration::parse_duration;
+use mesh_core::duration::parse_duration;
 use crate::node_addr::NodeAddr;
 use crate::task_spec::{parse_input, parse_output, parse_param, parse_workgroups, InputArg};
 use clap::{ArgGroup, Args, Parser, Subcommand};

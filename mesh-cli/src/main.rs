@@ -5,7 +5,6 @@
 mod args;
 mod commands;
 mod connection;
-mod duration;
 mod exit_code;
 #[cfg(test)]
 mod fake_node;

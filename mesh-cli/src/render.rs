@@ -1,7 +1,7 @@
 //! Human-readable text for the node's JSON answers (`mesh_core::api`). With `--json`
 //! none of this is used: the node's document is printed as it came.
 
-use crate::duration::format_duration;
+use mesh_core::duration::format_duration;
 use mesh_core::api::{NodeView, StatusView, TaskView};
 use std::fmt::Write as _;
 use std::time::Duration;

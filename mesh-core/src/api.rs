@@ -217,3 +217,31 @@ pub struct ErrorView {
     /// One-line message naming the thing, the reason and the fix.
     pub error: String,
 }
+
+/// One join token in `token list` (the secret is never shown again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    /// Public id.
+    pub id: String,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: u64,
+    /// Expiry, ms since the epoch.
+    pub expires_at_ms: u64,
+    /// Joins left.
+    pub uses_left: u32,
+    /// Revoked by an admin.
+    pub revoked: bool,
+    /// Creator's key fingerprint.
+    pub created_by: String,
+}
+
+/// The answer to `token create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    /// The token string to hand to the joining machine.
+    pub token: String,
+    /// Its public id.
+    pub id: String,
+    /// Expiry, ms since the epoch.
+    pub expires_at_ms: u64,
+}

@@ -11,6 +11,7 @@ pub mod capability;
 pub mod codec;
 pub mod command;
 pub mod data;
+pub mod duration;
 pub mod ids;
 pub mod identity;
 pub mod kernel;

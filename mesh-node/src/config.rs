@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Default SSH operator port.
 pub const DEFAULT_SSH_PORT: u16 = 7722;
@@ -48,6 +49,22 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_SLOTS", default_value_t = 1, value_name = "N")]
     pub slots: u32,
 
+    /// Join an existing mesh with a token from `mesh-cli token create` (first start only).
+    #[arg(long, env = "MESH_JOIN", value_name = "TOKEN")]
+    pub join: Option<String>,
+
+    /// Number of voters the mesh keeps (3 or 5; the others are learners).
+    #[arg(long, env = "MESH_VOTERS", default_value_t = 3, value_name = "N")]
+    pub voters: usize,
+
+    /// Silence after which the leader marks a node down and moves its tasks.
+    #[arg(long, env = "MESH_NODE_TIMEOUT", default_value = "1500ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub node_timeout: Duration,
+
+    /// How long a voter may be down before a healthy learner replaces it.
+    #[arg(long, env = "MESH_VOTER_REPLACE_AFTER", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub voter_replace_after: Duration,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text", value_name = "FORMAT")]
     pub log_format: String,
@@ -74,6 +91,18 @@ pub struct NodeConfig {
     pub slots: u32,
     /// Emit JSON logs.
     pub json_logs: bool,
+    /// Join token, if joining.
+    pub join: Option<mesh_core::token::JoinToken>,
+    /// Target voter count.
+    pub voters: usize,
+    /// Failure detector timeout.
+    pub node_timeout: Duration,
+    /// Voter replacement delay.
+    pub voter_replace_after: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    mesh_core::duration::parse_duration(s)
 }
 
 /// A flag value that cannot work.
@@ -91,6 +120,15 @@ pub enum ConfigError {
     /// Unknown log format.
     #[error("--log-format must be text or json, not '{0}'")]
     BadLogFormat(String),
+    /// The join token does not parse.
+    #[error("--join: {0}")]
+    BadToken(#[from] mesh_core::token::BadToken),
+    /// Even or out-of-range voter target.
+    #[error("--voters must be 1, 3 or 5 (an odd quorum), not {0}")]
+    BadVoters(usize),
+    /// Node timeout too short to be meaningful.
+    #[error("--node-timeout must be at least 300ms")]
+    NodeTimeout,
     /// The data directory cannot be created.
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
@@ -122,7 +160,18 @@ impl RunArgs {
             "json" => true,
             other => return Err(ConfigError::BadLogFormat(other.into())),
         };
+        let join = self.join.as_deref().map(mesh_core::token::JoinToken::parse).transpose()?;
+        if ![1, 3, 5].contains(&self.voters) {
+            return Err(ConfigError::BadVoters(self.voters));
+        }
+        if self.node_timeout < Duration::from_millis(300) {
+            return Err(ConfigError::NodeTimeout);
+        }
         Ok(NodeConfig {
+            join,
+            voters: self.voters,
+            node_timeout: self.node_timeout,
+            voter_replace_after: self.voter_replace_after,
             data_dir,
             admin_keys: self.admin_keys,
             host_key: self.host_key,

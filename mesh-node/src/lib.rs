@@ -4,16 +4,19 @@
 #![warn(missing_docs)]
 
 pub mod admin_keys;
+pub mod autopilot;
 pub mod config;
 pub mod gpu;
 pub mod host_key;
 pub mod http;
+pub mod liveness;
 pub mod node;
+pub mod peer;
 pub mod placement;
 pub mod proposer;
-pub mod raft_network;
 pub mod service;
 pub mod ssh;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;

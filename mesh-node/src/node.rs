@@ -1,24 +1,36 @@
-//! The composition root: opens storage, identity and the GPU, starts Raft and every
-//! long-lived loop, and shuts them down in order.
+//! The composition root: opens identity, storage and the GPU, joins or bootstraps the
+//! mesh, starts Raft and every long-lived loop, and shuts them down in order.
 
 use crate::admin_keys::{self, AdminKeySource};
+use crate::autopilot::{Autopilot, VoterPolicy};
 use crate::config::NodeConfig;
 use crate::gpu::{self, Executor};
 use crate::host_key::HostKey;
+use crate::liveness::{FailureDetector, Heartbeats, Liveness, LivenessConfig};
+use crate::peer::clients::PeerClients;
+use crate::peer::directory::Directory;
+use crate::peer::forward::Forwarder;
+use crate::peer::network::PeerNetwork;
+use crate::peer::server::PeerServer;
+use crate::peer::MAX_MESSAGE_BYTES;
 use crate::placement::Placement;
 use crate::proposer::{self, Proposer};
-use crate::raft_network::NoPeers;
 use crate::service::Service;
 use crate::ssh::SshServer;
 use crate::store::Store;
+use crate::tls::{self, PeerPolicy, Pins, ServerExpectation, TlsIdentity};
 use crate::worker::Worker;
 use crate::{http, telemetry};
 use anyhow::Context;
 use mesh_core::raft_types::TypeConfig;
-use mesh_core::{Command, NodeCapabilities, NodeId, Outcome};
-use mesh_core::MeshNode;
+use mesh_core::token::JoinToken;
+use mesh_core::{Command, Fingerprint, MeshNode, NodeCapabilities, NodeId, Outcome};
+use mesh_proto::v1::mesh_server::MeshServer;
+use mesh_proto::v1::raft_server::RaftServer;
+use mesh_proto::v1::JoinRequest;
 use openraft::Raft;
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -32,19 +44,37 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub const FIRST_NODE_ID: NodeId = NodeId(1);
 /// Retry pause while registering this node.
 const REGISTER_RETRY: Duration = Duration::from_millis(200);
+/// File in the data directory holding this node's id once it is a member.
+const NODE_ID_FILE: &str = "node.id";
+/// Heartbeat period; the node timeout is several of these.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
+/// The only gRPC method an unpinned key may call.
+const JOIN_METHOD: &[&str] = &["/mesh.v1.Mesh/Join"];
 
-/// Raft timing. Heartbeats every 100 ms; elections after 300-600 ms of silence.
+/// Raft timing: heartbeats every 100 ms, elections after 300-600 ms of silence;
+/// small append batches because one entry may carry megabytes of task inputs.
 fn raft_config() -> anyhow::Result<Arc<openraft::Config>> {
     let config = openraft::Config {
         cluster_name: "mesh".into(),
         heartbeat_interval: 100,
         election_timeout_min: 300,
         election_timeout_max: 600,
+        max_payload_entries: 32,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
         max_in_snapshot_log_to_keep: 1000,
         ..Default::default()
     };
     Ok(Arc::new(config.validate().context("invalid Raft configuration")?))
+}
+
+/// How this process becomes (or already is) a member.
+enum Membership {
+    /// Data directory already holds a node id.
+    Existing(NodeId),
+    /// Fresh: start a new single-voter mesh.
+    Bootstrap,
+    /// Fresh: joined with a token; pin the members the seed listed.
+    Joined(NodeId, Vec<(NodeId, MeshNode)>),
 }
 
 /// Run a node until `shutdown` is cancelled.
@@ -54,6 +84,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     if generated {
         info!(path = %host_key.path.display(), fingerprint = %host_key.fingerprint(), "generated a new host key");
     }
+    let identity = Arc::new(TlsIdentity::from_host_key(&host_key)?);
     let (admins, source) = admin_keys::resolve(&config.admin_keys, dirs::home_dir().as_deref())?;
     match &source {
         AdminKeySource::Files => {}
@@ -63,11 +94,27 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             p.display()
         ),
     }
+    let me = MeshNode { addr: config.listen.to_string(), fingerprint: host_key.fingerprint() };
+    let raft_listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen for node-to-node traffic on {}", config.listen))?;
 
-    let node = FIRST_NODE_ID;
+    let membership = match (read_node_id(&config.data_dir)?, &config.join) {
+        (Some(id), _) => Membership::Existing(id),
+        (None, None) => Membership::Bootstrap,
+        (None, Some(token)) => {
+            let (id, members) = join(token, &identity, &me).await?;
+            write_node_id(&config.data_dir, id)?;
+            Membership::Joined(id, members)
+        }
+    };
+    let node = match &membership {
+        Membership::Existing(id) | Membership::Joined(id, _) => *id,
+        Membership::Bootstrap => FIRST_NODE_ID,
+    };
+
     let store = Store::open(&config.data_dir.join("raft")).context("cannot open the Raft store")?;
     let state = store.state_machine.view();
-
     let adapters = gpu::probe();
     let executor = match Executor::open_best() {
         Ok(e) => Some(Arc::new(e)),
@@ -78,14 +125,25 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     };
     let capabilities = NodeCapabilities { adapters, labels: config.labels.clone(), slots: config.slots };
 
-    let raft = Raft::<TypeConfig>::new(node.0, raft_config()?, NoPeers, store.log, store.state_machine)
+    let directory = Directory::new(Pins::new([me.fingerprint.clone()]));
+    directory.add_bootstrap(Some(node), me.clone());
+    if let Membership::Joined(_, members) = &membership {
+        for (id, m) in members {
+            directory.add_bootstrap(Some(*id), m.clone());
+        }
+    }
+    let clients = PeerClients::new(identity.clone());
+    let raft = Raft::<TypeConfig>::new(node.0, raft_config()?, PeerNetwork::new(clients.clone()), store.log, store.state_machine)
         .await
         .context("cannot start Raft")?;
-    if !raft.is_initialized().await? {
-        let members = BTreeMap::from([(node.0, MeshNode { addr: config.listen.to_string(), fingerprint: host_key.fingerprint() })]);
-        raft.initialize(members).await.context("cannot initialise a new mesh")?;
-        info!(node = %node, "initialised a new single-voter mesh");
+    if let Membership::Bootstrap = membership {
+        if !raft.is_initialized().await? {
+            raft.initialize(BTreeMap::from([(node.0, me.clone())])).await.context("cannot initialise a new mesh")?;
+            info!(node = %node, "initialised a new single-voter mesh");
+        }
+        write_node_id(&config.data_dir, node)?;
     }
+    directory.refresh(&raft, &state);
 
     let ssh_listener = TcpListener::bind(config.ssh_listen)
         .await
@@ -95,12 +153,32 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
 
     let tracker = TaskTracker::new();
-    let (proposer, proposer_loop) = proposer::proposer(raft.clone());
+    let forwarder = Forwarder { node, raft: raft.clone(), directory: directory.clone(), clients: clients.clone() };
+    let (proposer, proposer_loop) = proposer::proposer(raft.clone(), Some(Arc::new(forwarder)));
     tracker.spawn(proposer_loop.run(shutdown.clone()));
+    tracker.spawn(directory.clone().run(raft.clone(), state.clone(), shutdown.clone()));
+    let liveness = Liveness::default();
+    let timing = LivenessConfig { heartbeat_interval: HEARTBEAT_INTERVAL, node_timeout: config.node_timeout };
+
+    // Node-to-node gRPC: every call from a pinned key, except Join.
+    let policy = PeerPolicy::AllowUnpinned { pins: directory.pins().clone(), unpinned_methods: JOIN_METHOD };
+    let peer = PeerServer { raft: raft.clone(), directory: directory.clone(), proposer: proposer.clone(), liveness: liveness.clone() };
+    let incoming = tls::incoming(raft_listener, &identity, policy.clone(), shutdown.clone())?;
+    let grpc = tls::server(&policy)
+        .add_service(RaftServer::new(peer.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(MeshServer::new(peer).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    tracker.spawn(async move {
+        if let Err(e) = grpc.await {
+            tracing::error!(error = %e, "node-to-node endpoint failed");
+        }
+    });
+
     let service = Service::new(
         node,
         host_key.fingerprint(),
         executor.as_ref().map(|e| e.info().name.clone()),
+        me.addr.clone(),
         raft.clone(),
         state.clone(),
         proposer.clone(),
@@ -111,8 +189,34 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         Placement { node: node.0, raft: raft.clone(), state: state.clone(), proposer: proposer.clone(), service: service.clone() }
             .run(shutdown.clone()),
     );
+    tracker.spawn(
+        Heartbeats {
+            node,
+            raft: raft.clone(),
+            directory: directory.clone(),
+            clients: clients.clone(),
+            liveness: liveness.clone(),
+            config: timing,
+            state: state.clone(),
+        }
+        .run(shutdown.clone()),
+    );
+    tracker.spawn(
+        FailureDetector { node, raft: raft.clone(), state: state.clone(), proposer: proposer.clone(), liveness: liveness.clone(), config: timing }
+            .run(shutdown.clone()),
+    );
+    tracker.spawn(
+        Autopilot {
+            node,
+            raft: raft.clone(),
+            state: state.clone(),
+            policy: VoterPolicy { target: config.voters, replace_after: config.voter_replace_after },
+        }
+        .run(shutdown.clone()),
+    );
     if let Some(executor) = executor {
-        tracker.spawn(Worker::new(node, state.clone(), proposer.clone(), executor).run(shutdown.clone()));
+        let worker = Worker::new(node, state.clone(), proposer.clone(), executor, liveness.clone(), config.node_timeout);
+        tracker.spawn(worker.run(shutdown.clone()));
     }
     tracker.spawn(SshServer::new(&host_key, service.clone(), admins).run(ssh_listener, shutdown.clone()));
     tracker.spawn(http::serve(http_listener, service.clone(), prometheus, shutdown.clone()));
@@ -121,9 +225,10 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
 
     // The line scripts and tests wait for.
     println!(
-        "mesh-node {node} ready: ssh {} http {} fingerprint {}",
+        "mesh-node {node} ready: ssh {} http {} raft {} fingerprint {}",
         config.ssh_listen,
         config.http_listen,
+        config.listen,
         host_key.fingerprint()
     );
 
@@ -136,6 +241,49 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     Ok(())
 }
 
+/// Dial the seed named in the token, check its key against the token's pin, present
+/// the secret, and learn this node's id and the current members.
+async fn join(token: &JoinToken, identity: &TlsIdentity, me: &MeshNode) -> anyhow::Result<(NodeId, Vec<(NodeId, MeshNode)>)> {
+    info!(seed = %token.seed_addr, seed_key = %token.seed_fingerprint, "joining a mesh");
+    let channel = tls::connect(&token.seed_addr, identity, ServerExpectation::Exactly(token.seed_fingerprint.clone()))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the seed {} presenting the pinned key {}; check the address, and that the token came from that node",
+                token.seed_addr, token.seed_fingerprint
+            )
+        })?;
+    let mut client = mesh_proto::v1::mesh_client::MeshClient::new(channel);
+    let reply = client
+        .join(JoinRequest { token_id: token.id.clone(), secret: token.secret.clone(), addr: me.addr.clone() })
+        .await
+        .map_err(|s| anyhow::anyhow!("the seed refused the join: {}", s.message()))?
+        .into_inner();
+    let mut members = Vec::new();
+    for m in reply.members {
+        let fingerprint = Fingerprint::parse(&m.fingerprint).context("the seed sent a malformed member fingerprint")?;
+        members.push((NodeId(m.node_id), MeshNode { addr: m.addr, fingerprint }));
+    }
+    info!(node = reply.node_id, members = members.len(), "joined");
+    Ok((NodeId(reply.node_id), members))
+}
+
+fn read_node_id(dir: &Path) -> anyhow::Result<Option<NodeId>> {
+    let path = dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok(Some(NodeId(s.trim().parse().with_context(|| format!("{} is corrupt", path.display()))?))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn write_node_id(dir: &Path, id: NodeId) -> anyhow::Result<()> {
+    let path = dir.join(NODE_ID_FILE);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{id}\n")).and_then(|_| std::fs::File::open(&tmp)?.sync_all()).and_then(|_| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Wait for a leader, then record this node and its capabilities in the state.
 async fn register(
     raft: &Raft<TypeConfig>,
@@ -145,10 +293,10 @@ async fn register(
     config: &NodeConfig,
     capabilities: NodeCapabilities,
 ) -> anyhow::Result<()> {
-    raft.wait(Some(Duration::from_secs(30)))
-        .metrics(|m| m.current_leader.is_some(), "a leader is elected")
+    raft.wait(Some(Duration::from_secs(60)))
+        .metrics(|m| m.current_leader.is_some(), "a leader is known")
         .await
-        .context("no Raft leader after 30 s")?;
+        .context("no Raft leader after 60 s")?;
     let command = Command::RegisterNode {
         node,
         fingerprint: host_key.fingerprint(),

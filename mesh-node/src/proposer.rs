@@ -25,7 +25,7 @@ const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 const MAX_IN_FLIGHT_ENTRIES: usize = 4;
 
 /// Why a proposal did not produce an outcome.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ProposeError {
     /// This node is not the leader.
     #[error("this node is not the Raft leader{}", match .leader { Some(l) => format!(" (the leader is node {l})"), None => " and no leader is known yet; retry in a moment".into() })]
@@ -40,7 +40,16 @@ pub enum ProposeError {
 
 struct Proposal {
     command: Command,
+    /// Forward to the leader when this node is not it (false for writes that a
+    /// follower already forwarded here).
+    forward: bool,
     reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+}
+
+/// Sends batches this node cannot commit (it is not the leader) to the leader.
+pub trait Forward: Send + Sync + 'static {
+    /// Propose `commands` on the current leader and return their outcomes.
+    fn forward(&self, commands: Vec<Command>) -> futures::future::BoxFuture<'static, Result<Vec<Outcome>, ProposeError>>;
 }
 
 /// Handle to propose commands.
@@ -50,11 +59,21 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    /// Propose one command and wait for its outcome.
+    /// Propose one command (forwarded to the leader if need be) and wait for its outcome.
     pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
+        self.submit(command, true).await
+    }
+
+    /// Propose on this node only: fails with `NotLeader` instead of forwarding.
+    pub async fn propose_local(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, ProposeError> {
+        let waits: Vec<_> = commands.into_iter().map(|c| self.submit(c, false)).collect();
+        futures::future::join_all(waits).await.into_iter().collect()
+    }
+
+    async fn submit(&self, command: Command, forward: bool) -> Result<Outcome, ProposeError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Proposal { command, reply })
+            .send(Proposal { command, forward, reply })
             .await
             .map_err(|_| ProposeError::Unavailable("the node is shutting down".into()))?;
         rx.await.map_err(|_| ProposeError::Unavailable("the node is shutting down".into()))?
@@ -71,12 +90,15 @@ impl Proposer {
 pub struct ProposerLoop {
     raft: Raft<TypeConfig>,
     rx: mpsc::Receiver<Proposal>,
+    forwarder: Option<Arc<dyn Forward>>,
+    /// A proposal taken from the queue that did not fit the previous batch.
+    carry: Option<Proposal>,
 }
 
 /// Create the proposer handle and its loop.
-pub fn proposer(raft: Raft<TypeConfig>) -> (Proposer, ProposerLoop) {
+pub fn proposer(raft: Raft<TypeConfig>, forwarder: Option<Arc<dyn Forward>>) -> (Proposer, ProposerLoop) {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-    (Proposer { tx }, ProposerLoop { raft, rx })
+    (Proposer { tx }, ProposerLoop { raft, rx, forwarder, carry: None })
 }
 
 fn payload_bytes(c: &Command) -> usize {
@@ -97,24 +119,36 @@ impl ProposerLoop {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_ENTRIES));
         loop {
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                p = self.rx.recv() => match p { Some(p) => p, None => return },
+            let first = match self.carry.take() {
+                Some(p) => p,
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    p = self.rx.recv() => match p { Some(p) => p, None => return },
+                },
             };
             let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
             let mut bytes = payload_bytes(&first.command);
+            // A batch is homogeneous in `forward`, so a write a follower already
+            // forwarded here is never forwarded again (no forwarding loops).
+            let forward = first.forward;
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
                 match self.rx.try_recv() {
-                    Ok(p) => {
+                    Ok(p) if p.forward == forward => {
                         bytes += payload_bytes(&p.command);
                         batch.push(p);
+                    }
+                    Ok(p) => {
+                        self.carry = Some(p);
+                        break;
                     }
                     Err(_) => break,
                 }
             }
             let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
             metrics::histogram!("mesh_raft_batch_commands").record(commands.len() as f64);
+            let forwarder = self.forwarder.clone().filter(|_| forward);
+            let retained = forwarder.as_ref().map(|_| commands.clone());
             let request = Request { now: now(), commands };
             let receiver = self.raft.client_write_ff(request).await;
             tokio::spawn(async move {
@@ -127,6 +161,10 @@ impl ProposerLoop {
                     Err(fatal) => Err(ProposeError::Unavailable(fatal.to_string())),
                 };
                 drop(permit);
+                let result = match (result, forwarder, retained) {
+                    (Err(ProposeError::NotLeader { .. }), Some(f), Some(commands)) => f.forward(commands).await,
+                    (r, _, _) => r,
+                };
                 match result {
                     Ok(outcomes) => {
                         for (reply, outcome) in replies.into_iter().zip(outcomes) {

@@ -4,7 +4,8 @@
 
 use crate::proposer::{ProposeError, Proposer};
 use crate::store::StateView;
-use mesh_core::api::{NodeView, StatusView, SubmitReply, TaskView};
+use mesh_core::api::{NodeView, StatusView, SubmitReply, TaskView, TokenCreated, TokenView};
+use mesh_core::token::JoinToken;
 use mesh_core::kernel::{self, SpecError};
 use mesh_core::raft_types::TypeConfig;
 use mesh_core::scheduler::never_runnable;
@@ -48,6 +49,8 @@ pub struct Service {
     pub fingerprint: Fingerprint,
     /// This node's primary adapter name.
     pub adapter: Option<String>,
+    /// This node's advertised node-to-node address (the seed address in tokens).
+    pub advertise: String,
     raft: Raft<TypeConfig>,
     state: StateView,
     proposer: Proposer,
@@ -59,11 +62,12 @@ impl Service {
         node: NodeId,
         fingerprint: Fingerprint,
         adapter: Option<String>,
+        advertise: String,
         raft: Raft<TypeConfig>,
         state: StateView,
         proposer: Proposer,
     ) -> Service {
-        Service { node, fingerprint, adapter, raft, state, proposer }
+        Service { node, fingerprint, adapter, advertise, raft, state, proposer }
     }
 
     /// Nodes placement may use (not marked down, not removed).
@@ -199,6 +203,73 @@ impl Service {
         }
     }
 }
+
+impl Service {
+    /// `token create`: a new join token naming this node as the seed.
+    pub async fn token_create(&self, ttl: std::time::Duration, uses: u32, actor: Fingerprint) -> Result<TokenCreated, ServiceError> {
+        if uses == 0 {
+            return Err(ServiceError::BadRequest("--uses must be at least 1".into()));
+        }
+        if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+            return Err(ServiceError::BadRequest(format!("--ttl must be between 1s and {}", mesh_core::duration::format_duration(MAX_TOKEN_TTL))));
+        }
+        let (mut id, mut secret) = ([0u8; 8], [0u8; 16]);
+        getrandom::fill(&mut id).and_then(|_| getrandom::fill(&mut secret))
+            .map_err(|e| ServiceError::BadRequest(format!("the OS random source failed: {e}")))?;
+        let token = JoinToken::new(id, secret, self.advertise.clone(), self.fingerprint.clone());
+        let cmd = Command::CreateToken { id: token.id.clone(), secret_hash: token.secret_hash(), ttl, uses, actor };
+        match self.proposer.propose(cmd).await? {
+            Outcome::TokenCreated(id) => {
+                metrics::counter!("mesh_token_events_total", "event" => "created").increment(1);
+                let expires_at_ms = self.state.read(|s| s.tokens.get(&id).map_or(0, |t| t.expires_at.0));
+                Ok(TokenCreated { token: token.encode(), id, expires_at_ms })
+            }
+            Outcome::Rejected(r) => Err(r.into()),
+            other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+        }
+    }
+
+    /// `token list`.
+    pub fn token_list(&self) -> Vec<TokenView> {
+        self.state.read(|s| {
+            s.tokens
+                .values()
+                .map(|t| TokenView {
+                    id: t.id.clone(),
+                    created_at_ms: t.created_at.0,
+                    expires_at_ms: t.expires_at.0,
+                    uses_left: t.uses_left,
+                    revoked: t.revoked,
+                    created_by: t.created_by.to_string(),
+                })
+                .collect()
+        })
+    }
+
+    /// `token revoke ID`.
+    pub async fn token_revoke(&self, id: &str, actor: Fingerprint) -> Result<(), ServiceError> {
+        match self.proposer.propose(Command::RevokeToken { id: id.into(), actor }).await? {
+            Outcome::TokenRevoked(_) => {
+                metrics::counter!("mesh_token_events_total", "event" => "revoked").increment(1);
+                Ok(())
+            }
+            Outcome::Rejected(r) => Err(r.into()),
+            other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+        }
+    }
+
+    /// `remove NODE`: the node leaves the mesh for good; its attempts move elsewhere.
+    pub async fn remove(&self, node: NodeId, actor: Fingerprint) -> Result<(), ServiceError> {
+        match self.proposer.propose(Command::RemoveNode { node, actor }).await? {
+            Outcome::NodeRemoved(_) => Ok(()),
+            Outcome::Rejected(r) => Err(r.into()),
+            other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+        }
+    }
+}
+
+/// Longest a join token may live.
+const MAX_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 fn check_spec_fields(spec: &TaskSpec) -> Result<(), ServiceError> {
     use mesh_core::limits::MAX_IDEMPOTENCY_KEY_BYTES;

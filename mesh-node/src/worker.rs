@@ -4,6 +4,8 @@
 //! state machine records one result, from the current attempt only.
 
 use crate::gpu::Executor;
+use crate::liveness::Liveness;
+use std::time::Duration;
 use crate::proposer::Proposer;
 use crate::store::StateView;
 use mesh_core::kernel::{self, KernelPlan};
@@ -22,6 +24,8 @@ pub struct Worker {
     state: StateView,
     proposer: Proposer,
     executor: Arc<Executor>,
+    liveness: Liveness,
+    node_timeout: Duration,
 }
 
 /// An attempt this node is executing now.
@@ -29,8 +33,15 @@ type Running = Arc<Mutex<BTreeSet<(TaskId, Attempt)>>>;
 
 impl Worker {
     /// A worker for `node`.
-    pub fn new(node: NodeId, state: StateView, proposer: Proposer, executor: Arc<Executor>) -> Worker {
-        Worker { node, state, proposer, executor }
+    pub fn new(
+        node: NodeId,
+        state: StateView,
+        proposer: Proposer,
+        executor: Arc<Executor>,
+        liveness: Liveness,
+        node_timeout: Duration,
+    ) -> Worker {
+        Worker { node, state, proposer, executor, liveness, node_timeout }
     }
 
     /// Watch the state and run every attempt assigned here, until shutdown.
@@ -38,13 +49,11 @@ impl Worker {
         let running: Running = Arc::default();
         let tracker = TaskTracker::new();
         let mut changes = self.state.changes();
+        let mut tick = tokio::time::interval(self.node_timeout / 2);
         loop {
-            let mine: Vec<Task> = self.state.read(|s| {
-                s.tasks_on(self.node)
-                    .filter(|t| t.state.assignment().is_some_and(|(_, a)| !running.lock().expect("not poisoned").contains(&(t.id, a))))
-                    .cloned()
-                    .collect()
-            });
+            // Cut off from the leader: start nothing; our reports would be fenced.
+            let cut_off = self.liveness.cut_off(self.node_timeout);
+            let mine: Vec<Task> = if cut_off { Vec::new() } else { self.collect(&running) };
             for task in mine {
                 let key = (task.id, task.attempt);
                 running.lock().expect("not poisoned").insert(key);
@@ -62,10 +71,21 @@ impl Worker {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = changes.changed() => if r.is_err() { break },
+                _ = tick.tick() => {}
             }
         }
         tracker.close();
         tracker.wait().await;
+    }
+
+    /// Attempts assigned here that are not running yet.
+    fn collect(&self, running: &Running) -> Vec<Task> {
+        self.state.read(|s| {
+            s.tasks_on(self.node)
+                .filter(|t| t.state.assignment().is_some_and(|(_, a)| !running.lock().expect("not poisoned").contains(&(t.id, a))))
+                .cloned()
+                .collect()
+        })
     }
 }
 

@@ -3,7 +3,7 @@
 //! errors become SSH replies).
 
 use crate::service::{Service, ServiceError};
-use mesh_core::api::{ErrorView, TaskView, EXIT_ERROR, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE};
+use mesh_core::api::{ErrorView, TaskView, EXIT_ERROR, EXIT_TASK_FAILED, EXIT_USAGE};
 use mesh_core::{Fingerprint, TaskId, TaskSpec};
 use serde::Serialize;
 
@@ -37,6 +37,19 @@ pub enum Request {
     },
     /// `cancel ID`
     Cancel(TaskId),
+    /// `token create [--ttl D] [--uses N]`
+    TokenCreate {
+        /// Lifetime.
+        ttl: std::time::Duration,
+        /// Joins allowed.
+        uses: u32,
+    },
+    /// `token list`
+    TokenList,
+    /// `token revoke ID`
+    TokenRevoke(String),
+    /// `remove NODE`
+    Remove(mesh_core::NodeId),
 }
 
 /// A parsed exec line.
@@ -48,7 +61,10 @@ pub struct CommandLine {
     pub json: bool,
 }
 
-const USAGE: &str = "commands: status, nodes, tasks [--state S], submit (JSON task on stdin), task ID, wait ID, result ID [--raw] [--name OUTPUT], cancel ID; add --json for JSON output";
+const USAGE: &str = "commands: status, nodes, tasks [--state S], submit (JSON task on stdin), task ID, wait ID, result ID [--raw] [--name OUTPUT], cancel ID, token create [--ttl 1h] [--uses N], token list, token revoke ID, remove NODE; add --json for JSON output";
+
+/// Lifetime of a join token when `--ttl` is not given.
+const DEFAULT_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl CommandLine {
     /// Parse `COMMAND [ARGS] [--json]`.
@@ -71,6 +87,8 @@ impl CommandLine {
         };
         let state = flag(&mut words, "--state")?;
         let name = flag(&mut words, "--name")?;
+        let ttl = flag(&mut words, "--ttl")?;
+        let uses = flag(&mut words, "--uses")?;
         let id = |words: &[&str]| -> Result<TaskId, String> {
             match words {
                 [_, id] => id.parse().map_err(|_| format!("'{id}' is not a task id (a number, as `mesh-cli tasks` shows)")),
@@ -87,6 +105,28 @@ impl CommandLine {
             Some("wait") => Request::Wait(id(&words)?),
             Some("result") => Request::Result { id: id(&words)?, raw, name },
             Some("cancel") => Request::Cancel(id(&words)?),
+            Some("token") => match words.get(1).copied() {
+                Some("create") => Request::TokenCreate {
+                    ttl: match ttl {
+                        Some(t) => mesh_core::duration::parse_duration(&t)?,
+                        None => DEFAULT_TOKEN_TTL,
+                    },
+                    uses: match uses {
+                        Some(u) => u.parse().map_err(|_| format!("--uses takes a whole number, not '{u}'"))?,
+                        None => 1,
+                    },
+                },
+                Some("list") => Request::TokenList,
+                Some("revoke") => match words.get(2) {
+                    Some(id) => Request::TokenRevoke(id.to_string()),
+                    None => return Err("token revoke takes the token id (`token list` shows ids)".into()),
+                },
+                _ => return Err("token takes create, list or revoke".into()),
+            },
+            Some("remove") => match words.get(1).map(|n| n.parse::<u64>()) {
+                Some(Ok(n)) => Request::Remove(mesh_core::NodeId(n)),
+                _ => return Err("remove takes a node id (`nodes` lists them)".into()),
+            },
             Some(other) => return Err(format!("unknown command '{other}'; {USAGE}")),
         };
         Ok(CommandLine { request, json })
@@ -230,6 +270,42 @@ async fn dispatch(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fin
             task_reply(&view, json)
         }
         Request::Cancel(id) => task_reply(&service.cancel(*id, actor.clone()).await?, json),
+        Request::TokenCreate { ttl, uses } => {
+            let t = service.token_create(*ttl, *uses, actor.clone()).await?;
+            if json {
+                Reply::json(&t)
+            } else {
+                Reply::text(format!("{}\n", t.token))
+            }
+        }
+        Request::TokenList => {
+            let list = service.token_list();
+            if json {
+                Reply::json(&list)
+            } else {
+                Reply::text(
+                    list.iter()
+                        .map(|t| format!("{} uses_left={} expires_at_ms={}{}\n", t.id, t.uses_left, t.expires_at_ms, if t.revoked { " revoked" } else { "" }))
+                        .collect(),
+                )
+            }
+        }
+        Request::TokenRevoke(id) => {
+            service.token_revoke(id, actor.clone()).await?;
+            if json {
+                Reply::json(&serde_json::json!({ "revoked": id }))
+            } else {
+                Reply::text(format!("token {id} revoked\n"))
+            }
+        }
+        Request::Remove(node) => {
+            service.remove(*node, actor.clone()).await?;
+            if json {
+                Reply::json(&serde_json::json!({ "removed": node }))
+            } else {
+                Reply::text(format!("node {node} removed\n"))
+            }
+        }
     })
 }
 
@@ -267,8 +343,6 @@ pub fn usage_error(message: &str, json: bool) -> Reply {
     Reply::error(message, EXIT_USAGE, json)
 }
 
-/// Exit status of success, for the server.
-pub const OK: u32 = EXIT_OK;
 
 #[cfg(test)]
 mod tests {

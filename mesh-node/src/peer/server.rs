@@ -1,0 +1,142 @@
+//! The node-to-node gRPC services. Every call but `Join` must come from a pinned key,
+//! and the node id a request claims must be the one that key belongs to.
+
+use super::codec::{from_payload, to_payload};
+use super::directory::Directory;
+use crate::liveness::Liveness;
+use crate::proposer::Proposer;
+use crate::tls;
+use mesh_core::raft_types::TypeConfig;
+use mesh_core::{Command, Fingerprint, NodeId, Outcome};
+use mesh_proto::v1::mesh_server::Mesh;
+use mesh_proto::v1::raft_server::Raft as RaftService;
+use mesh_proto::v1::{HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, Member, RaftPayload};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::{Raft, Vote};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+/// Serves `mesh.v1.Raft` and `mesh.v1.Mesh`.
+#[derive(Clone)]
+pub struct PeerServer {
+    /// Consensus.
+    pub raft: Raft<TypeConfig>,
+    /// Keys and ids.
+    pub directory: Directory,
+    /// Where forwarded writes and joins go.
+    pub proposer: Proposer,
+    /// Heartbeat bookkeeping.
+    pub liveness: Liveness,
+}
+
+impl PeerServer {
+    /// The pinned peer behind a request, and the node id its key belongs to.
+    fn member<T>(&self, req: &Request<T>) -> Result<(Fingerprint, NodeId), Status> {
+        let fp = tls::peer_fingerprint(req).ok_or_else(|| Status::unauthenticated("no verified peer certificate"))?;
+        if !self.directory.pins().contains(&fp) {
+            metrics::counter!("mesh_peer_refused_total", "reason" => "unpinned").increment(1);
+            return Err(Status::permission_denied(format!(
+                "peer key {fp} is not pinned by this mesh; only the join call is open to unpinned keys"
+            )));
+        }
+        let id = self.directory.id_of(&fp).ok_or_else(|| {
+            Status::permission_denied(format!("peer key {fp} is pinned but belongs to no known node id yet"))
+        })?;
+        Ok((fp, id))
+    }
+
+    /// The Raft node id a message claims must belong to the key that sent it.
+    fn check_claim(&self, id: NodeId, fp: &Fingerprint, vote: &Vote<u64>) -> Result<(), Status> {
+        match vote.leader_id().voted_for() {
+            Some(claimed) if claimed != id.0 => {
+                metrics::counter!("mesh_peer_refused_total", "reason" => "id_mismatch").increment(1);
+                warn!(%fp, key_node = %id, claimed, "peer claims another node's id");
+                Err(Status::permission_denied(format!(
+                    "peer key {fp} belongs to node {id}, but the request claims to come from node {claimed}"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl RaftService for PeerServer {
+    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let (fp, id) = self.member(&req)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = from_payload(req.get_ref())?;
+        self.check_claim(id, &fp, &rpc.vote)?;
+        Ok(Response::new(to_payload(&self.raft.append_entries(rpc).await)?))
+    }
+
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let (fp, id) = self.member(&req)?;
+        let rpc: VoteRequest<u64> = from_payload(req.get_ref())?;
+        self.check_claim(id, &fp, &rpc.vote)?;
+        Ok(Response::new(to_payload(&self.raft.vote(rpc).await)?))
+    }
+
+    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let (fp, id) = self.member(&req)?;
+        let rpc: InstallSnapshotRequest<TypeConfig> = from_payload(req.get_ref())?;
+        self.check_claim(id, &fp, &rpc.vote)?;
+        Ok(Response::new(to_payload(&self.raft.install_snapshot(rpc).await)?))
+    }
+}
+
+#[tonic::async_trait]
+impl Mesh for PeerServer {
+    async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.member(&req)?;
+        let commands: Vec<Command> = from_payload(req.get_ref())?;
+        let result = self.proposer.propose_local(commands).await;
+        Ok(Response::new(to_payload(&result)?))
+    }
+
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+        let (fp, id) = self.member(&req)?;
+        let hb = req.into_inner();
+        if hb.node_id != id.0 {
+            return Err(Status::permission_denied(format!(
+                "peer key {fp} belongs to node {id}, but the heartbeat claims node {}",
+                hb.node_id
+            )));
+        }
+        self.liveness.heard_from(id);
+        let leader = self.raft.metrics().borrow().current_leader.unwrap_or(0);
+        Ok(Response::new(HeartbeatReply { leader_id: leader }))
+    }
+
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        // The one call open to an unpinned key: the token decides. The joiner's
+        // identity is the key of its TLS session, never a field of the request.
+        let fp = tls::peer_fingerprint(&req).ok_or_else(|| Status::unauthenticated("no verified peer certificate"))?;
+        let j = req.into_inner();
+        if j.addr.is_empty() || j.addr.len() > 256 {
+            return Err(Status::invalid_argument("the joiner's address must be host:port"));
+        }
+        let command = Command::Join {
+            token: j.token_id.clone(),
+            secret_hash: mesh_core::token::secret_hash(&j.secret),
+            fingerprint: fp.clone(),
+            addr: j.addr.clone(),
+        };
+        match self.proposer.propose(command).await {
+            Ok(Outcome::Joined(id)) => {
+                metrics::counter!("mesh_join_events_total", "outcome" => "joined").increment(1);
+                info!(node = %id, %fp, addr = %j.addr, "a node joined");
+                let members = self.directory.members().into_iter()
+                    .map(|(id, n)| Member { node_id: id.0, addr: n.addr, fingerprint: n.fingerprint.to_string() })
+                    .collect();
+                Ok(Response::new(JoinReply { node_id: id.0, members }))
+            }
+            Ok(Outcome::Rejected(r)) => {
+                metrics::counter!("mesh_join_events_total", "outcome" => "refused").increment(1);
+                warn!(%fp, reason = %r, "join refused");
+                Err(Status::permission_denied(r.to_string()))
+            }
+            Ok(other) => Err(Status::internal(format!("unexpected outcome {other}"))),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+}
