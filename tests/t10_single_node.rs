@@ -7,7 +7,7 @@
 use mesh_core::builtin::{cpu_reference, f32_bytes};
 use mesh_core::task::NamedBytes;
 use mesh_core::Bytes;
-use mesh_tests::{lcg_f32, phase, Cli, Node, UserKey};
+use mesh_chaos::{lcg_f32, phase, Cli, Node, UserKey};
 use std::collections::BTreeMap;
 use std::process::Command;
 

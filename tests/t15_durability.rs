@@ -5,10 +5,10 @@
 //! compare the task list before and after.
 
 use crate::t10_single_node::{pinned_node, task_id};
-use mesh_tests::phase;
+use mesh_chaos::phase;
 use std::collections::BTreeMap;
 
-fn snapshot(cli: &mesh_tests::Cli) -> BTreeMap<String, (String, String)> {
+fn snapshot(cli: &mesh_chaos::Cli) -> BTreeMap<String, (String, String)> {
     let tasks = cli.run(&["--json", "tasks"]).ok().json();
     tasks
         .as_array()

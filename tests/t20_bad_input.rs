@@ -5,7 +5,7 @@
 //! Method: real node and CLI; count tasks before and after every refusal.
 
 use crate::t10_single_node::pinned_node;
-use mesh_tests::{phase, Cli, UserKey};
+use mesh_chaos::{phase, Cli, UserKey};
 
 fn task_count(cli: &Cli) -> usize {
     cli.run(&["--json", "tasks"]).ok().json().as_array().unwrap().len()

@@ -1,8 +1,10 @@
-//! Test support: real `mesh-node` and `mesh-cli` processes on loopback, each node with
-//! its own data directory, user keys made by `ssh-keygen`.
+//! Real `mesh-node` and `mesh-cli` processes on loopback, each node with its own data
+//! directory, user keys made by `ssh-keygen`: the launcher shared by the integration
+//! tests, `mesh-chaos` and `mesh-bench`.
 //!
-//! The binaries are the workspace's own, found beside the test executable
-//! (`target/debug/`); the test command builds them first (`cargo build --bins`).
+//! The binaries are the workspace's own, found beside the running executable
+//! (`target/debug/`, or `target/debug/deps/` for tests); build them first
+//! (`cargo build --bins`).
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
@@ -17,9 +19,12 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Path of a workspace binary.
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/debug/deps/integration-xxxx -> target/debug/
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let exe = std::env::current_exe().expect("executable path");
+    // target/debug/deps/integration-xxxx or target/debug/mesh-bench -> target/debug/
+    let mut dir = exe.parent().expect("target dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let path = dir.join(name);
     assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)", path.display());
     path
@@ -70,22 +75,54 @@ pub struct Node {
     /// Raft port.
     pub raft_port: u16,
     admin_keys: Vec<PathBuf>,
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
 impl Node {
     /// Start a node on fresh ports with `data_dir` and the given admin keys.
     pub fn start(data_dir: &Path, admin_keys: &[&Path]) -> Result<Node> {
+        Node::start_with(data_dir, admin_keys, &[])
+    }
+
+    /// Start a node with extra `mesh-node run` arguments (e.g. `--join TOKEN`).
+    pub fn start_with(data_dir: &Path, admin_keys: &[&Path], extra_args: &[&str]) -> Result<Node> {
         let mut node = Node {
             data_dir: data_dir.into(),
             ssh_port: free_port(),
             http_port: free_port(),
             raft_port: free_port(),
             admin_keys: admin_keys.iter().map(|p| p.to_path_buf()).collect(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
         node.spawn()?;
         Ok(node)
+    }
+
+    /// `127.0.0.1:RAFT_PORT`, the node-to-node address.
+    pub fn raft_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.raft_port)
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Send a signal by name (`STOP`, `CONT`, `TERM`) with `kill(1)`.
+    pub fn signal(&self, name: &str) -> Result<()> {
+        let pid = self.pid().context("node is not running")?;
+        let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status()?;
+        if !status.success() {
+            bail!("kill -{name} {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// `127.0.0.1:SSH_PORT`.
@@ -106,6 +143,7 @@ impl Node {
         for k in &self.admin_keys {
             cmd.arg("--admin-key").arg(k);
         }
+        cmd.args(&self.extra_args);
         let mut child = cmd.stdout(Stdio::piped()).stderr(log).stdin(Stdio::null()).spawn().context("spawn mesh-node")?;
         let stdout = child.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();
@@ -145,9 +183,13 @@ impl Node {
         }
     }
 
-    /// Start the process again on the same data directory and ports.
+    /// Start the process again on the same data directory and ports. A `--join`
+    /// argument is dropped: the node already holds its id.
     pub fn restart(&mut self) -> Result<()> {
         self.kill9();
+        if let Some(i) = self.extra_args.iter().position(|a| a == "--join") {
+            self.extra_args.drain(i..(i + 2).min(self.extra_args.len()));
+        }
         self.spawn()
     }
 
@@ -240,4 +282,89 @@ pub fn lcg_f32(seed: u64, n: usize) -> Vec<f32> {
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
+}
+
+/// A mesh of real nodes on loopback: node 1 bootstraps, the others join with a token.
+pub struct Cluster {
+    /// The nodes; `nodes[i]` has node id `i + 1`.
+    pub nodes: Vec<Node>,
+    /// The admin key every node trusts.
+    pub admin: UserKey,
+    /// Where data, keys and known_hosts live.
+    pub dir: PathBuf,
+}
+
+impl Cluster {
+    /// Start `n` nodes with `extra` arguments each (e.g. `--voters 5`), joined with one
+    /// token, and wait until every node is registered.
+    pub fn start(dir: &Path, n: usize, extra: &[&str]) -> Result<Cluster> {
+        let admin = UserKey::generate(dir, "admin")?;
+        let first = Node::start_with(&dir.join("node1"), &[&admin.public], extra)?;
+        let mut cluster = Cluster { nodes: vec![first], admin, dir: dir.into() };
+        if n > 1 {
+            let cli = cluster.cli(0);
+            let out = cli.run(&["--json", "token", "create", "--uses", &(n - 1).to_string(), "--ttl", "10m"]);
+            if out.code != 0 {
+                bail!("token create failed: {}", out.stderr);
+            }
+            let token = out.json()["token"].as_str().context("no token in reply")?.to_string();
+            for i in 2..=n {
+                let mut args: Vec<&str> = extra.to_vec();
+                args.extend(["--join", token.as_str()]);
+                let node = Node::start_with(&dir.join(format!("node{i}")), &[&cluster.admin.public], &args)?;
+                cluster.nodes.push(node);
+            }
+        }
+        cluster.wait_for(Duration::from_secs(60), |nodes| nodes.as_array().is_some_and(|a| a.len() >= n))?;
+        Ok(cluster)
+    }
+
+    /// A pinned client for node `i` (index into `nodes`).
+    pub fn cli(&self, i: usize) -> Cli {
+        let node = &self.nodes[i];
+        let cli = Cli {
+            node: node.ssh_addr(),
+            identity: self.admin.private.clone(),
+            known_hosts: self.dir.join(format!("known_hosts{}", i + 1)),
+        };
+        if !cli.known_hosts.exists() {
+            if let Ok(fp) = node.fingerprint() {
+                let _ = cli.run(&["pin", &node.ssh_addr(), &fp]);
+            }
+        }
+        cli
+    }
+
+    /// A client for the first running node other than `except`.
+    pub fn any_cli(&mut self, except: Option<usize>) -> Cli {
+        let i = (0..self.nodes.len()).find(|i| Some(*i) != except && self.nodes[*i].is_running()).expect("a running node");
+        self.cli(i)
+    }
+
+    /// Poll `nodes --json` on any running node until `pred` holds.
+    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let cli = self.any_cli(None);
+            let out = cli.run(&["--json", "nodes"]);
+            if out.code == 0 {
+                let v = out.json();
+                if pred(&v) {
+                    return Ok(v);
+                }
+                if Instant::now() > deadline {
+                    bail!("condition not reached in {timeout:?}; last nodes: {v}");
+                }
+            } else if Instant::now() > deadline {
+                bail!("condition not reached in {timeout:?}; last error: {}", out.stderr);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The current leader's index into `nodes`, asking any running node.
+    pub fn leader(&mut self) -> Option<usize> {
+        let v = self.any_cli(None).run(&["--json", "status"]);
+        (v.code == 0).then(|| v.json()["leader"].as_u64()).flatten().map(|id| id as usize - 1)
+    }
 }
