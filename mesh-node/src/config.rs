@@ -53,6 +53,11 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_JOIN", value_name = "TOKEN")]
     pub join: Option<String>,
 
+    /// On first start, neither bootstrap a new mesh nor join one: wait for an admin to
+    /// run `mesh-cli join TOKEN` against this node's SSH endpoint.
+    #[arg(long, env = "MESH_AWAIT_JOIN", conflicts_with = "join")]
+    pub await_join: bool,
+
     /// Number of voters the mesh keeps (3 or 5; the others are learners).
     #[arg(long, env = "MESH_VOTERS", default_value_t = 3, value_name = "N")]
     pub voters: usize,
@@ -93,6 +98,8 @@ pub struct NodeConfig {
     pub json_logs: bool,
     /// Join token, if joining.
     pub join: Option<mesh_core::token::JoinToken>,
+    /// Wait for `mesh-cli join` instead of bootstrapping.
+    pub await_join: bool,
     /// Target voter count.
     pub voters: usize,
     /// Failure detector timeout.
@@ -169,6 +176,7 @@ impl RunArgs {
         }
         Ok(NodeConfig {
             join,
+            await_join: self.await_join,
             voters: self.voters,
             node_timeout: self.node_timeout,
             voter_replace_after: self.voter_replace_after,

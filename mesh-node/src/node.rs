@@ -16,7 +16,7 @@ use crate::peer::MAX_MESSAGE_BYTES;
 use crate::placement::Placement;
 use crate::proposer::{self, Proposer};
 use crate::service::Service;
-use crate::ssh::SshServer;
+use crate::ssh::{Endpoint, SshServer};
 use crate::store::Store;
 use crate::tls::{self, PeerPolicy, Pins, ServerExpectation, TlsIdentity};
 use crate::worker::Worker;
@@ -101,6 +101,13 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
 
     let membership = match (read_node_id(&config.data_dir)?, &config.join) {
         (Some(id), _) => Membership::Existing(id),
+        (None, None) if config.await_join => {
+            let Some((id, members)) = await_join(&config, &host_key, &identity, &me, &admins, &shutdown).await? else {
+                return Ok(());
+            };
+            write_node_id(&config.data_dir, id)?;
+            Membership::Joined(id, members)
+        }
         (None, None) => Membership::Bootstrap,
         (None, Some(token)) => {
             let (id, members) = join(token, &identity, &me).await?;
@@ -218,7 +225,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         let worker = Worker::new(node, state.clone(), proposer.clone(), executor, liveness.clone(), config.node_timeout);
         tracker.spawn(worker.run(shutdown.clone()));
     }
-    tracker.spawn(SshServer::new(&host_key, service.clone(), admins).run(ssh_listener, shutdown.clone()));
+    tracker.spawn(SshServer::new(&host_key, Endpoint::Member(service.clone()), admins).run(ssh_listener, shutdown.clone()));
     tracker.spawn(http::serve(http_listener, service.clone(), prometheus, shutdown.clone()));
     tracker.spawn(telemetry::refresh_gauges(service.clone(), shutdown.clone()));
     tracker.close();
@@ -266,6 +273,46 @@ async fn join(token: &JoinToken, identity: &TlsIdentity, me: &MeshNode) -> anyho
     }
     info!(node = reply.node_id, members = members.len(), "joined");
     Ok((NodeId(reply.node_id), members))
+}
+
+/// Serve only `join TOKEN` over SSH until a join succeeds (or shutdown: `None`).
+async fn await_join(
+    config: &NodeConfig,
+    host_key: &HostKey,
+    identity: &TlsIdentity,
+    me: &MeshNode,
+    admins: &std::collections::BTreeSet<Fingerprint>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<(NodeId, Vec<(NodeId, MeshNode)>)>> {
+    let listener = TcpListener::bind(config.ssh_listen)
+        .await
+        .with_context(|| format!("cannot listen for SSH on {}", config.ssh_listen))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let stop = shutdown.child_token();
+    let server = tokio::spawn(SshServer::new(host_key, Endpoint::AwaitingJoin(tx), admins.clone()).run(listener, stop.clone()));
+    println!("mesh-node waiting to join: run `mesh-cli --node {} join TOKEN`; fingerprint {}", config.ssh_listen, host_key.fingerprint());
+    let joined = loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => break None,
+            r = rx.recv() => match r { Some(r) => r, None => break None },
+        };
+        let outcome = match JoinToken::parse(&request.token) {
+            Err(e) => Err(e.to_string()),
+            Ok(token) => join(&token, identity, me).await.map_err(|e| format!("{e:#}")),
+        };
+        match outcome {
+            Ok((id, members)) => {
+                let _ = request.reply.send(Ok(id.0));
+                break Some((id, members));
+            }
+            Err(e) => {
+                let _ = request.reply.send(Err(e));
+            }
+        }
+    };
+    stop.cancel();
+    let _ = server.await;
+    Ok(joined)
 }
 
 fn read_node_id(dir: &Path) -> anyhow::Result<Option<NodeId>> {

@@ -369,3 +369,29 @@ mod tests {
         assert!(CommandLine::parse("tasks --state").unwrap_err().contains("--state needs a value"));
     }
 }
+
+/// Serve a node that is not a member yet: only `join TOKEN` does something.
+pub async fn awaiting_join(line: &str, joins: &tokio::sync::mpsc::Sender<crate::ssh::server::JoinRequest>) -> Reply {
+    let json = line.split_whitespace().any(|w| w == "--json");
+    let words: Vec<&str> = line.split_whitespace().filter(|w| *w != "--json").collect();
+    match words.as_slice() {
+        ["join", token] => {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            if joins.send(crate::ssh::server::JoinRequest { token: token.to_string(), reply }).await.is_err() {
+                return Reply::error("this node is already joining a mesh", EXIT_ERROR, json);
+            }
+            match rx.await {
+                Ok(Ok(node)) if json => Reply::json(&serde_json::json!({ "node": node })),
+                Ok(Ok(node)) => Reply::text(format!("joined as node {node}\n")),
+                Ok(Err(e)) => Reply::error(&e, EXIT_ERROR, json),
+                Err(_) => Reply::error("the join was abandoned", EXIT_ERROR, json),
+            }
+        }
+        ["join", ..] => usage_error("join takes one token (from `mesh-cli token create` on a member)", json),
+        _ => Reply::error(
+            "this node is not a member of a mesh yet; run `mesh-cli join TOKEN` with a token from `mesh-cli token create` on a member",
+            EXIT_ERROR,
+            json,
+        ),
+    }
+}

@@ -4,4 +4,4 @@
 pub mod command;
 pub mod server;
 
-pub use server::SshServer;
+pub use server::{Endpoint, JoinRequest, SshServer};

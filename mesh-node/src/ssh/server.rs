@@ -4,6 +4,7 @@
 use super::command::{self, CommandLine, Reply, MAX_BODY_BYTES};
 use crate::host_key::{fingerprint_of, HostKey};
 use crate::service::Service;
+use tokio::sync::{mpsc, oneshot};
 use mesh_core::Fingerprint;
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet};
@@ -24,16 +25,33 @@ const INACTIVITY_TIMEOUT: Duration = Duration::from_secs(300);
 /// Delay before answering a rejected authentication (slows down key guessing).
 const AUTH_REJECTION_TIME: Duration = Duration::from_millis(300);
 
+/// What the endpoint serves.
+#[derive(Clone)]
+pub enum Endpoint {
+    /// A member of a mesh: every operator command.
+    Member(Service),
+    /// A fresh node waiting for `join TOKEN` (started with `--await-join`).
+    AwaitingJoin(mpsc::Sender<JoinRequest>),
+}
+
+/// A `join TOKEN` received by a node that is not a member yet.
+pub struct JoinRequest {
+    /// The token string as given.
+    pub token: String,
+    /// Where the outcome goes: the new node id, or why the join failed.
+    pub reply: oneshot::Sender<Result<u64, String>>,
+}
+
 /// The SSH endpoint of a node.
 pub struct SshServer {
     config: Arc<russh::server::Config>,
-    service: Service,
+    endpoint: Endpoint,
     admins: Arc<BTreeSet<Fingerprint>>,
 }
 
 impl SshServer {
     /// A server presenting `host_key` and admitting the `admins` keys.
-    pub fn new(host_key: &HostKey, service: Service, admins: BTreeSet<Fingerprint>) -> SshServer {
+    pub fn new(host_key: &HostKey, endpoint: Endpoint, admins: BTreeSet<Fingerprint>) -> SshServer {
         let config = russh::server::Config {
             keys: vec![host_key.private_key().clone()],
             methods: MethodSet::from(&[MethodKind::PublicKey][..]),
@@ -42,7 +60,7 @@ impl SshServer {
             inactivity_timeout: Some(INACTIVITY_TIMEOUT),
             ..Default::default()
         };
-        SshServer { config: Arc::new(config), service, admins: Arc::new(admins) }
+        SshServer { config: Arc::new(config), endpoint, admins: Arc::new(admins) }
     }
 
     /// Serve connections from `listener` until shutdown.
@@ -60,7 +78,7 @@ impl SshServer {
             };
             let _ = stream.set_nodelay(true);
             let handler = Connection {
-                service: self.service.clone(),
+                endpoint: self.endpoint.clone(),
                 admins: self.admins.clone(),
                 peer,
                 user: None,
@@ -92,7 +110,7 @@ impl SshServer {
 
 /// One client connection.
 struct Connection {
-    service: Service,
+    endpoint: Endpoint,
     admins: Arc<BTreeSet<Fingerprint>>,
     peer: SocketAddr,
     user: Option<Fingerprint>,
@@ -146,16 +164,23 @@ impl russh::server::Handler for Connection {
         };
         session.channel_success(id)?;
         let line = String::from_utf8_lossy(data).into_owned();
-        let service = self.service.clone();
         debug!(peer = %self.peer, %user, command = %line, "ssh exec");
-        self.tracker.spawn(serve_exec(service, user, line, channel));
+        self.tracker.spawn(serve_exec(self.endpoint.clone(), user, line, channel));
         Ok(())
     }
 }
 
 /// Read the body if the command takes one, run it, and send the reply.
-async fn serve_exec(service: Service, user: Fingerprint, line: String, channel: Channel<Msg>) {
+async fn serve_exec(endpoint: Endpoint, user: Fingerprint, line: String, channel: Channel<Msg>) {
     let (mut read, write) = channel.split();
+    let service = match endpoint {
+        Endpoint::Member(service) => service,
+        Endpoint::AwaitingJoin(joins) => {
+            let reply = command::awaiting_join(&line, &joins).await;
+            send(&write, reply, read).await;
+            return;
+        }
+    };
     let reply = match CommandLine::parse(&line) {
         Err(e) => command::usage_error(&e, line.split_whitespace().any(|w| w == "--json")),
         Ok(cmd) => {
@@ -166,10 +191,15 @@ async fn serve_exec(service: Service, user: Fingerprint, line: String, channel: 
             }
         }
     };
+    send(&write, reply, read).await;
+}
+
+/// Send a reply and close the channel.
+async fn send(write: &russh::ChannelWriteHalf<Msg>, reply: Reply, mut read: russh::ChannelReadHalf) {
     // Keep draining client messages so a client that sends data we ignore never
     // blocks the session.
     let drain = tokio::spawn(async move { while read.wait().await.is_some() {} });
-    let send = async {
+    let out = async {
         if !reply.stdout.is_empty() {
             write.data(&reply.stdout[..]).await?;
         }
@@ -180,7 +210,7 @@ async fn serve_exec(service: Service, user: Fingerprint, line: String, channel: 
         write.eof().await?;
         write.close().await
     };
-    if let Err(e) = send.await {
+    if let Err(e) = out.await {
         debug!(error = %e, "client went away before the reply was sent");
     }
     drain.abort();

@@ -5,7 +5,7 @@ use super::cert::CERT_NAME;
 use super::failure::{self, HandshakeFailure, Side};
 use super::pins::Pins;
 use super::verifier::{KeyRule, PeerVerifier};
-use super::{TlsError, TlsIdentity, HANDSHAKE_TIMEOUT};
+use super::{TlsError, TlsIdentity};
 use hyper_util::rt::TokioIo;
 use mesh_core::Fingerprint;
 use rustls::client::Resumption;
@@ -20,7 +20,9 @@ use tokio_rustls::TlsConnector;
 use tonic::codegen::http::Uri;
 use tonic::transport::{Channel, Endpoint};
 
-/// How long dialling a peer may take, TCP connect and TLS handshake together.
+/// How long dialling a peer may take, TCP connect and TLS handshake together. Shorter
+/// than the server's `HANDSHAKE_TIMEOUT`: the caller (Raft, a join) retries on its own
+/// schedule, and a peer that has not answered in 5 s is better treated as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Which server key a client accepts.
@@ -103,9 +105,9 @@ fn endpoint(addr: &str) -> Result<Endpoint, TlsError> {
     }
     // `http`, not `https`: TLS is done by our connector, and tonic sends an https URI
     // down its own TLS path, which has no place for our verifier.
-    Ok(Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| bad(e.to_string()))?
-        .connect_timeout(CONNECT_TIMEOUT))
+    // No `connect_timeout` here: `dial` keeps to CONNECT_TIMEOUT itself, so that it
+    // can count a handshake that ran out of time.
+    Endpoint::from_shared(format!("http://{addr}")).map_err(|e| bad(e.to_string()))
 }
 
 /// The connector tonic calls for every (re)connection: TCP, then our TLS handshake.
@@ -136,17 +138,25 @@ async fn dial(tls: TlsConnector, uri: Uri) -> io::Result<TokioIo<TlsStream<TcpSt
             )
         })?
         .to_string();
-    let tcp = TcpStream::connect(&authority).await?;
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let tcp = tokio::time::timeout_at(deadline, TcpStream::connect(&authority))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no TCP connection to {authority} within {CONNECT_TIMEOUT:?}"),
+            )
+        })??;
     let peer = tcp.peer_addr().ok();
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from(CERT_NAME).expect("CERT_NAME is a valid DNS name");
     let (reason, detail, kind) =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.connect(name, tcp)).await {
+        match tokio::time::timeout_at(deadline, tls.connect(name, tcp)).await {
             Ok(Ok(stream)) => return Ok(TokioIo::new(stream)),
             Ok(Err(e)) => (HandshakeFailure::of_io(&e), failure::describe(&e), e.kind()),
             Err(_) => (
                 HandshakeFailure::Timeout,
-                format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+                format!("no TLS handshake within {CONNECT_TIMEOUT:?} of dialling"),
                 io::ErrorKind::TimedOut,
             ),
         };

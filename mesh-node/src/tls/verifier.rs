@@ -222,8 +222,7 @@ mod tests {
     fn refusal(verifier: &PeerVerifier, cert: &CertificateDer<'_>) -> PeerKeyError {
         let err = verifier
             .verify_client_cert(cert, &[], UnixTime::now())
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         PeerKeyError::from_rustls(&err)
             .expect("a PeerKeyError")
             .clone()
