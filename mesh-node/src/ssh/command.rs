@@ -344,32 +344,6 @@ pub fn usage_error(message: &str, json: bool) -> Reply {
 }
 
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_commands_and_flags() {
-        assert_eq!(CommandLine::parse("status").unwrap(), CommandLine { request: Request::Status, json: false });
-        assert_eq!(CommandLine::parse("task 7 --json").unwrap(), CommandLine { request: Request::Task(TaskId(7)), json: true });
-        assert_eq!(
-            CommandLine::parse("result 3 --raw --name out").unwrap().request,
-            Request::Result { id: TaskId(3), raw: true, name: Some("out".into()) }
-        );
-        assert_eq!(CommandLine::parse("tasks --state running").unwrap().request, Request::Tasks(Some("running".into())));
-        assert!(CommandLine::parse("submit").unwrap().takes_body());
-    }
-
-    #[test]
-    fn bad_lines_say_what_is_wrong() {
-        assert!(CommandLine::parse("").unwrap_err().contains("no command given"));
-        assert!(CommandLine::parse("launch").unwrap_err().contains("unknown command 'launch'"));
-        assert!(CommandLine::parse("task x").unwrap_err().contains("'x' is not a task id"));
-        assert!(CommandLine::parse("task").unwrap_err().contains("takes one task id"));
-        assert!(CommandLine::parse("tasks --state").unwrap_err().contains("--state needs a value"));
-    }
-}
-
 /// Serve a node that is not a member yet: only `join TOKEN` does something.
 pub async fn awaiting_join(line: &str, joins: &tokio::sync::mpsc::Sender<crate::ssh::server::JoinRequest>) -> Reply {
     let json = line.split_whitespace().any(|w| w == "--json");
@@ -393,5 +367,31 @@ pub async fn awaiting_join(line: &str, joins: &tokio::sync::mpsc::Sender<crate::
             EXIT_ERROR,
             json,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands_and_flags() {
+        assert_eq!(CommandLine::parse("status").unwrap(), CommandLine { request: Request::Status, json: false });
+        assert_eq!(CommandLine::parse("task 7 --json").unwrap(), CommandLine { request: Request::Task(TaskId(7)), json: true });
+        assert_eq!(
+            CommandLine::parse("result 3 --raw --name out").unwrap().request,
+            Request::Result { id: TaskId(3), raw: true, name: Some("out".into()) }
+        );
+        assert_eq!(CommandLine::parse("tasks --state running").unwrap().request, Request::Tasks(Some("running".into())));
+        assert!(CommandLine::parse("submit").unwrap().takes_body());
+    }
+
+    #[test]
+    fn bad_lines_say_what_is_wrong() {
+        assert!(CommandLine::parse("").unwrap_err().contains("no command given"));
+        assert!(CommandLine::parse("launch").unwrap_err().contains("unknown command 'launch'"));
+        assert!(CommandLine::parse("task x").unwrap_err().contains("'x' is not a task id"));
+        assert!(CommandLine::parse("task").unwrap_err().contains("takes one task id"));
+        assert!(CommandLine::parse("tasks --state").unwrap_err().contains("--state needs a value"));
     }
 }
