@@ -18,9 +18,13 @@ pub fn probe() -> Vec<AdapterInfo> {
 }
 
 /// A wgpu instance with no display, honouring wgpu's environment variables
-/// (`WGPU_BACKEND`, `WGPU_DEBUG`, ...).
+/// (`WGPU_BACKEND`, `WGPU_DEBUG`, ...). Without `WGPU_BACKEND` it uses the primary
+/// backends (Vulkan, Metal, DX12): GL offers compute on nothing those lack, and probing
+/// EGL on a headless machine only logs driver errors.
 pub(super) fn new_instance() -> wgpu::Instance {
-    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+    let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle();
+    descriptor.backends = wgpu::Backends::PRIMARY;
+    wgpu::Instance::new(descriptor.with_env())
 }
 
 /// The instance's adapters with their descriptions, best first.
