@@ -61,14 +61,6 @@ impl Liveness {
         self.inner.lock().expect("not poisoned").last_ack.is_none_or(|t| t.elapsed() > timeout)
     }
 
-    /// Forget every record (a new leader starts counting from now).
-    fn reset_all(&self, nodes: impl Iterator<Item = NodeId>) {
-        let now = Instant::now();
-        let mut inner = self.inner.lock().expect("not poisoned");
-        for n in nodes {
-            inner.heard.insert(n, now);
-        }
-    }
 }
 
 /// Sends this node's heartbeats to the leader.
@@ -142,28 +134,32 @@ impl FailureDetector {
     /// Run until shutdown.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.config.heartbeat_interval);
-        let mut leading = false;
+        let mut leading_since: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
             let is_leader = self.raft.metrics().borrow().current_leader == Some(self.node.0);
-            if is_leader && !leading {
-                // A new leader has heard from nobody yet: give everyone a full timeout.
-                self.liveness.reset_all(self.state.read(|s| s.nodes.keys().copied().collect::<Vec<_>>()).into_iter());
-            }
-            leading = is_leader;
-            if !is_leader {
-                continue;
-            }
+            // A new leader has heard from nobody yet: every node gets a full timeout
+            // counted from the moment this node took over.
+            let since = match (is_leader, leading_since) {
+                (false, _) => {
+                    leading_since = None;
+                    continue;
+                }
+                (true, None) => *leading_since.insert(Instant::now()),
+                (true, Some(t)) => t,
+            };
             let mut marks = Vec::new();
             self.state.read(|s| {
                 for n in s.nodes.values().filter(|n| !n.removed && n.id != self.node) {
-                    let silence = self.liveness.silence(n.id).unwrap_or(self.config.node_timeout * 2);
+                    // Only a real heartbeat counts as hearing from a node.
+                    let heard = self.liveness.silence(n.id);
+                    let silence = heard.unwrap_or(Duration::MAX).min(since.elapsed());
                     if !n.down && silence > self.config.node_timeout {
                         marks.push(Command::MarkDown { node: n.id });
-                    } else if n.down && silence < self.config.node_timeout {
+                    } else if n.down && heard.is_some_and(|h| h < self.config.node_timeout && h < since.elapsed()) {
                         marks.push(Command::MarkUp { node: n.id });
                     }
                 }

@@ -189,6 +189,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         raft.clone(),
         state.clone(),
         proposer.clone(),
+        liveness.clone(),
     );
     register(&raft, &proposer, node, &host_key, &config, capabilities).await?;
 

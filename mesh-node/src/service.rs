@@ -2,6 +2,7 @@
 //! check a request, propose commands. Transport-free, so tests and other front ends
 //! can call it.
 
+use crate::liveness::Liveness;
 use crate::proposer::{ProposeError, Proposer};
 use crate::store::StateView;
 use mesh_core::api::{NodeView, StatusView, SubmitReply, TaskView, TokenCreated, TokenView};
@@ -54,6 +55,7 @@ pub struct Service {
     raft: Raft<TypeConfig>,
     state: StateView,
     proposer: Proposer,
+    liveness: Liveness,
 }
 
 impl Service {
@@ -66,8 +68,9 @@ impl Service {
         raft: Raft<TypeConfig>,
         state: StateView,
         proposer: Proposer,
+        liveness: Liveness,
     ) -> Service {
-        Service { node, fingerprint, adapter, advertise, raft, state, proposer }
+        Service { node, fingerprint, adapter, advertise, raft, state, proposer, liveness }
     }
 
     /// Nodes placement may use (not marked down, not removed).
@@ -110,7 +113,16 @@ impl Service {
                     } else {
                         "learner"
                     };
-                    NodeView::of(s, n, role, None)
+                    // Only the leader hears heartbeats; elsewhere the contact is unknown.
+                    let leading = m.current_leader == Some(self.node.0);
+                    let contact = if n.id == self.node {
+                        Some(0)
+                    } else if leading {
+                        self.liveness.silence(n.id).map(|d| d.as_millis() as u64)
+                    } else {
+                        None
+                    };
+                    NodeView::of(s, n, role, contact)
                 })
                 .collect()
         })
