@@ -11,11 +11,15 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// How long a node may take to print its ready line (first start probes the GPU).
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long one `mesh-cli` call made by the cluster's own polling may take: a paused
+/// node can hold an SSH session open forever, and a poll must not hang with it.
+const POLL_CLI_LIMIT: Duration = Duration::from_secs(20);
 
 /// Path of a workspace binary.
 pub fn bin(name: &str) -> PathBuf {
@@ -77,6 +81,8 @@ pub struct Node {
     admin_keys: Vec<PathBuf>,
     extra_args: Vec<String>,
     child: Option<Child>,
+    /// Stopped with SIGSTOP and not continued since.
+    paused: AtomicBool,
 }
 
 impl Node {
@@ -95,9 +101,30 @@ impl Node {
             admin_keys: admin_keys.iter().map(|p| p.to_path_buf()).collect(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             child: None,
+            paused: AtomicBool::new(false),
         };
         node.spawn()?;
         Ok(node)
+    }
+
+    /// Run `mesh-node run` with `extra_args` on fresh ports and expect it to exit
+    /// before it is ready (a refused `--join`, a bad flag): returns its exit code and
+    /// its log. Fails if the node became ready instead.
+    pub fn start_refused(data_dir: &Path, admin_keys: &[&Path], extra_args: &[&str]) -> Result<(i32, String)> {
+        match Node::start_with(data_dir, admin_keys, extra_args) {
+            Ok(node) => bail!("mesh-node started although it should have been refused; log:\n{}", node.log()),
+            Err(e) => {
+                let log = std::fs::read_to_string(data_dir.join("node.log")).unwrap_or_default();
+                let text = e.to_string();
+                // The message of `spawn` for an early exit: "mesh-node exited with exit status: N before ...".
+                let code = text
+                    .strip_prefix("mesh-node exited with exit status: ")
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|c| c.parse().ok())
+                    .with_context(|| format!("mesh-node did not exit with a status: {text}"))?;
+                Ok((code, log))
+            }
+        }
     }
 
     /// `127.0.0.1:RAFT_PORT`, the node-to-node address.
@@ -110,12 +137,18 @@ impl Node {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Send a signal by name (`STOP`, `CONT`, `TERM`) with `kill(1)`.
+    /// Send a signal by name (`STOP`, `CONT`, `TERM`) with `kill(1)`. `STOP` marks the
+    /// node paused (see [`Node::is_paused`]) until `CONT`.
     pub fn signal(&self, name: &str) -> Result<()> {
         let pid = self.pid().context("node is not running")?;
         let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status()?;
         if !status.success() {
             bail!("kill -{name} {pid} failed");
+        }
+        match name {
+            "STOP" | "SIGSTOP" => self.paused.store(true, Ordering::SeqCst),
+            "CONT" | "SIGCONT" => self.paused.store(false, Ordering::SeqCst),
+            _ => {}
         }
         Ok(())
     }
@@ -123,6 +156,21 @@ impl Node {
     /// Whether the process is running.
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Whether the process was stopped with `signal("STOP")` and not continued.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Running and not paused: a node that can answer a client.
+    pub fn is_serving(&mut self) -> bool {
+        !self.is_paused() && self.is_running()
+    }
+
+    /// The node id recorded in the data directory once the node is a member.
+    pub fn id(&self) -> Option<u64> {
+        std::fs::read_to_string(self.data_dir.join("node.id")).ok()?.trim().parse().ok()
     }
 
     /// `127.0.0.1:SSH_PORT`.
@@ -175,12 +223,20 @@ impl Node {
         std::fs::read_to_string(self.data_dir.join("node.log")).unwrap_or_default()
     }
 
+    /// The last `lines` lines of the log, without terminal colour codes.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = strip_ansi(&self.log());
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// SIGKILL the process (no shutdown, no flush) and reap it.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.paused.store(false, Ordering::SeqCst);
     }
 
     /// Start the process again on the same data directory and ports. A `--join`
@@ -207,6 +263,26 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// `text` without ANSI escape sequences (the node colours its log lines).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, then one final byte in @..~.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A `mesh-cli` configuration: identity, known_hosts, target node.
@@ -271,6 +347,56 @@ impl Cli {
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
     }
+
+    /// [`Cli::run`], killed after `limit`: a node that is paused or cut off can keep an
+    /// SSH session open forever. A run that was killed has code -1 and says so on stderr.
+    pub fn run_within(&self, args: &[&str], limit: Duration) -> CliOutput {
+        let mut child = Command::new(bin("mesh-cli"))
+            .arg("--node")
+            .arg(&self.node)
+            .arg("--identity")
+            .arg(&self.identity)
+            .arg("--known-hosts")
+            .arg(&self.known_hosts)
+            .args(args)
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run mesh-cli");
+        let drain = |mut r: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = r.read_to_end(&mut buf);
+                buf
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+        let stderr = drain(Box::new(child.stderr.take().expect("piped")));
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            match child.try_wait().expect("wait for mesh-cli") {
+                Some(status) => break Some(status),
+                None if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let stdout = stdout.join().unwrap_or_default();
+        let mut stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+        let code = match status {
+            Some(s) => s.code().unwrap_or(-1),
+            None => {
+                stderr.push_str(&format!("mesh-cli {args:?} killed after {limit:?} without an answer\n"));
+                -1
+            }
+        };
+        CliOutput { code, stdout, stderr }
+    }
 }
 
 /// Deterministic pseudo-random f32s in [-1, 1) (an LCG; no dependency needed).
@@ -315,7 +441,22 @@ impl Cluster {
                 cluster.nodes.push(node);
             }
         }
-        cluster.wait_for(Duration::from_secs(60), |nodes| nodes.as_array().is_some_and(|a| a.len() >= n))?;
+        // Ready when every node is registered and the voter set has reached its size:
+        // the largest odd number up to min(n, --voters).
+        let target: usize = extra
+            .iter()
+            .position(|a| *a == "--voters")
+            .and_then(|i| extra.get(i + 1))
+            .map_or(3, |v| v.parse().unwrap_or(3));
+        let mut voters = n.min(target);
+        if voters % 2 == 0 {
+            voters -= 1;
+        }
+        cluster.wait_for(Duration::from_secs(60), |nodes| {
+            nodes.as_array().is_some_and(|a| {
+                a.len() >= n && a.iter().filter(|x| x["role"] == "leader" || x["role"] == "follower").count() == voters
+            })
+        })?;
         Ok(cluster)
     }
 
@@ -335,10 +476,16 @@ impl Cluster {
         cli
     }
 
-    /// A client for the first running node other than `except`.
+    /// A client for the first running node other than `except` (a node paused with
+    /// `signal("STOP")` does not count: it would never answer).
     pub fn any_cli(&mut self, except: Option<usize>) -> Cli {
-        let i = (0..self.nodes.len()).find(|i| Some(*i) != except && self.nodes[*i].is_running()).expect("a running node");
+        let i = (0..self.nodes.len()).find(|i| Some(*i) != except && self.nodes[*i].is_serving()).expect("a running node");
         self.cli(i)
+    }
+
+    /// Indexes of the nodes that run and are not paused.
+    pub fn serving(&mut self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|i| self.nodes[*i].is_serving()).collect()
     }
 
     /// Poll `nodes --json` on any running node until `pred` holds.
@@ -346,7 +493,7 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         loop {
             let cli = self.any_cli(None);
-            let out = cli.run(&["--json", "nodes"]);
+            let out = cli.run_within(&["--json", "nodes"], POLL_CLI_LIMIT);
             if out.code == 0 {
                 let v = out.json();
                 if pred(&v) {
@@ -364,7 +511,65 @@ impl Cluster {
 
     /// The current leader's index into `nodes`, asking any running node.
     pub fn leader(&mut self) -> Option<usize> {
-        let v = self.any_cli(None).run(&["--json", "status"]);
+        let v = self.any_cli(None).run_within(&["--json", "status"], POLL_CLI_LIMIT);
         (v.code == 0).then(|| v.json()["leader"].as_u64()).flatten().map(|id| id as usize - 1)
+    }
+
+    /// `status --json` of node `i`, or the error it answered with.
+    pub fn status(&mut self, i: usize) -> Result<serde_json::Value> {
+        let out = self.cli(i).run_within(&["--json", "status"], POLL_CLI_LIMIT);
+        if out.code != 0 {
+            bail!("status on node {} failed: {}", i + 1, out.stderr.trim());
+        }
+        Ok(out.json())
+    }
+
+    /// The leader every serving node agrees on, confirmed by the leader itself (its
+    /// own status says `leader`): `None` while an election runs or views differ.
+    pub fn agreed_leader(&mut self) -> Option<usize> {
+        let mut agreed = None;
+        for i in self.serving() {
+            let leader = self.status(i).ok()?["leader"].as_u64()? as usize - 1;
+            if agreed.is_some_and(|l| l != leader) {
+                return None;
+            }
+            agreed = Some(leader);
+        }
+        let leader = agreed?;
+        (self.nodes.get_mut(leader)?.is_serving() && self.status(leader).ok()?["role"] == "leader").then_some(leader)
+    }
+
+    /// Wait until the serving nodes agree on a leader for which `pred` holds.
+    pub fn wait_leader(&mut self, timeout: Duration, pred: impl Fn(usize) -> bool) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.agreed_leader() {
+                Some(l) if pred(l) => return Ok(l),
+                seen => {
+                    if Instant::now() > deadline {
+                        bail!("no agreed leader of the kind wanted within {timeout:?} (last seen: {:?})", seen.map(|l| l + 1));
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// A join token for `uses` joins, valid for `ttl` (e.g. `10m`), created on a serving node.
+    pub fn token(&mut self, uses: u32, ttl: &str) -> Result<String> {
+        let out = self.any_cli(None).run_within(&["--json", "token", "create", "--uses", &uses.to_string(), "--ttl", ttl], POLL_CLI_LIMIT);
+        if out.code != 0 {
+            bail!("token create failed: {}", out.stderr);
+        }
+        Ok(out.json()["token"].as_str().context("no token in reply")?.to_string())
+    }
+
+    /// The tail of every node's log, for a failure report.
+    pub fn log_tails(&self, lines: usize) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("===== node{} ({}) last {lines} log lines =====\n{}\n", i + 1, n.data_dir.display(), n.log_tail(lines)))
+            .collect()
     }
 }

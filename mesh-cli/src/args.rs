@@ -1,12 +1,13 @@
 //! The command line: global options, commands and their help text.
 
-use mesh_core::duration::parse_duration;
 use crate::node_addr::NodeAddr;
 use crate::task_spec::{parse_input, parse_output, parse_param, parse_workgroups, InputArg};
 use clap::{ArgGroup, Args, Parser, Subcommand};
+use mesh_core::duration::parse_duration;
 use mesh_core::requirement::Requirement;
 use mesh_core::task::OutputDecl;
-use mesh_core::{Fingerprint, TaskId};
+use mesh_core::token::JoinToken;
+use mesh_core::{Fingerprint, NodeId, TaskId};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -30,11 +31,13 @@ Examples:
   mesh-cli submit task.toml --wait
   mesh-cli result 5 --output y.bin
   mesh-cli --json tasks --state failed
+  T=$(mesh-cli token create --ttl 30m)       # then on a new machine: mesh-node run --join \"$T\"
+  mesh-cli remove 3
 
 Exit status:
   0  success
   1  error (one line on stderr: error: ...; with --json also {\"error\": ...} on stdout)
-  2  malformed command line
+  2  malformed command line (also a malformed join TOKEN, or a command the node does not know)
   3  submit --wait: the task ended failed or cancelled
 
 Environment: MESH_NODE, MESH_IDENTITY, MESH_KNOWN_HOSTS (same as the options).
@@ -96,11 +99,10 @@ pub enum Command {
     #[command(after_help = "Example:\n  mesh-cli --node 10.0.0.2:7722 status")]
     Status,
 
-    /// List the nodes of the mesh with their health, address, host key fingerprint, GPU
-    /// adapter (name, device type, backend), slots in use and labels.
-    #[command(
-        after_help = "Example:\n  mesh-cli nodes\n  mesh-cli --json nodes | jq '.[].capabilities.adapters[0].name'"
-    )]
+    /// List the nodes of the mesh: Raft role (leader, follower = voter, learner), health
+    /// (up, down, removed), when the leader last heard from each, address, host key
+    /// fingerprint, GPU adapter (name, device type, backend), slots in use and labels.
+    #[command(after_help = NODES_HELP)]
     Nodes,
 
     /// List tasks, newest last.
@@ -136,6 +138,40 @@ pub enum Command {
         id: TaskId,
     },
 
+    /// Create, list and revoke join tokens: the one-time credentials that let a new
+    /// machine enter the mesh.
+    #[command(after_help = TOKEN_HELP)]
+    Token {
+        /// What to do with tokens.
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+
+    /// Join the node given by --node (a fresh mesh-node on this machine, not yet in a
+    /// mesh) to the mesh a join token leads to. Pin that local node first.
+    #[command(after_help = JOIN_HELP)]
+    Join {
+        // A string, checked by `commands`: clap would quote a malformed token, secret
+        // and all, in its error.
+        /// The token printed by `mesh-cli token create` on a node of the mesh.
+        #[arg(value_name = "TOKEN")]
+        token: String,
+    },
+
+    /// Remove a node from the mesh for good: it leaves the Raft membership, the other
+    /// nodes drop its pinned key, its tasks are queued again elsewhere, and its id is
+    /// never reused. Asks first, unless --yes is given or stdin is not a terminal.
+    #[command(after_help = REMOVE_HELP)]
+    Remove {
+        // Not named `node`: that is the global --node, and clap keeps one value per name.
+        /// The node id, as `mesh-cli nodes` shows it.
+        #[arg(value_name = "NODE", value_parser = parse_node_id)]
+        id: NodeId,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+
     /// Pin a node's host key: connect, fetch the key it presents, and append it to the
     /// known_hosts file only if its fingerprint equals the one given. Get the
     /// fingerprint from the node itself (`mesh-node fingerprint`) over a channel you
@@ -152,6 +188,91 @@ pub enum Command {
         fingerprint: Fingerprint,
     },
 }
+
+/// `token`'s commands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a join token and print it alone on stdout (`T=$(mesh-cli token create)`).
+    /// The token names this mesh's seed node and its host key fingerprint, so the new
+    /// machine checks whom it talks to before presenting the secret. The secret is shown
+    /// only now; the mesh keeps its SHA-256.
+    #[command(after_help = TOKEN_CREATE_HELP)]
+    Create {
+        /// How long the token works: 30s, 10m, 1h, 1h30m (the node allows at most 168h,
+        /// that is 7 days).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_token_ttl)]
+        ttl: Duration,
+        /// How many machines may join with it.
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        uses: u32,
+    },
+
+    /// List join tokens: id, joins left, time left, revoked, creator (never the secret).
+    #[command(
+        after_help = "Examples:\n  mesh-cli token list\n  mesh-cli --json token list | jq -r '.[] | select(.revoked | not) | .id'"
+    )]
+    List,
+
+    /// Revoke a join token, so that no further machine can join with it. Machines that
+    /// already joined stay (remove them with `mesh-cli remove NODE`).
+    #[command(
+        after_help = "Examples:\n  mesh-cli token revoke 3f9c0a6e1b2d4c58\n  mesh-cli token revoke \"$T\"   # the token itself works too"
+    )]
+    Revoke {
+        /// The token id (16 hex digits, as `token list` shows it), or the whole token.
+        #[arg(value_name = "ID", value_parser = parse_token_id)]
+        id: String,
+    },
+}
+
+const NODES_HELP: &str = "\
+LAST CONTACT is how long ago the leader last heard from the node (`-` when the node \
+you ask is not the leader, or has not heard from it yet).
+
+Examples:
+  mesh-cli nodes
+  mesh-cli --json nodes | jq '.[] | select(.health != \"up\") | .id'";
+
+const TOKEN_HELP: &str = "\
+Adding a machine to the mesh:
+  # On any node of the mesh (or anywhere with mesh-cli and a pin for one):
+  T=$(mesh-cli token create --ttl 30m)
+  # On the new machine, hand over $T (it is a secret), then either
+  mesh-node run --join \"$T\"
+  # or, with mesh-node already running there unjoined and pinned:
+  mesh-cli --node 127.0.0.1:7722 join \"$T\"
+
+Examples:
+  mesh-cli token create --ttl 2h --uses 3
+  mesh-cli token list
+  mesh-cli token revoke 3f9c0a6e1b2d4c58";
+
+const TOKEN_CREATE_HELP: &str = "\
+Examples:
+  T=$(mesh-cli token create)                 # 1 join, valid for 1h
+  mesh-cli token create --ttl 2h --uses 3    # 3 machines within 2 hours
+  mesh-cli --json token create | jq -r .token
+
+Then, on the new machine: mesh-node run --join TOKEN (or mesh-cli join TOKEN).";
+
+const JOIN_HELP: &str = "\
+The token is checked here first (format, seed address, seed fingerprint); the node \
+then contacts the seed, checks the seed's host key against the token's fingerprint, \
+and presents the secret. The token is a secret: it is never echoed in error messages.
+
+Examples:
+  mesh-node fingerprint                        # on this machine, then pin it:
+  mesh-cli pin 127.0.0.1:7722 SHA256:...
+  mesh-cli --node 127.0.0.1:7722 join \"$T\"
+  mesh-cli --node 127.0.0.1:7722 status        # shows the mesh it joined";
+
+const REMOVE_HELP: &str = "\
+Examples:
+  mesh-cli remove 3          # asks: remove node 3 (10.0.0.3:7700) from the mesh for good? [y/N]
+  mesh-cli remove 3 --yes    # no question (also when stdin is not a terminal)
+
+A removed node stays listed by `mesh-cli nodes` with health `removed`. To bring the \
+machine back, join it again with a new token: it enters under a new id.";
 
 const SUBMIT_HELP: &str = "\
 A task is either a built-in kernel (saxpy, vector-add, matmul, reduce-sum, \
@@ -260,6 +381,40 @@ pub struct ResultArgs {
     pub png: Option<PathBuf>,
 }
 
+/// `--ttl` of `token create`: a duration of at least one second.
+fn parse_token_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(text)?;
+    if ttl < Duration::from_secs(1) {
+        return Err(format!(
+            "a token must live at least 1s, not {text}; write e.g. 10m, 1h or 24h"
+        ));
+    }
+    Ok(ttl)
+}
+
+/// A token id: 16 hex digits, or the id inside a whole token.
+fn parse_token_id(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text.len() == 16 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(text.to_ascii_lowercase());
+    }
+    match JoinToken::parse(text) {
+        Ok(token) => Ok(token.id),
+        Err(_) => Err(
+            "expected a token id: 16 hex digits, as `mesh-cli token list` shows (or the whole token)"
+                .into(),
+        ),
+    }
+}
+
+/// A node id: the number `mesh-cli nodes` shows.
+fn parse_node_id(text: &str) -> Result<NodeId, String> {
+    text.trim()
+        .parse()
+        .map(NodeId)
+        .map_err(|_| "expected a node id: a number, as `mesh-cli nodes` shows".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,5 +484,106 @@ mod tests {
             panic!()
         };
         assert_eq!(s.priority, Some(-3));
+    }
+
+    #[test]
+    fn token_commands_check_their_arguments() {
+        let create = |extra: &[&str]| {
+            let mut argv = vec!["mesh-cli", "token", "create"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Command::Token {
+                    command: TokenCommand::Create { ttl, uses },
+                } => (ttl, uses),
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(create(&[]).unwrap(), (Duration::from_secs(3600), 1));
+        assert_eq!(
+            create(&["--ttl", "1h30m", "--uses", "3"]).unwrap(),
+            (Duration::from_secs(5400), 3)
+        );
+        assert_eq!(
+            create(&["--ttl", "1.5s"]).unwrap().0,
+            Duration::from_millis(1500)
+        );
+        for bad in [
+            &["--ttl", "30"][..],
+            &["--ttl", "500ms"],
+            &["--ttl", "0s"],
+            &["--ttl", "soon"],
+            &["--uses", "0"],
+            &["--uses", "-1"],
+            &["--uses", "many"],
+        ] {
+            assert!(create(bad).is_err(), "{bad:?}");
+        }
+        let e = create(&["--ttl", "30"]).unwrap_err().to_string();
+        assert!(e.contains("a unit is missing"), "{e}");
+
+        let revoke = |id: &str| {
+            Cli::try_parse_from(["mesh-cli", "token", "revoke", id]).map(|c| match c.command {
+                Command::Token {
+                    command: TokenCommand::Revoke { id },
+                } => id,
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(revoke("3F9C0A6E1B2D4C58").unwrap(), "3f9c0a6e1b2d4c58");
+        let token = JoinToken::new(
+            [0x3f; 8],
+            [1; 16],
+            "10.0.0.1:7700".into(),
+            Fingerprint::of_key_blob(b"seed"),
+        );
+        assert_eq!(revoke(&token.encode()).unwrap(), "3f3f3f3f3f3f3f3f");
+        for bad in ["3f9c", "3f9c0a6e1b2d4c5z", ""] {
+            assert!(revoke(bad).is_err(), "{bad:?}");
+        }
+        assert!(Cli::try_parse_from(["mesh-cli", "token", "revoke"]).is_err());
+        assert!(Cli::try_parse_from(["mesh-cli", "token"]).is_err());
+        assert!(matches!(
+            Cli::try_parse_from(["mesh-cli", "token", "list", "--json"])
+                .unwrap()
+                .command,
+            Command::Token {
+                command: TokenCommand::List
+            }
+        ));
+    }
+
+    #[test]
+    fn join_and_remove_check_their_arguments() {
+        let token = JoinToken::new(
+            [2; 8],
+            [3; 16],
+            "10.0.0.1:7700".into(),
+            Fingerprint::of_key_blob(b"seed"),
+        );
+        // The token is checked by `commands`, where an error need not quote it.
+        let c = Cli::try_parse_from(["mesh-cli", "join", &token.encode()]).unwrap();
+        assert!(matches!(c.command, Command::Join { token: t } if t == token.encode()));
+
+        let c = Cli::try_parse_from(["mesh-cli", "remove", "3"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Remove {
+                id: NodeId(3),
+                yes: false
+            }
+        ));
+        let c = Cli::try_parse_from(["mesh-cli", "remove", "-y", "4"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Remove {
+                id: NodeId(4),
+                yes: true
+            }
+        ));
+        let e = Cli::try_parse_from(["mesh-cli", "remove", "node2"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected a node id"), "{e}");
+        assert!(Cli::try_parse_from(["mesh-cli", "remove"]).is_err());
     }
 }

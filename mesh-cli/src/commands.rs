@@ -1,6 +1,9 @@
 //! What each command does: the protocol calls it makes (docs/ssh-protocol.md) and what
 //! it prints. With `--json` exactly one JSON document goes to stdout: the node's
-//! answer as it came, or for `pin` and `result --output/--png` one of ours.
+//! answer as it came, or for `pin` and `result --output/--png` one of ours. The
+//! cluster commands (join tokens, `join`, `remove`) live in `commands/cluster.rs`.
+
+mod cluster;
 
 use crate::args::{Cli, Command, ResultArgs, SubmitArgs};
 use crate::connection::{fetch_host_key, Connection, ExecOutput};
@@ -97,6 +100,14 @@ pub async fn run(cli: Cli, ctx: &Context) -> anyhow::Result<()> {
             conn.close().await;
             result
         }
+        Command::Join { token } => {
+            // Check the token before connecting: a typo shows without a node.
+            let token = cluster::parse_token(&token)?;
+            let conn = ctx.connect().await?;
+            let result = cluster::join(ctx, &conn, &token).await;
+            conn.close().await;
+            result
+        }
         command => {
             let conn = ctx.connect().await?;
             let result = run_connected(ctx, &conn, command).await;
@@ -136,7 +147,11 @@ async fn run_connected(ctx: &Context, conn: &Connection, command: Command) -> an
             })
         }
         Command::Result(args) => result(ctx, conn, &args).await,
-        Command::Pin { .. } | Command::Submit(_) => unreachable!("handled by run"),
+        Command::Token { command } => cluster::token(ctx, conn, command, now).await,
+        Command::Remove { id, yes } => cluster::remove(ctx, conn, id, yes).await,
+        Command::Pin { .. } | Command::Submit(_) | Command::Join { .. } => {
+            unreachable!("handled by run")
+        }
     }
 }
 
@@ -146,10 +161,20 @@ async fn call<T: DeserializeOwned>(
     command: &str,
     stdin: Option<Vec<u8>>,
 ) -> anyhow::Result<Reply<T>> {
-    let out = conn.exec(command, stdin).await?;
+    call_as(conn, command, command, stdin).await
+}
+
+/// [`call`], naming the command `shown` in messages (a join token is a secret).
+async fn call_as<T: DeserializeOwned>(
+    conn: &Connection,
+    command: &str,
+    shown: &str,
+    stdin: Option<Vec<u8>>,
+) -> anyhow::Result<Reply<T>> {
+    let out = conn.exec_as(command, shown, stdin).await?;
     match out.exit_status {
-        Some(EXIT_OK) => parse_reply(out.stdout, command),
-        _ => Err(remote_error(&out, command)),
+        Some(EXIT_OK) => parse_reply(out.stdout, shown),
+        _ => Err(remote_error(&out, shown)),
     }
 }
 
@@ -727,6 +752,126 @@ mod tests {
             e.to_string()
                 .starts_with("task 7 is running; its outputs exist once it succeeds"),
             "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn cluster_commands_send_checked_lines_and_keep_the_secret_out_of_errors() {
+        use mesh_core::api::TokenCreated;
+        use mesh_core::capability::NodeCapabilities;
+        use mesh_core::token::JoinToken;
+
+        let dir = tempfile::tempdir().unwrap();
+        let token = JoinToken::new(
+            [7; 8],
+            [9; 16],
+            "10.0.0.1:7700".into(),
+            Fingerprint::of_key_blob(b"seed"),
+        );
+        let encoded = token.encode();
+        let created = TokenCreated {
+            token: encoded.clone(),
+            id: token.id.clone(),
+            expires_at_ms: 1,
+        };
+        let node_view = |id: u64, health: &str| NodeView {
+            id: NodeId(id),
+            fingerprint: "SHA256:x".into(),
+            addr: format!("10.0.0.{id}:7700"),
+            role: "follower".into(),
+            health: health.into(),
+            last_contact_ms: Some(120),
+            running: 0,
+            capabilities: NodeCapabilities::default(),
+        };
+        let join_line = format!("join {encoded} --json");
+        let newer = JoinToken::new(
+            [8; 8],
+            [9; 16],
+            "10.0.0.1:7700".into(),
+            Fingerprint::of_key_blob(b"seed"),
+        )
+        .encode();
+        let newer_line = format!("join {newer} --json");
+        let node = fake_node::start(
+            20,
+            21,
+            vec![
+                (
+                    "token create --ttl 1800000ms --uses 2 --json",
+                    Reply::ok(json(&created)),
+                ),
+                ("token list --json", Reply::ok(b"[]".to_vec())),
+                (
+                    "token revoke 0707070707070707 --json",
+                    Reply::ok(br#"{"revoked": "0707070707070707"}"#.to_vec()),
+                ),
+                (
+                    "nodes --json",
+                    Reply::ok(json(&vec![node_view(1, "up"), node_view(2, "removed")])),
+                ),
+                ("remove 1 --json", Reply::ok(br#"{"removed": 1}"#.to_vec())),
+                (
+                    &join_line,
+                    Reply::error(2, "unknown command 'join'; commands: status, nodes"),
+                ),
+                (&newer_line, Reply::ok(br#"{"node": 4}"#.to_vec())),
+            ],
+        )
+        .await;
+        let ok = |args: &'static [&'static str]| {
+            let (node, dir) = (&node, dir.path());
+            async move { run_cli(node, dir, args).await }
+        };
+        ok(&["token", "create", "--ttl", "30m", "--uses", "2"])
+            .await
+            .unwrap();
+        ok(&["--json", "token", "list"]).await.unwrap();
+        run_cli(&node, dir.path(), &["token", "revoke", &encoded])
+            .await
+            .unwrap();
+        ok(&["remove", "1", "--yes"]).await.unwrap();
+        let e = ok(&["remove", "2", "--yes"]).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "node 2 (10.0.0.2:7700) was already removed from the mesh"
+        );
+        let e = ok(&["remove", "5", "--yes"]).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("node 5 is not in the mesh; its nodes are 1"),
+            "{e}"
+        );
+
+        // An older node does not know `join`: its answer comes through, without the secret.
+        let e = run_cli(&node, dir.path(), &["join", &encoded])
+            .await
+            .unwrap_err();
+        assert_eq!(exit_status_of(&e), 2);
+        let message = format!("{e:#}");
+        assert!(message.contains("unknown command 'join'"), "{message}");
+        assert!(message.contains("<token 0707070707070707>"), "{message}");
+        assert!(message.contains("mesh-node run --await-join"), "{message}");
+        assert!(!message.contains(&token.secret), "{message}");
+        run_cli(&node, dir.path(), &["join", &newer]).await.unwrap();
+        // A malformed token is refused here, and nothing is sent.
+        let e = ok(&["join", "mesh1-0707.0909@h:1"]).await.unwrap_err();
+        assert_eq!(exit_status_of(&e), 2);
+
+        let received = node.received.lock().unwrap().clone();
+        assert_eq!(
+            received.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+            [
+                "token create --ttl 1800000ms --uses 2 --json",
+                "token list --json",
+                "token revoke 0707070707070707 --json",
+                "nodes --json",
+                "remove 1 --json",
+                "nodes --json",
+                "nodes --json",
+                join_line.as_str(),
+                newer_line.as_str(),
+            ]
         );
     }
 

@@ -209,6 +209,17 @@ impl Connection {
     /// Run one protocol command (`COMMAND [ARGS] --json`) with an optional standard
     /// input body, sent in chunks while the answer is read, and collect the whole answer.
     pub async fn exec(&self, command: &str, stdin: Option<Vec<u8>>) -> anyhow::Result<ExecOutput> {
+        self.exec_as(command, command, stdin).await
+    }
+
+    /// [`Connection::exec`], naming the command `shown` in every message: a command
+    /// line that carries a secret (`join TOKEN`) must not end up in error output.
+    pub async fn exec_as(
+        &self,
+        command: &str,
+        shown: &str,
+        stdin: Option<Vec<u8>>,
+    ) -> anyhow::Result<ExecOutput> {
         let node = &self.node;
         let channel = self
             .handle
@@ -218,7 +229,7 @@ impl Connection {
         channel
             .exec(true, command.as_bytes())
             .await
-            .with_context(|| format!("cannot send the command '{command}' to node {node}"))?;
+            .with_context(|| format!("cannot send the command '{shown}' to node {node}"))?;
         let (mut reader, writer) = channel.split();
 
         // Write standard input on its own tokio task: a large body must flow while the
@@ -239,10 +250,8 @@ impl Connection {
         let mut refused = false;
         while let Some(msg) = reader.wait().await {
             match msg {
-                ChannelMsg::Data { data } => append(&mut out.stdout, &data, command)?,
-                ChannelMsg::ExtendedData { data, ext: 1 } => {
-                    append(&mut out.stderr, &data, command)?
-                }
+                ChannelMsg::Data { data } => append(&mut out.stdout, &data, shown)?,
+                ChannelMsg::ExtendedData { data, ext: 1 } => append(&mut out.stderr, &data, shown)?,
                 ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
                 ChannelMsg::ExitSignal {
                     signal_name,
@@ -252,7 +261,7 @@ impl Connection {
                     append(
                         &mut out.stderr,
                         format!("killed by signal {signal_name:?}: {error_message}\n").as_bytes(),
-                        command,
+                        shown,
                     )?;
                 }
                 ChannelMsg::Failure => {
@@ -272,13 +281,13 @@ impl Connection {
         };
         if refused {
             anyhow::bail!(
-                "node {node} refused to run '{command}'; is it a mesh-node of the same version?"
+                "node {node} refused to run '{shown}'; is it a mesh-node of the same version?"
             );
         }
         if out.exit_status.is_none() {
             if let Err(e) = fed {
                 return Err(e.context(format!(
-                    "sending the input of '{command}' to node {node} failed"
+                    "sending the input of '{shown}' to node {node} failed"
                 )));
             }
             let detail = out
@@ -286,7 +295,7 @@ impl Connection {
                 .map(|m| format!(": {m}"))
                 .unwrap_or_default();
             anyhow::bail!(
-                "node {node} closed the session during '{command}' without an exit status{detail}"
+                "node {node} closed the session during '{shown}' without an exit status{detail}"
             );
         }
         Ok(out)

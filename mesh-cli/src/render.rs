@@ -1,8 +1,8 @@
 //! Human-readable text for the node's JSON answers (`mesh_core::api`). With `--json`
 //! none of this is used: the node's document is printed as it came.
 
+use mesh_core::api::{NodeView, StatusView, TaskView, TokenCreated, TokenView};
 use mesh_core::duration::format_duration;
-use mesh_core::api::{NodeView, StatusView, TaskView};
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -65,6 +65,24 @@ fn ago(now_ms: u64, then_ms: u64) -> String {
     )
 }
 
+/// LAST CONTACT of `nodes`: `120ms ago`, or `-` when the node asked does not know.
+fn last_contact(ms: Option<u64>) -> String {
+    match ms {
+        Some(ms) => format!("{} ago", format_duration(Duration::from_millis(ms))),
+        None => "-".into(),
+    }
+}
+
+/// Time left until `expires_at_ms`, in whole seconds from a second on: `59m59s`,
+/// `250ms`, or `expired`.
+fn expires_in(now_ms: u64, expires_at_ms: u64) -> String {
+    match expires_at_ms.checked_sub(now_ms) {
+        None | Some(0) => "expired".into(),
+        Some(left) if left < 1000 => format_duration(Duration::from_millis(left)),
+        Some(left) => format_duration(Duration::from_secs(left / 1000)),
+    }
+}
+
 /// `status`.
 pub fn status(s: &StatusView) -> String {
     let mut out = String::new();
@@ -113,6 +131,7 @@ pub fn nodes(nodes: &[NodeView]) -> String {
         "ID",
         "ROLE",
         "HEALTH",
+        "LAST CONTACT",
         "ADDRESS",
         "FINGERPRINT",
         "ADAPTER",
@@ -134,6 +153,7 @@ pub fn nodes(nodes: &[NodeView]) -> String {
             n.id.to_string(),
             n.role.clone(),
             n.health.clone(),
+            last_contact(n.last_contact_ms),
             n.addr.clone(),
             n.fingerprint.clone(),
             adapter,
@@ -142,6 +162,39 @@ pub fn nodes(nodes: &[NodeView]) -> String {
         ]);
     }
     t.render()
+}
+
+/// `token list`: one row per token; the secret is never known here.
+pub fn tokens(tokens: &[TokenView], now_ms: u64) -> String {
+    if tokens.is_empty() {
+        return "no join tokens; create one with: mesh-cli token create\n".into();
+    }
+    let mut t = Table::new(&["ID", "USES LEFT", "EXPIRES IN", "REVOKED", "CREATED BY"]);
+    for v in tokens {
+        t.row(vec![
+            v.id.clone(),
+            v.uses_left.to_string(),
+            expires_in(now_ms, v.expires_at_ms),
+            if v.revoked { "yes" } else { "no" }.into(),
+            v.created_by.clone(),
+        ]);
+    }
+    t.render()
+}
+
+/// The stderr line after `token create` on a terminal. It names the token by its id:
+/// the secret is already on stdout, perhaps captured into a variable on purpose.
+pub fn token_hint(t: &TokenCreated, uses: u32, now_ms: u64) -> String {
+    let joins = if uses == 1 {
+        "1 join".to_string()
+    } else {
+        format!("{uses} joins")
+    };
+    format!(
+        "token {} allows {joins} within {}; on the new machine run: mesh-node run --join TOKEN (or mesh-cli join TOKEN)",
+        t.id,
+        expires_in(now_ms, t.expires_at_ms)
+    )
 }
 
 /// The one-line note on a task: why it waits, or its latest error.
@@ -298,6 +351,7 @@ pub fn progress(t: &TaskView) -> String {
 mod tests {
     use super::*;
     use mesh_core::api::{AttemptErrorView, BufferView};
+    use mesh_core::capability::NodeCapabilities;
     use mesh_core::{NodeId, TaskId};
     use std::collections::BTreeMap;
 
@@ -358,5 +412,98 @@ mod tests {
             lines.next().unwrap().ends_with("attempt 3: device lost"),
             "{list}"
         );
+    }
+
+    fn node_view(id: u64, role: &str, health: &str, last_contact_ms: Option<u64>) -> NodeView {
+        NodeView {
+            id: NodeId(id),
+            fingerprint: format!("SHA256:fp{id}"),
+            addr: format!("10.0.0.{id}:7700"),
+            role: role.into(),
+            health: health.into(),
+            last_contact_ms,
+            running: 1,
+            capabilities: NodeCapabilities {
+                adapters: vec![],
+                labels: BTreeMap::from([("zone".into(), "a".into())]),
+                slots: 2,
+            },
+        }
+    }
+
+    #[test]
+    fn last_contact_reads_as_time_ago() {
+        assert_eq!(last_contact(None), "-");
+        assert_eq!(last_contact(Some(0)), "0ms ago");
+        assert_eq!(last_contact(Some(120)), "120ms ago");
+        assert_eq!(last_contact(Some(1_500)), "1.5s ago");
+        assert_eq!(last_contact(Some(90_000)), "1m30s ago");
+        assert_eq!(last_contact(Some(3_725_000)), "1h2m5s ago");
+    }
+
+    #[test]
+    fn node_rows_show_role_health_and_last_contact() {
+        let text = nodes(&[
+            node_view(1, "leader", "up", Some(0)),
+            node_view(2, "follower", "down", Some(120)),
+            node_view(3, "learner", "removed", None),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "ID  ROLE      HEALTH   LAST CONTACT  ADDRESS        FINGERPRINT  ADAPTER  SLOTS  LABELS"
+        );
+        assert_eq!(
+            lines[2],
+            "2   follower  down     120ms ago     10.0.0.2:7700  SHA256:fp2   none     1/2    zone=a"
+        );
+        assert_eq!(
+            lines[3],
+            "3   learner   removed  -             10.0.0.3:7700  SHA256:fp3   none     1/2    zone=a"
+        );
+        assert_eq!(nodes(&[]), "no nodes are registered\n");
+    }
+
+    #[test]
+    fn token_rows_show_time_left_and_never_a_secret() {
+        let now = 10_000_000;
+        let token = |id: &str, expires_at_ms: u64, uses_left: u32, revoked: bool| TokenView {
+            id: id.into(),
+            created_at_ms: 0,
+            expires_at_ms,
+            uses_left,
+            revoked,
+            created_by: "SHA256:admin".into(),
+        };
+        let text = tokens(
+            &[
+                token("00000000000000aa", now + 3_599_999, 1, false),
+                token("00000000000000bb", now + 400, 2, true),
+                token("00000000000000cc", now - 1, 0, false),
+            ],
+            now,
+        );
+        assert_eq!(
+            text,
+            "\
+ID                USES LEFT  EXPIRES IN  REVOKED  CREATED BY
+00000000000000aa  1          59m59s      no       SHA256:admin
+00000000000000bb  2          400ms       yes      SHA256:admin
+00000000000000cc  0          expired     no       SHA256:admin
+"
+        );
+        assert!(tokens(&[], now).starts_with("no join tokens"));
+        let created = TokenCreated {
+            token: "mesh1-secret".into(),
+            id: "00000000000000aa".into(),
+            expires_at_ms: now + 3_600_000,
+        };
+        let hint = token_hint(&created, 3, now);
+        assert_eq!(
+            hint,
+            "token 00000000000000aa allows 3 joins within 1h; on the new machine run: \
+             mesh-node run --join TOKEN (or mesh-cli join TOKEN)"
+        );
+        assert!(!hint.contains("secret"));
     }
 }

@@ -2,9 +2,9 @@
 //! `@FILE` paths are relative to the task file's directory; inputs and outputs bind in
 //! the order they are written.
 
-use mesh_core::duration::parse_duration;
 use crate::task_spec::{input_path, parse_requirements, read_input, read_wgsl, workgroups_from};
 use anyhow::Context as _;
+use mesh_core::duration::parse_duration;
 use mesh_core::task::{KernelSpec, OutputDecl, DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT};
 use mesh_core::TaskSpec;
 use serde::de::{Deserializer, MapAccess, Visitor};
