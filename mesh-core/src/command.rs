@@ -231,6 +231,9 @@ pub enum Rejection {
     /// A node record cannot be written under this identity.
     #[error("{0}")]
     NodeIdentity(String),
+    /// No token has this id.
+    #[error("token {0} does not exist; `mesh-cli token list` shows the tokens")]
+    UnknownToken(String),
     /// The join token is unusable; the reason says why.
     #[error("join refused: {0}")]
     Token(String),

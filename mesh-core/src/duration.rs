@@ -1,14 +1,14 @@
-//! Durations as people write them: `500ms`, `30s`, `5m`, `1h`, `1m30s`.
+//! Durations as people write them: `500ms`, `30s`, `5m`, `1h`, `7d`, `1m30s`.
 
 use std::time::Duration;
 
 /// Parse a duration made of one or more `NUMBER UNIT` parts, where the unit is `ms`,
-/// `s`, `m` or `h` (`90s`, `1m30s`, `1.5h`). A bare number is refused, because a
+/// `s`, `m`, `h` or `d` (`90s`, `1m30s`, `1.5h`, `7d`). A bare number is refused, because a
 /// timeout of `30` could mean seconds or milliseconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let s = text.trim();
     let bad = |why: &str| {
-        format!("'{text}' is not a duration ({why}); write e.g. 500ms, 30s, 5m, 1h or 1m30s")
+        format!("'{text}' is not a duration ({why}); write e.g. 500ms, 30s, 5m, 1h, 7d or 1m30s")
     };
     if s.is_empty() {
         return Err(bad("it is empty"));
@@ -33,6 +33,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
+            "d" => 86400.0,
             "" => return Err(bad("a unit is missing")),
             _ => return Err(bad(&format!("unknown unit '{unit}'"))),
         };

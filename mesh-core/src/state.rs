@@ -112,7 +112,7 @@ impl MeshState {
                     t.revoked = true;
                     Outcome::TokenRevoked(id.clone())
                 }
-                None => Outcome::Rejected(Rejection::Token(format!("token {id} does not exist"))),
+                None => Outcome::Rejected(Rejection::UnknownToken(id.clone())),
             },
             Command::Join { token, secret_hash, fingerprint, addr } => self.join(now, token, secret_hash, fingerprint, addr),
             Command::MarkDown { node } => match self.nodes.get_mut(node) {
