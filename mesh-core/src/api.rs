@@ -87,11 +87,15 @@ pub struct TaskView {
     pub errors: Vec<AttemptErrorView>,
     /// Why a pending task waits.
     pub waiting: Option<String>,
+    /// Number of shards (1: not sharded).
+    pub shards: u32,
+    /// Shards committed as checkpoints.
+    pub shards_done: u32,
 }
 
 impl TaskView {
     /// The view of a task.
-    pub fn of(state: &MeshState, t: &Task, live: &BTreeSet<NodeId>) -> TaskView {
+    pub fn of(state: &MeshState, t: &Task, live: &BTreeSet<NodeId>, now: crate::ids::Timestamp) -> TaskView {
         let outputs = match &t.result {
             Some(r) => r
                 .outputs
@@ -128,7 +132,9 @@ impl TaskView {
                 .iter()
                 .map(|e| AttemptErrorView { attempt: e.attempt.0, node: e.node, error: e.error.clone() })
                 .collect(),
-            waiting: why_waiting(state, t, live),
+            waiting: why_waiting(state, t, live, now),
+            shards: t.shards,
+            shards_done: t.checkpoints.len() as u32,
         }
     }
 
@@ -153,6 +159,8 @@ pub struct NodeView {
     pub health: String,
     /// Milliseconds since the leader last heard from it (known on the leader only).
     pub last_contact_ms: Option<u64>,
+    /// Drained: takes no new work.
+    pub drained: bool,
     /// Tasks assigned or running there.
     pub running: usize,
     /// Adapters, labels, slots.
@@ -176,6 +184,7 @@ impl NodeView {
             }
             .into(),
             last_contact_ms,
+            drained: n.drained,
             running: state.tasks_on(n.id).count(),
             capabilities: n.capabilities.clone(),
         }

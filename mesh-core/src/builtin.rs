@@ -101,15 +101,18 @@ fn main(@builtin(local_invocation_index) lid: u32) {
 }
 "#;
 
+// `row0` is the first image row this dispatch computes (non-zero for shards); the
+// rows it computes are as many as `out` holds.
 const MANDELBROT: &str = r#"
-struct Params { width: u32, height: u32, max_iter: u32, _p0: u32 }
+struct Params { width: u32, height: u32, max_iter: u32, row0: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read_write> out: array<u32>;
 @compute @workgroup_size(16, 16)
 fn main(@builtin(global_invocation_id) id: vec3<u32>) {
-    if (id.x >= params.width || id.y >= params.height) { return; }
+    if (id.x >= params.width || id.y >= arrayLength(&out) / params.width) { return; }
+    let py = id.y + params.row0;
     let cx = -2.5 + 3.5 * ((f32(id.x) + 0.5) / f32(params.width));
-    let cy = -1.25 + 2.5 * ((f32(id.y) + 0.5) / f32(params.height));
+    let cy = -1.25 + 2.5 * ((f32(py) + 0.5) / f32(params.height));
     var zx = 0.0;
     var zy = 0.0;
     var i = 0u;
@@ -302,6 +305,94 @@ impl Builtin<'_> {
     }
 }
 
+/// Most shards a task may have.
+pub const MAX_SHARDS: u32 = 1024;
+
+/// The kernels whose work splits into shards whose outputs, concatenated, equal the
+/// unsharded output bit for bit.
+pub const SHARDABLE: &[&str] = &["saxpy", "vector-add", "matmul", "mandelbrot"];
+
+/// How many units (elements or rows) a built-in's work splits over, after checking the
+/// kernel can be sharded `shards` ways. The spec must already have planned.
+pub fn shard_units(name: &str, params: &BTreeMap<String, String>, inputs: &[NamedBytes], shards: u32) -> Result<u64, SpecError> {
+    let units = match name {
+        "saxpy" | "vector-add" => inputs.first().map_or(0, |i| i.data.len() as u64 / 4),
+        "matmul" => params.get("m").and_then(|v| v.parse().ok()).unwrap_or(0),
+        "mandelbrot" => params.get("height").and_then(|v| v.parse().ok()).unwrap_or(0),
+        _ => {
+            return Err(SpecError::Invalid(format!(
+                "kernel {name} cannot be sharded; shardable kernels are: {}",
+                SHARDABLE.join(", ")
+            )))
+        }
+    };
+    if shards == 0 || shards > MAX_SHARDS || u64::from(shards) > units {
+        return Err(SpecError::Invalid(format!(
+            "{shards} shards for {units} {}: shards must be between 1 and {}",
+            if name == "saxpy" || name == "vector-add" { "elements" } else { "rows" },
+            units.min(u64::from(MAX_SHARDS))
+        )));
+    }
+    Ok(units)
+}
+
+/// The units `[start, end)` of shard `i` of `shards` (an even split, the first shards
+/// one unit larger when it does not divide).
+pub fn shard_range(units: u64, shards: u32, i: u32) -> (u64, u64) {
+    let (s, i) = (u64::from(shards), u64::from(i));
+    let (base, extra) = (units / s, units % s);
+    let start = i * base + i.min(extra);
+    (start, start + base + u64::from(i < extra))
+}
+
+/// The plan and input bytes of shard `i` of a sharded built-in task. Its output is
+/// the shard's slice of the whole output.
+pub fn plan_shard(
+    name: &str,
+    params: &BTreeMap<String, String>,
+    inputs: &[NamedBytes],
+    shards: u32,
+    i: u32,
+) -> Result<(KernelPlan, Vec<crate::data::Bytes>), SpecError> {
+    let units = shard_units(name, params, inputs, shards)?;
+    let (start, end) = shard_range(units, shards, i);
+    let slice = |input: &NamedBytes, from: u64, to: u64| NamedBytes {
+        name: input.name.clone(),
+        data: crate::data::Bytes::from(&input.data[from as usize..to as usize]),
+    };
+    let (plan, used): (KernelPlan, Vec<NamedBytes>) = match name {
+        "saxpy" | "vector-add" => {
+            let sliced: Vec<NamedBytes> = inputs.iter().map(|x| slice(x, start * 4, end * 4)).collect();
+            (plan(name, params, &sliced)?, sliced)
+        }
+        "matmul" => {
+            let k: u64 = params.get("k").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let sliced: Vec<NamedBytes> = inputs
+                .iter()
+                .map(|x| if x.name == "a" { slice(x, start * k * 4, end * k * 4) } else { x.clone() })
+                .collect();
+            let mut p = params.clone();
+            p.insert("m".into(), (end - start).to_string());
+            (plan(name, &p, &sliced)?, sliced)
+        }
+        "mandelbrot" => {
+            let mut p = plan(name, params, inputs)?;
+            let width: u64 = params.get("width").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let rows = end - start;
+            for b in &mut p.bindings {
+                if let BindingPlan::Uniform(bytes) = b {
+                    bytes[12..16].copy_from_slice(&(start as u32).to_le_bytes());
+                }
+            }
+            p.workgroups[1] = (rows as u32).div_ceil(16);
+            p.outputs[0].size = width * rows * 4;
+            (p, inputs.to_vec())
+        }
+        _ => unreachable!("shard_units refused it"),
+    };
+    Ok((plan, used.into_iter().map(|i| i.data).collect()))
+}
+
 /// Little-endian f32s from bytes.
 pub fn f32s(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
@@ -444,6 +535,29 @@ mod tests {
         assert!(e.to_string().contains("input b must be 16 bytes"), "{e}");
         let e = kernel::plan(&spec("mandelbrot", &[("width", "0"), ("height", "2"), ("max_iter", "2")]), &[], &[]).unwrap_err();
         assert!(e.to_string().contains("'width' must be a positive whole number"), "{e}");
+    }
+
+    #[test]
+    fn shard_ranges_cover_every_unit_once() {
+        for (units, shards) in [(10u64, 3u32), (9, 3), (1, 1), (1000, 7)] {
+            let mut next = 0;
+            for i in 0..shards {
+                let (a, b) = shard_range(units, shards, i);
+                assert_eq!(a, next);
+                assert!(b > a);
+                next = b;
+            }
+            assert_eq!(next, units);
+        }
+    }
+
+    #[test]
+    fn sharding_is_refused_where_it_cannot_work() {
+        let p = BTreeMap::new();
+        let e = shard_units("reduce-sum", &p, &[inp("x", &[1.0; 8])], 2).unwrap_err();
+        assert!(e.to_string().contains("cannot be sharded"), "{e}");
+        let e = shard_units("saxpy", &p, &[inp("x", &[1.0; 2]), inp("y", &[1.0; 2])], 3).unwrap_err();
+        assert!(e.to_string().contains("3 shards for 2 elements"), "{e}");
     }
 
     #[test]

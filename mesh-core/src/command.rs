@@ -124,6 +124,43 @@ pub enum Command {
         /// Who removed it.
         actor: Fingerprint,
     },
+    /// A node committed one finished shard of a sharded task. The last shard
+    /// completes the task (its output is the shards' outputs in order).
+    Checkpoint {
+        /// The task.
+        task: TaskId,
+        /// The attempt the node holds.
+        attempt: Attempt,
+        /// The reporting node.
+        node: NodeId,
+        /// Shard index.
+        shard: u32,
+        /// The shard's output (sharded tasks have one output).
+        output: Bytes,
+    },
+    /// A node gives a task back (it is being drained); checkpoints are kept.
+    Release {
+        /// The task.
+        task: TaskId,
+        /// The attempt the node holds.
+        attempt: Attempt,
+        /// The node.
+        node: NodeId,
+    },
+    /// An operator drains a node: no new placements there.
+    Drain {
+        /// The node.
+        node: NodeId,
+        /// Who.
+        actor: Fingerprint,
+    },
+    /// An operator lets a drained node take work again.
+    Undrain {
+        /// The node.
+        node: NodeId,
+        /// Who.
+        actor: Fingerprint,
+    },
     /// A user cancels a task.
     Cancel {
         /// The task.
@@ -141,7 +178,9 @@ impl Command {
             | Command::Start { task, .. }
             | Command::Complete { task, .. }
             | Command::Fail { task, .. }
-            | Command::Cancel { task, .. } => Some(*task),
+            | Command::Cancel { task, .. }
+            | Command::Checkpoint { task, .. }
+            | Command::Release { task, .. } => Some(*task),
             _ => None,
         }
     }
@@ -193,6 +232,22 @@ pub enum Outcome {
     NodeUp(NodeId),
     /// A node is removed.
     NodeRemoved(NodeId),
+    /// A shard is committed.
+    Checkpointed {
+        /// The task.
+        task: TaskId,
+        /// The shard.
+        shard: u32,
+    },
+    /// A task went back to pending.
+    Released(TaskId),
+    /// A node's drain flag changed.
+    Drained {
+        /// The node.
+        node: NodeId,
+        /// True when draining.
+        draining: bool,
+    },
     /// Nothing changed.
     Rejected(Rejection),
 }
@@ -265,6 +320,10 @@ impl fmt::Display for Outcome {
             Outcome::NodeDown(n) => write!(f, "node {n} down"),
             Outcome::NodeUp(n) => write!(f, "node {n} up"),
             Outcome::NodeRemoved(n) => write!(f, "node {n} removed"),
+            Outcome::Checkpointed { task, shard } => write!(f, "task {task} shard {shard} checkpointed"),
+            Outcome::Released(t) => write!(f, "task {t} released"),
+            Outcome::Drained { node, draining: true } => write!(f, "node {node} draining"),
+            Outcome::Drained { node, draining: false } => write!(f, "node {node} takes work again"),
             Outcome::Rejected(r) => write!(f, "rejected: {r}"),
         }
     }

@@ -218,6 +218,7 @@ fn plan_wgsl(
             describe(&expected)
         )));
     }
+    check_static_sizes(&module, inputs, outputs)?;
     let bindings = (0..inputs.len())
         .map(BindingPlan::Input)
         .chain((0..outputs.len()).map(BindingPlan::Output))
@@ -229,6 +230,36 @@ fn plan_wgsl(
         bindings,
         outputs: outputs.to_vec(),
     })
+}
+
+/// A kernel whose binding is declared larger than the buffer the task gives it would
+/// address beyond that buffer: refuse it at submit rather than fail at dispatch.
+fn check_static_sizes(module: &naga::Module, inputs: &[NamedBytes], outputs: &[OutputDecl]) -> Result<(), SpecError> {
+    let mut layouter = naga::proc::Layouter::default();
+    layouter
+        .update(module.to_ctx())
+        .map_err(|e| SpecError::InvalidWgsl(format!("cannot lay out the kernel's types: {e}")))?;
+    for (_, g) in module.global_variables.iter() {
+        let (Some(b), naga::AddressSpace::Storage { .. }) = (&g.binding, g.space) else { continue };
+        let i = b.binding as usize;
+        let (name, given) = if i < inputs.len() {
+            (inputs[i].name.as_str(), inputs[i].data.len() as u64)
+        } else if let Some(o) = outputs.get(i - inputs.len()) {
+            (o.name.as_str(), o.size)
+        } else {
+            continue;
+        };
+        let ty = &module.types[g.ty];
+        let dynamic = matches!(ty.inner, naga::TypeInner::Array { size: naga::ArraySize::Dynamic, .. });
+        let needed = u64::from(layouter[g.ty].size);
+        if !dynamic && needed > given {
+            return Err(SpecError::BindingMismatch(format!(
+                "@binding({i}) ({}) is declared as {needed} bytes in the kernel but the task's buffer {name} has {given} bytes; the kernel would address beyond its buffer: declare a runtime-sized array (array<T>) or give a larger buffer",
+                g.name.as_deref().unwrap_or("unnamed")
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -280,6 +311,14 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
         let two_inputs = [input(4), input(4)].concat();
         let err = plan(&wgsl(DOUBLE, "main"), &two_inputs, &out(4)).unwrap_err();
         assert!(matches!(err, SpecError::BindingMismatch(_)), "{err}");
+    }
+
+    #[test]
+    fn fixed_arrays_larger_than_the_buffer_are_refused() {
+        let fixed = DOUBLE.replace("read_write> y: array<f32>", "read_write> y: array<f32, 1024>");
+        let err = plan(&wgsl(&fixed, "main"), &input(256), &out(256)).unwrap_err();
+        assert!(err.to_string().contains("declared as 4096 bytes"), "{err}");
+        assert!(plan(&wgsl(&fixed, "main"), &input(256), &out(4096)).is_ok());
     }
 
     #[test]

@@ -16,17 +16,56 @@ pub enum Requirement {
     Vendor(String),
     /// `feature=shader-f16`.
     Feature(String),
-    /// `max_buffer_size>=N`.
-    MinMaxBufferSize(u64),
+    /// A minimum adapter limit: `max_buffer_size>=N`, `max_storage_buffer_binding_size>=N`,
+    /// `max_compute_invocations_per_workgroup>=N`, `max_compute_workgroup_size_x>=N`.
+    MinLimit(Limit, u64),
     /// `label:KEY=VALUE`.
     LabelEq(String, String),
     /// `label:KEY!=VALUE`.
     LabelNe(String, String),
+    /// `label:KEY in V1,V2`.
+    LabelIn(String, Vec<String>),
+}
+
+/// An adapter limit a task can ask a minimum of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    /// Largest buffer.
+    MaxBufferSize,
+    /// Largest storage buffer binding.
+    MaxStorageBufferBindingSize,
+    /// Invocations in one workgroup.
+    MaxComputeInvocationsPerWorkgroup,
+    /// Workgroup size along x.
+    MaxComputeWorkgroupSizeX,
+}
+
+impl Limit {
+    const ALL: [(&'static str, Limit); 4] = [
+        ("max_buffer_size", Limit::MaxBufferSize),
+        ("max_storage_buffer_binding_size", Limit::MaxStorageBufferBindingSize),
+        ("max_compute_invocations_per_workgroup", Limit::MaxComputeInvocationsPerWorkgroup),
+        ("max_compute_workgroup_size_x", Limit::MaxComputeWorkgroupSizeX),
+    ];
+
+    fn name(self) -> &'static str {
+        Limit::ALL.iter().find(|(_, l)| *l == self).map(|(n, _)| *n).expect("every limit is named")
+    }
+
+    fn of(self, a: &AdapterInfo) -> u64 {
+        match self {
+            Limit::MaxBufferSize => a.limits.max_buffer_size,
+            Limit::MaxStorageBufferBindingSize => a.limits.max_storage_buffer_binding_size,
+            Limit::MaxComputeInvocationsPerWorkgroup => a.limits.max_compute_invocations_per_workgroup as u64,
+            Limit::MaxComputeWorkgroupSizeX => a.limits.max_compute_workgroup_size_x as u64,
+        }
+    }
 }
 
 /// A `--require` expression that could not be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("cannot read requirement '{expr}': {why}; examples: device=cpu, backend=vulkan, vendor=nvidia, feature=shader-f16, max_buffer_size>=1048576, label:zone=a, label:zone!=b")]
+#[error("cannot read requirement '{expr}': {why}; examples: device=cpu, backend=vulkan, vendor=nvidia, feature=shader-f16, max_buffer_size>=1048576, max_compute_invocations_per_workgroup>=256, label:zone=a, label:zone!=b, 'label:zone in a,b'")]
 pub struct BadRequirement {
     /// The expression.
     pub expr: String,
@@ -39,6 +78,13 @@ impl Requirement {
     pub fn parse(expr: &str) -> Result<Requirement, BadRequirement> {
         let bad = |why: &str| BadRequirement { expr: expr.into(), why: why.into() };
         if let Some(rest) = expr.strip_prefix("label:") {
+            if let Some((k, vs)) = rest.split_once(" in ") {
+                let values: Vec<String> = vs.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect();
+                if values.is_empty() {
+                    return Err(bad("expected label:KEY in V1,V2"));
+                }
+                return Ok(Requirement::LabelIn(k.trim().into(), values));
+            }
             if let Some((k, v)) = rest.split_once("!=") {
                 return Ok(Requirement::LabelNe(k.into(), v.into()));
             }
@@ -46,14 +92,13 @@ impl Requirement {
             return Ok(Requirement::LabelEq(k.into(), v.into()));
         }
         if let Some((k, v)) = expr.split_once(">=") {
-            return match k.trim() {
-                "max_buffer_size" => v
-                    .trim()
-                    .parse()
-                    .map(Requirement::MinMaxBufferSize)
-                    .map_err(|_| bad("the limit must be a number of bytes")),
-                other => Err(bad(&format!("unknown limit '{other}'"))),
-            };
+            let limit = Limit::ALL
+                .iter()
+                .find(|(n, _)| *n == k.trim())
+                .map(|(_, l)| *l)
+                .ok_or_else(|| bad(&format!("unknown limit '{}'", k.trim())))?;
+            let n = v.trim().parse().map_err(|_| bad("the limit must be a whole number"))?;
+            return Ok(Requirement::MinLimit(limit, n));
         }
         let (k, v) = expr.split_once('=').ok_or_else(|| bad("expected KEY=VALUE"))?;
         let v = v.trim();
@@ -80,9 +125,10 @@ impl Requirement {
             Requirement::Backend(b) => on_adapter(&|a| a.backend == *b),
             Requirement::Vendor(v) => on_adapter(&|a| a.vendor == *v),
             Requirement::Feature(f) => on_adapter(&|a| a.features.iter().any(|x| x == f)),
-            Requirement::MinMaxBufferSize(n) => on_adapter(&|a| a.limits.max_buffer_size >= *n),
+            Requirement::MinLimit(l, n) => on_adapter(&|a| l.of(a) >= *n),
             Requirement::LabelEq(k, v) => caps.labels.get(k) == Some(v),
             Requirement::LabelNe(k, v) => caps.labels.get(k) != Some(v),
+            Requirement::LabelIn(k, vs) => caps.labels.get(k).is_some_and(|v| vs.contains(v)),
         }
     }
 }
@@ -94,9 +140,10 @@ impl fmt::Display for Requirement {
             Requirement::Backend(b) => write!(f, "backend={b}"),
             Requirement::Vendor(v) => write!(f, "vendor={v}"),
             Requirement::Feature(x) => write!(f, "feature={x}"),
-            Requirement::MinMaxBufferSize(n) => write!(f, "max_buffer_size>={n}"),
+            Requirement::MinLimit(l, n) => write!(f, "{}>={n}", l.name()),
             Requirement::LabelEq(k, v) => write!(f, "label:{k}={v}"),
             Requirement::LabelNe(k, v) => write!(f, "label:{k}!={v}"),
+            Requirement::LabelIn(k, vs) => write!(f, "label:{k} in {}", vs.join(",")),
         }
     }
 }
@@ -118,8 +165,10 @@ mod tests {
             "vendor=nvidia",
             "feature=shader-f16",
             "max_buffer_size>=1024",
+            "max_compute_invocations_per_workgroup>=256",
             "label:zone=a",
             "label:zone!=b",
+            "label:zone in a,b",
         ] {
             assert_eq!(Requirement::parse(e).unwrap().to_string(), e);
         }

@@ -1,12 +1,14 @@
 //! Placement: a pure function from (state, live nodes) to assignments.
 //!
 //! Pending tasks are taken highest priority first, first come first within a
-//! priority. Each goes to the live matching node with the most free slots, preferring
-//! discrete over integrated over CPU adapters and then the lower node id, so equal
-//! work spreads across equal nodes.
+//! priority; a retried task waits out its backoff. Each goes to a live, undrained
+//! node that meets every requirement, ranked by: the task's preferences (earlier ones
+//! weigh more), a node where the task has not failed before, discrete over integrated
+//! over CPU adapters, the most free slots (so equal work spreads across equal nodes,
+//! a weighted round robin by free capacity), then the lower node id.
 
 use crate::capability::{DeviceType, NodeCapabilities};
-use crate::ids::{NodeId, TaskId};
+use crate::ids::{NodeId, TaskId, Timestamp};
 use crate::requirement::{first_unmet, Requirement};
 use crate::state::MeshState;
 use crate::task::{Task, TaskState};
@@ -22,11 +24,11 @@ pub struct Assignment {
 }
 
 /// Assign as many pending tasks as free slots allow.
-pub fn schedule(state: &MeshState, live: &BTreeSet<NodeId>) -> Vec<Assignment> {
+pub fn schedule(state: &MeshState, live: &BTreeSet<NodeId>, now: Timestamp) -> Vec<Assignment> {
     let mut free: BTreeMap<NodeId, i64> = state
         .nodes
         .values()
-        .filter(|n| live.contains(&n.id) && n.capabilities.primary().is_some())
+        .filter(|n| live.contains(&n.id) && !n.drained && n.capabilities.primary().is_some())
         .map(|n| (n.id, n.capabilities.slots.max(1) as i64))
         .collect();
     for t in state.tasks.values() {
@@ -36,15 +38,29 @@ pub fn schedule(state: &MeshState, live: &BTreeSet<NodeId>) -> Vec<Assignment> {
             }
         }
     }
-    let mut pending: Vec<&Task> = state.tasks.values().filter(|t| t.state == TaskState::Pending).collect();
+    let mut pending: Vec<&Task> = state
+        .tasks
+        .values()
+        .filter(|t| t.state == TaskState::Pending && t.not_before.is_none_or(|nb| nb <= now))
+        .collect();
     pending.sort_by_key(|t| (std::cmp::Reverse(t.priority), t.id));
     let mut out = Vec::new();
     for task in pending {
+        let failed_on: BTreeSet<NodeId> = task.errors.iter().map(|e| e.node).collect();
         let best = free
             .iter()
             .filter(|(_, f)| **f > 0)
             .filter(|(id, _)| first_unmet(&task.requirements, &state.nodes[id].capabilities).is_none())
-            .max_by_key(|(id, f)| (device_rank(&state.nodes[id].capabilities), **f, std::cmp::Reverse(**id)))
+            .max_by_key(|(id, f)| {
+                let caps = &state.nodes[id].capabilities;
+                (
+                    preference_score(&task.prefer, caps),
+                    !failed_on.contains(id),
+                    device_rank(caps),
+                    **f,
+                    std::cmp::Reverse(**id),
+                )
+            })
             .map(|(id, _)| *id);
         if let Some(node) = best {
             *free.get_mut(&node).expect("present") -= 1;
@@ -52,6 +68,12 @@ pub fn schedule(state: &MeshState, live: &BTreeSet<NodeId>) -> Vec<Assignment> {
         }
     }
     out
+}
+
+/// Preferences met, earlier ones weighing more: one bit per preference, the first
+/// preference the most significant.
+fn preference_score(prefer: &[Requirement], caps: &NodeCapabilities) -> u64 {
+    prefer.iter().take(63).fold(0u64, |acc, p| (acc << 1) | u64::from(p.satisfied_by(caps)))
 }
 
 fn device_rank(caps: &NodeCapabilities) -> u8 {
@@ -85,9 +107,12 @@ pub fn never_runnable(state: &MeshState, reqs: &[Requirement]) -> Option<String>
 }
 
 /// Why a pending task is still waiting, for `mesh-cli task ID`.
-pub fn why_waiting(state: &MeshState, task: &Task, live: &BTreeSet<NodeId>) -> Option<String> {
+pub fn why_waiting(state: &MeshState, task: &Task, live: &BTreeSet<NodeId>, now: Timestamp) -> Option<String> {
     if task.state != TaskState::Pending {
         return None;
+    }
+    if let Some(nb) = task.not_before.filter(|nb| *nb > now) {
+        return Some(format!("retrying after a failed attempt, in {} ms (backoff)", nb.0 - now.0));
     }
     let matching: Vec<NodeId> = state
         .nodes
@@ -100,6 +125,9 @@ pub fn why_waiting(state: &MeshState, task: &Task, live: &BTreeSet<NodeId>) -> O
     }
     if !matching.iter().any(|n| live.contains(n)) {
         return Some(format!("every node that matches ({}) is down", join(&matching)));
+    }
+    if matching.iter().filter(|n| live.contains(n)).all(|n| state.nodes[n].drained) {
+        return Some(format!("every live node that matches ({}) is drained", join(&matching)));
     }
     Some(format!("every live node that matches ({}) has all its slots busy", join(&matching)))
 }

@@ -8,7 +8,7 @@ use crate::command::{Command, Outcome, Rejection, Request, Response};
 use crate::data::{Bytes, Digest};
 use crate::identity::fingerprint::Fingerprint;
 use crate::ids::{Attempt, NodeId, TaskId, Timestamp};
-use crate::task::{AttemptError, DataRef, OutputDecl, Task, TaskResult, TaskSpec, TaskState};
+use crate::task::{AttemptError, Checkpoint, DataRef, OutputDecl, Task, TaskResult, TaskSpec, TaskState};
 use crate::token::TokenRecord;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -32,6 +32,8 @@ pub struct NodeRecord {
     pub down: bool,
     /// Removed for good; its id is never reused.
     pub removed: bool,
+    /// Drained by an operator: no new placements.
+    pub drained: bool,
 }
 
 impl NodeRecord {
@@ -88,6 +90,7 @@ impl MeshState {
                         updated_at: now,
                         down: false,
                         removed: false,
+                        drained: self.nodes.get(node).is_some_and(|n| n.drained),
                     },
                 );
                 Outcome::NodeRegistered(*node)
@@ -147,6 +150,24 @@ impl MeshState {
                 self.fail(now, *task, *attempt, *node, error, *retryable)
             }
             Command::Cancel { task, .. } => self.cancel(now, *task),
+            Command::Checkpoint { task, attempt, node, shard, output } => self.checkpoint(now, *task, *attempt, *node, *shard, output),
+            Command::Release { task, attempt, node } => match self.current(*task, *attempt, *node, "release") {
+                Ok(t) => {
+                    t.state = TaskState::Pending;
+                    Outcome::Released(*task)
+                }
+                Err(r) => Outcome::Rejected(r),
+            },
+            Command::Drain { node, .. } | Command::Undrain { node, .. } => {
+                let draining = matches!(cmd, Command::Drain { .. });
+                match self.nodes.get_mut(node) {
+                    Some(n) if !n.removed => {
+                        n.drained = draining;
+                        Outcome::Drained { node: *node, draining }
+                    }
+                    _ => Outcome::Rejected(Rejection::UnknownNode(*node)),
+                }
+            }
         }
     }
 
@@ -191,6 +212,7 @@ impl MeshState {
                 updated_at: now,
                 down: false,
                 removed: false,
+                drained: false,
             },
         );
         Outcome::Joined(id)
@@ -234,6 +256,10 @@ impl MeshState {
                 inputs,
                 outputs: outputs.to_vec(),
                 requirements: spec.requirements.clone(),
+                prefer: spec.prefer.clone(),
+                shards: spec.shards.max(1),
+                checkpoints: BTreeMap::new(),
+                not_before: None,
                 priority: spec.priority,
                 timeout: spec.timeout,
                 max_attempts: spec.max_attempts.max(1),
@@ -342,11 +368,39 @@ impl MeshState {
         let retry = retryable && attempt.0 < task.max_attempts;
         if retry {
             task.state = TaskState::Pending;
+            task.not_before = Some(now.plus(retry_backoff(attempt)));
         } else {
             task.state = TaskState::Failed;
             task.finished_at = Some(now);
         }
         Outcome::Failed { task: id, retry }
+    }
+
+    fn checkpoint(&mut self, now: Timestamp, id: TaskId, attempt: Attempt, node: NodeId, shard: u32, output: &Bytes) -> Outcome {
+        let task = match self.current(id, attempt, node, "checkpoint") {
+            Ok(t) => t,
+            Err(r) => return Outcome::Rejected(r),
+        };
+        if shard >= task.shards || task.checkpoints.contains_key(&shard) {
+            return Outcome::Rejected(Rejection::BadOutputs {
+                task: id,
+                why: format!("shard {shard} is out of range or already committed (the task has {} shards)", task.shards),
+            });
+        }
+        let name = task.outputs.first().map_or_else(|| "out".to_string(), |o| o.name.clone());
+        let output_ref = self.store_blob(&format!("{name}.shard{shard}"), output);
+        let task = self.tasks.get_mut(&id).expect("checked above");
+        task.checkpoints.insert(shard, Checkpoint { attempt, node, output: output_ref });
+        if task.checkpoints.len() < task.shards as usize {
+            return Outcome::Checkpointed { task: id, shard };
+        }
+        // Every shard is in: the result is the shards' outputs in order.
+        let mut whole = Vec::new();
+        let digests: Vec<Digest> = task.checkpoints.values().map(|c| c.output.digest).collect();
+        for d in &digests {
+            whole.extend_from_slice(self.blobs.get(d).map(|b| b.as_slice()).unwrap_or_default());
+        }
+        self.complete(now, id, attempt, node, &[Bytes::from(whole)])
     }
 
     fn cancel(&mut self, now: Timestamp, id: TaskId) -> Outcome {
@@ -381,6 +435,13 @@ impl MeshState {
     }
 }
 
+/// Delay before a failed attempt's task may be placed again: 500 ms, doubling per
+/// attempt, at most 30 s.
+pub fn retry_backoff(failed: Attempt) -> std::time::Duration {
+    let ms = 500u64.saturating_mul(1 << failed.0.saturating_sub(1).min(16));
+    std::time::Duration::from_millis(ms.min(30_000))
+}
+
 fn wrong_state(task: &Task, action: &str) -> Rejection {
     Rejection::WrongState { task: task.id, state: task.state.name().into(), action: action.into() }
 }
@@ -400,6 +461,8 @@ mod tests {
             inputs: vec![NamedBytes { name: "x".into(), data: Bytes::from(vec![1, 2, 3, 4]) }],
             outputs: vec![],
             requirements: vec![],
+            prefer: vec![],
+            shards: 1,
             priority: 0,
             timeout: DEFAULT_TIMEOUT,
             max_attempts: 2,

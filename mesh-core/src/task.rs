@@ -83,6 +83,14 @@ pub struct TaskSpec {
     /// What the node must offer.
     #[serde(default)]
     pub requirements: Vec<Requirement>,
+    /// Soft preferences, most important first: among nodes that meet the
+    /// requirements, those meeting earlier preferences are chosen first.
+    #[serde(default)]
+    pub prefer: Vec<Requirement>,
+    /// Split the work into this many shards; each finished shard is committed as a
+    /// checkpoint, and a moved task resumes from the last one (built-ins only).
+    #[serde(default = "one")]
+    pub shards: u32,
     /// Higher runs first.
     #[serde(default)]
     pub priority: i32,
@@ -102,6 +110,9 @@ fn default_timeout() -> Duration {
 }
 fn default_max_attempts() -> u32 {
     DEFAULT_MAX_ATTEMPTS
+}
+fn one() -> u32 {
+    1
 }
 
 /// Serde for `Duration` as whole milliseconds (readable in JSON, compact in bincode).
@@ -206,6 +217,17 @@ pub struct TaskResult {
     pub outputs: Vec<DataRef>,
 }
 
+/// One finished shard of a sharded task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The attempt that produced it.
+    pub attempt: Attempt,
+    /// The node that produced it.
+    pub node: NodeId,
+    /// The shard's output.
+    pub output: DataRef,
+}
+
 /// A failed attempt, kept for `mesh-cli task ID`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttemptError {
@@ -230,6 +252,14 @@ pub struct Task {
     pub outputs: Vec<OutputDecl>,
     /// Requirements.
     pub requirements: Vec<Requirement>,
+    /// Preferences, most important first.
+    pub prefer: Vec<Requirement>,
+    /// Number of shards (1: not sharded).
+    pub shards: u32,
+    /// Committed shard outputs, by shard index.
+    pub checkpoints: BTreeMap<u32, Checkpoint>,
+    /// A retried task is not placed before this time (backoff).
+    pub not_before: Option<Timestamp>,
     /// Priority, higher first.
     pub priority: i32,
     /// Per-attempt timeout.

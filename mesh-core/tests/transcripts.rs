@@ -12,7 +12,10 @@
 //! `why TASK [live=N,N]`, `refuse [require=EXPR]...` (would submit refuse it?),
 //! `token create ID [ttl=MS] [uses=N] [secret=S]`, `token revoke ID`,
 //! `join TOKEN [secret=S] [key=NAME]`, `down NODE`, `up NODE`, `remove NODE`,
-//! `advance MS` (the clock), `live` (nodes placement may use).
+//! `advance MS` (the clock), `live` (nodes placement may use),
+//! `submit ... [shards=N] [out=BYTES] [prefer=EXPR]...`, `checkpoint TASK ATTEMPT NODE SHARD [bytes=N]`
+//! (the output bytes all equal SHARD), `release TASK ATTEMPT NODE`, `drain NODE`, `undrain NODE`,
+//! `result TASK` (the recorded output bytes).
 
 use mesh_core::capability::{AdapterInfo, AdapterLimits, DeviceType, NodeCapabilities};
 use mesh_core::requirement::Requirement;
@@ -98,12 +101,14 @@ impl Session {
                     inputs: vec![],
                     outputs: vec![],
                     requirements: requirements(&words),
+                    prefer: words.iter().filter_map(|w| w.strip_prefix("prefer=")).map(|r| Requirement::parse(r).unwrap()).collect(),
+                    shards: kv(&words, "shards").map_or(1, |v| v.parse().unwrap()),
                     priority: kv(&words, "priority").map_or(0, |p| p.parse().unwrap()),
                     timeout: DEFAULT_TIMEOUT,
                     max_attempts: kv(&words, "max_attempts").map_or(3, |p| p.parse().unwrap()),
                     idempotency_key: kv(&words, "key").map(String::from),
                 },
-                outputs: vec![OutputDecl { name: "out".into(), size: 4 }],
+                outputs: vec![OutputDecl { name: "out".into(), size: kv(&words, "out").map_or(4, |v| v.parse().unwrap()) }],
                 submitter: user(kv(&words, "by").unwrap_or("alice")),
             },
             "assign" => Command::Assign { task: TaskId(n(1)), node: NodeId(n(2)) },
@@ -135,6 +140,21 @@ impl Session {
                 fingerprint: user(kv(&words, "key").unwrap_or("newcomer")),
                 addr: "joiner:7720".into(),
             },
+            "checkpoint" => Command::Checkpoint {
+                task: TaskId(n(1)),
+                attempt: Attempt(n(2) as u32),
+                node: NodeId(n(3)),
+                shard: n(4) as u32,
+                output: Bytes::from(vec![n(4) as u8; kv(&words, "bytes").map_or(2, |b| b.parse().unwrap())]),
+            },
+            "release" => Command::Release { task: TaskId(n(1)), attempt: Attempt(n(2) as u32), node: NodeId(n(3)) },
+            "drain" => Command::Drain { node: NodeId(n(1)), actor: user("admin") },
+            "undrain" => Command::Undrain { node: NodeId(n(1)), actor: user("admin") },
+            "result" => {
+                let t = &self.state.tasks[&TaskId(n(1))];
+                let r = t.result.as_ref().expect("a result");
+                return vec![format!("{:?}", self.state.blob(&r.outputs[0].digest).unwrap().as_slice())];
+            }
             "down" => Command::MarkDown { node: NodeId(n(1)) },
             "up" => Command::MarkUp { node: NodeId(n(1)) },
             "remove" => Command::RemoveNode { node: NodeId(n(1)), actor: user("admin") },
@@ -152,7 +172,7 @@ impl Session {
                 return vec![format!("{}{result}", t.state)];
             }
             "schedule" | "place" => {
-                let decisions = schedule(&self.state, &live(&words, &self.state));
+                let decisions = schedule(&self.state, &live(&words, &self.state), now);
                 if words[0] == "place" {
                     return decisions
                         .iter()
@@ -166,7 +186,7 @@ impl Session {
             }
             "why" => {
                 let t = &self.state.tasks[&TaskId(n(1))];
-                return vec![why_waiting(&self.state, t, &live(&words, &self.state)).unwrap_or_else(|| "not waiting".into())];
+                return vec![why_waiting(&self.state, t, &live(&words, &self.state), now).unwrap_or_else(|| "not waiting".into())];
             }
             "refuse" => {
                 return vec![never_runnable(&self.state, &requirements(&words)).unwrap_or_else(|| "accepted".into())];

@@ -44,7 +44,8 @@ impl Placement {
             if self.raft.metrics().borrow().current_leader != Some(self.node) {
                 continue;
             }
-            let decisions = self.state.read(|s| schedule(s, &self.service.live_nodes(s)));
+            let now = crate::proposer::now();
+            let decisions = self.state.read(|s| schedule(s, &self.service.live_nodes(s), now));
             if decisions.is_empty() {
                 continue;
             }

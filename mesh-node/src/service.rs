@@ -135,7 +135,7 @@ impl Service {
             s.tasks
                 .values()
                 .filter(|t| state_filter.is_none_or(|f| t.state.name() == f))
-                .map(|t| TaskView::of(s, t, &live))
+                .map(|t| TaskView::of(s, t, &live, crate::proposer::now()))
                 .collect()
         })
     }
@@ -144,7 +144,7 @@ impl Service {
     pub fn task(&self, id: TaskId) -> Result<TaskView, ServiceError> {
         self.state.read(|s| {
             let t = s.tasks.get(&id).ok_or(ServiceError::UnknownTask(id))?;
-            Ok(TaskView::of(s, t, &self.live_nodes(s)))
+            Ok(TaskView::of(s, t, &self.live_nodes(s), crate::proposer::now()))
         })
     }
 
@@ -157,6 +157,20 @@ impl Service {
             KernelSpec::Builtin { .. } => Vec::new(),
         };
         let plan = kernel::plan(&spec.kernel, &spec.inputs, &declared)?;
+        if spec.shards > 1 {
+            match &spec.kernel {
+                KernelSpec::Builtin { name, params } => {
+                    mesh_core::builtin::shard_units(name, params, &spec.inputs, spec.shards)?;
+                }
+                KernelSpec::Wgsl { .. } => {
+                    return Err(ServiceError::BadRequest(format!(
+                        "WGSL kernels cannot be sharded (--shards {}); shardable built-in kernels are: {}",
+                        spec.shards,
+                        mesh_core::builtin::SHARDABLE.join(", ")
+                    )))
+                }
+            }
+        }
         if let Some(why) = self.state.read(|s| never_runnable(s, &spec.requirements)) {
             return Err(ServiceError::Unschedulable(why));
         }
@@ -265,6 +279,16 @@ impl Service {
                 metrics::counter!("mesh_token_events_total", "event" => "revoked").increment(1);
                 Ok(())
             }
+            Outcome::Rejected(r) => Err(r.into()),
+            other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+        }
+    }
+
+    /// `drain NODE` / `undrain NODE`.
+    pub async fn drain(&self, node: NodeId, draining: bool, actor: Fingerprint) -> Result<(), ServiceError> {
+        let cmd = if draining { Command::Drain { node, actor } } else { Command::Undrain { node, actor } };
+        match self.proposer.propose(cmd).await? {
+            Outcome::Drained { .. } => Ok(()),
             Outcome::Rejected(r) => Err(r.into()),
             other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
         }

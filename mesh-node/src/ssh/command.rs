@@ -50,6 +50,8 @@ pub enum Request {
     TokenRevoke(String),
     /// `remove NODE`
     Remove(mesh_core::NodeId),
+    /// `drain NODE` (true) / `undrain NODE` (false)
+    Drain(mesh_core::NodeId, bool),
 }
 
 /// A parsed exec line.
@@ -61,7 +63,7 @@ pub struct CommandLine {
     pub json: bool,
 }
 
-const USAGE: &str = "commands: status, nodes, tasks [--state S], submit (JSON task on stdin), task ID, wait ID, result ID [--raw] [--name OUTPUT], cancel ID, token create [--ttl 1h] [--uses N], token list, token revoke ID, remove NODE; add --json for JSON output";
+const USAGE: &str = "commands: status, nodes, tasks [--state S], submit (JSON task on stdin), task ID, wait ID, result ID [--raw] [--name OUTPUT], cancel ID, token create [--ttl 1h] [--uses N], token list, token revoke ID, remove NODE, drain NODE, undrain NODE; add --json for JSON output";
 
 /// Lifetime of a join token when `--ttl` is not given.
 const DEFAULT_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -123,9 +125,10 @@ impl CommandLine {
                 },
                 _ => return Err("token takes create, list or revoke".into()),
             },
-            Some("remove") => match words.get(1).map(|n| n.parse::<u64>()) {
-                Some(Ok(n)) => Request::Remove(mesh_core::NodeId(n)),
-                _ => return Err("remove takes a node id (`nodes` lists them)".into()),
+            Some(cmd @ ("remove" | "drain" | "undrain")) => match words.get(1).map(|n| n.parse::<u64>()) {
+                Some(Ok(n)) if cmd == "remove" => Request::Remove(mesh_core::NodeId(n)),
+                Some(Ok(n)) => Request::Drain(mesh_core::NodeId(n), cmd == "drain"),
+                _ => return Err(format!("{cmd} takes a node id (`nodes` lists them)")),
             },
             Some(other) => return Err(format!("unknown command '{other}'; {USAGE}")),
         };
@@ -296,6 +299,15 @@ async fn dispatch(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fin
                 Reply::json(&serde_json::json!({ "revoked": id }))
             } else {
                 Reply::text(format!("token {id} revoked\n"))
+            }
+        }
+        Request::Drain(node, draining) => {
+            service.drain(*node, *draining, actor.clone()).await?;
+            let word = if *draining { "drained" } else { "undrained" };
+            if json {
+                Reply::json(&serde_json::json!({ word: node }))
+            } else {
+                Reply::text(format!("node {node} {word}\n"))
             }
         }
         Request::Remove(node) => {
