@@ -191,6 +191,8 @@ pub fn parse(text: &str, base: &Path) -> anyhow::Result<TaskSpec> {
         inputs,
         outputs,
         requirements: parse_requirements(&file.require)?,
+        prefer: Vec::new(),
+        shards: 1,
         priority: file.priority.unwrap_or(0),
         timeout,
         max_attempts: file.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),

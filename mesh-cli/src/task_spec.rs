@@ -137,6 +137,8 @@ pub fn from_flags(args: &SubmitArgs) -> anyhow::Result<TaskSpec> {
         inputs,
         outputs: args.outputs.clone(),
         requirements: Vec::new(),
+        prefer: Vec::new(),
+        shards: 1,
         priority: 0,
         timeout: DEFAULT_TIMEOUT,
         max_attempts: DEFAULT_MAX_ATTEMPTS,
