@@ -5,6 +5,7 @@
 
 pub mod admin_keys;
 pub mod autopilot;
+pub mod capabilities;
 pub mod config;
 pub mod gpu;
 pub mod host_key;

@@ -3,8 +3,9 @@
 
 use crate::admin_keys::{self, AdminKeySource};
 use crate::autopilot::{Autopilot, VoterPolicy};
+use crate::capabilities::Publisher;
 use crate::config::NodeConfig;
-use crate::gpu::{self, Executor};
+use crate::gpu::Executor;
 use crate::host_key::HostKey;
 use crate::liveness::{FailureDetector, Heartbeats, Liveness, LivenessConfig};
 use crate::peer::clients::PeerClients;
@@ -14,7 +15,7 @@ use crate::peer::network::PeerNetwork;
 use crate::peer::server::PeerServer;
 use crate::peer::MAX_MESSAGE_BYTES;
 use crate::placement::Placement;
-use crate::proposer::{self, Proposer};
+use crate::proposer;
 use crate::service::Service;
 use crate::ssh::{Endpoint, SshServer};
 use crate::store::Store;
@@ -24,7 +25,7 @@ use crate::{http, telemetry};
 use anyhow::Context;
 use mesh_core::raft_types::TypeConfig;
 use mesh_core::token::JoinToken;
-use mesh_core::{Command, Fingerprint, MeshNode, NodeCapabilities, NodeId, Outcome};
+use mesh_core::{Fingerprint, MeshNode, NodeId};
 use mesh_proto::v1::mesh_server::MeshServer;
 use mesh_proto::v1::raft_server::RaftServer;
 use mesh_proto::v1::JoinRequest;
@@ -42,8 +43,6 @@ use tracing::{info, warn};
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// The id of the node that bootstraps a mesh.
 pub const FIRST_NODE_ID: NodeId = NodeId(1);
-/// Retry pause while registering this node.
-const REGISTER_RETRY: Duration = Duration::from_millis(200);
 /// File in the data directory holding this node's id once it is a member.
 const NODE_ID_FILE: &str = "node.id";
 /// Heartbeat period; the node timeout is several of these.
@@ -122,7 +121,6 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
 
     let store = Store::open(&config.data_dir.join("raft")).context("cannot open the Raft store")?;
     let state = store.state_machine.view();
-    let adapters = gpu::probe();
     let executor = match Executor::open_best() {
         Ok(e) => Some(Arc::new(e)),
         Err(e) => {
@@ -130,7 +128,14 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             None
         }
     };
-    let capabilities = NodeCapabilities { adapters, labels: config.labels.clone(), slots: config.slots };
+    let publisher = Publisher {
+        node,
+        fingerprint: host_key.fingerprint(),
+        addr: me.addr.clone(),
+        labels: config.labels.clone(),
+        slots: config.slots,
+    };
+    let capabilities = publisher.probe();
 
     let directory = Directory::new(Pins::new([me.fingerprint.clone()]));
     directory.add_bootstrap(Some(node), me.clone());
@@ -191,7 +196,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         proposer.clone(),
         liveness.clone(),
     );
-    register(&raft, &proposer, node, &host_key, &config, capabilities).await?;
+    publisher.register(&raft, &proposer, capabilities.clone()).await?;
+    tracker.spawn(publisher.refresh(raft.clone(), proposer.clone(), capabilities, shutdown.clone()));
 
     tracker.spawn(
         Placement { node: node.0, raft: raft.clone(), state: state.clone(), proposer: proposer.clone(), service: service.clone() }
@@ -330,35 +336,4 @@ fn write_node_id(dir: &Path, id: NodeId) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{id}\n")).and_then(|_| std::fs::File::open(&tmp)?.sync_all()).and_then(|_| std::fs::rename(&tmp, &path))
         .with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// Wait for a leader, then record this node and its capabilities in the state.
-async fn register(
-    raft: &Raft<TypeConfig>,
-    proposer: &Proposer,
-    node: NodeId,
-    host_key: &HostKey,
-    config: &NodeConfig,
-    capabilities: NodeCapabilities,
-) -> anyhow::Result<()> {
-    raft.wait(Some(Duration::from_secs(60)))
-        .metrics(|m| m.current_leader.is_some(), "a leader is known")
-        .await
-        .context("no Raft leader after 60 s")?;
-    let command = Command::RegisterNode {
-        node,
-        fingerprint: host_key.fingerprint(),
-        addr: config.listen.to_string(),
-        capabilities,
-    };
-    loop {
-        match proposer.propose(command.clone()).await {
-            Ok(Outcome::NodeRegistered(_)) => return Ok(()),
-            Ok(other) => anyhow::bail!("registering this node was refused: {other}"),
-            Err(e) => {
-                warn!(error = %e, "registering this node; retrying");
-                tokio::time::sleep(REGISTER_RETRY).await;
-            }
-        }
-    }
 }
