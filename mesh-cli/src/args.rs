@@ -3,6 +3,7 @@
 use crate::node_addr::NodeAddr;
 use crate::task_spec::{parse_input, parse_output, parse_param, parse_workgroups, InputArg};
 use clap::{ArgGroup, Args, Parser, Subcommand};
+use mesh_core::builtin::MAX_SHARDS;
 use mesh_core::duration::parse_duration;
 use mesh_core::requirement::Requirement;
 use mesh_core::task::OutputDecl;
@@ -29,9 +30,12 @@ Examples:
   mesh-cli --node 10.0.0.2:7722 status
   mesh-cli submit --kernel saxpy --param a=2 --input x=@x.bin --input y=@y.bin --wait
   mesh-cli submit task.toml --wait
+  mesh-cli submit --kernel mandelbrot --param width=4096 --param height=4096 --param max_iter=1000 \
+      --shards 16 --prefer device=discrete
   mesh-cli result 5 --output y.bin
   mesh-cli --json tasks --state failed
   T=$(mesh-cli token create --ttl 30m)       # then on a new machine: mesh-node run --join \"$T\"
+  mesh-cli drain 2                           # before maintenance; mesh-cli undrain 2 after
   mesh-cli remove 3
 
 Exit status:
@@ -100,8 +104,9 @@ pub enum Command {
     Status,
 
     /// List the nodes of the mesh: Raft role (leader, follower = voter, learner), health
-    /// (up, down, removed), when the leader last heard from each, address, host key
-    /// fingerprint, GPU adapter (name, device type, backend), slots in use and labels.
+    /// (up, down, removed; `,drained` when drained), when the leader last heard from
+    /// each, address, host key fingerprint, GPU adapter (name, device type, backend),
+    /// slots in use and labels.
     #[command(after_help = NODES_HELP)]
     Nodes,
 
@@ -113,8 +118,8 @@ pub enum Command {
         state: Option<String>,
     },
 
-    /// Show one task: state, node and attempt, inputs and outputs with SHA-256, the
-    /// errors of failed attempts, and why a pending task waits.
+    /// Show one task: state, node and attempt, shards done (sharded tasks), inputs and
+    /// outputs with SHA-256, the errors of failed attempts, and why a pending task waits.
     #[command(after_help = "Example:\n  mesh-cli task 5")]
     Task {
         /// The task id (as printed by submit).
@@ -123,7 +128,8 @@ pub enum Command {
 
     /// Submit a task, from a task file or from flags.
     #[command(after_help = SUBMIT_HELP)]
-    Submit(SubmitArgs),
+    // Boxed: the submit options are far larger than any other command's.
+    Submit(Box<SubmitArgs>),
 
     /// Fetch a succeeded task's output: verify its SHA-256 and write it to a file, or
     /// render a mandelbrot task as PNG. Without --output or --png, list the outputs.
@@ -170,6 +176,26 @@ pub enum Command {
         /// Do not ask for confirmation.
         #[arg(long, short = 'y')]
         yes: bool,
+    },
+
+    /// Drain a node: the scheduler places no new tasks on it, so that it can be
+    /// maintained or taken away without starting work there. It stays a member of the
+    /// mesh, and what already runs there is not cancelled. Undo with `undrain`.
+    #[command(after_help = DRAIN_HELP)]
+    Drain {
+        /// The node id, as `mesh-cli nodes` shows it.
+        #[arg(value_name = "NODE", value_parser = parse_node_id)]
+        id: NodeId,
+    },
+
+    /// Let a drained node take new tasks again.
+    #[command(
+        after_help = "Example:\n  mesh-cli undrain 2\n\n`mesh-cli nodes` shows drained nodes with HEALTH `up,drained`."
+    )]
+    Undrain {
+        /// The node id, as `mesh-cli nodes` shows it.
+        #[arg(value_name = "NODE", value_parser = parse_node_id)]
+        id: NodeId,
     },
 
     /// Pin a node's host key: connect, fetch the key it presents, and append it to the
@@ -226,12 +252,15 @@ pub enum TokenCommand {
 }
 
 const NODES_HELP: &str = "\
-LAST CONTACT is how long ago the leader last heard from the node (`-` when the node \
-you ask is not the leader, or has not heard from it yet).
+HEALTH is up, down (silent too long; its tasks move elsewhere) or removed, with \
+`,drained` added for a node that takes no new tasks (`mesh-cli drain NODE`). LAST \
+CONTACT is how long ago the leader last heard from the node (`-` when the node you \
+ask is not the leader, or has not heard from it yet).
 
 Examples:
   mesh-cli nodes
-  mesh-cli --json nodes | jq '.[] | select(.health != \"up\") | .id'";
+  mesh-cli --json nodes | jq '.[] | select(.health != \"up\") | .id'
+  mesh-cli --json nodes | jq '.[] | select(.drained) | .id'";
 
 const TOKEN_HELP: &str = "\
 Adding a machine to the mesh:
@@ -266,6 +295,16 @@ Examples:
   mesh-cli --node 127.0.0.1:7722 join \"$T\"
   mesh-cli --node 127.0.0.1:7722 status        # shows the mesh it joined";
 
+const DRAIN_HELP: &str = "\
+Examples:
+  mesh-cli drain 2           # node 2 takes no new tasks
+  mesh-cli nodes             # HEALTH shows up,drained; SLOTS shows what still runs there
+  mesh-cli undrain 2         # node 2 takes tasks again
+
+Unlike `remove`, a drain is undone by `undrain`: the node keeps its id, its place in \
+the Raft membership and its pinned key. Tasks that need a drained node wait, and \
+`mesh-cli task ID` says so.";
+
 const REMOVE_HELP: &str = "\
 Examples:
   mesh-cli remove 3          # asks: remove node 3 (10.0.0.3:7700) from the mesh for good? [y/N]
@@ -287,10 +326,26 @@ Examples:
   mesh-cli submit --wgsl double.wgsl --workgroups 4,1,1 --input x=@x.bin --output y=4096 \\
       --require device=discrete --timeout 2m --idempotency-key run-42
 
+Placement: every --require must hold on the node that runs the task; a task no \
+node could ever run is refused at submit. Among the nodes that qualify, --prefer \
+picks: nodes meeting the first preference come first, then the second, and so on. A \
+preference never makes a task wait.
+  mesh-cli submit --kernel saxpy --param a=2 --input x=@x.bin --input y=@y.bin \\
+      --require backend=vulkan --require 'max_buffer_size>=268435456' \\
+      --require 'label:zone in eu-1,eu-2' --prefer device=discrete --prefer label:zone=eu-1
+
+Sharding: --shards N splits a built-in kernel's work (saxpy and vector-add by \
+element, matmul and mandelbrot by row) into N parts. Each finished shard is committed \
+as a checkpoint, so a task that moves to another node resumes from its last \
+checkpoint instead of starting over. The output is the same, bit for bit.
+  mesh-cli submit --kernel matmul --param m=1024 --param n=1024 --param k=1024 \\
+      --input a=@a.bin --input b=@b.bin --shards 8 --wait
+
 With --wait, mesh-cli waits for the task to finish and exits 3 if it failed or was \
 cancelled. With --json it prints the SubmitReply, or with --wait the final TaskView.
-A task file's policy (timeout, attempts, priority, key) can be overridden by flags; \
---require adds to the file's requirements.";
+A task file's policy (timeout, attempts, priority, key, shards) can be overridden by \
+flags; --require and --prefer add to the file's requirements and preferences (after \
+them).";
 
 const RESULT_HELP: &str = "\
 Examples:
@@ -347,11 +402,27 @@ pub struct SubmitArgs {
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub priority: Option<i32>,
 
-    /// What the node must offer (repeat for each): device=cpu|discrete|integrated|virtual,
-    /// backend=vulkan, vendor=nvidia, feature=shader-f16, max_buffer_size>=N,
-    /// label:KEY=VALUE, label:KEY!=VALUE.
+    /// What the node must offer (repeat for each; all must hold). EXPR is one of:
+    /// device=discrete|integrated|virtual|cpu, backend=vulkan, vendor=nvidia,
+    /// feature=shader-f16; LIMIT>=N with LIMIT one of max_buffer_size,
+    /// max_storage_buffer_binding_size, max_compute_invocations_per_workgroup,
+    /// max_compute_workgroup_size_x; label:KEY=VALUE, label:KEY!=VALUE,
+    /// 'label:KEY in V1,V2' (quote it: it holds a space).
     #[arg(long = "require", value_name = "EXPR", value_parser = Requirement::parse)]
     pub requirements: Vec<Requirement>,
+
+    /// A soft preference, in the EXPR syntax of --require (repeat for each, most
+    /// important first): among the nodes that meet every requirement, those meeting
+    /// earlier preferences are chosen first. E.g. --prefer device=discrete --prefer
+    /// label:zone=a.
+    #[arg(long = "prefer", value_name = "EXPR", value_parser = Requirement::parse)]
+    pub prefer: Vec<Requirement>,
+
+    /// Split a built-in kernel's work into N shards, each committed as a checkpoint when
+    /// done, so that a moved task resumes where it stopped (saxpy, vector-add, matmul,
+    /// mandelbrot; at most one shard per element or row) [default: 1, not sharded].
+    #[arg(long, value_name = "N", value_parser = parse_shards)]
+    pub shards: Option<u32>,
 
     /// Submitting again with the same key returns the existing task instead of a new one.
     #[arg(long, value_name = "KEY")]
@@ -404,6 +475,17 @@ fn parse_token_id(text: &str) -> Result<String, String> {
             "expected a token id: 16 hex digits, as `mesh-cli token list` shows (or the whole token)"
                 .into(),
         ),
+    }
+}
+
+/// `--shards`: 1 to `MAX_SHARDS`. Whether the kernel can be split that many ways is
+/// checked with the whole task (`task_spec::check_locally`).
+fn parse_shards(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(n) if (1..=MAX_SHARDS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a number of shards from 1 to {MAX_SHARDS} (1 runs the task whole), e.g. --shards 8"
+        )),
     }
 }
 
@@ -585,5 +667,102 @@ mod tests {
             .to_string();
         assert!(e.contains("expected a node id"), "{e}");
         assert!(Cli::try_parse_from(["mesh-cli", "remove"]).is_err());
+    }
+
+    #[test]
+    fn drain_and_undrain_take_a_node_id() {
+        let c = Cli::try_parse_from(["mesh-cli", "drain", "2"]).unwrap();
+        assert!(matches!(c.command, Command::Drain { id: NodeId(2) }));
+        let c = Cli::try_parse_from(["mesh-cli", "undrain", "2", "--json"]).unwrap();
+        assert!(matches!(c.command, Command::Undrain { id: NodeId(2) }));
+        assert!(c.json);
+        let e = Cli::try_parse_from(["mesh-cli", "drain", "node2"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected a node id"), "{e}");
+        assert!(Cli::try_parse_from(["mesh-cli", "undrain"]).is_err());
+        assert!(Cli::try_parse_from(["mesh-cli", "drain", "2", "--yes"]).is_err());
+    }
+
+    fn submit(extra: &[&str]) -> Result<SubmitArgs, clap::Error> {
+        let mut argv = vec!["mesh-cli", "submit", "--kernel", "saxpy"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).map(|c| match c.command {
+            Command::Submit(s) => *s,
+            other => panic!("{other:?}"),
+        })
+    }
+
+    #[test]
+    fn placement_and_shard_flags_parse_in_order() {
+        let s = submit(&[
+            "--shards",
+            "8",
+            "--require",
+            "label:zone in a, b",
+            "--require",
+            "max_compute_workgroup_size_x>=256",
+            "--prefer",
+            "device=discrete",
+            "--prefer",
+            "label:zone=a",
+        ])
+        .unwrap();
+        assert_eq!(s.shards, Some(8));
+        let shown = |r: &[Requirement]| r.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            shown(&s.requirements),
+            ["label:zone in a,b", "max_compute_workgroup_size_x>=256"]
+        );
+        assert_eq!(
+            shown(&s.prefer),
+            ["device=discrete", "label:zone=a"],
+            "preferences keep the order given: the first weighs most"
+        );
+        let s = submit(&[]).unwrap();
+        assert_eq!((s.shards, s.prefer.len()), (None, 0));
+        // A task file takes --shards and --prefer too.
+        assert!(Cli::try_parse_from([
+            "mesh-cli",
+            "submit",
+            "t.toml",
+            "--shards",
+            "4",
+            "--prefer",
+            "vendor=nvidia"
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn bad_placement_and_shard_flags_are_usage_errors() {
+        for bad in [
+            &["--shards", "0"][..],
+            &["--shards", "-2"],
+            &["--shards", "many"],
+            &["--shards", "1025"],
+            &["--prefer", "gpu=fast"],
+            &["--prefer", "device=gpu"],
+            &["--require", "max_buffer_size>=lots"],
+            &["--require", "max_memory>=1"],
+            &["--require", "label:zone in"],
+        ] {
+            let e = submit(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+        let e = submit(&["--shards", "0"]).unwrap_err().to_string();
+        assert!(
+            e.contains("expected a number of shards from 1 to 1024 (1 runs the task whole)"),
+            "{e}"
+        );
+        let e = submit(&["--prefer", "colour=red"]).unwrap_err().to_string();
+        assert!(
+            e.contains("cannot read requirement 'colour=red': unknown key 'colour'"),
+            "{e}"
+        );
+        let e = submit(&["--require", "max_memory>=1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown limit 'max_memory'"), "{e}");
     }
 }

@@ -1,7 +1,8 @@
 //! What each command does: the protocol calls it makes (docs/ssh-protocol.md) and what
 //! it prints. With `--json` exactly one JSON document goes to stdout: the node's
 //! answer as it came, or for `pin` and `result --output/--png` one of ours. The
-//! cluster commands (join tokens, `join`, `remove`) live in `commands/cluster.rs`.
+//! cluster commands (join tokens, `join`, `remove`, `drain`, `undrain`) live in
+//! `commands/cluster.rs`.
 
 mod cluster;
 
@@ -149,6 +150,8 @@ async fn run_connected(ctx: &Context, conn: &Connection, command: Command) -> an
         Command::Result(args) => result(ctx, conn, &args).await,
         Command::Token { command } => cluster::token(ctx, conn, command, now).await,
         Command::Remove { id, yes } => cluster::remove(ctx, conn, id, yes).await,
+        Command::Drain { id } => cluster::drain(ctx, conn, id, true).await,
+        Command::Undrain { id } => cluster::drain(ctx, conn, id, false).await,
         Command::Pin { .. } | Command::Submit(_) | Command::Join { .. } => {
             unreachable!("handled by run")
         }
@@ -570,6 +573,8 @@ mod tests {
                 vec![]
             },
             waiting: None,
+            shards: 1,
+            shards_done: 0,
         }
     }
 
@@ -781,6 +786,7 @@ mod tests {
             role: "follower".into(),
             health: health.into(),
             last_contact_ms: Some(120),
+            drained: false,
             running: 0,
             capabilities: NodeCapabilities::default(),
         };
@@ -873,6 +879,170 @@ mod tests {
                 newer_line.as_str(),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn drain_and_undrain_check_the_node_then_send_one_line() {
+        use mesh_core::capability::NodeCapabilities;
+
+        let dir = tempfile::tempdir().unwrap();
+        let node_view = |id: u64, health: &str, drained: bool| NodeView {
+            id: NodeId(id),
+            fingerprint: "SHA256:x".into(),
+            addr: format!("10.0.0.{id}:7700"),
+            role: "follower".into(),
+            health: health.into(),
+            last_contact_ms: None,
+            drained,
+            running: 0,
+            capabilities: NodeCapabilities::default(),
+        };
+        let nodes = vec![
+            node_view(1, "up", false),
+            node_view(2, "up", true),
+            node_view(3, "removed", false),
+        ];
+        let node = fake_node::start(
+            22,
+            23,
+            vec![
+                ("nodes --json", Reply::ok(json(&nodes))),
+                ("drain 1 --json", Reply::ok(br#"{"drained": 1}"#.to_vec())),
+                (
+                    "undrain 2 --json",
+                    Reply::ok(br#"{"undrained": 2}"#.to_vec()),
+                ),
+            ],
+        )
+        .await;
+        run_cli(&node, dir.path(), &["drain", "1"]).await.unwrap();
+        run_cli(&node, dir.path(), &["--json", "undrain", "2"])
+            .await
+            .unwrap();
+        let e = run_cli(&node, dir.path(), &["drain", "3"])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "node 3 (10.0.0.3:7700) was removed from the mesh; a removed node takes no tasks and \
+             cannot be drained"
+        );
+        let e = run_cli(&node, dir.path(), &["undrain", "9"])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "node 9 is not in the mesh; its nodes are 1, 2 (see `mesh-cli nodes`)"
+        );
+        let received = node.received.lock().unwrap().clone();
+        assert_eq!(
+            received.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+            [
+                "nodes --json",
+                "drain 1 --json",
+                "nodes --json",
+                "undrain 2 --json",
+                "nodes --json",
+                "nodes --json",
+            ],
+            "refused ids send nothing after the node list"
+        );
+    }
+
+    #[tokio::test]
+    async fn submit_sends_shards_and_preferences_and_refuses_bad_ones_locally() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = fake_node::start(
+            24,
+            25,
+            vec![(
+                "submit --json",
+                Reply::ok(json(&SubmitReply {
+                    task: TaskId(8),
+                    existing: false,
+                })),
+            )],
+        )
+        .await;
+        run_cli(
+            &node,
+            dir.path(),
+            &[
+                "submit",
+                "--kernel",
+                "mandelbrot",
+                "--param",
+                "width=64",
+                "--param",
+                "height=64",
+                "--param",
+                "max_iter=50",
+                "--shards",
+                "4",
+                "--require",
+                "label:zone in a,b",
+                "--require",
+                "max_buffer_size>=1024",
+                "--prefer",
+                "device=discrete",
+                "--prefer",
+                "label:zone=a",
+            ],
+        )
+        .await
+        .unwrap();
+        let received = node.received.lock().unwrap().clone();
+        assert_eq!(received.len(), 1);
+        let spec: TaskSpec = serde_json::from_slice(&received[0].1).unwrap();
+        assert_eq!(spec.shards, 4);
+        let shown = |r: &[mesh_core::requirement::Requirement]| {
+            r.iter().map(ToString::to_string).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            shown(&spec.requirements),
+            ["label:zone in a,b", "max_buffer_size>=1024"]
+        );
+        assert_eq!(shown(&spec.prefer), ["device=discrete", "label:zone=a"]);
+        // The wire form docs/ssh-protocol.md shows.
+        let body: serde_json::Value = serde_json::from_slice(&received[0].1).unwrap();
+        assert_eq!(body["shards"], serde_json::json!(4));
+        assert_eq!(
+            body["requirements"],
+            serde_json::json!([
+                {"label-in": ["zone", ["a", "b"]]},
+                {"min-limit": ["max_buffer_size", 1024]}
+            ])
+        );
+        assert_eq!(
+            body["prefer"],
+            serde_json::json!([{"device": "discrete"}, {"label-eq": ["zone", "a"]}])
+        );
+
+        // Too many shards for the rows there are: refused here, nothing sent.
+        let e = run_cli(
+            &node,
+            dir.path(),
+            &[
+                "submit",
+                "--kernel",
+                "mandelbrot",
+                "--param",
+                "width=8",
+                "--param",
+                "height=2",
+                "--param",
+                "max_iter=5",
+                "--shards",
+                "3",
+            ],
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("the task was not sent: 3 shards for 2 rows"),
+            "{e:#}"
+        );
+        assert_eq!(node.received.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -152,7 +152,7 @@ pub fn nodes(nodes: &[NodeView]) -> String {
         t.row(vec![
             n.id.to_string(),
             n.role.clone(),
-            n.health.clone(),
+            health(n),
             last_contact(n.last_contact_ms),
             n.addr.clone(),
             n.fingerprint.clone(),
@@ -162,6 +162,22 @@ pub fn nodes(nodes: &[NodeView]) -> String {
         ]);
     }
     t.render()
+}
+
+/// HEALTH of `nodes`: `up`, `down` or `removed`, with `,drained` for a node that takes
+/// no new tasks (a removed node takes none anyway).
+fn health(n: &NodeView) -> String {
+    if n.drained && n.health != "removed" {
+        format!("{},drained", n.health)
+    } else {
+        n.health.clone()
+    }
+}
+
+/// Shard progress of a sharded task, e.g. `shards 3/8 done`; `None` for a task that
+/// runs whole.
+fn shard_progress(t: &TaskView) -> Option<String> {
+    (t.shards > 1).then(|| format!("shards {}/{} done", t.shards_done, t.shards))
 }
 
 /// `token list`: one row per token; the secret is never known here.
@@ -197,16 +213,20 @@ pub fn token_hint(t: &TokenCreated, uses: u32, now_ms: u64) -> String {
     )
 }
 
-/// The one-line note on a task: why it waits, or its latest error.
+/// The one-line note on a task: its shard progress, then why it waits or its latest
+/// error.
 fn note(t: &TaskView) -> String {
-    if let Some(w) = &t.waiting {
-        return w.clone();
-    }
-    match (t.state.as_str(), t.errors.last()) {
-        ("succeeded", _) => String::new(),
-        (_, Some(e)) => format!("attempt {}: {}", e.attempt, e.error),
-        _ => String::new(),
-    }
+    let why = match (&t.waiting, t.state.as_str(), t.errors.last()) {
+        (Some(w), _, _) => Some(w.clone()),
+        (None, "succeeded", _) => None,
+        (None, _, Some(e)) => Some(format!("attempt {}: {}", e.attempt, e.error)),
+        _ => None,
+    };
+    [shard_progress(t), why]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// `tasks`: one row per task.
@@ -256,6 +276,9 @@ pub fn task(t: &TaskView, now_ms: u64) -> String {
         t.attempt,
         t.max_attempts
     );
+    if t.shards > 1 {
+        let _ = writeln!(out, "  shards:     {}/{} done", t.shards_done, t.shards);
+    }
     let _ = writeln!(out, "  priority:   {}", t.priority);
     if let Some(k) = &t.idempotency_key {
         let _ = writeln!(out, "  key:        {k}");
@@ -331,18 +354,21 @@ pub fn outputs(t: &TaskView) -> String {
     out
 }
 
-/// A spinner line while waiting: `task 5: running on node 2 (attempt 1/3)`.
+/// A spinner line while waiting: `task 5: running on node 2 (attempt 1/3)`, with
+/// `, shards 3/8 done` for a sharded task.
 pub fn progress(t: &TaskView) -> String {
+    let shards = shard_progress(t).map_or(String::new(), |s| format!(", {s}"));
     match (t.state.as_str(), t.node) {
         ("assigned" | "running", Some(n)) => {
             format!(
-                "task {}: {} on node {n} (attempt {}/{})",
+                "task {}: {} on node {n} (attempt {}/{}{shards})",
                 t.id, t.state, t.attempt, t.max_attempts
             )
         }
         _ => match &t.waiting {
-            Some(w) => format!("task {}: {} ({w})", t.id, t.state),
-            None => format!("task {}: {}", t.id, t.state),
+            Some(w) => format!("task {}: {} ({w}{shards})", t.id, t.state),
+            None if shards.is_empty() => format!("task {}: {}", t.id, t.state),
+            None => format!("task {}: {} ({})", t.id, t.state, &shards[2..]),
         },
     }
 }
@@ -386,6 +412,8 @@ mod tests {
                 error: "device lost".into(),
             }],
             waiting: None,
+            shards: 1,
+            shards_done: 0,
         }
     }
 
@@ -422,6 +450,7 @@ mod tests {
             role: role.into(),
             health: health.into(),
             last_contact_ms,
+            drained: false,
             running: 1,
             capabilities: NodeCapabilities {
                 adapters: vec![],
@@ -462,6 +491,107 @@ mod tests {
             "3   learner   removed  -             10.0.0.3:7700  SHA256:fp3   none     1/2    zone=a"
         );
         assert_eq!(nodes(&[]), "no nodes are registered\n");
+    }
+
+    #[test]
+    fn drained_nodes_say_so_in_health() {
+        let drained = |id, health| NodeView {
+            drained: true,
+            ..node_view(id, "follower", health, None)
+        };
+        let text = nodes(&[
+            node_view(1, "leader", "up", Some(0)),
+            drained(2, "up"),
+            drained(3, "down"),
+            drained(4, "removed"),
+        ]);
+        let health: Vec<&str> = text
+            .lines()
+            .map(|l| l.split_whitespace().nth(2).unwrap())
+            .collect();
+        assert_eq!(
+            health,
+            ["HEALTH", "up", "up,drained", "down,drained", "removed"]
+        );
+    }
+
+    #[test]
+    fn sharded_tasks_show_their_progress() {
+        let running = TaskView {
+            state: "running".into(),
+            attempt: 2,
+            shards: 8,
+            shards_done: 3,
+            errors: vec![AttemptErrorView {
+                attempt: 1,
+                node: NodeId(4),
+                error: "node 4 went down".into(),
+            }],
+            ..view()
+        };
+        let text = task(&running, 61_000);
+        assert!(
+            text.contains(
+                "  node:       2, attempt 2 of 3\n  shards:     3/8 done\n  priority:   0\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(
+            note(&running),
+            "shards 3/8 done; attempt 1: node 4 went down"
+        );
+        assert_eq!(
+            progress(&running),
+            "task 5: running on node 2 (attempt 2/3, shards 3/8 done)"
+        );
+        let list = tasks(std::slice::from_ref(&running), 61_000);
+        assert!(
+            list.lines()
+                .nth(1)
+                .unwrap()
+                .ends_with("shards 3/8 done; attempt 1: node 4 went down"),
+            "{list}"
+        );
+
+        let waiting = TaskView {
+            state: "pending".into(),
+            node: None,
+            errors: vec![],
+            waiting: Some("every live node that matches (node 2) is drained".into()),
+            ..running.clone()
+        };
+        assert_eq!(
+            note(&waiting),
+            "shards 3/8 done; every live node that matches (node 2) is drained"
+        );
+        assert!(
+            task(&waiting, 61_000)
+                .ends_with("  waiting:    every live node that matches (node 2) is drained\n"),
+            "a pending task says why it waits"
+        );
+        assert_eq!(
+            progress(&waiting),
+            "task 5: pending (every live node that matches (node 2) is drained, shards 3/8 done)"
+        );
+
+        let done = TaskView {
+            state: "succeeded".into(),
+            shards_done: 8,
+            ..running.clone()
+        };
+        assert_eq!(note(&done), "shards 8/8 done");
+        assert_eq!(
+            progress(&TaskView {
+                state: "pending".into(),
+                node: None,
+                ..done
+            }),
+            "task 5: pending (shards 8/8 done)"
+        );
+
+        // A task that runs whole shows no shard line.
+        assert!(!task(&view(), 0).contains("shards"));
+        assert_eq!(note(&view()), "attempt 3: device lost");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! `@FILE` paths are relative to the task file's directory; inputs and outputs bind in
 //! the order they are written.
 
-use crate::task_spec::{input_path, parse_requirements, read_input, read_wgsl, workgroups_from};
+use crate::task_spec::{
+    input_path, parse_requirements, read_input, read_wgsl, workgroups_from, NOT_SHARDED,
+};
 use anyhow::Context as _;
 use mesh_core::duration::parse_duration;
 use mesh_core::task::{KernelSpec, OutputDecl, DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT};
@@ -33,6 +35,9 @@ struct TaskFile {
     priority: Option<i32>,
     #[serde(default)]
     require: Vec<String>,
+    #[serde(default)]
+    prefer: Vec<String>,
+    shards: Option<u32>,
     idempotency_key: Option<String>,
 }
 
@@ -190,9 +195,9 @@ pub fn parse(text: &str, base: &Path) -> anyhow::Result<TaskSpec> {
         kernel,
         inputs,
         outputs,
-        requirements: parse_requirements(&file.require)?,
-        prefer: Vec::new(),
-        shards: 1,
+        requirements: parse_requirements("require", &file.require)?,
+        prefer: parse_requirements("prefer", &file.prefer)?,
+        shards: file.shards.unwrap_or(NOT_SHARDED),
         priority: file.priority.unwrap_or(0),
         timeout,
         max_attempts: file.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
@@ -308,6 +313,98 @@ outputs = { z = 256, c = 256 }
     }
 
     #[test]
+    fn shards_and_preferences_in_a_task_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = r#"
+kernel = "mandelbrot"
+params = { width = 64, height = 48, max_iter = 100 }
+shards = 4
+require = ["max_buffer_size>=1048576", "label:zone in a,b"]
+prefer = ["device=discrete", "label:zone=a"]
+"#;
+        let spec = parse(text, dir.path()).unwrap();
+        assert_eq!(spec.shards, 4);
+        let shown = |r: &[Requirement]| r.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            shown(&spec.requirements),
+            ["max_buffer_size>=1048576", "label:zone in a,b"]
+        );
+        assert_eq!(
+            shown(&spec.prefer),
+            ["device=discrete", "label:zone=a"],
+            "preferences keep the order written"
+        );
+        check_locally(&spec).unwrap();
+
+        // Flags: --shards replaces the file's; --prefer and --require come after the file's.
+        let cli = <crate::args::Cli as clap::Parser>::try_parse_from([
+            "mesh-cli",
+            "submit",
+            "t.toml",
+            "--shards",
+            "8",
+            "--prefer",
+            "backend=vulkan",
+            "--require",
+            "feature=shader-f16",
+        ])
+        .unwrap();
+        let crate::args::Command::Submit(args) = cli.command else {
+            panic!()
+        };
+        let spec = crate::task_spec::apply_policy(spec, &args);
+        assert_eq!(spec.shards, 8);
+        assert_eq!(
+            shown(&spec.prefer),
+            ["device=discrete", "label:zone=a", "backend=vulkan"]
+        );
+        assert_eq!(
+            shown(&spec.requirements).last().unwrap(),
+            "feature=shader-f16"
+        );
+
+        // Without `shards` the task runs whole.
+        let spec = parse(
+            "kernel = \"mandelbrot\"\nparams = { width = 4, height = 4, max_iter = 1 }\n",
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!((spec.shards, spec.prefer.len()), (1, 0));
+    }
+
+    #[test]
+    fn bad_shards_in_a_task_file_are_refused_before_sending() {
+        let dir = tempfile::tempdir().unwrap();
+        let mandelbrot = |shards: u32| {
+            parse(
+                &format!("kernel = \"mandelbrot\"\nparams = {{ width = 8, height = 4, max_iter = 9 }}\nshards = {shards}\n"),
+                dir.path(),
+            )
+            .unwrap()
+        };
+        check_locally(&mandelbrot(4)).unwrap();
+        let e = check_locally(&mandelbrot(5)).unwrap_err().to_string();
+        assert!(e.contains("5 shards for 4 rows"), "{e}");
+        let e = check_locally(&mandelbrot(0)).unwrap_err().to_string();
+        assert!(e.starts_with("shards must be at least 1"), "{e}");
+
+        std::fs::write(
+            dir.path().join("k.wgsl"),
+            crate::task_spec::tests::DOUBLE_WGSL,
+        )
+        .unwrap();
+        write_f32(dir.path(), "x.bin", 64);
+        let text = "wgsl = \"k.wgsl\"\nworkgroups = [1]\ninputs = { x = \"@x.bin\" }\noutputs = { y = 256 }\nshards = 2\n";
+        let e = check_locally(&parse(text, dir.path()).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("WGSL kernels cannot be sharded (2 shards asked); shardable built-in kernels are: saxpy, vector-add, matmul, mandelbrot"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_mixed_kinds_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let e = parse(
@@ -344,6 +441,28 @@ outputs = { z = 256, c = 256 }
             .unwrap_err()
             .to_string();
         assert!(e.contains("cannot read requirement 'gpu=yes'"), "{e}");
+        let e = parse(
+            "kernel = \"saxpy\"\nprefer = [\"device=gpu\"]\n",
+            dir.path(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("prefer: cannot read requirement 'device=gpu'"),
+            "{e}"
+        );
+        let e = parse("kernel = \"saxpy\"\nprefer = \"device=cpu\"\n", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2"), "{e}");
+        let e = parse("kernel = \"saxpy\"\nshards = -1\n", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("line 2:"), "{e}");
+        let e = parse("kernel = \"saxpy\"\nshard = 4\n", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `shard`"), "{e}");
         let e = parse("kernel = \"saxpy\"\nparams = { a = true }\n", dir.path())
             .unwrap_err()
             .to_string();

@@ -3,6 +3,7 @@
 
 use crate::args::SubmitArgs;
 use anyhow::Context as _;
+use mesh_core::builtin::{shard_units, SHARDABLE};
 use mesh_core::limits::MAX_IDEMPOTENCY_KEY_BYTES;
 use mesh_core::requirement::Requirement;
 use mesh_core::task::{KernelSpec, NamedBytes, OutputDecl, DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT};
@@ -10,6 +11,9 @@ use mesh_core::{Bytes, TaskSpec};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// `shards` of a task that runs whole.
+pub const NOT_SHARDED: u32 = 1;
 
 /// An input given as `NAME=@FILE`; the file is read when the spec is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +142,7 @@ pub fn from_flags(args: &SubmitArgs) -> anyhow::Result<TaskSpec> {
         outputs: args.outputs.clone(),
         requirements: Vec::new(),
         prefer: Vec::new(),
-        shards: 1,
+        shards: NOT_SHARDED,
         priority: 0,
         timeout: DEFAULT_TIMEOUT,
         max_attempts: DEFAULT_MAX_ATTEMPTS,
@@ -147,8 +151,10 @@ pub fn from_flags(args: &SubmitArgs) -> anyhow::Result<TaskSpec> {
     Ok(apply_policy(spec, args))
 }
 
-/// Apply the policy flags (timeout, attempts, priority, key, requirements) on top of a
-/// spec from flags or from a task file.
+/// Apply the policy flags (timeout, attempts, priority, key, shards, requirements,
+/// preferences) on top of a spec from flags or from a task file. Requirements and
+/// preferences from flags come after the file's, so a file's preferences keep
+/// their weight.
 pub fn apply_policy(mut spec: TaskSpec, args: &SubmitArgs) -> TaskSpec {
     if let Some(t) = args.timeout {
         spec.timeout = t;
@@ -162,7 +168,11 @@ pub fn apply_policy(mut spec: TaskSpec, args: &SubmitArgs) -> TaskSpec {
     if let Some(k) = &args.idempotency_key {
         spec.idempotency_key = Some(k.clone());
     }
+    if let Some(n) = args.shards {
+        spec.shards = n;
+    }
     spec.requirements.extend(args.requirements.iter().cloned());
+    spec.prefer.extend(args.prefer.iter().cloned());
     spec
 }
 
@@ -179,7 +189,8 @@ pub fn params_map(params: &[(String, String)]) -> anyhow::Result<BTreeMap<String
 
 /// Check a spec the way the node will, so that mistakes show before any upload: the
 /// kernel plans (built-in parameters and inputs fit, WGSL validates with naga, sizes
-/// are within limits), buffer names are unique, and the policy values make sense.
+/// are within limits), the kernel can be split into that many shards, buffer names
+/// are unique, and the policy values make sense.
 pub fn check_locally(spec: &TaskSpec) -> anyhow::Result<()> {
     for name in spec
         .inputs
@@ -222,19 +233,40 @@ pub fn check_locally(spec: &TaskSpec) -> anyhow::Result<()> {
     }
     mesh_core::kernel::plan(&spec.kernel, &spec.inputs, &spec.outputs)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
+    check_shards(spec)
 }
 
-/// Requirements from their text form, with the expression in the error.
-pub fn parse_requirements(exprs: &[String]) -> anyhow::Result<Vec<Requirement>> {
+/// `shards` of a spec that plans: 1, or a split the kernel supports (`shard_units`,
+/// the node's own rule). 0, which the node would read as 1, is refused as a slip.
+fn check_shards(spec: &TaskSpec) -> anyhow::Result<()> {
+    match (&spec.kernel, spec.shards) {
+        (_, 0) => anyhow::bail!(
+            "shards must be at least 1 (1 runs the task whole); got 0"
+        ),
+        (_, NOT_SHARDED) => Ok(()),
+        (KernelSpec::Wgsl { .. }, n) => anyhow::bail!(
+            "WGSL kernels cannot be sharded ({n} shards asked); shardable built-in kernels are: {}; \
+             leave out --shards (or `shards` in the task file) to run the shader whole",
+            SHARDABLE.join(", ")
+        ),
+        (KernelSpec::Builtin { name, params }, n) => {
+            shard_units(name, params, &spec.inputs, n).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(())
+        }
+    }
+}
+
+/// Requirements or preferences from their text form; the error names `key` (where
+/// they were written) and the expression.
+pub fn parse_requirements(key: &str, exprs: &[String]) -> anyhow::Result<Vec<Requirement>> {
     exprs
         .iter()
-        .map(|e| Requirement::parse(e).map_err(|err| anyhow::anyhow!("{err}")))
+        .map(|e| Requirement::parse(e).map_err(|err| anyhow::anyhow!("{key}: {err}")))
         .collect()
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::args::{Cli, Command};
     use clap::Parser as _;
@@ -243,7 +275,7 @@ mod tests {
         let mut argv = vec!["mesh-cli", "submit"];
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Submit(s) => s,
+            Command::Submit(s) => *s,
             other => panic!("{other:?}"),
         }
     }
@@ -392,6 +424,133 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("needs --workgroups"));
+    }
+
+    #[test]
+    fn shards_and_preferences_from_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = f32_file(dir.path(), "x.bin", &[1.0; 10]);
+        let y = f32_file(dir.path(), "y.bin", &[2.0; 10]);
+        let (xa, ya) = (format!("x=@{x}"), format!("y=@{y}"));
+        let saxpy = |extra: &[&str]| {
+            let mut argv = vec![
+                "--kernel", "saxpy", "--param", "a=2", "--input", &xa, "--input", &ya,
+            ];
+            argv.extend_from_slice(extra);
+            from_flags(&submit_args(&argv)).unwrap()
+        };
+        let spec = saxpy(&[]);
+        assert_eq!(
+            (spec.shards, spec.prefer.len()),
+            (1, 0),
+            "not sharded by default"
+        );
+        let spec = saxpy(&[
+            "--shards",
+            "3",
+            "--require",
+            "label:zone in a,b",
+            "--prefer",
+            "device=discrete",
+            "--prefer",
+            "label:zone=a",
+        ]);
+        assert_eq!(spec.shards, 3);
+        assert_eq!(
+            spec.requirements,
+            vec![Requirement::parse("label:zone in a,b").unwrap()]
+        );
+        assert_eq!(
+            spec.prefer,
+            vec![
+                Requirement::parse("device=discrete").unwrap(),
+                Requirement::parse("label:zone=a").unwrap()
+            ]
+        );
+        check_locally(&spec).unwrap();
+        // One shard per element at most.
+        check_locally(&saxpy(&["--shards", "10"])).unwrap();
+        let e = check_locally(&saxpy(&["--shards", "11"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("11 shards for 10 elements: shards must be between 1 and 10"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unshardable_kernels_are_refused_before_sending() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = f32_file(dir.path(), "x.bin", &[1.0; 64]);
+        let shader = dir.path().join("double.wgsl");
+        std::fs::write(&shader, DOUBLE_WGSL).unwrap();
+        let args = submit_args(&[
+            "--wgsl",
+            &shader.display().to_string(),
+            "--workgroups",
+            "1",
+            "--input",
+            &format!("x=@{x}"),
+            "--output",
+            "y=256",
+            "--shards",
+            "4",
+        ]);
+        let e = check_locally(&from_flags(&args).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "WGSL kernels cannot be sharded (4 shards asked); shardable built-in kernels are: \
+             saxpy, vector-add, matmul, mandelbrot; leave out --shards (or `shards` in the task \
+             file) to run the shader whole"
+        );
+        // --shards 1 is the default, not a request to shard.
+        let mut spec = from_flags(&args).unwrap();
+        spec.shards = 1;
+        check_locally(&spec).unwrap();
+        spec.shards = 0;
+        let e = check_locally(&spec).unwrap_err().to_string();
+        assert!(e.starts_with("shards must be at least 1"), "{e}");
+
+        let args = submit_args(&[
+            "--kernel",
+            "reduce-sum",
+            "--input",
+            &format!("x=@{x}"),
+            "--shards",
+            "2",
+        ]);
+        let e = check_locally(&from_flags(&args).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("kernel reduce-sum cannot be sharded; shardable kernels are: saxpy"),
+            "{e}"
+        );
+        // The kernel must plan first: its own mistakes come before the sharding ones.
+        let args = submit_args(&["--kernel", "matmul", "--shards", "2"]);
+        let e = check_locally(&from_flags(&args).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("parameter"), "{e}");
+        let args = submit_args(&[
+            "--kernel",
+            "mandelbrot",
+            "--param",
+            "width=8",
+            "--param",
+            "height=4",
+            "--param",
+            "max_iter=10",
+            "--shards",
+            "5",
+        ]);
+        let e = check_locally(&from_flags(&args).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("5 shards for 4 rows"), "{e}");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The cluster commands: join tokens (`token create/list/revoke`), `join` and `remove`.
+//! The cluster commands: join tokens (`token create/list/revoke`), `join`, `remove`,
+//! `drain` and `undrain`.
 //! Membership is the node's business (docs/ssh-protocol.md); these ask and print, and
 //! check locally what can be checked before anything is sent.
 
@@ -25,6 +26,18 @@ struct Revoked {
 #[derive(Deserialize)]
 struct Removed {
     removed: NodeId,
+}
+
+/// The answer to `drain NODE`.
+#[derive(Deserialize)]
+struct Drained {
+    drained: NodeId,
+}
+
+/// The answer to `undrain NODE`.
+#[derive(Deserialize)]
+struct Undrained {
+    undrained: NodeId,
 }
 
 /// The answer to `join TOKEN`.
@@ -145,12 +158,65 @@ pub(super) async fn remove(
     })
 }
 
+/// `drain NODE` (`draining`) or `undrain NODE`. No question is asked: either is undone
+/// by the other.
+pub(super) async fn drain(
+    ctx: &Context,
+    conn: &Connection,
+    node: NodeId,
+    draining: bool,
+) -> anyhow::Result<()> {
+    let nodes: Reply<Vec<NodeView>> = call(conn, "nodes --json", None).await?;
+    let target = member(&nodes.value, node, |n| {
+        format!(
+            "node {node} ({}) was removed from the mesh; a removed node takes no tasks and cannot be {}",
+            n.addr,
+            if draining { "drained" } else { "undrained" }
+        )
+    })?;
+    let (addr, was_drained) = (target.addr.clone(), target.drained);
+    if draining {
+        let r: Reply<Drained> = call(conn, &format!("drain {node} --json"), None).await?;
+        show(ctx, &r, || {
+            let again = if was_drained { " (it already was)" } else { "" };
+            format!(
+                "drained node {} ({addr}){again}: no new tasks are placed there; tasks already there are \
+                 not cancelled. Undo with: mesh-cli undrain {node}\n",
+                r.value.drained
+            )
+        })
+    } else {
+        let r: Reply<Undrained> = call(conn, &format!("undrain {node} --json"), None).await?;
+        show(ctx, &r, || {
+            let again = if was_drained {
+                ""
+            } else {
+                " (it was not drained)"
+            };
+            format!(
+                "undrained node {} ({addr}){again}: it takes new tasks again\n",
+                r.value.undrained
+            )
+        })
+    }
+}
+
 /// The node to remove, or why it cannot be.
 fn removable(nodes: &[NodeView], id: NodeId) -> anyhow::Result<&NodeView> {
+    member(nodes, id, |n| {
+        format!("node {id} ({}) was already removed from the mesh", n.addr)
+    })
+}
+
+/// A node of the mesh that is not removed, or why not: `removed` says what a removed
+/// node means for the command; an unknown id is answered with the ids that exist.
+fn member(
+    nodes: &[NodeView],
+    id: NodeId,
+    removed: impl FnOnce(&NodeView) -> String,
+) -> anyhow::Result<&NodeView> {
     match nodes.iter().find(|n| n.id == id) {
-        Some(n) if n.health == "removed" => {
-            anyhow::bail!("node {id} ({}) was already removed from the mesh", n.addr)
-        }
+        Some(n) if n.health == "removed" => Err(anyhow::anyhow!(removed(n))),
         Some(n) => Ok(n),
         None => {
             let members: Vec<String> = nodes
@@ -204,6 +270,7 @@ mod tests {
             role: "follower".into(),
             health: health.into(),
             last_contact_ms: None,
+            drained: false,
             running: 0,
             capabilities: NodeCapabilities::default(),
         }
@@ -253,6 +320,21 @@ mod tests {
             "node 9 is not in the mesh; its nodes are 1, 2 (see `mesh-cli nodes`)"
         );
         assert!(removable(&[], NodeId(1)).is_err());
+    }
+
+    #[test]
+    fn drain_refuses_unknown_and_removed_nodes() {
+        let nodes = [node(1, "up"), node(2, "down"), node(3, "removed")];
+        let why = |n: &NodeView| format!("node {} is gone", n.id);
+        assert_eq!(member(&nodes, NodeId(2), why).unwrap().id, NodeId(2));
+        assert_eq!(
+            member(&nodes, NodeId(3), why).unwrap_err().to_string(),
+            "node 3 is gone"
+        );
+        assert_eq!(
+            member(&nodes, NodeId(7), why).unwrap_err().to_string(),
+            "node 7 is not in the mesh; its nodes are 1, 2 (see `mesh-cli nodes`)"
+        );
     }
 
     #[test]
