@@ -449,7 +449,7 @@ impl Cluster {
             .and_then(|i| extra.get(i + 1))
             .map_or(3, |v| v.parse().unwrap_or(3));
         let mut voters = n.min(target);
-        if voters % 2 == 0 {
+        if voters.is_multiple_of(2) {
             voters -= 1;
         }
         cluster.wait_for(Duration::from_secs(60), |nodes| {

@@ -49,6 +49,11 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_SLOTS", default_value_t = 1, value_name = "N")]
     pub slots: u32,
 
+    /// Most bytes of GPU buffers one task may allocate on this node (default: only the
+    /// adapter's own limits apply).
+    #[arg(long, env = "MESH_GPU_MEMORY_BUDGET", value_name = "BYTES")]
+    pub gpu_memory_budget: Option<u64>,
+
     /// Join an existing mesh with a token from `mesh-cli token create` (first start only).
     #[arg(long, env = "MESH_JOIN", value_name = "TOKEN")]
     pub join: Option<String>,
@@ -96,6 +101,8 @@ pub struct NodeConfig {
     pub slots: u32,
     /// Emit JSON logs.
     pub json_logs: bool,
+    /// Per-task GPU buffer budget, bytes.
+    pub gpu_memory_budget: Option<u64>,
     /// Join token, if joining.
     pub join: Option<mesh_core::token::JoinToken>,
     /// Wait for `mesh-cli join` instead of bootstrapping.
@@ -175,6 +182,7 @@ impl RunArgs {
             return Err(ConfigError::NodeTimeout);
         }
         Ok(NodeConfig {
+            gpu_memory_budget: self.gpu_memory_budget,
             join,
             await_join: self.await_join,
             voters: self.voters,

@@ -36,11 +36,16 @@ enum Cmd {
         #[arg(long, env = "MESH_HOST_KEY", value_name = "FILE")]
         host_key: Option<PathBuf>,
     },
+    /// Internal: a GPU worker process, started by the node itself to run kernels
+    /// (jobs on stdin, results on stdout). Not for operators.
+    #[command(name = "gpu-worker", hide = true)]
+    GpuWorker,
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Some(Cmd::GpuWorker) => std::process::exit(mesh_node::gpu::child::serve()),
         Some(Cmd::Fingerprint { data_dir, host_key }) => fingerprint(data_dir, host_key),
         Some(Cmd::Run(args)) => run(args),
         None => run(RunArgs::parse_from_defaults()),

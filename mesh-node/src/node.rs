@@ -5,7 +5,7 @@ use crate::admin_keys::{self, AdminKeySource};
 use crate::autopilot::{Autopilot, VoterPolicy};
 use crate::capabilities::Publisher;
 use crate::config::NodeConfig;
-use crate::gpu::Executor;
+use crate::gpu::{Supervisor, WorkerCommand};
 use crate::host_key::HostKey;
 use crate::liveness::{FailureDetector, Heartbeats, Liveness, LivenessConfig};
 use crate::peer::clients::PeerClients;
@@ -121,12 +121,19 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
 
     let store = Store::open(&config.data_dir.join("raft")).context("cannot open the Raft store")?;
     let state = store.state_machine.view();
-    let executor = match Executor::open_best() {
-        Ok(e) => Some(Arc::new(e)),
+    // GPU work runs in supervised worker processes, one per slot.
+    let gpu = match WorkerCommand::current_exe() {
         Err(e) => {
-            warn!(error = %e, "no GPU adapter: this node stores and schedules but runs no tasks");
+            warn!(error = %e, "cannot locate the mesh-node executable: this node runs no tasks");
             None
         }
+        Ok(cmd) => match Supervisor::start(cmd, config.slots as usize).await {
+            Ok(s) => Some(Arc::new(s)),
+            Err(e) => {
+                warn!(error = %e, "no GPU worker: this node stores and schedules but runs no tasks");
+                None
+            }
+        },
     };
     let publisher = Publisher {
         node,
@@ -189,7 +196,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     let service = Service::new(
         node,
         host_key.fingerprint(),
-        executor.as_ref().map(|e| e.info().name.clone()),
+        gpu.as_ref().map(|g| g.info().name.clone()),
         me.addr.clone(),
         raft.clone(),
         state.clone(),
@@ -228,8 +235,9 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         }
         .run(shutdown.clone()),
     );
-    if let Some(executor) = executor {
-        let worker = Worker::new(node, state.clone(), proposer.clone(), executor, liveness.clone(), config.node_timeout);
+    if let Some(gpu) = gpu {
+        let worker =
+            Worker::new(node, state.clone(), proposer.clone(), gpu, config.gpu_memory_budget, liveness.clone(), config.node_timeout);
         tracker.spawn(worker.run(shutdown.clone()));
     }
     tracker.spawn(SshServer::new(&host_key, Endpoint::Member(service.clone()), admins).run(ssh_listener, shutdown.clone()));

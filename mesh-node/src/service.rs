@@ -59,7 +59,8 @@ pub struct Service {
 }
 
 impl Service {
-    /// Bundle the parts.
+    /// Bundle the parts (the node's identity and every handle an operation uses).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         node: NodeId,
         fingerprint: Fingerprint,

@@ -4,11 +4,23 @@
 //! [`Executor`] opens the best one and runs `mesh_core::kernel::KernelPlan`s on it.
 //! No wgpu error panics: validation, driver and memory errors are caught in error
 //! scopes and returned as [`GpuError`]s, and device loss is recorded and reported.
+//!
+//! The daemon does not dispatch in its own process: a [`Supervisor`] runs each job in
+//! a `mesh-node gpu-worker` process ([`child`]) that holds an [`Executor`], talking
+//! over a pipe ([`wire`]), so that a hung or crashing kernel is killed at its timeout
+//! or on cancel without taking the daemon down.
 
+pub mod child;
 mod error;
+mod exec_error;
 mod executor;
 mod probe;
+mod supervisor;
+pub mod wire;
 
 pub use error::GpuError;
+pub use exec_error::{ChildExit, ExecError, StartError};
 pub use executor::Executor;
 pub use probe::probe;
+pub use supervisor::{Supervisor, WorkerCommand, WORKER_SUBCOMMAND};
+pub use wire::{ChildError, ChildErrorKind};

@@ -1,0 +1,213 @@
+//! The GPU worker process (`mesh-node gpu-worker`): one [`Executor`] running the jobs
+//! the daemon's [`Supervisor`](super::Supervisor) sends over stdin, one at a time.
+//!
+//! The process exists so that the daemon can SIGKILL a kernel that hangs or crash-loops
+//! the driver without going down with it. It is not meant to be started by hand.
+
+use super::wire::{self, ChildError, ChildErrorKind, FrameError, Hello, Job, Reply};
+use super::Executor;
+use std::io::Write;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+/// Fault-injection hook for tests and drills, read only by `mesh-node gpu-worker`:
+/// when set, the worker aborts (SIGABRT) on receiving a job whose entry point has this
+/// name, as a crashing driver would. Unset in production.
+pub const ABORT_ON_ENTRY_ENV: &str = "MESH_GPU_WORKER_ABORT_ON_ENTRY";
+
+/// Exit status: the daemon closed stdin while the worker was idle (a normal end).
+pub const EXIT_DONE: i32 = 0;
+/// Exit status: no adapter could be opened (the [`Hello::Failed`] says why).
+pub const EXIT_NO_ADAPTER: i32 = 2;
+/// Exit status: the device was lost or the executor panicked; a fresh process must
+/// open a new device.
+pub const EXIT_EXECUTOR_BROKEN: i32 = 3;
+/// Exit status: stdin or stdout broke the protocol (bad frame, closed pipe).
+pub const EXIT_PROTOCOL: i32 = 4;
+
+/// Jobs read ahead of the one running. The supervisor sends one job at a time, so one
+/// is all that can ever be queued.
+const JOB_QUEUE: usize = 1;
+
+/// Run the worker until stdin closes; returns the process exit status.
+pub fn serve() -> i32 {
+    init_logs();
+    let mut stdout = std::io::stdout().lock();
+    let executor = match Executor::open_best() {
+        Ok(executor) => executor,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open a GPU adapter");
+            let hello = Hello::Failed {
+                wire_version: wire::WIRE_VERSION,
+                error: ChildError::from(&e),
+            };
+            let _ = send(&mut stdout, &hello);
+            return EXIT_NO_ADAPTER;
+        }
+    };
+    let hello = Hello::Ready {
+        wire_version: wire::WIRE_VERSION,
+        info: executor.info().clone(),
+    };
+    if let Err(code) = send(&mut stdout, &hello) {
+        return code;
+    }
+
+    // stdin is read on its own thread so that the worker notices the daemon going away
+    // even while a kernel runs (see `read_jobs`).
+    let busy = Arc::new(AtomicBool::new(false));
+    let (jobs_tx, jobs) = mpsc::sync_channel::<Job>(JOB_QUEUE);
+    let reader_busy = Arc::clone(&busy);
+    std::thread::spawn(move || read_jobs(jobs_tx, &reader_busy));
+
+    let abort_on_entry = std::env::var(ABORT_ON_ENTRY_ENV).ok();
+    // The channel closes when stdin does, with the worker idle: a clean end.
+    while let Ok(job) = jobs.recv() {
+        if abort_on_entry.as_deref() == Some(job.plan.entry.as_str()) {
+            eprintln!(
+                "{ABORT_ON_ENTRY_ENV} matches entry point '{}': aborting as asked",
+                job.plan.entry
+            );
+            std::process::abort();
+        }
+        let started = Instant::now();
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| executor.run(&job.plan, &job.inputs)));
+        let elapsed = started.elapsed();
+        let result = match result {
+            Ok(Ok(outputs)) => Ok(outputs.into_iter().map(mesh_core::Bytes::from).collect()),
+            Ok(Err(e)) => Err(ChildError::from(&e)),
+            Err(panic) => Err(ChildError {
+                message: format!("the GPU executor panicked: {}", panic_message(&*panic)),
+                retryable: true,
+                kind: ChildErrorKind::Panic,
+            }),
+        };
+        let ends_worker = result.as_ref().err().is_some_and(|e| e.kind.ends_worker());
+        let reply = Reply {
+            id: job.id,
+            result,
+            elapsed,
+        };
+        // Idle before the reply leaves: a daemon that closes stdin as soon as it has
+        // the reply (shutdown) must find this worker idle, not make it abort.
+        busy.store(false, Ordering::SeqCst);
+        if let Err(code) = send_reply(&mut stdout, reply) {
+            return code;
+        }
+        if ends_worker {
+            tracing::warn!(
+                "the executor is unusable; exiting so that the daemon starts a fresh worker"
+            );
+            return EXIT_EXECUTOR_BROKEN;
+        }
+    }
+    EXIT_DONE
+}
+
+/// Read jobs from stdin into `jobs` until stdin closes.
+///
+/// When stdin closes while a kernel runs, the daemon is gone (it died, or dropped its
+/// supervisor): nothing will read the result and a hung kernel would spin forever, so
+/// the worker aborts at once. A normal `exit` could block in driver teardown behind
+/// the running kernel.
+fn read_jobs(jobs: mpsc::SyncSender<Job>, busy: &AtomicBool) {
+    let mut stdin = std::io::stdin().lock();
+    loop {
+        let job = match wire::read_body(&mut stdin).and_then(|body| wire::decode_body::<Job>(&body))
+        {
+            Ok(job) => job,
+            Err(FrameError::Closed) => {
+                if busy.load(Ordering::SeqCst) {
+                    eprintln!("mesh-node gpu-worker: the daemon closed the pipe while a kernel was running; aborting");
+                    std::process::abort();
+                }
+                return; // dropping `jobs` ends the main loop
+            }
+            Err(e) => {
+                eprintln!("mesh-node gpu-worker: bad job from the daemon ({e}); this process only talks to a mesh-node of the same build");
+                std::process::exit(EXIT_PROTOCOL);
+            }
+        };
+        // Busy from the moment a job is accepted, so that a close right behind it
+        // aborts instead of leaving the job to run with nobody waiting.
+        busy.store(true, Ordering::SeqCst);
+        if jobs.send(job).is_err() {
+            return;
+        }
+    }
+}
+
+/// Write one message to the daemon; on failure, the exit status to end with.
+fn send<T: serde::Serialize>(stdout: &mut impl Write, message: &T) -> Result<(), i32> {
+    let frame = wire::encode_frame(message).map_err(|e| {
+        eprintln!("mesh-node gpu-worker: cannot encode a message: {e}");
+        EXIT_PROTOCOL
+    })?;
+    write(stdout, &frame)
+}
+
+/// Write a reply; one too large for a frame is replaced by an error with the same id.
+fn send_reply(stdout: &mut impl Write, reply: Reply) -> Result<(), i32> {
+    match wire::encode_frame(&reply) {
+        Ok(frame) => write(stdout, &frame),
+        Err(FrameError::TooLarge(bytes)) => {
+            tracing::warn!(
+                bytes,
+                "reply over the frame limit; sending an error instead"
+            );
+            let error = ChildError {
+                message: format!(
+                    "the outputs encode to {bytes} bytes, over the {}-byte limit of the GPU worker pipe; \
+                     split the work into smaller tasks",
+                    wire::MAX_FRAME_BYTES
+                ),
+                retryable: false,
+                kind: ChildErrorKind::TooLarge,
+            };
+            send(
+                stdout,
+                &Reply {
+                    id: reply.id,
+                    result: Err(error),
+                    elapsed: reply.elapsed,
+                },
+            )
+        }
+        Err(e) => {
+            eprintln!("mesh-node gpu-worker: cannot encode a reply: {e}");
+            Err(EXIT_PROTOCOL)
+        }
+    }
+}
+
+fn write(stdout: &mut impl Write, frame: &[u8]) -> Result<(), i32> {
+    wire::write_frame(stdout, frame).map_err(|e| {
+        eprintln!("mesh-node gpu-worker: cannot write to the daemon ({e}); exiting");
+        EXIT_PROTOCOL
+    })
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a non-string panic".into())
+}
+
+/// Plain text logs on stderr, without colour or time: the daemon forwards each line
+/// into its own log (target `gpu_child`), which adds both.
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,wgpu_core=warn,wgpu_hal=warn,naga=warn")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .try_init();
+}
