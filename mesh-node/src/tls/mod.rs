@@ -9,7 +9,7 @@
 //! replaces PKI. There is no path that accepts an arbitrary certificate.
 //!
 //! Serving:
-//! ```ignore
+//! ```text
 //! let policy = PeerPolicy::AllowUnpinned { pins, unpinned_methods: &["/mesh.v1.Mesh/Join"] };
 //! tls::server(&policy)            // every call is guarded: unpinned peers reach only join
 //!     .add_service(RaftServer::new(raft))
