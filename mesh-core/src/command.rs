@@ -161,6 +161,44 @@ pub enum Command {
         /// Who.
         actor: Fingerprint,
     },
+    /// An admin adds (or changes the role of) a user key.
+    AddKey {
+        /// The key's fingerprint.
+        fingerprint: Fingerprint,
+        /// The public key line.
+        key: String,
+        /// Its role.
+        role: crate::access::Role,
+        /// Comment.
+        comment: String,
+        /// Who.
+        actor: Fingerprint,
+    },
+    /// An admin removes a user key.
+    RemoveKey {
+        /// The key's fingerprint.
+        fingerprint: Fingerprint,
+        /// Who.
+        actor: Fingerprint,
+    },
+    /// Record an action refused before it reached the state machine (a role check).
+    AuditRefusal {
+        /// Who tried.
+        actor: Fingerprint,
+        /// What.
+        action: String,
+        /// On what.
+        target: Option<String>,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// An admin sets how many audit entries are kept.
+    SetAuditRetention {
+        /// Entries to keep.
+        entries: u32,
+        /// Who.
+        actor: Fingerprint,
+    },
     /// A user cancels a task.
     Cancel {
         /// The task.
@@ -226,6 +264,12 @@ pub enum Outcome {
     TokenRevoked(String),
     /// A machine joined and got this node id.
     Joined(NodeId),
+    /// A user key was added or its role changed.
+    KeyAdded(Fingerprint),
+    /// A user key was removed.
+    KeyRemoved(Fingerprint),
+    /// An audit entry or setting was recorded.
+    Audited,
     /// A node's liveness changed.
     NodeDown(NodeId),
     /// A node is up again.
@@ -286,6 +330,12 @@ pub enum Rejection {
     /// A node record cannot be written under this identity.
     #[error("{0}")]
     NodeIdentity(String),
+    /// The key is not a user key of the mesh.
+    #[error("key {0} is not a user key of this mesh; `mesh-cli keys list` shows them")]
+    UnknownKey(Fingerprint),
+    /// The change would leave the mesh without an admin.
+    #[error("key {0} is the last admin key; add another admin first")]
+    LastAdmin(Fingerprint),
     /// No token has this id.
     #[error("token {0} does not exist; `mesh-cli token list` shows the tokens")]
     UnknownToken(String),
@@ -317,6 +367,9 @@ impl fmt::Display for Outcome {
             Outcome::TokenCreated(t) => write!(f, "token {t} created"),
             Outcome::TokenRevoked(t) => write!(f, "token {t} revoked"),
             Outcome::Joined(n) => write!(f, "joined as node {n}"),
+            Outcome::KeyAdded(k) => write!(f, "key {k} added"),
+            Outcome::KeyRemoved(k) => write!(f, "key {k} removed"),
+            Outcome::Audited => write!(f, "audited"),
             Outcome::NodeDown(n) => write!(f, "node {n} down"),
             Outcome::NodeUp(n) => write!(f, "node {n} up"),
             Outcome::NodeRemoved(n) => write!(f, "node {n} removed"),

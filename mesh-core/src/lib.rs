@@ -5,7 +5,9 @@
 //! GPUs. The daemon (`mesh-node`) and the client (`mesh-cli`) build on these types.
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod api;
+pub mod audit;
 pub mod builtin;
 pub mod capability;
 pub mod codec;

@@ -9,6 +9,8 @@ use crate::data::{Bytes, Digest};
 use crate::identity::fingerprint::Fingerprint;
 use crate::ids::{Attempt, NodeId, TaskId, Timestamp};
 use crate::task::{AttemptError, Checkpoint, DataRef, OutputDecl, Task, TaskResult, TaskSpec, TaskState};
+use crate::access::UserKey;
+use crate::audit::AuditLog;
 use crate::token::TokenRecord;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -58,6 +60,10 @@ pub struct MeshState {
     pub next_task: u64,
     /// Join tokens by id.
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// User keys by fingerprint.
+    pub users: BTreeMap<Fingerprint, UserKey>,
+    /// The audit trail.
+    pub audit: AuditLog,
 }
 
 impl MeshState {
@@ -66,8 +72,40 @@ impl MeshState {
         Response { outcomes: req.commands.iter().map(|c| self.apply(req.now, c)).collect() }
     }
 
-    /// Apply one command at time `now`.
+    /// Apply one command at time `now`; administrative commands are audited with
+    /// their outcome.
     pub fn apply(&mut self, now: Timestamp, cmd: &Command) -> Outcome {
+        let outcome = self.transition(now, cmd);
+        self.audit_command(now, cmd, &outcome);
+        outcome
+    }
+
+    fn audit_command(&mut self, now: Timestamp, cmd: &Command, outcome: &Outcome) {
+        let (actor, action, target) = match cmd {
+            Command::Submit { submitter, .. } => (submitter, "submit", None),
+            Command::Cancel { task, actor } => (actor, "cancel", Some(task.to_string())),
+            Command::CreateToken { id, actor, .. } => (actor, "token create", Some(id.clone())),
+            Command::RevokeToken { id, actor } => (actor, "token revoke", Some(id.clone())),
+            Command::Join { token, fingerprint, .. } => (fingerprint, "join", Some(format!("token {token}"))),
+            Command::RemoveNode { node, actor } => (actor, "remove", Some(format!("node {node}"))),
+            Command::Drain { node, actor } => (actor, "drain", Some(format!("node {node}"))),
+            Command::Undrain { node, actor } => (actor, "undrain", Some(format!("node {node}"))),
+            Command::AddKey { fingerprint, role, actor, .. } => (actor, "keys add", Some(format!("{fingerprint} as {role}"))),
+            Command::RemoveKey { fingerprint, actor } => (actor, "keys remove", Some(fingerprint.to_string())),
+            Command::SetAuditRetention { entries, actor } => (actor, "audit retention", Some(entries.to_string())),
+            _ => return,
+        };
+        let (target, result) = match outcome {
+            Outcome::Rejected(r) => (target, format!("refused: {r}")),
+            Outcome::Submitted { task, existing } => (Some(task.to_string()), if *existing { "ok (existing)".into() } else { "ok".into() }),
+            Outcome::Joined(n) => (Some(format!("node {n}")), "ok".into()),
+            _ => (target, "ok".into()),
+        };
+        let actor = actor.clone();
+        self.audit.record(now, &actor, action, target, result);
+    }
+
+    fn transition(&mut self, now: Timestamp, cmd: &Command) -> Outcome {
         match cmd {
             Command::RegisterNode { node, fingerprint, addr, capabilities } => {
                 if let Some(n) = self.nodes.get(node) {
@@ -150,6 +188,44 @@ impl MeshState {
                 self.fail(now, *task, *attempt, *node, error, *retryable)
             }
             Command::Cancel { task, .. } => self.cancel(now, *task),
+            Command::AddKey { fingerprint, key, role, comment, actor } => {
+                let demotes_last_admin = self.users.get(fingerprint).is_some_and(|u| u.role == crate::access::Role::Admin)
+                    && *role != crate::access::Role::Admin
+                    && self.admin_count() == 1;
+                if demotes_last_admin {
+                    return Outcome::Rejected(Rejection::LastAdmin(fingerprint.clone()));
+                }
+                self.users.insert(
+                    fingerprint.clone(),
+                    UserKey {
+                        fingerprint: fingerprint.clone(),
+                        key: key.clone(),
+                        role: *role,
+                        comment: comment.clone(),
+                        added_by: actor.clone(),
+                        added_at: now,
+                    },
+                );
+                Outcome::KeyAdded(fingerprint.clone())
+            }
+            Command::RemoveKey { fingerprint, .. } => match self.users.get(fingerprint) {
+                None => Outcome::Rejected(Rejection::UnknownKey(fingerprint.clone())),
+                Some(u) if u.role == crate::access::Role::Admin && self.admin_count() == 1 => {
+                    Outcome::Rejected(Rejection::LastAdmin(fingerprint.clone()))
+                }
+                Some(_) => {
+                    self.users.remove(fingerprint);
+                    Outcome::KeyRemoved(fingerprint.clone())
+                }
+            },
+            Command::AuditRefusal { actor, action, target, reason } => {
+                self.audit.record(now, actor, action, target.clone(), format!("refused: {reason}"));
+                Outcome::Audited
+            }
+            Command::SetAuditRetention { entries, .. } => {
+                self.audit.set_retention(*entries);
+                Outcome::Audited
+            }
             Command::Checkpoint { task, attempt, node, shard, output } => self.checkpoint(now, *task, *attempt, *node, *shard, output),
             Command::Release { task, attempt, node } => match self.current(*task, *attempt, *node, "release") {
                 Ok(t) => {
@@ -229,6 +305,15 @@ impl MeshState {
                 }
             }
         }
+    }
+
+    fn admin_count(&self) -> usize {
+        self.users.values().filter(|u| u.role == crate::access::Role::Admin).count()
+    }
+
+    /// The role of a user key, if it is one.
+    pub fn role_of(&self, fp: &Fingerprint) -> Option<crate::access::Role> {
+        self.users.get(fp).map(|u| u.role)
     }
 
     /// Nodes placement may use: registered, not down, not removed.

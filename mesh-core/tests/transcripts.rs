@@ -15,7 +15,8 @@
 //! `advance MS` (the clock), `live` (nodes placement may use),
 //! `submit ... [shards=N] [out=BYTES] [prefer=EXPR]...`, `checkpoint TASK ATTEMPT NODE SHARD [bytes=N]`
 //! (the output bytes all equal SHARD), `release TASK ATTEMPT NODE`, `drain NODE`, `undrain NODE`,
-//! `result TASK` (the recorded output bytes).
+//! `result TASK` (the recorded output bytes), `key add NAME ROLE [by=NAME]`, `key remove NAME`,
+//! `refused NAME ACTION REASON...`, `retention N`, `audit` (the trail, actors by name).
 
 use mesh_core::capability::{AdapterInfo, AdapterLimits, DeviceType, NodeCapabilities};
 use mesh_core::requirement::Requirement;
@@ -154,6 +155,41 @@ impl Session {
                 let t = &self.state.tasks[&TaskId(n(1))];
                 let r = t.result.as_ref().expect("a result");
                 return vec![format!("{:?}", self.state.blob(&r.outputs[0].digest).unwrap().as_slice())];
+            }
+            "key" if words[1] == "add" => Command::AddKey {
+                fingerprint: user(words[2]),
+                key: format!("ssh-ed25519 {}", words[2]),
+                role: mesh_core::access::Role::parse(words[3]).unwrap(),
+                comment: String::new(),
+                actor: user(kv(&words, "by").unwrap_or("admin")),
+            },
+            "key" if words[1] == "remove" => Command::RemoveKey { fingerprint: user(words[2]), actor: user("admin") },
+            "refused" => Command::AuditRefusal {
+                actor: user(words[1]),
+                action: words[2].into(),
+                target: None,
+                reason: words[3..].join(" "),
+            },
+            "retention" => Command::SetAuditRetention { entries: n(1) as u32, actor: user("admin") },
+            "audit" => {
+                let names: BTreeMap<Fingerprint, &str> =
+                    ["admin", "alice", "bob", "carol", "newcomer"].into_iter().map(|n| (user(n), n)).collect();
+                return self
+                    .state
+                    .audit
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "[{}] {} {}{} -> {}",
+                            e.seq,
+                            names.get(&e.actor).copied().unwrap_or("?"),
+                            e.action,
+                            e.target.as_ref().map_or(String::new(), |t| format!(" {t}")),
+                            e.outcome
+                        )
+                    })
+                    .collect();
             }
             "down" => Command::MarkDown { node: NodeId(n(1)) },
             "up" => Command::MarkUp { node: NodeId(n(1)) },
