@@ -254,3 +254,37 @@ pub struct TokenCreated {
     /// Expiry, ms since the epoch.
     pub expires_at_ms: u64,
 }
+
+/// One user key in `keys list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyView {
+    /// Fingerprint.
+    pub fingerprint: String,
+    /// Role.
+    pub role: String,
+    /// Key comment.
+    pub comment: String,
+    /// Public key line.
+    pub key: String,
+    /// Who added it.
+    pub added_by: String,
+    /// When, ms since the epoch.
+    pub added_at_ms: u64,
+}
+
+/// One entry in `audit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditView {
+    /// Sequence number.
+    pub seq: u64,
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+    /// Actor's key fingerprint.
+    pub actor: String,
+    /// Action.
+    pub action: String,
+    /// Target.
+    pub target: Option<String>,
+    /// `ok` or `refused: ...`.
+    pub outcome: String,
+}

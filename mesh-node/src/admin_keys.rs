@@ -6,7 +6,7 @@ use mesh_core::identity::fingerprint::Fingerprint;
 use mesh_core::identity::public_key::PublicKeyLine;
 use russh::keys::ssh_key::private::Ed25519Keypair;
 use russh::keys::PrivateKey;
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Why admin keys could not be read.
@@ -50,23 +50,23 @@ pub enum AdminKeySource {
     CreatedUserKey(PathBuf),
 }
 
-/// Fingerprints of every key in the given files.
-pub fn read_files(paths: &[PathBuf]) -> Result<BTreeSet<Fingerprint>, AdminKeyError> {
-    let mut out = BTreeSet::new();
+/// Every key in the given files, by fingerprint.
+pub fn read_files(paths: &[PathBuf]) -> Result<BTreeMap<Fingerprint, PublicKeyLine>, AdminKeyError> {
+    let mut out = BTreeMap::new();
     for path in paths {
         let text = std::fs::read_to_string(path).map_err(|source| AdminKeyError::Read { path: path.clone(), source })?;
         let keys = PublicKeyLine::parse_many(&text).map_err(|source| AdminKeyError::Parse { path: path.clone(), source })?;
         if keys.is_empty() {
             return Err(AdminKeyError::Empty(path.clone()));
         }
-        out.extend(keys.iter().map(PublicKeyLine::fingerprint));
+        out.extend(keys.into_iter().map(|k| (k.fingerprint(), k)));
     }
     Ok(out)
 }
 
 /// The admin keys: the given files, or else the invoking user's `~/.ssh/id_ed25519.pub`,
 /// created (as `ssh-keygen -t ed25519` would) when the user has none.
-pub fn resolve(paths: &[PathBuf], home: Option<&Path>) -> Result<(BTreeSet<Fingerprint>, AdminKeySource), AdminKeyError> {
+pub fn resolve(paths: &[PathBuf], home: Option<&Path>) -> Result<(BTreeMap<Fingerprint, PublicKeyLine>, AdminKeySource), AdminKeyError> {
     if !paths.is_empty() {
         return Ok((read_files(paths)?, AdminKeySource::Files));
     }

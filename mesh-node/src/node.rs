@@ -193,17 +193,19 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         }
     });
 
-    let service = Service::new(
+    let service = Service {
         node,
-        host_key.fingerprint(),
-        gpu.as_ref().map(|g| g.info().name.clone()),
-        me.addr.clone(),
-        raft.clone(),
-        state.clone(),
-        proposer.clone(),
-        liveness.clone(),
-    );
+        fingerprint: host_key.fingerprint(),
+        adapter: gpu.as_ref().map(|g| g.info().name.clone()),
+        advertise: me.addr.clone(),
+        local_admins: Arc::new(admins.clone()),
+        raft: raft.clone(),
+        state: state.clone(),
+        proposer: proposer.clone(),
+        liveness: liveness.clone(),
+    };
     publisher.register(&raft, &proposer, capabilities.clone()).await?;
+    service.seed_admin_keys().await.context("cannot record the admin keys")?;
     tracker.spawn(publisher.refresh(raft.clone(), proposer.clone(), capabilities, shutdown.clone()));
 
     tracker.spawn(
@@ -240,7 +242,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             Worker::new(node, state.clone(), proposer.clone(), gpu, config.gpu_memory_budget, liveness.clone(), config.node_timeout);
         tracker.spawn(worker.run(shutdown.clone()));
     }
-    tracker.spawn(SshServer::new(&host_key, Endpoint::Member(service.clone()), admins).run(ssh_listener, shutdown.clone()));
+    tracker.spawn(SshServer::new(&host_key, Endpoint::Member(service.clone())).run(ssh_listener, shutdown.clone()));
     tracker.spawn(http::serve(http_listener, service.clone(), prometheus, shutdown.clone()));
     tracker.spawn(telemetry::refresh_gauges(service.clone(), shutdown.clone()));
     tracker.close();
@@ -296,7 +298,7 @@ async fn await_join(
     host_key: &HostKey,
     identity: &TlsIdentity,
     me: &MeshNode,
-    admins: &std::collections::BTreeSet<Fingerprint>,
+    admins: &BTreeMap<Fingerprint, mesh_core::identity::public_key::PublicKeyLine>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<(NodeId, Vec<(NodeId, MeshNode)>)>> {
     let listener = TcpListener::bind(config.ssh_listen)
@@ -304,7 +306,8 @@ async fn await_join(
         .with_context(|| format!("cannot listen for SSH on {}", config.ssh_listen))?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
     let stop = shutdown.child_token();
-    let server = tokio::spawn(SshServer::new(host_key, Endpoint::AwaitingJoin(tx), admins.clone()).run(listener, stop.clone()));
+    let admins = Arc::new(admins.keys().cloned().collect());
+    let server = tokio::spawn(SshServer::new(host_key, Endpoint::AwaitingJoin { joins: tx, admins }).run(listener, stop.clone()));
     println!("mesh-node waiting to join: run `mesh-cli --node {} join TOKEN`; fingerprint {}", config.ssh_listen, host_key.fingerprint());
     let joined = loop {
         let request = tokio::select! {

@@ -3,9 +3,13 @@
 //! can call it.
 
 use crate::liveness::Liveness;
+use mesh_core::access::Role;
+use mesh_core::identity::public_key::PublicKeyLine;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use crate::proposer::{ProposeError, Proposer};
 use crate::store::StateView;
-use mesh_core::api::{NodeView, StatusView, SubmitReply, TaskView, TokenCreated, TokenView};
+use mesh_core::api::{AuditView, KeyView, NodeView, StatusView, SubmitReply, TaskView, TokenCreated, TokenView};
 use mesh_core::token::JoinToken;
 use mesh_core::kernel::{self, SpecError};
 use mesh_core::raft_types::TypeConfig;
@@ -52,26 +56,48 @@ pub struct Service {
     pub adapter: Option<String>,
     /// This node's advertised node-to-node address (the seed address in tokens).
     pub advertise: String,
-    raft: Raft<TypeConfig>,
-    state: StateView,
-    proposer: Proposer,
-    liveness: Liveness,
+    /// Admin keys from this node's `--admin-key`: they act only while the mesh has
+    /// no user keys at all (its very start); then the replicated keys decide.
+    pub local_admins: Arc<BTreeMap<Fingerprint, PublicKeyLine>>,
+    /// Consensus.
+    pub raft: Raft<TypeConfig>,
+    /// The replicated state.
+    pub state: StateView,
+    /// Where writes go.
+    pub proposer: Proposer,
+    /// Heartbeat bookkeeping (last contact).
+    pub liveness: Liveness,
 }
 
 impl Service {
-    /// Bundle the parts (the node's identity and every handle an operation uses).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        node: NodeId,
-        fingerprint: Fingerprint,
-        adapter: Option<String>,
-        advertise: String,
-        raft: Raft<TypeConfig>,
-        state: StateView,
-        proposer: Proposer,
-        liveness: Liveness,
-    ) -> Service {
-        Service { node, fingerprint, adapter, advertise, raft, state, proposer, liveness }
+    /// The role of a key: the replicated user keys decide; while there are none
+    /// (a mesh's first moments), this node's `--admin-key` keys are admins.
+    pub fn role_of(&self, fp: &Fingerprint) -> Option<Role> {
+        self.state.read(|s| {
+            if s.users.is_empty() {
+                self.local_admins.contains_key(fp).then_some(Role::Admin)
+            } else {
+                s.role_of(fp)
+            }
+        })
+    }
+
+    /// Record this node's admin keys as the mesh's first user keys, if it has none.
+    pub async fn seed_admin_keys(&self) -> Result<(), ServiceError> {
+        if !self.state.read(|s| s.users.is_empty()) {
+            return Ok(());
+        }
+        for (fp, key) in self.local_admins.iter() {
+            let cmd = Command::AddKey {
+                fingerprint: fp.clone(),
+                key: key.to_openssh(),
+                role: Role::Admin,
+                comment: key.comment.clone(),
+                actor: self.fingerprint.clone(),
+            };
+            self.proposer.propose(cmd).await?;
+        }
+        Ok(())
     }
 
     /// Nodes placement may use (not marked down, not removed).
@@ -302,6 +328,92 @@ impl Service {
             Outcome::Rejected(r) => Err(r.into()),
             other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
         }
+    }
+}
+
+impl Service {
+    /// Record an action refused by a role check in the audit trail.
+    pub async fn audit_refusal(&self, actor: &Fingerprint, action: &str, target: Option<String>, reason: &str) {
+        let cmd = Command::AuditRefusal { actor: actor.clone(), action: action.into(), target, reason: reason.into() };
+        if let Err(e) = self.proposer.propose(cmd).await {
+            tracing::warn!(error = %e, "could not audit a refused action");
+        }
+    }
+
+    /// `keys add` (the public key text on standard input).
+    pub async fn keys_add(&self, text: &str, role: Role, actor: Fingerprint) -> Result<Vec<Fingerprint>, ServiceError> {
+        let keys = PublicKeyLine::parse_many(text).map_err(|e| ServiceError::BadRequest(format!("the key on standard input: {e}")))?;
+        if keys.is_empty() {
+            return Err(ServiceError::BadRequest("no public key on standard input; give a .pub file".into()));
+        }
+        let mut added = Vec::new();
+        for k in keys {
+            let cmd = Command::AddKey { fingerprint: k.fingerprint(), key: k.to_openssh(), role, comment: k.comment.clone(), actor: actor.clone() };
+            match self.proposer.propose(cmd).await? {
+                Outcome::KeyAdded(fp) => added.push(fp),
+                Outcome::Rejected(r) => return Err(r.into()),
+                other => return Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+            }
+        }
+        Ok(added)
+    }
+
+    /// `keys remove FINGERPRINT`.
+    pub async fn keys_remove(&self, fp: Fingerprint, actor: Fingerprint) -> Result<(), ServiceError> {
+        match self.proposer.propose(Command::RemoveKey { fingerprint: fp, actor }).await? {
+            Outcome::KeyRemoved(_) => Ok(()),
+            Outcome::Rejected(r) => Err(r.into()),
+            other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+        }
+    }
+
+    /// `keys list`.
+    pub fn keys_list(&self) -> Vec<KeyView> {
+        self.state.read(|s| {
+            s.users
+                .values()
+                .map(|u| KeyView {
+                    fingerprint: u.fingerprint.to_string(),
+                    role: u.role.to_string(),
+                    comment: u.comment.clone(),
+                    key: u.key.clone(),
+                    added_by: u.added_by.to_string(),
+                    added_at_ms: u.added_at.0,
+                })
+                .collect()
+        })
+    }
+
+    /// `audit [--since D] [--actor FP]`.
+    pub fn audit(&self, since: Option<std::time::Duration>, actor: Option<&Fingerprint>) -> Vec<AuditView> {
+        let from = since.map(|d| crate::proposer::now().0.saturating_sub(d.as_millis() as u64));
+        self.state.read(|s| {
+            s.audit
+                .entries
+                .iter()
+                .filter(|e| from.is_none_or(|f| e.at.0 >= f) && actor.is_none_or(|a| e.actor == *a))
+                .map(|e| AuditView {
+                    seq: e.seq,
+                    at_ms: e.at.0,
+                    actor: e.actor.to_string(),
+                    action: e.action.clone(),
+                    target: e.target.clone(),
+                    outcome: e.outcome.clone(),
+                })
+                .collect()
+        })
+    }
+
+    /// `snapshot`: the whole replicated state, codec-encoded (what `restore` reads).
+    pub fn snapshot(&self) -> Result<Vec<u8>, ServiceError> {
+        self.state
+            .read(mesh_core::codec::encode)
+            .map_err(|e| ServiceError::BadRequest(format!("cannot encode the state: {e}")))
+    }
+
+    /// Who submitted a task.
+    pub fn submitter_of(&self, id: TaskId) -> Option<Fingerprint> {
+        self.state.read(|s| s.tasks.get(&id).map(|t| t.submitter.clone()))
     }
 }
 

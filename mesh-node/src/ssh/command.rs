@@ -4,6 +4,7 @@
 
 use crate::service::{Service, ServiceError};
 use mesh_core::api::{ErrorView, TaskView, EXIT_ERROR, EXIT_TASK_FAILED, EXIT_USAGE};
+use mesh_core::access::{permits, sees_all_tasks, Action, Role};
 use mesh_core::{Fingerprint, TaskId, TaskSpec};
 use serde::Serialize;
 
@@ -52,6 +53,68 @@ pub enum Request {
     Remove(mesh_core::NodeId),
     /// `drain NODE` (true) / `undrain NODE` (false)
     Drain(mesh_core::NodeId, bool),
+    /// `keys add --role R` (public keys on stdin)
+    KeysAdd(Role),
+    /// `keys remove FINGERPRINT`
+    KeysRemove(Fingerprint),
+    /// `keys list`
+    KeysList,
+    /// `audit [--since D] [--actor FP]`
+    Audit {
+        /// Only entries newer than this.
+        since: Option<std::time::Duration>,
+        /// Only this actor.
+        actor: Option<Fingerprint>,
+    },
+    /// `snapshot` (raw state on stdout)
+    Snapshot,
+}
+
+impl Request {
+    /// What the role check needs.
+    pub fn action(&self) -> Action {
+        match self {
+            Request::Status | Request::Nodes => Action::ReadMesh,
+            Request::Tasks(_) | Request::Task(_) | Request::Wait(_) | Request::Result { .. } => Action::ReadTasks,
+            Request::Submit => Action::Submit,
+            Request::Cancel(_) => Action::Cancel,
+            Request::Drain(..) => Action::Drain,
+            Request::TokenCreate { .. }
+            | Request::TokenList
+            | Request::TokenRevoke(_)
+            | Request::Remove(_)
+            | Request::KeysAdd(_)
+            | Request::KeysRemove(_)
+            | Request::KeysList
+            | Request::Audit { .. }
+            | Request::Snapshot => Action::Administer,
+        }
+    }
+
+    /// The audit name and target of a request.
+    fn describe(&self) -> (&'static str, Option<String>) {
+        match self {
+            Request::Status => ("status", None),
+            Request::Nodes => ("nodes", None),
+            Request::Tasks(_) => ("tasks", None),
+            Request::Submit => ("submit", None),
+            Request::Task(id) => ("task", Some(id.to_string())),
+            Request::Wait(id) => ("wait", Some(id.to_string())),
+            Request::Result { id, .. } => ("result", Some(id.to_string())),
+            Request::Cancel(id) => ("cancel", Some(id.to_string())),
+            Request::TokenCreate { .. } => ("token create", None),
+            Request::TokenList => ("token list", None),
+            Request::TokenRevoke(id) => ("token revoke", Some(id.clone())),
+            Request::Remove(n) => ("remove", Some(format!("node {n}"))),
+            Request::Drain(n, true) => ("drain", Some(format!("node {n}"))),
+            Request::Drain(n, false) => ("undrain", Some(format!("node {n}"))),
+            Request::KeysAdd(r) => ("keys add", Some(format!("as {r}"))),
+            Request::KeysRemove(fp) => ("keys remove", Some(fp.to_string())),
+            Request::KeysList => ("keys list", None),
+            Request::Audit { .. } => ("audit", None),
+            Request::Snapshot => ("snapshot save", None),
+        }
+    }
 }
 
 /// A parsed exec line.
@@ -63,7 +126,7 @@ pub struct CommandLine {
     pub json: bool,
 }
 
-const USAGE: &str = "commands: status, nodes, tasks [--state S], submit (JSON task on stdin), task ID, wait ID, result ID [--raw] [--name OUTPUT], cancel ID, token create [--ttl 1h] [--uses N], token list, token revoke ID, remove NODE, drain NODE, undrain NODE; add --json for JSON output";
+const USAGE: &str = "commands: status, nodes, tasks [--state S], submit (JSON task on stdin), task ID, wait ID, result ID [--raw] [--name OUTPUT], cancel ID, token create [--ttl 1h] [--uses N], token list, token revoke ID, remove NODE, drain NODE, undrain NODE, keys add --role R (key on stdin), keys remove FP, keys list, audit [--since D] [--actor FP], snapshot; add --json for JSON output";
 
 /// Lifetime of a join token when `--ttl` is not given.
 const DEFAULT_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -90,6 +153,9 @@ impl CommandLine {
         let state = flag(&mut words, "--state")?;
         let name = flag(&mut words, "--name")?;
         let ttl = flag(&mut words, "--ttl")?;
+        let role = flag(&mut words, "--role")?;
+        let since = flag(&mut words, "--since")?;
+        let actor = flag(&mut words, "--actor")?;
         let uses = flag(&mut words, "--uses")?;
         let id = |words: &[&str]| -> Result<TaskId, String> {
             match words {
@@ -102,6 +168,24 @@ impl CommandLine {
             Some("status") => Request::Status,
             Some("nodes") => Request::Nodes,
             Some("tasks") => Request::Tasks(state),
+            Some("keys") => match words.get(1).copied() {
+                Some("add") => Request::KeysAdd(
+                    role.as_deref()
+                        .and_then(Role::parse)
+                        .ok_or("keys add needs --role admin|operator|submitter|viewer (the public key goes on standard input)")?,
+                ),
+                Some("remove") => match words.get(2) {
+                    Some(fp) => Request::KeysRemove(Fingerprint::parse(fp).map_err(|e| e.to_string())?),
+                    None => return Err("keys remove takes a key fingerprint (`keys list` shows them)".into()),
+                },
+                Some("list") => Request::KeysList,
+                _ => return Err("keys takes add, remove or list".into()),
+            },
+            Some("audit") => Request::Audit {
+                since: since.map(|d| mesh_core::duration::parse_duration(&d)).transpose()?,
+                actor: actor.map(|a| Fingerprint::parse(&a).map_err(|e| e.to_string())).transpose()?,
+            },
+            Some("snapshot") => Request::Snapshot,
             Some("submit") => Request::Submit,
             Some("task") => Request::Task(id(&words)?),
             Some("wait") => Request::Wait(id(&words)?),
@@ -137,7 +221,7 @@ impl CommandLine {
 
     /// Whether the command reads a body from standard input.
     pub fn takes_body(&self) -> bool {
-        self.request == Request::Submit
+        matches!(self.request, Request::Submit | Request::KeysAdd(_))
     }
 }
 
@@ -176,10 +260,40 @@ impl Reply {
 
 /// Run a parsed command for the authenticated user `actor`.
 pub async fn run(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fingerprint) -> Reply {
+    if let Err(why) = authorize(service, &cmd.request, actor) {
+        let (action, target) = cmd.request.describe();
+        service.audit_refusal(actor, action, target, &why).await;
+        return Reply::error(&why, EXIT_ERROR, cmd.json);
+    }
     match dispatch(service, cmd, body, actor).await {
         Ok(reply) => reply,
         Err(e) => Reply::error(&e.to_string(), EXIT_ERROR, cmd.json),
     }
+}
+
+/// The role check, and for a submitter, ownership of the task it names.
+fn authorize(service: &Service, request: &Request, actor: &Fingerprint) -> Result<(), String> {
+    let Some(role) = service.role_of(actor) else {
+        return Err(format!("permission denied: key {actor} is no longer a user key of this mesh"));
+    };
+    let action = request.action();
+    if !permits(role, action) {
+        return Err(format!(
+            "permission denied: key {actor} has role {role}; this needs {} (an admin can run: mesh-cli keys add KEY.pub --role {})",
+            action.needs(),
+            action.needs()
+        ));
+    }
+    if !sees_all_tasks(role) {
+        let owned = |id: &TaskId| service.submitter_of(*id).is_none_or(|s| s == *actor);
+        match request {
+            Request::Task(id) | Request::Wait(id) | Request::Result { id, .. } | Request::Cancel(id) if !owned(id) => {
+                return Err(format!("permission denied: task {id} belongs to another key; a submitter sees only its own tasks"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 async fn dispatch(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fingerprint) -> Result<Reply, ServiceError> {
@@ -233,7 +347,10 @@ async fn dispatch(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fin
             }
         }
         Request::Tasks(state) => {
-            let tasks = service.tasks(state.as_deref());
+            let mut tasks = service.tasks(state.as_deref());
+            if service.role_of(actor).is_some_and(|r| !sees_all_tasks(r)) {
+                tasks.retain(|t| t.submitter == actor.as_str());
+            }
             if json {
                 Reply::json(&tasks)
             } else {
@@ -301,6 +418,45 @@ async fn dispatch(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fin
                 Reply::text(format!("token {id} revoked\n"))
             }
         }
+        Request::KeysAdd(role) => {
+            let text = String::from_utf8_lossy(body);
+            let added = service.keys_add(&text, *role, actor.clone()).await?;
+            if json {
+                Reply::json(&serde_json::json!({ "added": added, "role": role.to_string() }))
+            } else {
+                Reply::text(added.iter().map(|fp| format!("key {fp} added as {role}\n")).collect())
+            }
+        }
+        Request::KeysRemove(fp) => {
+            service.keys_remove(fp.clone(), actor.clone()).await?;
+            if json {
+                Reply::json(&serde_json::json!({ "removed": fp }))
+            } else {
+                Reply::text(format!("key {fp} removed\n"))
+            }
+        }
+        Request::KeysList => {
+            let keys = service.keys_list();
+            if json {
+                Reply::json(&keys)
+            } else {
+                Reply::text(keys.iter().map(|k| format!("{} {} {}\n", k.fingerprint, k.role, k.comment)).collect())
+            }
+        }
+        Request::Audit { since, actor: who } => {
+            let entries = service.audit(*since, who.as_ref());
+            if json {
+                Reply::json(&entries)
+            } else {
+                Reply::text(
+                    entries
+                        .iter()
+                        .map(|e| format!("{} {} {} {} {}\n", e.at_ms, e.actor, e.action, e.target.as_deref().unwrap_or("-"), e.outcome))
+                        .collect(),
+                )
+            }
+        }
+        Request::Snapshot => Reply { stdout: service.snapshot()?, ..Reply::default() },
         Request::Drain(node, draining) => {
             service.drain(*node, *draining, actor.clone()).await?;
             let word = if *draining { "drained" } else { "undrained" };

@@ -30,8 +30,14 @@ const AUTH_REJECTION_TIME: Duration = Duration::from_millis(300);
 pub enum Endpoint {
     /// A member of a mesh: every operator command.
     Member(Service),
-    /// A fresh node waiting for `join TOKEN` (started with `--await-join`).
-    AwaitingJoin(mpsc::Sender<JoinRequest>),
+    /// A fresh node waiting for `join TOKEN` (started with `--await-join`); only its
+    /// `--admin-key` keys may connect.
+    AwaitingJoin {
+        /// Where join requests go.
+        joins: mpsc::Sender<JoinRequest>,
+        /// The keys allowed.
+        admins: Arc<BTreeSet<Fingerprint>>,
+    },
 }
 
 /// A `join TOKEN` received by a node that is not a member yet.
@@ -46,12 +52,11 @@ pub struct JoinRequest {
 pub struct SshServer {
     config: Arc<russh::server::Config>,
     endpoint: Endpoint,
-    admins: Arc<BTreeSet<Fingerprint>>,
 }
 
 impl SshServer {
-    /// A server presenting `host_key` and admitting the `admins` keys.
-    pub fn new(host_key: &HostKey, endpoint: Endpoint, admins: BTreeSet<Fingerprint>) -> SshServer {
+    /// A server presenting `host_key`; which user keys it admits follows `endpoint`.
+    pub fn new(host_key: &HostKey, endpoint: Endpoint) -> SshServer {
         let config = russh::server::Config {
             keys: vec![host_key.private_key().clone()],
             methods: MethodSet::from(&[MethodKind::PublicKey][..]),
@@ -60,7 +65,7 @@ impl SshServer {
             inactivity_timeout: Some(INACTIVITY_TIMEOUT),
             ..Default::default()
         };
-        SshServer { config: Arc::new(config), endpoint, admins: Arc::new(admins) }
+        SshServer { config: Arc::new(config), endpoint }
     }
 
     /// Serve connections from `listener` until shutdown.
@@ -79,7 +84,6 @@ impl SshServer {
             let _ = stream.set_nodelay(true);
             let handler = Connection {
                 endpoint: self.endpoint.clone(),
-                admins: self.admins.clone(),
                 peer,
                 user: None,
                 channels: HashMap::new(),
@@ -111,7 +115,6 @@ impl SshServer {
 /// One client connection.
 struct Connection {
     endpoint: Endpoint,
-    admins: Arc<BTreeSet<Fingerprint>>,
     peer: SocketAddr,
     user: Option<Fingerprint>,
     channels: HashMap<ChannelId, Channel<Msg>>,
@@ -121,7 +124,11 @@ struct Connection {
 impl Connection {
     fn admit(&self, key: &russh::keys::PublicKey) -> Option<Fingerprint> {
         let fp = fingerprint_of(key);
-        self.admins.contains(&fp).then_some(fp)
+        let known = match &self.endpoint {
+            Endpoint::Member(service) => service.role_of(&fp).is_some(),
+            Endpoint::AwaitingJoin { admins, .. } => admins.contains(&fp),
+        };
+        known.then_some(fp)
     }
 }
 
@@ -141,7 +148,7 @@ impl russh::server::Handler for Connection {
             }
             None => {
                 metrics::counter!("mesh_ssh_auth_failures_total", "reason" => "unknown_key").increment(1);
-                warn!(peer = %self.peer, key = %fingerprint_of(key.public_key), "ssh key refused: not an admin key");
+                warn!(peer = %self.peer, key = %fingerprint_of(key.public_key), "ssh key refused: not a user key of this mesh");
                 Ok(Auth::reject())
             }
         }
@@ -175,7 +182,7 @@ async fn serve_exec(endpoint: Endpoint, user: Fingerprint, line: String, channel
     let (mut read, write) = channel.split();
     let service = match endpoint {
         Endpoint::Member(service) => service,
-        Endpoint::AwaitingJoin(joins) => {
+        Endpoint::AwaitingJoin { joins, .. } => {
             let reply = command::awaiting_join(&line, &joins).await;
             send(&write, reply, read).await;
             return;
