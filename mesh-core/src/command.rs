@@ -199,6 +199,16 @@ pub enum Command {
         /// Who.
         actor: Fingerprint,
     },
+    /// Disaster recovery: load a saved state into a fresh mesh (one with no tasks).
+    /// Tasks, results, keys and the audit trail come back; attempts in flight go back
+    /// to pending; the saved nodes are kept as removed records (their ids are never
+    /// reused); tokens do not come back (they name the old seed).
+    Restore {
+        /// The saved state.
+        state: Box<crate::state::MeshState>,
+        /// Who restored it.
+        actor: Fingerprint,
+    },
     /// A user cancels a task.
     Cancel {
         /// The task.
@@ -270,6 +280,11 @@ pub enum Outcome {
     KeyRemoved(Fingerprint),
     /// An audit entry or setting was recorded.
     Audited,
+    /// A saved state was loaded.
+    Restored {
+        /// Tasks restored.
+        tasks: usize,
+    },
     /// A node's liveness changed.
     NodeDown(NodeId),
     /// A node is up again.
@@ -370,6 +385,7 @@ impl fmt::Display for Outcome {
             Outcome::KeyAdded(k) => write!(f, "key {k} added"),
             Outcome::KeyRemoved(k) => write!(f, "key {k} removed"),
             Outcome::Audited => write!(f, "audited"),
+            Outcome::Restored { tasks } => write!(f, "restored {tasks} tasks"),
             Outcome::NodeDown(n) => write!(f, "node {n} down"),
             Outcome::NodeUp(n) => write!(f, "node {n} up"),
             Outcome::NodeRemoved(n) => write!(f, "node {n} removed"),

@@ -93,6 +93,7 @@ impl MeshState {
             Command::AddKey { fingerprint, role, actor, .. } => (actor, "keys add", Some(format!("{fingerprint} as {role}"))),
             Command::RemoveKey { fingerprint, actor } => (actor, "keys remove", Some(fingerprint.to_string())),
             Command::SetAuditRetention { entries, actor } => (actor, "audit retention", Some(entries.to_string())),
+            Command::Restore { actor, .. } => (actor, "restore", None),
             _ => return,
         };
         let (target, result) = match outcome {
@@ -221,6 +222,39 @@ impl MeshState {
             Command::AuditRefusal { actor, action, target, reason } => {
                 self.audit.record(now, actor, action, target.clone(), format!("refused: {reason}"));
                 Outcome::Audited
+            }
+            Command::Restore { state, .. } => {
+                if !self.tasks.is_empty() {
+                    return Outcome::Rejected(Rejection::NodeIdentity(format!(
+                        "this mesh already has {} tasks; restore into a fresh mesh",
+                        self.tasks.len()
+                    )));
+                }
+                let saved = (**state).clone();
+                let mut tasks = saved.tasks;
+                for t in tasks.values_mut() {
+                    if let Some((node, attempt)) = t.state.assignment() {
+                        t.errors.push(AttemptError { attempt, node, error: "in flight when the mesh was restored".into() });
+                        t.state = TaskState::Pending;
+                    }
+                }
+                for (id, mut n) in saved.nodes {
+                    n.removed = true;
+                    n.down = true;
+                    self.nodes.entry(id).or_insert(n);
+                }
+                let count = tasks.len();
+                self.tasks = tasks;
+                self.idempotency = saved.idempotency;
+                self.blobs = saved.blobs;
+                self.next_task = saved.next_task;
+                self.users.extend(saved.users);
+                let retention = saved.audit.retention;
+                for e in saved.audit.entries {
+                    self.audit.record(e.at, &e.actor, &e.action, e.target, e.outcome);
+                }
+                self.audit.set_retention(retention);
+                Outcome::Restored { tasks: count }
             }
             Command::SetAuditRetention { entries, .. } => {
                 self.audit.set_retention(*entries);

@@ -40,6 +40,8 @@ async fn ready(State(ctx): State<Ctx>) -> impl IntoResponse {
     let mut missing = Vec::new();
     if s.leader.is_none() {
         missing.push("no Raft leader known");
+    } else if ctx.service.cut_off() {
+        missing.push("cut off from the leader (no heartbeat acknowledged within the node timeout)");
     }
     if s.adapter.is_none() {
         missing.push("no GPU adapter");

@@ -36,10 +36,42 @@ enum Cmd {
         #[arg(long, env = "MESH_HOST_KEY", value_name = "FILE")]
         host_key: Option<PathBuf>,
     },
+    /// Check a node config file: parse it (unknown keys are errors), apply the
+    /// defaults, and print the resulting settings.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCmd,
+    },
     /// Internal: a GPU worker process, started by the node itself to run kernels
     /// (jobs on stdin, results on stdout). Not for operators.
     #[command(name = "gpu-worker", hide = true)]
     GpuWorker,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate FILE and print the settings a node would run with.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
+}
+
+fn config_check(file: PathBuf) -> anyhow::Result<()> {
+    let c = RunArgs { config: Some(file.clone()), ..RunArgs::default() }.validate()?;
+    println!("{} is valid; a node started with it runs with:", file.display());
+    println!("  data_dir            {}", c.data_dir.display());
+    println!("  listen              {}", c.listen);
+    println!("  ssh_listen          {}", c.ssh_listen);
+    println!("  http_listen         {}", c.http_listen);
+    println!("  slots               {}", c.slots);
+    println!("  voters              {}", c.voters);
+    println!("  node_timeout        {:?}", c.node_timeout);
+    println!("  voter_replace_after {:?}", c.voter_replace_after);
+    println!("  labels              {:?}", c.labels);
+    println!("  admin_keys          {:?}", c.admin_keys);
+    println!("  join                {}", if c.join.is_some() { "yes (token given)" } else { "no" });
+    Ok(())
 }
 
 fn main() {
@@ -47,6 +79,7 @@ fn main() {
     let result = match cli.command {
         Some(Cmd::GpuWorker) => std::process::exit(mesh_node::gpu::child::serve()),
         Some(Cmd::Fingerprint { data_dir, host_key }) => fingerprint(data_dir, host_key),
+        Some(Cmd::Config { command: ConfigCmd::Check { file } }) => config_check(file),
         Some(Cmd::Run(args)) => run(args),
         None => run(RunArgs::parse_from_defaults()),
     };
@@ -85,6 +118,7 @@ fn fingerprint(data_dir: Option<PathBuf>, host_key: Option<PathBuf>) -> anyhow::
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = args.validate()?;
+    config.prepare()?;
     mesh_node::telemetry::init_logs(config.json_logs);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {

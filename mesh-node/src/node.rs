@@ -203,9 +203,13 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         state: state.clone(),
         proposer: proposer.clone(),
         liveness: liveness.clone(),
+        node_timeout: config.node_timeout,
     };
     publisher.register(&raft, &proposer, capabilities.clone()).await?;
     service.seed_admin_keys().await.context("cannot record the admin keys")?;
+    if let (Some(path), Membership::Bootstrap) = (&config.restore, &membership) {
+        restore(&service, path).await?;
+    }
     tracker.spawn(publisher.refresh(raft.clone(), proposer.clone(), capabilities, shutdown.clone()));
 
     tracker.spawn(
@@ -290,6 +294,26 @@ async fn join(token: &JoinToken, identity: &TlsIdentity, me: &MeshNode) -> anyho
     }
     info!(node = reply.node_id, members = members.len(), "joined");
     Ok((NodeId(reply.node_id), members))
+}
+
+/// Load a state saved with `mesh-cli snapshot save` into this new mesh.
+async fn restore(service: &Service, path: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read the snapshot {}", path.display()))?;
+    let state: mesh_core::MeshState = mesh_core::codec::decode(&bytes)
+        .with_context(|| format!("{} is not a Mesh snapshot (from `mesh-cli snapshot save`)", path.display()))?;
+    let cmd = mesh_core::Command::Restore { state: Box::new(state), actor: service.fingerprint.clone() };
+    match service.proposer.propose(cmd).await? {
+        mesh_core::Outcome::Restored { tasks } => {
+            info!(tasks, snapshot = %path.display(), "restored a saved state");
+            Ok(())
+        }
+        mesh_core::Outcome::Rejected(r) => {
+            // Already restored on an earlier start of this data directory: fine.
+            warn!(reason = %r, "snapshot not loaded");
+            Ok(())
+        }
+        other => anyhow::bail!("unexpected outcome of the restore: {other}"),
+    }
 }
 
 /// Serve only `join TOKEN` over SSH until a join succeeds (or shutdown: `None`).

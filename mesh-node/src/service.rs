@@ -67,9 +67,16 @@ pub struct Service {
     pub proposer: Proposer,
     /// Heartbeat bookkeeping (last contact).
     pub liveness: Liveness,
+    /// The failure detector's timeout (for readiness).
+    pub node_timeout: std::time::Duration,
 }
 
 impl Service {
+    /// True when this node has not reached the leader within the node timeout.
+    pub fn cut_off(&self) -> bool {
+        self.liveness.cut_off(self.node_timeout)
+    }
+
     /// The role of a key: the replicated user keys decide; while there are none
     /// (a mesh's first moments), this node's `--admin-key` keys are admins.
     pub fn role_of(&self, fp: &Fingerprint) -> Option<Role> {

@@ -127,7 +127,10 @@ async fn execute(ctx: Ctx, task: Task, cancel: CancellationToken) {
     let (id, attempt, node) = (task.id, task.attempt, ctx.node);
     if matches!(task.state, TaskState::Assigned { .. }) {
         match ctx.proposer.propose(Command::Start { task: id, attempt, node }).await {
-            Ok(Outcome::Started(_)) => {}
+            Ok(Outcome::Started(_)) => {
+                let waited = crate::proposer::now().since(task.submitted_at);
+                metrics::histogram!("mesh_task_submit_to_start_seconds").record(waited.as_secs_f64());
+            }
             Ok(other) => {
                 info!(%other, "attempt no longer current; not running it");
                 return;
@@ -146,6 +149,10 @@ async fn execute(ctx: Ctx, task: Task, cancel: CancellationToken) {
         Ok(outcome) => {
             metrics::counter!("mesh_attempts_finished_total", "outcome" => if completed { "succeeded" } else { "failed" })
                 .increment(1);
+            if matches!(outcome, Outcome::Completed(_)) {
+                let took = crate::proposer::now().since(task.submitted_at);
+                metrics::histogram!("mesh_task_submit_to_finish_seconds").record(took.as_secs_f64());
+            }
             info!(%outcome, "attempt reported");
         }
         Err(e) => warn!(error = %e, "could not report the attempt; it will run again"),
