@@ -259,7 +259,12 @@ impl Reply {
 }
 
 /// Run a parsed command for the authenticated user `actor`.
-pub async fn run(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fingerprint) -> Reply {
+pub async fn run(service: &Service, limits: &super::limits::Limits, cmd: &CommandLine, body: &[u8], actor: &Fingerprint) -> Reply {
+    if cmd.request == Request::Submit {
+        if let Err(why) = limits.allow_submit(actor) {
+            return Reply::error(&why, EXIT_ERROR, cmd.json);
+        }
+    }
     if let Err(why) = authorize(service, &cmd.request, actor) {
         let (action, target) = cmd.request.describe();
         service.audit_refusal(actor, action, target, &why).await;

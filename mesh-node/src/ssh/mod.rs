@@ -2,6 +2,7 @@
 //! runs one mesh command per `exec` request (see `docs/ssh-protocol.md`).
 
 pub mod command;
+pub mod limits;
 pub mod server;
 
 pub use server::{Endpoint, JoinRequest, SshServer};

@@ -2,6 +2,7 @@
 //! exec request, bounded connections and request bodies.
 
 use super::command::{self, CommandLine, Reply, MAX_BODY_BYTES};
+use super::limits::Limits;
 use crate::host_key::{fingerprint_of, HostKey};
 use crate::service::Service;
 use tokio::sync::{mpsc, oneshot};
@@ -22,6 +23,8 @@ use tracing::{debug, info, warn};
 const MAX_CONNECTIONS: usize = 256;
 /// An idle connection is closed after this long.
 const INACTIVITY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often the rate limiters forget idle addresses and keys.
+const LIMITS_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// Delay before answering a rejected authentication (slows down key guessing).
 const AUTH_REJECTION_TIME: Duration = Duration::from_millis(300);
 
@@ -52,6 +55,7 @@ pub struct JoinRequest {
 pub struct SshServer {
     config: Arc<russh::server::Config>,
     endpoint: Endpoint,
+    limits: Limits,
 }
 
 impl SshServer {
@@ -65,25 +69,34 @@ impl SshServer {
             inactivity_timeout: Some(INACTIVITY_TIMEOUT),
             ..Default::default()
         };
-        SshServer { config: Arc::new(config), endpoint }
+        SshServer { config: Arc::new(config), endpoint, limits: Limits::default() }
     }
 
     /// Serve connections from `listener` until shutdown.
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let tracker = TaskTracker::new();
+        let mut prune = tokio::time::interval(LIMITS_PRUNE_INTERVAL);
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else { break };
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = prune.tick() => { self.limits.prune(); continue; }
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => { warn!(error = %e, "ssh accept failed"); continue; }
                 },
             };
+            if self.limits.is_shut_out(peer.ip()) {
+                // Too many failed logins from there: close before any handshake work.
+                metrics::counter!("mesh_ssh_connections_refused_total", "reason" => "shut_out").increment(1);
+                drop(stream);
+                continue;
+            }
             let _ = stream.set_nodelay(true);
             let handler = Connection {
                 endpoint: self.endpoint.clone(),
+                limits: self.limits.clone(),
                 peer,
                 user: None,
                 channels: HashMap::new(),
@@ -115,6 +128,7 @@ impl SshServer {
 /// One client connection.
 struct Connection {
     endpoint: Endpoint,
+    limits: Limits,
     peer: SocketAddr,
     user: Option<Fingerprint>,
     channels: HashMap<ChannelId, Channel<Msg>>,
@@ -136,7 +150,15 @@ impl russh::server::Handler for Connection {
     type Error = russh::Error;
 
     async fn auth_publickey_offered(&mut self, _user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
-        Ok(if self.admit(offer.public_key).is_some() { Auth::Accept } else { Auth::reject() })
+        if self.admit(offer.public_key).is_some() {
+            return Ok(Auth::Accept);
+        }
+        metrics::counter!("mesh_ssh_auth_failures_total", "reason" => "unknown_key").increment(1);
+        if self.limits.auth_failed(self.peer.ip(), Some(&fingerprint_of(offer.public_key))) {
+            warn!(peer = %self.peer, "too many failed logins: address shut out for a while");
+            return Err(russh::Error::Disconnect);
+        }
+        Ok(Auth::reject())
     }
 
     async fn auth_publickey(&mut self, _user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
@@ -149,6 +171,7 @@ impl russh::server::Handler for Connection {
             None => {
                 metrics::counter!("mesh_ssh_auth_failures_total", "reason" => "unknown_key").increment(1);
                 warn!(peer = %self.peer, key = %fingerprint_of(key.public_key), "ssh key refused: not a user key of this mesh");
+                self.limits.auth_failed(self.peer.ip(), Some(&fingerprint_of(key.public_key)));
                 Ok(Auth::reject())
             }
         }
@@ -172,13 +195,13 @@ impl russh::server::Handler for Connection {
         session.channel_success(id)?;
         let line = String::from_utf8_lossy(data).into_owned();
         debug!(peer = %self.peer, %user, command = %line, "ssh exec");
-        self.tracker.spawn(serve_exec(self.endpoint.clone(), user, line, channel));
+        self.tracker.spawn(serve_exec(self.endpoint.clone(), self.limits.clone(), user, line, channel));
         Ok(())
     }
 }
 
 /// Read the body if the command takes one, run it, and send the reply.
-async fn serve_exec(endpoint: Endpoint, user: Fingerprint, line: String, channel: Channel<Msg>) {
+async fn serve_exec(endpoint: Endpoint, limits: Limits, user: Fingerprint, line: String, channel: Channel<Msg>) {
     let (mut read, write) = channel.split();
     let service = match endpoint {
         Endpoint::Member(service) => service,
@@ -193,7 +216,7 @@ async fn serve_exec(endpoint: Endpoint, user: Fingerprint, line: String, channel
         Ok(cmd) => {
             let body = if cmd.takes_body() { read_body(&mut read).await } else { Ok(Vec::new()) };
             match body {
-                Ok(body) => command::run(&service, &cmd, &body, &user).await,
+                Ok(body) => command::run(&service, &limits, &cmd, &body, &user).await,
                 Err(e) => Reply::error(&e, mesh_core::api::EXIT_ERROR, cmd.json),
             }
         }
