@@ -181,7 +181,14 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
 
     // Node-to-node gRPC: every call from a pinned key, except Join.
     let policy = PeerPolicy::AllowUnpinned { pins: directory.pins().clone(), unpinned_methods: JOIN_METHOD };
-    let peer = PeerServer { raft: raft.clone(), directory: directory.clone(), proposer: proposer.clone(), liveness: liveness.clone() };
+    let peer = PeerServer {
+        raft: raft.clone(),
+        directory: directory.clone(),
+        proposer: proposer.clone(),
+        liveness: liveness.clone(),
+        state: state.clone(),
+        join_limit: crate::peer::server::join_limiter(),
+    };
     let incoming = tls::incoming(raft_listener, &identity, policy.clone(), shutdown.clone())?;
     let grpc = tls::server(&policy)
         .add_service(RaftServer::new(peer.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))

@@ -27,9 +27,37 @@ pub struct PeerServer {
     pub proposer: Proposer,
     /// Heartbeat bookkeeping.
     pub liveness: Liveness,
+    /// The replicated state (token pre-checks).
+    pub state: crate::store::StateView,
+    /// Join attempts per source address.
+    pub join_limit: std::sync::Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
+}
+
+/// Join attempts an address may make per minute (a burst of as many).
+pub const JOINS_PER_MINUTE: u32 = 10;
+
+/// The limiter for join attempts.
+pub fn join_limiter() -> std::sync::Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>> {
+    let n = std::num::NonZeroU32::new(JOINS_PER_MINUTE).expect("positive");
+    std::sync::Arc::new(governor::RateLimiter::keyed(governor::Quota::per_minute(n)))
 }
 
 impl PeerServer {
+    /// The cheap part of the token check, on this node's copy of the state. The state
+    /// machine checks again when the join commits (the copy may be stale).
+    fn precheck_token(&self, id: &str, secret: &str) -> Result<(), String> {
+        let hash = mesh_core::token::secret_hash(secret);
+        let now = crate::proposer::now();
+        self.state.read(|s| match s.tokens.get(id) {
+            None => Err(format!("token {id} does not exist")),
+            Some(t) if t.revoked => Err(format!("token {id} was revoked")),
+            Some(t) if now >= t.expires_at => Err(format!("token {id} expired")),
+            Some(t) if t.uses_left == 0 => Err(format!("token {id} is used up")),
+            Some(t) if t.secret_hash != hash => Err(format!("the secret does not match token {id}")),
+            Some(_) => Ok(()),
+        })
+    }
+
     /// The pinned peer behind a request, and the node id its key belongs to.
     fn member<T>(&self, req: &Request<T>) -> Result<(Fingerprint, NodeId), Status> {
         let fp = tls::peer_fingerprint(req).ok_or_else(|| Status::unauthenticated("no verified peer certificate"))?;
@@ -111,9 +139,25 @@ impl Mesh for PeerServer {
         // The one call open to an unpinned key: the token decides. The joiner's
         // identity is the key of its TLS session, never a field of the request.
         let fp = tls::peer_fingerprint(&req).ok_or_else(|| Status::unauthenticated("no verified peer certificate"))?;
+        if let Some(addr) = req.remote_addr() {
+            if self.join_limit.check_key(&addr.ip()).is_err() {
+                metrics::counter!("mesh_join_events_total", "outcome" => "rate_limited").increment(1);
+                return Err(Status::resource_exhausted(format!(
+                    "too many join attempts from {}; at most {JOINS_PER_MINUTE} a minute",
+                    addr.ip()
+                )));
+            }
+        }
         let j = req.into_inner();
         if j.addr.is_empty() || j.addr.len() > 256 {
             return Err(Status::invalid_argument("the joiner's address must be host:port"));
+        }
+        // Check the token against the replicated state before anything reaches the
+        // log: an unpinned key must not be able to grow the log with failed joins.
+        if let Err(why) = self.precheck_token(&j.token_id, &j.secret) {
+            metrics::counter!("mesh_join_events_total", "outcome" => "refused").increment(1);
+            warn!(%fp, reason = %why, "join refused before proposal");
+            return Err(Status::permission_denied(format!("join refused: {why}")));
         }
         let command = Command::Join {
             token: j.token_id.clone(),
