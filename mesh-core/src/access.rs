@@ -120,7 +120,10 @@ mod tests {
             (Role::Admin, [true, true, true, true, true, true]),
         ];
         for (role, allowed) in table {
-            for (action, want) in [ReadMesh, ReadTasks, Submit, Cancel, Drain, Administer].into_iter().zip(allowed) {
+            for (action, want) in [ReadMesh, ReadTasks, Submit, Cancel, Drain, Administer]
+                .into_iter()
+                .zip(allowed)
+            {
                 assert_eq!(permits(role, action), want, "{role} {action:?}");
             }
         }

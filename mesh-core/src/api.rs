@@ -95,14 +95,31 @@ pub struct TaskView {
 
 impl TaskView {
     /// The view of a task.
-    pub fn of(state: &MeshState, t: &Task, live: &BTreeSet<NodeId>, now: crate::ids::Timestamp) -> TaskView {
+    pub fn of(
+        state: &MeshState,
+        t: &Task,
+        live: &BTreeSet<NodeId>,
+        now: crate::ids::Timestamp,
+    ) -> TaskView {
         let outputs = match &t.result {
             Some(r) => r
                 .outputs
                 .iter()
-                .map(|o| BufferView { name: o.name.clone(), bytes: o.len, sha256: Some(o.digest.to_hex()) })
+                .map(|o| BufferView {
+                    name: o.name.clone(),
+                    bytes: o.len,
+                    sha256: Some(o.digest.to_hex()),
+                })
                 .collect(),
-            None => t.outputs.iter().map(|o| BufferView { name: o.name.clone(), bytes: o.size, sha256: None }).collect(),
+            None => t
+                .outputs
+                .iter()
+                .map(|o| BufferView {
+                    name: o.name.clone(),
+                    bytes: o.size,
+                    sha256: None,
+                })
+                .collect(),
         };
         TaskView {
             id: t.id,
@@ -112,7 +129,12 @@ impl TaskView {
                 crate::task::KernelSpec::Wgsl { .. } => BTreeMap::new(),
             },
             state: t.state.name().into(),
-            node: t.state.assignment().map(|(n, _)| n).or(t.result.as_ref().map(|r| r.node)).or(t.errors.last().map(|e| e.node)),
+            node: t
+                .state
+                .assignment()
+                .map(|(n, _)| n)
+                .or(t.result.as_ref().map(|r| r.node))
+                .or(t.errors.last().map(|e| e.node)),
             attempt: t.attempt.0,
             max_attempts: t.max_attempts,
             priority: t.priority,
@@ -124,13 +146,21 @@ impl TaskView {
             inputs: t
                 .inputs
                 .iter()
-                .map(|i| BufferView { name: i.name.clone(), bytes: i.len, sha256: Some(i.digest.to_hex()) })
+                .map(|i| BufferView {
+                    name: i.name.clone(),
+                    bytes: i.len,
+                    sha256: Some(i.digest.to_hex()),
+                })
                 .collect(),
             outputs,
             errors: t
                 .errors
                 .iter()
-                .map(|e| AttemptErrorView { attempt: e.attempt.0, node: e.node, error: e.error.clone() })
+                .map(|e| AttemptErrorView {
+                    attempt: e.attempt.0,
+                    node: e.node,
+                    error: e.error.clone(),
+                })
                 .collect(),
             waiting: why_waiting(state, t, live, now),
             shards: t.shards,
@@ -169,7 +199,12 @@ pub struct NodeView {
 
 impl NodeView {
     /// The view of a registered node.
-    pub fn of(state: &MeshState, n: &NodeRecord, role: &str, last_contact_ms: Option<u64>) -> NodeView {
+    pub fn of(
+        state: &MeshState,
+        n: &NodeRecord,
+        role: &str,
+        last_contact_ms: Option<u64>,
+    ) -> NodeView {
         NodeView {
             id: n.id,
             fingerprint: n.fingerprint.to_string(),

@@ -40,14 +40,32 @@ pub struct AuditLog {
 
 impl Default for AuditLog {
     fn default() -> Self {
-        AuditLog { entries: VecDeque::new(), retention: DEFAULT_RETENTION, next_seq: 0 }
+        AuditLog {
+            entries: VecDeque::new(),
+            retention: DEFAULT_RETENTION,
+            next_seq: 0,
+        }
     }
 }
 
 impl AuditLog {
     /// Append an entry, dropping the oldest beyond the retention.
-    pub fn record(&mut self, at: Timestamp, actor: &Fingerprint, action: &str, target: Option<String>, outcome: String) {
-        self.entries.push_back(AuditEntry { seq: self.next_seq, at, actor: actor.clone(), action: action.into(), target, outcome });
+    pub fn record(
+        &mut self,
+        at: Timestamp,
+        actor: &Fingerprint,
+        action: &str,
+        target: Option<String>,
+        outcome: String,
+    ) {
+        self.entries.push_back(AuditEntry {
+            seq: self.next_seq,
+            at,
+            actor: actor.clone(),
+            action: action.into(),
+            target,
+            outcome,
+        });
         self.next_seq += 1;
         self.trim();
     }

@@ -25,7 +25,8 @@ pub const NAMES: &[&str] = &["saxpy", "vector-add", "matmul", "reduce-sum", "man
 /// Invocations per workgroup of the 1-D kernels.
 const WORKGROUP: u32 = 256;
 /// Most f32 elements of a 1-D kernel: it must fit the 2-D dispatch grid.
-const MAX_ELEMENTS: u64 = WORKGROUP as u64 * MAX_WORKGROUPS_PER_DIMENSION as u64 * MAX_WORKGROUPS_PER_DIMENSION as u64;
+const MAX_ELEMENTS: u64 =
+    WORKGROUP as u64 * MAX_WORKGROUPS_PER_DIMENSION as u64 * MAX_WORKGROUPS_PER_DIMENSION as u64;
 
 /// The 2-D dispatch of 1-D kernels: index = (wg.y * num_wg.x + wg.x) * 256 + local.
 const INDEX_1D: &str = r#"
@@ -128,8 +129,16 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
 "#;
 
 /// Build the plan of a built-in kernel.
-pub fn plan(name: &str, params: &BTreeMap<String, String>, inputs: &[NamedBytes]) -> Result<KernelPlan, SpecError> {
-    let k = Builtin { name, params, inputs };
+pub fn plan(
+    name: &str,
+    params: &BTreeMap<String, String>,
+    inputs: &[NamedBytes],
+) -> Result<KernelPlan, SpecError> {
+    let k = Builtin {
+        name,
+        params,
+        inputs,
+    };
     match name {
         "saxpy" => {
             k.allow_params(&["a"])?;
@@ -148,7 +157,14 @@ pub fn plan(name: &str, params: &BTreeMap<String, String>, inputs: &[NamedBytes]
             k.expect_inputs(&["a", "b"])?;
             k.expect_len("a", m as u64 * kk as u64 * 4, "m*k f32")?;
             k.expect_len("b", kk as u64 * n as u64 * 4, "k*n f32")?;
-            k.two_d(MATMUL, &["a", "b"], [m, n, kk, 0], n, m, m as u64 * n as u64 * 4)
+            k.two_d(
+                MATMUL,
+                &["a", "b"],
+                [m, n, kk, 0],
+                n,
+                m,
+                m as u64 * n as u64 * 4,
+            )
         }
         "reduce-sum" => {
             k.allow_params(&[])?;
@@ -160,9 +176,20 @@ pub fn plan(name: &str, params: &BTreeMap<String, String>, inputs: &[NamedBytes]
         }
         "mandelbrot" => {
             k.allow_params(&["width", "height", "max_iter"])?;
-            let (w, h, it) = (k.u32_param("width")?, k.u32_param("height")?, k.u32_param("max_iter")?);
+            let (w, h, it) = (
+                k.u32_param("width")?,
+                k.u32_param("height")?,
+                k.u32_param("max_iter")?,
+            );
             k.expect_inputs(&[])?;
-            k.two_d(MANDELBROT, &[], [w, h, it, 0], w, h, w as u64 * h as u64 * 4)
+            k.two_d(
+                MANDELBROT,
+                &[],
+                [w, h, it, 0],
+                w,
+                h,
+                w as u64 * h as u64 * 4,
+            )
         }
         _ => Err(SpecError::UnknownKernel { name: name.into() }),
     }
@@ -176,16 +203,26 @@ struct Builtin<'a> {
 
 impl Builtin<'_> {
     fn bad_param(&self, param: &str, why: impl Into<String>) -> SpecError {
-        SpecError::BadParam { kernel: self.name.into(), param: param.into(), why: why.into() }
+        SpecError::BadParam {
+            kernel: self.name.into(),
+            param: param.into(),
+            why: why.into(),
+        }
     }
 
     fn bad_inputs(&self, why: impl Into<String>) -> SpecError {
-        SpecError::BadInputs { kernel: self.name.into(), why: why.into() }
+        SpecError::BadInputs {
+            kernel: self.name.into(),
+            why: why.into(),
+        }
     }
 
     fn allow_params(&self, allowed: &[&str]) -> Result<(), SpecError> {
         match self.params.keys().find(|p| !allowed.contains(&p.as_str())) {
-            Some(p) => Err(self.bad_param(p, format!("is unknown; {} takes: {}", self.name, allowed.join(", ")))),
+            Some(p) => Err(self.bad_param(
+                p,
+                format!("is unknown; {} takes: {}", self.name, allowed.join(", ")),
+            )),
             None => Ok(()),
         }
     }
@@ -235,7 +272,9 @@ impl Builtin<'_> {
     fn expect_len(&self, name: &str, bytes: u64, what: &str) -> Result<(), SpecError> {
         let got = self.input(name).map_or(0, |i| i.data.len() as u64);
         if got != bytes {
-            return Err(self.bad_inputs(format!("input {name} must be {bytes} bytes ({what}), got {got}")));
+            return Err(self.bad_inputs(format!(
+                "input {name} must be {bytes} bytes ({what}), got {got}"
+            )));
         }
         Ok(())
     }
@@ -243,7 +282,10 @@ impl Builtin<'_> {
     /// Inputs that are f32 arrays of one common, non-zero length; returns it.
     fn same_length_f32(&self, names: &[&str]) -> Result<u64, SpecError> {
         self.expect_inputs(names)?;
-        let lens: Vec<u64> = names.iter().map(|n| self.input(n).map_or(0, |i| i.data.len() as u64)).collect();
+        let lens: Vec<u64> = names
+            .iter()
+            .map(|n| self.input(n).map_or(0, |i| i.data.len() as u64))
+            .collect();
         if lens[0] == 0 || !lens[0].is_multiple_of(4) {
             return Err(self.bad_inputs(format!(
                 "input {} is {} bytes; it must hold one or more little-endian f32 (a multiple of 4 bytes)",
@@ -258,7 +300,9 @@ impl Builtin<'_> {
         }
         let n = lens[0] / 4;
         if n > MAX_ELEMENTS || n > u32::MAX as u64 {
-            return Err(self.bad_inputs(format!("{n} elements is more than one dispatch can cover")));
+            return Err(
+                self.bad_inputs(format!("{n} elements is more than one dispatch can cover"))
+            );
         }
         Ok(n)
     }
@@ -266,14 +310,29 @@ impl Builtin<'_> {
     fn bindings(&self, names: &[&str], params: [u32; 4]) -> Vec<BindingPlan> {
         let mut b: Vec<BindingPlan> = names
             .iter()
-            .map(|n| BindingPlan::Input(self.inputs.iter().position(|i| i.name == *n).expect("checked")))
+            .map(|n| {
+                BindingPlan::Input(
+                    self.inputs
+                        .iter()
+                        .position(|i| i.name == *n)
+                        .expect("checked"),
+                )
+            })
             .collect();
-        b.push(BindingPlan::Uniform(params.iter().flat_map(|p| p.to_le_bytes()).collect()));
+        b.push(BindingPlan::Uniform(
+            params.iter().flat_map(|p| p.to_le_bytes()).collect(),
+        ));
         b.push(BindingPlan::Output(0));
         b
     }
 
-    fn one_d(&self, src: &str, names: &[&str], params: [u32; 4], n: u64) -> Result<KernelPlan, SpecError> {
+    fn one_d(
+        &self,
+        src: &str,
+        names: &[&str],
+        params: [u32; 4],
+        n: u64,
+    ) -> Result<KernelPlan, SpecError> {
         let groups = n.div_ceil(WORKGROUP as u64);
         let x = groups.min(MAX_WORKGROUPS_PER_DIMENSION as u64) as u32;
         let y = groups.div_ceil(x as u64) as u32;
@@ -282,7 +341,10 @@ impl Builtin<'_> {
             entry: "main".into(),
             workgroups: [x, y, 1],
             bindings: self.bindings(names, params),
-            outputs: vec![OutputDecl { name: "out".into(), size: n * 4 }],
+            outputs: vec![OutputDecl {
+                name: "out".into(),
+                size: n * 4,
+            }],
         })
     }
 
@@ -300,7 +362,10 @@ impl Builtin<'_> {
             entry: "main".into(),
             workgroups: [width.div_ceil(16), height.div_ceil(16), 1],
             bindings: self.bindings(names, params),
-            outputs: vec![OutputDecl { name: "out".into(), size: out_bytes }],
+            outputs: vec![OutputDecl {
+                name: "out".into(),
+                size: out_bytes,
+            }],
         })
     }
 }
@@ -314,11 +379,19 @@ pub const SHARDABLE: &[&str] = &["saxpy", "vector-add", "matmul", "mandelbrot"];
 
 /// How many units (elements or rows) a built-in's work splits over, after checking the
 /// kernel can be sharded `shards` ways. The spec must already have planned.
-pub fn shard_units(name: &str, params: &BTreeMap<String, String>, inputs: &[NamedBytes], shards: u32) -> Result<u64, SpecError> {
+pub fn shard_units(
+    name: &str,
+    params: &BTreeMap<String, String>,
+    inputs: &[NamedBytes],
+    shards: u32,
+) -> Result<u64, SpecError> {
     let units = match name {
         "saxpy" | "vector-add" => inputs.first().map_or(0, |i| i.data.len() as u64 / 4),
         "matmul" => params.get("m").and_then(|v| v.parse().ok()).unwrap_or(0),
-        "mandelbrot" => params.get("height").and_then(|v| v.parse().ok()).unwrap_or(0),
+        "mandelbrot" => params
+            .get("height")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
         _ => {
             return Err(SpecError::Invalid(format!(
                 "kernel {name} cannot be sharded; shardable kernels are: {}",
@@ -329,7 +402,11 @@ pub fn shard_units(name: &str, params: &BTreeMap<String, String>, inputs: &[Name
     if shards == 0 || shards > MAX_SHARDS || u64::from(shards) > units {
         return Err(SpecError::Invalid(format!(
             "{shards} shards for {units} {}: shards must be between 1 and {}",
-            if name == "saxpy" || name == "vector-add" { "elements" } else { "rows" },
+            if name == "saxpy" || name == "vector-add" {
+                "elements"
+            } else {
+                "rows"
+            },
             units.min(u64::from(MAX_SHARDS))
         )));
     }
@@ -362,14 +439,23 @@ pub fn plan_shard(
     };
     let (plan, used): (KernelPlan, Vec<NamedBytes>) = match name {
         "saxpy" | "vector-add" => {
-            let sliced: Vec<NamedBytes> = inputs.iter().map(|x| slice(x, start * 4, end * 4)).collect();
+            let sliced: Vec<NamedBytes> = inputs
+                .iter()
+                .map(|x| slice(x, start * 4, end * 4))
+                .collect();
             (plan(name, params, &sliced)?, sliced)
         }
         "matmul" => {
             let k: u64 = params.get("k").and_then(|v| v.parse().ok()).unwrap_or(0);
             let sliced: Vec<NamedBytes> = inputs
                 .iter()
-                .map(|x| if x.name == "a" { slice(x, start * k * 4, end * k * 4) } else { x.clone() })
+                .map(|x| {
+                    if x.name == "a" {
+                        slice(x, start * k * 4, end * k * 4)
+                    } else {
+                        x.clone()
+                    }
+                })
                 .collect();
             let mut p = params.clone();
             p.insert("m".into(), (end - start).to_string());
@@ -377,7 +463,10 @@ pub fn plan_shard(
         }
         "mandelbrot" => {
             let mut p = plan(name, params, inputs)?;
-            let width: u64 = params.get("width").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let width: u64 = params
+                .get("width")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             let rows = end - start;
             for b in &mut p.bindings {
                 if let BindingPlan::Uniform(bytes) = b {
@@ -395,7 +484,10 @@ pub fn plan_shard(
 
 /// Little-endian f32s from bytes.
 pub fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect()
 }
 
 /// Little-endian bytes of f32s.
@@ -405,17 +497,31 @@ pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
 
 /// The output a built-in kernel must produce, computed on the CPU with the same f32
 /// operations in the same order as its shader. The spec must already have planned.
-pub fn cpu_reference(name: &str, params: &BTreeMap<String, String>, inputs: &[NamedBytes]) -> Vec<u8> {
+pub fn cpu_reference(
+    name: &str,
+    params: &BTreeMap<String, String>,
+    inputs: &[NamedBytes],
+) -> Vec<u8> {
     let input = |n: &str| f32s(&inputs.iter().find(|i| i.name == n).expect("planned").data);
     let p = |n: &str| params.get(n).expect("planned");
     let u = |n: &str| p(n).parse::<u32>().expect("planned");
     match name {
         "saxpy" => {
             let a: f32 = p("a").parse().expect("planned");
-            let out: Vec<f32> = input("x").iter().zip(input("y")).map(|(x, y)| a * x + y).collect();
+            let out: Vec<f32> = input("x")
+                .iter()
+                .zip(input("y"))
+                .map(|(x, y)| a * x + y)
+                .collect();
             f32_bytes(&out)
         }
-        "vector-add" => f32_bytes(&input("x").iter().zip(input("y")).map(|(x, y)| x + y).collect::<Vec<_>>()),
+        "vector-add" => f32_bytes(
+            &input("x")
+                .iter()
+                .zip(input("y"))
+                .map(|(x, y)| x + y)
+                .collect::<Vec<_>>(),
+        ),
         "matmul" => {
             let (m, n, k) = (u("m") as usize, u("n") as usize, u("k") as usize);
             let (a, b) = (input("a"), input("b"));
@@ -485,22 +591,47 @@ mod tests {
     fn spec(name: &str, params: &[(&str, &str)]) -> KernelSpec {
         KernelSpec::Builtin {
             name: name.into(),
-            params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
     fn inp(name: &str, v: &[f32]) -> NamedBytes {
-        NamedBytes { name: name.into(), data: Bytes::from(f32_bytes(v)) }
+        NamedBytes {
+            name: name.into(),
+            data: Bytes::from(f32_bytes(v)),
+        }
     }
 
     #[test]
     fn every_builtin_plans_and_validates_with_naga() {
         let cases = vec![
-            (spec("saxpy", &[("a", "2")]), vec![inp("x", &[1.0; 300]), inp("y", &[1.0; 300])], 1200),
-            (spec("vector-add", &[]), vec![inp("x", &[1.0; 8]), inp("y", &[1.0; 8])], 32),
-            (spec("matmul", &[("m", "2"), ("n", "3"), ("k", "4")]), vec![inp("a", &[1.0; 8]), inp("b", &[1.0; 12])], 24),
+            (
+                spec("saxpy", &[("a", "2")]),
+                vec![inp("x", &[1.0; 300]), inp("y", &[1.0; 300])],
+                1200,
+            ),
+            (
+                spec("vector-add", &[]),
+                vec![inp("x", &[1.0; 8]), inp("y", &[1.0; 8])],
+                32,
+            ),
+            (
+                spec("matmul", &[("m", "2"), ("n", "3"), ("k", "4")]),
+                vec![inp("a", &[1.0; 8]), inp("b", &[1.0; 12])],
+                24,
+            ),
             (spec("reduce-sum", &[]), vec![inp("x", &[1.0; 1000])], 4),
-            (spec("mandelbrot", &[("width", "64"), ("height", "32"), ("max_iter", "50")]), vec![], 64 * 32 * 4),
+            (
+                spec(
+                    "mandelbrot",
+                    &[("width", "64"), ("height", "32"), ("max_iter", "50")],
+                ),
+                vec![],
+                64 * 32 * 4,
+            ),
         ];
         for (k, inputs, out) in cases {
             let p = kernel::plan(&k, &inputs, &[]).unwrap_or_else(|e| panic!("{k:?}: {e}"));
@@ -512,8 +643,21 @@ mod tests {
     #[test]
     fn large_saxpy_uses_a_2d_grid() {
         let n = 20_000_000usize;
-        let x = NamedBytes { name: "x".into(), data: Bytes::from(vec![0u8; n * 4]) };
-        let k = Builtin { name: "saxpy", params: &BTreeMap::from([("a".to_string(), "1".to_string())]), inputs: &[x.clone(), NamedBytes { name: "y".into(), ..x }] };
+        let x = NamedBytes {
+            name: "x".into(),
+            data: Bytes::from(vec![0u8; n * 4]),
+        };
+        let k = Builtin {
+            name: "saxpy",
+            params: &BTreeMap::from([("a".to_string(), "1".to_string())]),
+            inputs: &[
+                x.clone(),
+                NamedBytes {
+                    name: "y".into(),
+                    ..x
+                },
+            ],
+        };
         let p = k.one_d(SAXPY, &["x", "y"], [0; 4], n as u64).unwrap();
         assert_eq!(p.workgroups, [65535, 2, 1]);
         assert!(p.workgroups[0] as u64 * p.workgroups[1] as u64 * 256 >= n as u64);
@@ -522,19 +666,65 @@ mod tests {
     #[test]
     fn bad_builtin_requests_are_explained() {
         let e = kernel::plan(&spec("sgemm", &[]), &[], &[]).unwrap_err();
-        assert!(e.to_string().contains("unknown kernel 'sgemm'; built-in kernels are: saxpy"), "{e}");
-        let e = kernel::plan(&spec("saxpy", &[]), &[inp("x", &[1.0]), inp("y", &[1.0])], &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("unknown kernel 'sgemm'; built-in kernels are: saxpy"),
+            "{e}"
+        );
+        let e = kernel::plan(
+            &spec("saxpy", &[]),
+            &[inp("x", &[1.0]), inp("y", &[1.0])],
+            &[],
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("parameter 'a' is missing"), "{e}");
-        let e = kernel::plan(&spec("saxpy", &[("a", "two")]), &[inp("x", &[1.0]), inp("y", &[1.0])], &[]).unwrap_err();
-        assert!(e.to_string().contains("must be a finite number, got 'two'"), "{e}");
-        let e = kernel::plan(&spec("saxpy", &[("a", "2")]), &[inp("x", &[1.0; 4]), inp("y", &[1.0; 3])], &[]).unwrap_err();
-        assert!(e.to_string().contains("same length: x is 16 bytes, y is 12 bytes"), "{e}");
+        let e = kernel::plan(
+            &spec("saxpy", &[("a", "two")]),
+            &[inp("x", &[1.0]), inp("y", &[1.0])],
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("must be a finite number, got 'two'"),
+            "{e}"
+        );
+        let e = kernel::plan(
+            &spec("saxpy", &[("a", "2")]),
+            &[inp("x", &[1.0; 4]), inp("y", &[1.0; 3])],
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("same length: x is 16 bytes, y is 12 bytes"),
+            "{e}"
+        );
         let e = kernel::plan(&spec("saxpy", &[("a", "2")]), &[inp("x", &[1.0])], &[]).unwrap_err();
-        assert!(e.to_string().contains("needs inputs [x, y], got [x]"), "{e}");
-        let e = kernel::plan(&spec("matmul", &[("m", "2"), ("n", "2"), ("k", "2")]), &[inp("a", &[1.0; 4]), inp("b", &[1.0; 3])], &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("needs inputs [x, y], got [x]"),
+            "{e}"
+        );
+        let e = kernel::plan(
+            &spec("matmul", &[("m", "2"), ("n", "2"), ("k", "2")]),
+            &[inp("a", &[1.0; 4]), inp("b", &[1.0; 3])],
+            &[],
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("input b must be 16 bytes"), "{e}");
-        let e = kernel::plan(&spec("mandelbrot", &[("width", "0"), ("height", "2"), ("max_iter", "2")]), &[], &[]).unwrap_err();
-        assert!(e.to_string().contains("'width' must be a positive whole number"), "{e}");
+        let e = kernel::plan(
+            &spec(
+                "mandelbrot",
+                &[("width", "0"), ("height", "2"), ("max_iter", "2")],
+            ),
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("'width' must be a positive whole number"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -556,21 +746,42 @@ mod tests {
         let p = BTreeMap::new();
         let e = shard_units("reduce-sum", &p, &[inp("x", &[1.0; 8])], 2).unwrap_err();
         assert!(e.to_string().contains("cannot be sharded"), "{e}");
-        let e = shard_units("saxpy", &p, &[inp("x", &[1.0; 2]), inp("y", &[1.0; 2])], 3).unwrap_err();
+        let e =
+            shard_units("saxpy", &p, &[inp("x", &[1.0; 2]), inp("y", &[1.0; 2])], 3).unwrap_err();
         assert!(e.to_string().contains("3 shards for 2 elements"), "{e}");
     }
 
     #[test]
     fn cpu_references_compute_the_documented_values() {
         let p = BTreeMap::from([("a".to_string(), "2".to_string())]);
-        let out = f32s(&cpu_reference("saxpy", &p, &[inp("x", &[1.0, 2.0]), inp("y", &[10.0, 20.0])]));
+        let out = f32s(&cpu_reference(
+            "saxpy",
+            &p,
+            &[inp("x", &[1.0, 2.0]), inp("y", &[10.0, 20.0])],
+        ));
         assert_eq!(out, vec![12.0, 24.0]);
-        let p = BTreeMap::from([("m", "1"), ("n", "1"), ("k", "2")].map(|(a, b)| (a.to_string(), b.to_string())));
-        let out = f32s(&cpu_reference("matmul", &p, &[inp("a", &[1.0, 2.0]), inp("b", &[3.0, 4.0])]));
+        let p = BTreeMap::from(
+            [("m", "1"), ("n", "1"), ("k", "2")].map(|(a, b)| (a.to_string(), b.to_string())),
+        );
+        let out = f32s(&cpu_reference(
+            "matmul",
+            &p,
+            &[inp("a", &[1.0, 2.0]), inp("b", &[3.0, 4.0])],
+        ));
         assert_eq!(out, vec![11.0]);
         let xs: Vec<f32> = (1..=1000).map(|i| i as f32).collect();
-        assert_eq!(f32s(&cpu_reference("reduce-sum", &BTreeMap::new(), &[inp("x", &xs)])), vec![500500.0]);
-        let p = BTreeMap::from([("width", "4"), ("height", "4"), ("max_iter", "20")].map(|(a, b)| (a.to_string(), b.to_string())));
+        assert_eq!(
+            f32s(&cpu_reference(
+                "reduce-sum",
+                &BTreeMap::new(),
+                &[inp("x", &xs)]
+            )),
+            vec![500500.0]
+        );
+        let p = BTreeMap::from(
+            [("width", "4"), ("height", "4"), ("max_iter", "20")]
+                .map(|(a, b)| (a.to_string(), b.to_string())),
+        );
         let out = cpu_reference("mandelbrot", &p, &[]);
         assert_eq!(out.len(), 64);
     }

@@ -63,13 +63,22 @@ mod tests {
 
     #[test]
     fn round_trip_and_version_check() {
-        let req = Request { now: Timestamp(7), commands: vec![Command::Assign { task: TaskId(1), node: NodeId(2) }] };
+        let req = Request {
+            now: Timestamp(7),
+            commands: vec![Command::Assign {
+                task: TaskId(1),
+                node: NodeId(2),
+            }],
+        };
         let bytes = encode(&req).unwrap();
         assert_eq!(bytes[0], FORMAT_VERSION);
         assert_eq!(decode::<Request>(&bytes).unwrap(), req);
         let mut wrong = bytes.clone();
         wrong[0] = 99;
-        assert!(matches!(decode::<Request>(&wrong), Err(CodecError::Version { found: 99 })));
+        assert!(matches!(
+            decode::<Request>(&wrong),
+            Err(CodecError::Version { found: 99 })
+        ));
         assert!(decode::<Request>(&bytes[..bytes.len() - 1]).is_err());
     }
 }

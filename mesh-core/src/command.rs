@@ -371,12 +371,27 @@ impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Outcome::NodeRegistered(n) => write!(f, "node {n} registered"),
-            Outcome::Submitted { task, existing: false } => write!(f, "task {task} submitted"),
-            Outcome::Submitted { task, existing: true } => write!(f, "task {task} already exists (same idempotency key)"),
-            Outcome::Assigned { task, node, attempt } => write!(f, "task {task} assigned to node {node} as attempt {attempt}"),
+            Outcome::Submitted {
+                task,
+                existing: false,
+            } => write!(f, "task {task} submitted"),
+            Outcome::Submitted {
+                task,
+                existing: true,
+            } => write!(f, "task {task} already exists (same idempotency key)"),
+            Outcome::Assigned {
+                task,
+                node,
+                attempt,
+            } => write!(
+                f,
+                "task {task} assigned to node {node} as attempt {attempt}"
+            ),
             Outcome::Started(t) => write!(f, "task {t} running"),
             Outcome::Completed(t) => write!(f, "task {t} succeeded"),
-            Outcome::Failed { task, retry: true } => write!(f, "task {task} attempt failed, will retry"),
+            Outcome::Failed { task, retry: true } => {
+                write!(f, "task {task} attempt failed, will retry")
+            }
             Outcome::Failed { task, retry: false } => write!(f, "task {task} failed"),
             Outcome::Cancelled(t) => write!(f, "task {t} cancelled"),
             Outcome::TokenCreated(t) => write!(f, "token {t} created"),
@@ -389,10 +404,18 @@ impl fmt::Display for Outcome {
             Outcome::NodeDown(n) => write!(f, "node {n} down"),
             Outcome::NodeUp(n) => write!(f, "node {n} up"),
             Outcome::NodeRemoved(n) => write!(f, "node {n} removed"),
-            Outcome::Checkpointed { task, shard } => write!(f, "task {task} shard {shard} checkpointed"),
+            Outcome::Checkpointed { task, shard } => {
+                write!(f, "task {task} shard {shard} checkpointed")
+            }
             Outcome::Released(t) => write!(f, "task {t} released"),
-            Outcome::Drained { node, draining: true } => write!(f, "node {node} draining"),
-            Outcome::Drained { node, draining: false } => write!(f, "node {node} takes work again"),
+            Outcome::Drained {
+                node,
+                draining: true,
+            } => write!(f, "node {node} draining"),
+            Outcome::Drained {
+                node,
+                draining: false,
+            } => write!(f, "node {node} takes work again"),
             Outcome::Rejected(r) => write!(f, "rejected: {r}"),
         }
     }

@@ -180,7 +180,11 @@ mod tests {
         assert_eq!(serde_json::from_str::<Bytes>(&j).unwrap(), b);
         let cfg = bincode::config::standard();
         let enc = bincode::serde::encode_to_vec(&b, cfg).unwrap();
-        assert_eq!(enc.len(), 5, "length prefix plus raw bytes, no per-byte overhead");
+        assert_eq!(
+            enc.len(),
+            5,
+            "length prefix plus raw bytes, no per-byte overhead"
+        );
         let (dec, _): (Bytes, usize) = bincode::serde::decode_from_slice(&enc, cfg).unwrap();
         assert_eq!(dec, b);
     }

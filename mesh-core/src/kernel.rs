@@ -2,7 +2,9 @@
 //! layout, buffer sizes and size limits. The executor in `mesh-node` only runs plans.
 
 use crate::builtin;
-use crate::limits::{MAX_TASK_BUFFERS, MAX_TASK_INPUT_BYTES, MAX_TASK_OUTPUT_BYTES, MAX_WGSL_SOURCE_BYTES};
+use crate::limits::{
+    MAX_TASK_BUFFERS, MAX_TASK_INPUT_BYTES, MAX_TASK_OUTPUT_BYTES, MAX_WGSL_SOURCE_BYTES,
+};
 use crate::task::{KernelSpec, NamedBytes, OutputDecl};
 use serde::{Deserialize, Serialize};
 
@@ -102,10 +104,17 @@ pub const MAX_WORKGROUPS_PER_DIMENSION: u32 = 65_535;
 
 /// Check a kernel with its inputs and build the plan. Pure: the same spec always
 /// gives the same plan or the same error.
-pub fn plan(kernel: &KernelSpec, inputs: &[NamedBytes], outputs: &[OutputDecl]) -> Result<KernelPlan, SpecError> {
+pub fn plan(
+    kernel: &KernelSpec,
+    inputs: &[NamedBytes],
+    outputs: &[OutputDecl],
+) -> Result<KernelPlan, SpecError> {
     let total_in: u64 = inputs.iter().map(|i| i.data.len() as u64).sum();
     if total_in > MAX_TASK_INPUT_BYTES {
-        return Err(SpecError::InputsTooLarge { total: total_in, limit: MAX_TASK_INPUT_BYTES });
+        return Err(SpecError::InputsTooLarge {
+            total: total_in,
+            limit: MAX_TASK_INPUT_BYTES,
+        });
     }
     let plan = match kernel {
         KernelSpec::Builtin { name, params } => {
@@ -116,13 +125,24 @@ pub fn plan(kernel: &KernelSpec, inputs: &[NamedBytes], outputs: &[OutputDecl]) 
             }
             builtin::plan(name, params, inputs)?
         }
-        KernelSpec::Wgsl { source, entry, workgroups } => plan_wgsl(source, entry, *workgroups, inputs, outputs)?,
+        KernelSpec::Wgsl {
+            source,
+            entry,
+            workgroups,
+        } => plan_wgsl(source, entry, *workgroups, inputs, outputs)?,
     };
     let total_out: u64 = plan.outputs.iter().map(|o| o.size).sum();
     if total_out > MAX_TASK_OUTPUT_BYTES {
-        return Err(SpecError::OutputsTooLarge { total: total_out, limit: MAX_TASK_OUTPUT_BYTES });
+        return Err(SpecError::OutputsTooLarge {
+            total: total_out,
+            limit: MAX_TASK_OUTPUT_BYTES,
+        });
     }
-    if plan.workgroups.iter().any(|&w| w == 0 || w > MAX_WORKGROUPS_PER_DIMENSION) {
+    if plan
+        .workgroups
+        .iter()
+        .any(|&w| w == 0 || w > MAX_WORKGROUPS_PER_DIMENSION)
+    {
         return Err(SpecError::BadWorkgroups(plan.workgroups));
     }
     Ok(plan)
@@ -138,9 +158,12 @@ pub fn validate_wgsl(source: &str) -> Result<naga::Module, SpecError> {
     }
     let module = naga::front::wgsl::parse_str(source)
         .map_err(|e| SpecError::InvalidWgsl(e.emit_to_string(source)))?;
-    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
-        .validate(&module)
-        .map_err(|e| SpecError::InvalidWgsl(e.emit_to_string(source)))?;
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .map_err(|e| SpecError::InvalidWgsl(e.emit_to_string(source)))?;
     Ok(module)
 }
 
@@ -159,10 +182,15 @@ fn plan_wgsl(
         .map(|e| e.name.as_str())
         .collect();
     if !computes.contains(&entry) {
-        return Err(SpecError::NoEntryPoint { entry: entry.into(), found: computes.join(", ") });
+        return Err(SpecError::NoEntryPoint {
+            entry: entry.into(),
+            found: computes.join(", "),
+        });
     }
     if outputs.is_empty() {
-        return Err(SpecError::Invalid("a WGSL task needs at least one output (--output NAME=BYTES)".into()));
+        return Err(SpecError::Invalid(
+            "a WGSL task needs at least one output (--output NAME=BYTES)".into(),
+        ));
     }
     if inputs.len() + outputs.len() > MAX_TASK_BUFFERS {
         return Err(SpecError::Invalid(format!(
@@ -234,13 +262,19 @@ fn plan_wgsl(
 
 /// A kernel whose binding is declared larger than the buffer the task gives it would
 /// address beyond that buffer: refuse it at submit rather than fail at dispatch.
-fn check_static_sizes(module: &naga::Module, inputs: &[NamedBytes], outputs: &[OutputDecl]) -> Result<(), SpecError> {
+fn check_static_sizes(
+    module: &naga::Module,
+    inputs: &[NamedBytes],
+    outputs: &[OutputDecl],
+) -> Result<(), SpecError> {
     let mut layouter = naga::proc::Layouter::default();
     layouter
         .update(module.to_ctx())
         .map_err(|e| SpecError::InvalidWgsl(format!("cannot lay out the kernel's types: {e}")))?;
     for (_, g) in module.global_variables.iter() {
-        let (Some(b), naga::AddressSpace::Storage { .. }) = (&g.binding, g.space) else { continue };
+        let (Some(b), naga::AddressSpace::Storage { .. }) = (&g.binding, g.space) else {
+            continue;
+        };
         let i = b.binding as usize;
         let (name, given) = if i < inputs.len() {
             (inputs[i].name.as_str(), inputs[i].data.len() as u64)
@@ -250,7 +284,13 @@ fn check_static_sizes(module: &naga::Module, inputs: &[NamedBytes], outputs: &[O
             continue;
         };
         let ty = &module.types[g.ty];
-        let dynamic = matches!(ty.inner, naga::TypeInner::Array { size: naga::ArraySize::Dynamic, .. });
+        let dynamic = matches!(
+            ty.inner,
+            naga::TypeInner::Array {
+                size: naga::ArraySize::Dynamic,
+                ..
+            }
+        );
         let needed = u64::from(layouter[g.ty].size);
         if !dynamic && needed > given {
             return Err(SpecError::BindingMismatch(format!(
@@ -277,37 +317,62 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
 "#;
 
     fn wgsl(src: &str, entry: &str) -> KernelSpec {
-        KernelSpec::Wgsl { source: src.into(), entry: entry.into(), workgroups: [1, 1, 1] }
+        KernelSpec::Wgsl {
+            source: src.into(),
+            entry: entry.into(),
+            workgroups: [1, 1, 1],
+        }
     }
 
     fn input(n: usize) -> Vec<NamedBytes> {
-        vec![NamedBytes { name: "x".into(), data: Bytes::from(vec![0u8; n]) }]
+        vec![NamedBytes {
+            name: "x".into(),
+            data: Bytes::from(vec![0u8; n]),
+        }]
     }
 
     fn out(n: u64) -> Vec<OutputDecl> {
-        vec![OutputDecl { name: "y".into(), size: n }]
+        vec![OutputDecl {
+            name: "y".into(),
+            size: n,
+        }]
     }
 
     #[test]
     fn valid_wgsl_plans_inputs_then_outputs() {
         let p = plan(&wgsl(DOUBLE, "main"), &input(256), &out(256)).unwrap();
-        assert_eq!(p.bindings, vec![BindingPlan::Input(0), BindingPlan::Output(0)]);
+        assert_eq!(
+            p.bindings,
+            vec![BindingPlan::Input(0), BindingPlan::Output(0)]
+        );
     }
 
     #[test]
     fn invalid_wgsl_is_refused_with_naga_message() {
         let err = plan(&wgsl("fn main( {", "main"), &input(4), &out(4)).unwrap_err();
-        let SpecError::InvalidWgsl(msg) = err else { panic!("{err:?}") };
+        let SpecError::InvalidWgsl(msg) = err else {
+            panic!("{err:?}")
+        };
         assert!(msg.contains("error"), "{msg}");
         let undefined = DOUBLE.replace("2.0 * x[id.x]", "2.0 * z[id.x]");
         let err = plan(&wgsl(&undefined, "main"), &input(4), &out(4)).unwrap_err();
-        assert!(err.to_string().contains("no definition in scope for identifier: `z`"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("no definition in scope for identifier: `z`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn wrong_entry_point_and_bindings() {
         let err = plan(&wgsl(DOUBLE, "nope"), &input(4), &out(4)).unwrap_err();
-        assert_eq!(err, SpecError::NoEntryPoint { entry: "nope".into(), found: "main".into() });
+        assert_eq!(
+            err,
+            SpecError::NoEntryPoint {
+                entry: "nope".into(),
+                found: "main".into()
+            }
+        );
         let two_inputs = [input(4), input(4)].concat();
         let err = plan(&wgsl(DOUBLE, "main"), &two_inputs, &out(4)).unwrap_err();
         assert!(matches!(err, SpecError::BindingMismatch(_)), "{err}");
@@ -315,7 +380,10 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
 
     #[test]
     fn fixed_arrays_larger_than_the_buffer_are_refused() {
-        let fixed = DOUBLE.replace("read_write> y: array<f32>", "read_write> y: array<f32, 1024>");
+        let fixed = DOUBLE.replace(
+            "read_write> y: array<f32>",
+            "read_write> y: array<f32, 1024>",
+        );
         let err = plan(&wgsl(&fixed, "main"), &input(256), &out(256)).unwrap_err();
         assert!(err.to_string().contains("declared as 4096 bytes"), "{err}");
         assert!(plan(&wgsl(&fixed, "main"), &input(256), &out(4096)).is_ok());
@@ -329,9 +397,16 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
             Err(SpecError::InputsTooLarge { .. })
         ));
         assert!(matches!(
-            plan(&wgsl(DOUBLE, "main"), &input(4), &out(MAX_TASK_OUTPUT_BYTES + 4)),
+            plan(
+                &wgsl(DOUBLE, "main"),
+                &input(4),
+                &out(MAX_TASK_OUTPUT_BYTES + 4)
+            ),
             Err(SpecError::OutputsTooLarge { .. })
         ));
-        assert!(matches!(plan(&wgsl(DOUBLE, "main"), &input(4), &out(6)), Err(SpecError::Invalid(_))));
+        assert!(matches!(
+            plan(&wgsl(DOUBLE, "main"), &input(4), &out(6)),
+            Err(SpecError::Invalid(_))
+        ));
     }
 }

@@ -44,20 +44,35 @@ pub enum Limit {
 impl Limit {
     const ALL: [(&'static str, Limit); 4] = [
         ("max_buffer_size", Limit::MaxBufferSize),
-        ("max_storage_buffer_binding_size", Limit::MaxStorageBufferBindingSize),
-        ("max_compute_invocations_per_workgroup", Limit::MaxComputeInvocationsPerWorkgroup),
-        ("max_compute_workgroup_size_x", Limit::MaxComputeWorkgroupSizeX),
+        (
+            "max_storage_buffer_binding_size",
+            Limit::MaxStorageBufferBindingSize,
+        ),
+        (
+            "max_compute_invocations_per_workgroup",
+            Limit::MaxComputeInvocationsPerWorkgroup,
+        ),
+        (
+            "max_compute_workgroup_size_x",
+            Limit::MaxComputeWorkgroupSizeX,
+        ),
     ];
 
     fn name(self) -> &'static str {
-        Limit::ALL.iter().find(|(_, l)| *l == self).map(|(n, _)| *n).expect("every limit is named")
+        Limit::ALL
+            .iter()
+            .find(|(_, l)| *l == self)
+            .map(|(n, _)| *n)
+            .expect("every limit is named")
     }
 
     fn of(self, a: &AdapterInfo) -> u64 {
         match self {
             Limit::MaxBufferSize => a.limits.max_buffer_size,
             Limit::MaxStorageBufferBindingSize => a.limits.max_storage_buffer_binding_size,
-            Limit::MaxComputeInvocationsPerWorkgroup => a.limits.max_compute_invocations_per_workgroup as u64,
+            Limit::MaxComputeInvocationsPerWorkgroup => {
+                a.limits.max_compute_invocations_per_workgroup as u64
+            }
             Limit::MaxComputeWorkgroupSizeX => a.limits.max_compute_workgroup_size_x as u64,
         }
     }
@@ -76,10 +91,17 @@ pub struct BadRequirement {
 impl Requirement {
     /// Parse one expression.
     pub fn parse(expr: &str) -> Result<Requirement, BadRequirement> {
-        let bad = |why: &str| BadRequirement { expr: expr.into(), why: why.into() };
+        let bad = |why: &str| BadRequirement {
+            expr: expr.into(),
+            why: why.into(),
+        };
         if let Some(rest) = expr.strip_prefix("label:") {
             if let Some((k, vs)) = rest.split_once(" in ") {
-                let values: Vec<String> = vs.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect();
+                let values: Vec<String> = vs
+                    .split(',')
+                    .map(|v| v.trim().to_string())
+                    .filter(|v| !v.is_empty())
+                    .collect();
                 if values.is_empty() {
                     return Err(bad("expected label:KEY in V1,V2"));
                 }
@@ -88,7 +110,9 @@ impl Requirement {
             if let Some((k, v)) = rest.split_once("!=") {
                 return Ok(Requirement::LabelNe(k.into(), v.into()));
             }
-            let (k, v) = rest.split_once('=').ok_or_else(|| bad("expected label:KEY=VALUE"))?;
+            let (k, v) = rest
+                .split_once('=')
+                .ok_or_else(|| bad("expected label:KEY=VALUE"))?;
             return Ok(Requirement::LabelEq(k.into(), v.into()));
         }
         if let Some((k, v)) = expr.split_once(">=") {
@@ -97,16 +121,22 @@ impl Requirement {
                 .find(|(n, _)| *n == k.trim())
                 .map(|(_, l)| *l)
                 .ok_or_else(|| bad(&format!("unknown limit '{}'", k.trim())))?;
-            let n = v.trim().parse().map_err(|_| bad("the limit must be a whole number"))?;
+            let n = v
+                .trim()
+                .parse()
+                .map_err(|_| bad("the limit must be a whole number"))?;
             return Ok(Requirement::MinLimit(limit, n));
         }
-        let (k, v) = expr.split_once('=').ok_or_else(|| bad("expected KEY=VALUE"))?;
+        let (k, v) = expr
+            .split_once('=')
+            .ok_or_else(|| bad("expected KEY=VALUE"))?;
         let v = v.trim();
         Ok(match k.trim() {
             "device" => match v {
                 "any" => return Err(bad("device=any needs no requirement; leave it out")),
                 _ => Requirement::Device(
-                    DeviceType::parse(v).ok_or_else(|| bad("device is discrete, integrated, virtual or cpu"))?,
+                    DeviceType::parse(v)
+                        .ok_or_else(|| bad("device is discrete, integrated, virtual or cpu"))?,
                 ),
             },
             "backend" => Requirement::Backend(v.to_lowercase()),
@@ -149,7 +179,10 @@ impl fmt::Display for Requirement {
 }
 
 /// The first requirement a node does not meet (it has no adapter counts as unmet).
-pub fn first_unmet<'a>(reqs: &'a [Requirement], caps: &NodeCapabilities) -> Option<&'a Requirement> {
+pub fn first_unmet<'a>(
+    reqs: &'a [Requirement],
+    caps: &NodeCapabilities,
+) -> Option<&'a Requirement> {
     reqs.iter().find(|r| !r.satisfied_by(caps))
 }
 

@@ -50,7 +50,9 @@ pub fn schedule(state: &MeshState, live: &BTreeSet<NodeId>, now: Timestamp) -> V
         let best = free
             .iter()
             .filter(|(_, f)| **f > 0)
-            .filter(|(id, _)| first_unmet(&task.requirements, &state.nodes[id].capabilities).is_none())
+            .filter(|(id, _)| {
+                first_unmet(&task.requirements, &state.nodes[id].capabilities).is_none()
+            })
             .max_by_key(|(id, f)| {
                 let caps = &state.nodes[id].capabilities;
                 (
@@ -64,7 +66,10 @@ pub fn schedule(state: &MeshState, live: &BTreeSet<NodeId>, now: Timestamp) -> V
             .map(|(id, _)| *id);
         if let Some(node) = best {
             *free.get_mut(&node).expect("present") -= 1;
-            out.push(Assignment { task: task.id, node });
+            out.push(Assignment {
+                task: task.id,
+                node,
+            });
         }
     }
     out
@@ -73,7 +78,10 @@ pub fn schedule(state: &MeshState, live: &BTreeSet<NodeId>, now: Timestamp) -> V
 /// Preferences met, earlier ones weighing more: one bit per preference, the first
 /// preference the most significant.
 fn preference_score(prefer: &[Requirement], caps: &NodeCapabilities) -> u64 {
-    prefer.iter().take(63).fold(0u64, |acc, p| (acc << 1) | u64::from(p.satisfied_by(caps)))
+    prefer
+        .iter()
+        .take(63)
+        .fold(0u64, |acc, p| (acc << 1) | u64::from(p.satisfied_by(caps)))
 }
 
 fn device_rank(caps: &NodeCapabilities) -> u8 {
@@ -103,35 +111,66 @@ pub fn never_runnable(state: &MeshState, reqs: &[Requirement]) -> Option<String>
             Some(r) => unmet.push(format!("node {} lacks {r}", n.id)),
         }
     }
-    Some(format!("no node in the mesh can run it: {}", unmet.join("; ")))
+    Some(format!(
+        "no node in the mesh can run it: {}",
+        unmet.join("; ")
+    ))
 }
 
 /// Why a pending task is still waiting, for `mesh-cli task ID`.
-pub fn why_waiting(state: &MeshState, task: &Task, live: &BTreeSet<NodeId>, now: Timestamp) -> Option<String> {
+pub fn why_waiting(
+    state: &MeshState,
+    task: &Task,
+    live: &BTreeSet<NodeId>,
+    now: Timestamp,
+) -> Option<String> {
     if task.state != TaskState::Pending {
         return None;
     }
     if let Some(nb) = task.not_before.filter(|nb| *nb > now) {
-        return Some(format!("retrying after a failed attempt, in {} ms (backoff)", nb.0 - now.0));
+        return Some(format!(
+            "retrying after a failed attempt, in {} ms (backoff)",
+            nb.0 - now.0
+        ));
     }
     let matching: Vec<NodeId> = state
         .nodes
         .values()
-        .filter(|n| !n.removed && n.capabilities.primary().is_some() && first_unmet(&task.requirements, &n.capabilities).is_none())
+        .filter(|n| {
+            !n.removed
+                && n.capabilities.primary().is_some()
+                && first_unmet(&task.requirements, &n.capabilities).is_none()
+        })
         .map(|n| n.id)
         .collect();
     if matching.is_empty() {
         return never_runnable(state, &task.requirements);
     }
     if !matching.iter().any(|n| live.contains(n)) {
-        return Some(format!("every node that matches ({}) is down", join(&matching)));
+        return Some(format!(
+            "every node that matches ({}) is down",
+            join(&matching)
+        ));
     }
-    if matching.iter().filter(|n| live.contains(n)).all(|n| state.nodes[n].drained) {
-        return Some(format!("every live node that matches ({}) is drained", join(&matching)));
+    if matching
+        .iter()
+        .filter(|n| live.contains(n))
+        .all(|n| state.nodes[n].drained)
+    {
+        return Some(format!(
+            "every live node that matches ({}) is drained",
+            join(&matching)
+        ));
     }
-    Some(format!("every live node that matches ({}) has all its slots busy", join(&matching)))
+    Some(format!(
+        "every live node that matches ({}) has all its slots busy",
+        join(&matching)
+    ))
 }
 
 fn join(ids: &[NodeId]) -> String {
-    ids.iter().map(|n| format!("node {n}")).collect::<Vec<_>>().join(", ")
+    ids.iter()
+        .map(|n| format!("node {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

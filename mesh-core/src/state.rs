@@ -3,14 +3,16 @@
 //! Architecture invariant: a result is recorded only from the task's current attempt,
 //! and a terminal task never changes again.
 
+use crate::access::UserKey;
+use crate::audit::AuditLog;
 use crate::capability::NodeCapabilities;
 use crate::command::{Command, Outcome, Rejection, Request, Response};
 use crate::data::{Bytes, Digest};
 use crate::identity::fingerprint::Fingerprint;
 use crate::ids::{Attempt, NodeId, TaskId, Timestamp};
-use crate::task::{AttemptError, Checkpoint, DataRef, OutputDecl, Task, TaskResult, TaskSpec, TaskState};
-use crate::access::UserKey;
-use crate::audit::AuditLog;
+use crate::task::{
+    AttemptError, Checkpoint, DataRef, OutputDecl, Task, TaskResult, TaskSpec, TaskState,
+};
 use crate::token::TokenRecord;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -69,7 +71,13 @@ pub struct MeshState {
 impl MeshState {
     /// Apply one Raft entry.
     pub fn apply_request(&mut self, req: &Request) -> Response {
-        Response { outcomes: req.commands.iter().map(|c| self.apply(req.now, c)).collect() }
+        Response {
+            outcomes: req
+                .commands
+                .iter()
+                .map(|c| self.apply(req.now, c))
+                .collect(),
+        }
     }
 
     /// Apply one command at time `now`; administrative commands are audited with
@@ -86,19 +94,37 @@ impl MeshState {
             Command::Cancel { task, actor } => (actor, "cancel", Some(task.to_string())),
             Command::CreateToken { id, actor, .. } => (actor, "token create", Some(id.clone())),
             Command::RevokeToken { id, actor } => (actor, "token revoke", Some(id.clone())),
-            Command::Join { token, fingerprint, .. } => (fingerprint, "join", Some(format!("token {token}"))),
+            Command::Join {
+                token, fingerprint, ..
+            } => (fingerprint, "join", Some(format!("token {token}"))),
             Command::RemoveNode { node, actor } => (actor, "remove", Some(format!("node {node}"))),
             Command::Drain { node, actor } => (actor, "drain", Some(format!("node {node}"))),
             Command::Undrain { node, actor } => (actor, "undrain", Some(format!("node {node}"))),
-            Command::AddKey { fingerprint, role, actor, .. } => (actor, "keys add", Some(format!("{fingerprint} as {role}"))),
-            Command::RemoveKey { fingerprint, actor } => (actor, "keys remove", Some(fingerprint.to_string())),
-            Command::SetAuditRetention { entries, actor } => (actor, "audit retention", Some(entries.to_string())),
+            Command::AddKey {
+                fingerprint,
+                role,
+                actor,
+                ..
+            } => (actor, "keys add", Some(format!("{fingerprint} as {role}"))),
+            Command::RemoveKey { fingerprint, actor } => {
+                (actor, "keys remove", Some(fingerprint.to_string()))
+            }
+            Command::SetAuditRetention { entries, actor } => {
+                (actor, "audit retention", Some(entries.to_string()))
+            }
             Command::Restore { actor, .. } => (actor, "restore", None),
             _ => return,
         };
         let (target, result) = match outcome {
             Outcome::Rejected(r) => (target, format!("refused: {r}")),
-            Outcome::Submitted { task, existing } => (Some(task.to_string()), if *existing { "ok (existing)".into() } else { "ok".into() }),
+            Outcome::Submitted { task, existing } => (
+                Some(task.to_string()),
+                if *existing {
+                    "ok (existing)".into()
+                } else {
+                    "ok".into()
+                },
+            ),
             Outcome::Joined(n) => (Some(format!("node {n}")), "ok".into()),
             _ => (target, "ok".into()),
         };
@@ -108,12 +134,21 @@ impl MeshState {
 
     fn transition(&mut self, now: Timestamp, cmd: &Command) -> Outcome {
         match cmd {
-            Command::RegisterNode { node, fingerprint, addr, capabilities } => {
+            Command::RegisterNode {
+                node,
+                fingerprint,
+                addr,
+                capabilities,
+            } => {
                 if let Some(n) = self.nodes.get(node) {
                     if n.removed || n.fingerprint != *fingerprint {
                         return Outcome::Rejected(Rejection::NodeIdentity(format!(
                             "node {node} is {}; it cannot register again",
-                            if n.removed { "removed" } else { "registered under another key" }
+                            if n.removed {
+                                "removed"
+                            } else {
+                                "registered under another key"
+                            }
                         )));
                     }
                 }
@@ -134,7 +169,13 @@ impl MeshState {
                 );
                 Outcome::NodeRegistered(*node)
             }
-            Command::CreateToken { id, secret_hash, ttl, uses, actor } => {
+            Command::CreateToken {
+                id,
+                secret_hash,
+                ttl,
+                uses,
+                actor,
+            } => {
                 self.tokens.insert(
                     id.clone(),
                     TokenRecord {
@@ -156,7 +197,12 @@ impl MeshState {
                 }
                 None => Outcome::Rejected(Rejection::UnknownToken(id.clone())),
             },
-            Command::Join { token, secret_hash, fingerprint, addr } => self.join(now, token, secret_hash, fingerprint, addr),
+            Command::Join {
+                token,
+                secret_hash,
+                fingerprint,
+                addr,
+            } => self.join(now, token, secret_hash, fingerprint, addr),
             Command::MarkDown { node } => match self.nodes.get_mut(node) {
                 Some(n) if !n.removed => {
                     n.down = true;
@@ -181,16 +227,42 @@ impl MeshState {
                 }
                 _ => Outcome::Rejected(Rejection::UnknownNode(*node)),
             },
-            Command::Submit { spec, outputs, submitter } => self.submit(now, spec, outputs, submitter),
+            Command::Submit {
+                spec,
+                outputs,
+                submitter,
+            } => self.submit(now, spec, outputs, submitter),
             Command::Assign { task, node } => self.assign(*task, *node),
-            Command::Start { task, attempt, node } => self.start(now, *task, *attempt, *node),
-            Command::Complete { task, attempt, node, outputs } => self.complete(now, *task, *attempt, *node, outputs),
-            Command::Fail { task, attempt, node, error, retryable } => {
-                self.fail(now, *task, *attempt, *node, error, *retryable)
-            }
+            Command::Start {
+                task,
+                attempt,
+                node,
+            } => self.start(now, *task, *attempt, *node),
+            Command::Complete {
+                task,
+                attempt,
+                node,
+                outputs,
+            } => self.complete(now, *task, *attempt, *node, outputs),
+            Command::Fail {
+                task,
+                attempt,
+                node,
+                error,
+                retryable,
+            } => self.fail(now, *task, *attempt, *node, error, *retryable),
             Command::Cancel { task, .. } => self.cancel(now, *task),
-            Command::AddKey { fingerprint, key, role, comment, actor } => {
-                let demotes_last_admin = self.users.get(fingerprint).is_some_and(|u| u.role == crate::access::Role::Admin)
+            Command::AddKey {
+                fingerprint,
+                key,
+                role,
+                comment,
+                actor,
+            } => {
+                let demotes_last_admin = self
+                    .users
+                    .get(fingerprint)
+                    .is_some_and(|u| u.role == crate::access::Role::Admin)
                     && *role != crate::access::Role::Admin
                     && self.admin_count() == 1;
                 if demotes_last_admin {
@@ -219,8 +291,19 @@ impl MeshState {
                     Outcome::KeyRemoved(fingerprint.clone())
                 }
             },
-            Command::AuditRefusal { actor, action, target, reason } => {
-                self.audit.record(now, actor, action, target.clone(), format!("refused: {reason}"));
+            Command::AuditRefusal {
+                actor,
+                action,
+                target,
+                reason,
+            } => {
+                self.audit.record(
+                    now,
+                    actor,
+                    action,
+                    target.clone(),
+                    format!("refused: {reason}"),
+                );
                 Outcome::Audited
             }
             Command::Restore { state, .. } => {
@@ -234,7 +317,11 @@ impl MeshState {
                 let mut tasks = saved.tasks;
                 for t in tasks.values_mut() {
                     if let Some((node, attempt)) = t.state.assignment() {
-                        t.errors.push(AttemptError { attempt, node, error: "in flight when the mesh was restored".into() });
+                        t.errors.push(AttemptError {
+                            attempt,
+                            node,
+                            error: "in flight when the mesh was restored".into(),
+                        });
                         t.state = TaskState::Pending;
                     }
                 }
@@ -251,7 +338,8 @@ impl MeshState {
                 self.users.extend(saved.users);
                 let retention = saved.audit.retention;
                 for e in saved.audit.entries {
-                    self.audit.record(e.at, &e.actor, &e.action, e.target, e.outcome);
+                    self.audit
+                        .record(e.at, &e.actor, &e.action, e.target, e.outcome);
                 }
                 self.audit.set_retention(retention);
                 Outcome::Restored { tasks: count }
@@ -260,8 +348,18 @@ impl MeshState {
                 self.audit.set_retention(*entries);
                 Outcome::Audited
             }
-            Command::Checkpoint { task, attempt, node, shard, output } => self.checkpoint(now, *task, *attempt, *node, *shard, output),
-            Command::Release { task, attempt, node } => match self.current(*task, *attempt, *node, "release") {
+            Command::Checkpoint {
+                task,
+                attempt,
+                node,
+                shard,
+                output,
+            } => self.checkpoint(now, *task, *attempt, *node, *shard, output),
+            Command::Release {
+                task,
+                attempt,
+                node,
+            } => match self.current(*task, *attempt, *node, "release") {
                 Ok(t) => {
                     t.state = TaskState::Pending;
                     Outcome::Released(*task)
@@ -273,7 +371,10 @@ impl MeshState {
                 match self.nodes.get_mut(node) {
                     Some(n) if !n.removed => {
                         n.drained = draining;
-                        Outcome::Drained { node: *node, draining }
+                        Outcome::Drained {
+                            node: *node,
+                            draining,
+                        }
                     }
                     _ => Outcome::Rejected(Rejection::UnknownNode(*node)),
                 }
@@ -281,7 +382,14 @@ impl MeshState {
         }
     }
 
-    fn join(&mut self, now: Timestamp, token: &str, secret_hash: &Digest, fingerprint: &Fingerprint, addr: &str) -> Outcome {
+    fn join(
+        &mut self,
+        now: Timestamp,
+        token: &str,
+        secret_hash: &Digest,
+        fingerprint: &Fingerprint,
+        addr: &str,
+    ) -> Outcome {
         let refuse = |why: String| Outcome::Rejected(Rejection::Token(why));
         let Some(t) = self.tokens.get_mut(token) else {
             return refuse(format!("token {token} does not exist"));
@@ -301,8 +409,12 @@ impl MeshState {
         t.uses_left -= 1;
         // A machine that comes back under a key the mesh knows (its data was wiped)
         // joins as a new node; the old identity is removed so it can never vote again.
-        let old: Vec<NodeId> =
-            self.nodes.values().filter(|n| n.fingerprint == *fingerprint && !n.removed).map(|n| n.id).collect();
+        let old: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| n.fingerprint == *fingerprint && !n.removed)
+            .map(|n| n.id)
+            .collect();
         for id in old {
             if let Some(n) = self.nodes.get_mut(&id) {
                 n.removed = true;
@@ -334,7 +446,11 @@ impl MeshState {
         for t in self.tasks.values_mut() {
             if let Some((holder, attempt)) = t.state.assignment() {
                 if holder == node {
-                    t.errors.push(AttemptError { attempt, node, error: format!("node {node} {why}") });
+                    t.errors.push(AttemptError {
+                        attempt,
+                        node,
+                        error: format!("node {node} {why}"),
+                    });
                     t.state = TaskState::Pending;
                 }
             }
@@ -342,7 +458,10 @@ impl MeshState {
     }
 
     fn admin_count(&self) -> usize {
-        self.users.values().filter(|u| u.role == crate::access::Role::Admin).count()
+        self.users
+            .values()
+            .filter(|u| u.role == crate::access::Role::Admin)
+            .count()
     }
 
     /// The role of a user key, if it is one.
@@ -352,20 +471,38 @@ impl MeshState {
 
     /// Nodes placement may use: registered, not down, not removed.
     pub fn live_nodes(&self) -> std::collections::BTreeSet<NodeId> {
-        self.nodes.values().filter(|n| n.is_live()).map(|n| n.id).collect()
+        self.nodes
+            .values()
+            .filter(|n| n.is_live())
+            .map(|n| n.id)
+            .collect()
     }
 
-    fn submit(&mut self, now: Timestamp, spec: &TaskSpec, outputs: &[OutputDecl], submitter: &Fingerprint) -> Outcome {
+    fn submit(
+        &mut self,
+        now: Timestamp,
+        spec: &TaskSpec,
+        outputs: &[OutputDecl],
+        submitter: &Fingerprint,
+    ) -> Outcome {
         if let Some(key) = &spec.idempotency_key {
             if let Some(&task) = self.idempotency.get(&(submitter.clone(), key.clone())) {
-                return Outcome::Submitted { task, existing: true };
+                return Outcome::Submitted {
+                    task,
+                    existing: true,
+                };
             }
         }
         let id = TaskId(self.next_task);
         self.next_task += 1;
-        let inputs = spec.inputs.iter().map(|i| self.store_blob(&i.name, &i.data)).collect();
+        let inputs = spec
+            .inputs
+            .iter()
+            .map(|i| self.store_blob(&i.name, &i.data))
+            .collect();
         if let Some(key) = &spec.idempotency_key {
-            self.idempotency.insert((submitter.clone(), key.clone()), id);
+            self.idempotency
+                .insert((submitter.clone(), key.clone()), id);
         }
         self.tasks.insert(
             id,
@@ -393,13 +530,20 @@ impl MeshState {
                 errors: Vec::new(),
             },
         );
-        Outcome::Submitted { task: id, existing: false }
+        Outcome::Submitted {
+            task: id,
+            existing: false,
+        }
     }
 
     fn store_blob(&mut self, name: &str, data: &Bytes) -> DataRef {
         let digest = data.digest();
         self.blobs.entry(digest).or_insert_with(|| data.clone());
-        DataRef { name: name.into(), digest, len: data.len() as u64 }
+        DataRef {
+            name: name.into(),
+            digest,
+            len: data.len() as u64,
+        }
     }
 
     fn assign(&mut self, id: TaskId, node: NodeId) -> Outcome {
@@ -416,11 +560,21 @@ impl MeshState {
         debug_assert!(attempt > task.attempt, "an attempt number only grows");
         task.attempt = attempt;
         task.state = TaskState::Assigned { node, attempt };
-        Outcome::Assigned { task: id, node, attempt }
+        Outcome::Assigned {
+            task: id,
+            node,
+            attempt,
+        }
     }
 
     /// The fencing check: the report must come from the node holding the current attempt.
-    fn current<'a>(&'a mut self, id: TaskId, attempt: Attempt, node: NodeId, action: &str) -> Result<&'a mut Task, Rejection> {
+    fn current<'a>(
+        &'a mut self,
+        id: TaskId,
+        attempt: Attempt,
+        node: NodeId,
+        action: &str,
+    ) -> Result<&'a mut Task, Rejection> {
         let task = self.tasks.get_mut(&id).ok_or(Rejection::UnknownTask(id))?;
         if task.state.is_terminal() {
             return Err(wrong_state(task, action));
@@ -452,13 +606,23 @@ impl MeshState {
         }
     }
 
-    fn complete(&mut self, now: Timestamp, id: TaskId, attempt: Attempt, node: NodeId, outputs: &[Bytes]) -> Outcome {
+    fn complete(
+        &mut self,
+        now: Timestamp,
+        id: TaskId,
+        attempt: Attempt,
+        node: NodeId,
+        outputs: &[Bytes],
+    ) -> Outcome {
         let declared = match self.current(id, attempt, node, "record a result") {
             Ok(task) => task.outputs.clone(),
             Err(r) => return Outcome::Rejected(r),
         };
         let sizes_match = declared.len() == outputs.len()
-            && declared.iter().zip(outputs).all(|(d, o)| d.size == o.len() as u64);
+            && declared
+                .iter()
+                .zip(outputs)
+                .all(|(d, o)| d.size == o.len() as u64);
         if !sizes_match {
             return Outcome::Rejected(Rejection::BadOutputs {
                 task: id,
@@ -469,21 +633,41 @@ impl MeshState {
                 ),
             });
         }
-        let refs = declared.iter().zip(outputs).map(|(d, o)| self.store_blob(&d.name, o)).collect();
+        let refs = declared
+            .iter()
+            .zip(outputs)
+            .map(|(d, o)| self.store_blob(&d.name, o))
+            .collect();
         let task = self.tasks.get_mut(&id).expect("checked above");
         debug_assert!(task.result.is_none(), "a task records exactly one result");
-        task.result = Some(TaskResult { attempt, node, outputs: refs });
+        task.result = Some(TaskResult {
+            attempt,
+            node,
+            outputs: refs,
+        });
         task.state = TaskState::Succeeded;
         task.finished_at = Some(now);
         Outcome::Completed(id)
     }
 
-    fn fail(&mut self, now: Timestamp, id: TaskId, attempt: Attempt, node: NodeId, error: &str, retryable: bool) -> Outcome {
+    fn fail(
+        &mut self,
+        now: Timestamp,
+        id: TaskId,
+        attempt: Attempt,
+        node: NodeId,
+        error: &str,
+        retryable: bool,
+    ) -> Outcome {
         let task = match self.current(id, attempt, node, "fail") {
             Ok(task) => task,
             Err(r) => return Outcome::Rejected(r),
         };
-        task.errors.push(AttemptError { attempt, node, error: error.into() });
+        task.errors.push(AttemptError {
+            attempt,
+            node,
+            error: error.into(),
+        });
         let retry = retryable && attempt.0 < task.max_attempts;
         if retry {
             task.state = TaskState::Pending;
@@ -495,7 +679,15 @@ impl MeshState {
         Outcome::Failed { task: id, retry }
     }
 
-    fn checkpoint(&mut self, now: Timestamp, id: TaskId, attempt: Attempt, node: NodeId, shard: u32, output: &Bytes) -> Outcome {
+    fn checkpoint(
+        &mut self,
+        now: Timestamp,
+        id: TaskId,
+        attempt: Attempt,
+        node: NodeId,
+        shard: u32,
+        output: &Bytes,
+    ) -> Outcome {
         let task = match self.current(id, attempt, node, "checkpoint") {
             Ok(t) => t,
             Err(r) => return Outcome::Rejected(r),
@@ -503,13 +695,26 @@ impl MeshState {
         if shard >= task.shards || task.checkpoints.contains_key(&shard) {
             return Outcome::Rejected(Rejection::BadOutputs {
                 task: id,
-                why: format!("shard {shard} is out of range or already committed (the task has {} shards)", task.shards),
+                why: format!(
+                    "shard {shard} is out of range or already committed (the task has {} shards)",
+                    task.shards
+                ),
             });
         }
-        let name = task.outputs.first().map_or_else(|| "out".to_string(), |o| o.name.clone());
+        let name = task
+            .outputs
+            .first()
+            .map_or_else(|| "out".to_string(), |o| o.name.clone());
         let output_ref = self.store_blob(&format!("{name}.shard{shard}"), output);
         let task = self.tasks.get_mut(&id).expect("checked above");
-        task.checkpoints.insert(shard, Checkpoint { attempt, node, output: output_ref });
+        task.checkpoints.insert(
+            shard,
+            Checkpoint {
+                attempt,
+                node,
+                output: output_ref,
+            },
+        );
         if task.checkpoints.len() < task.shards as usize {
             return Outcome::Checkpointed { task: id, shard };
         }
@@ -541,7 +746,9 @@ impl MeshState {
 
     /// Tasks assigned to or running on `node`.
     pub fn tasks_on(&self, node: NodeId) -> impl Iterator<Item = &Task> {
-        self.tasks.values().filter(move |t| t.state.assignment().is_some_and(|(n, _)| n == node))
+        self.tasks
+            .values()
+            .filter(move |t| t.state.assignment().is_some_and(|(n, _)| n == node))
     }
 
     /// Number of tasks in each state, by state name.
@@ -562,7 +769,11 @@ pub fn retry_backoff(failed: Attempt) -> std::time::Duration {
 }
 
 fn wrong_state(task: &Task, action: &str) -> Rejection {
-    Rejection::WrongState { task: task.id, state: task.state.name().into(), action: action.into() }
+    Rejection::WrongState {
+        task: task.id,
+        state: task.state.name().into(),
+        action: action.into(),
+    }
 }
 
 #[cfg(test)]
@@ -576,8 +787,14 @@ mod tests {
 
     fn spec(key: Option<&str>) -> TaskSpec {
         TaskSpec {
-            kernel: KernelSpec::Builtin { name: "vector-add".into(), params: Default::default() },
-            inputs: vec![NamedBytes { name: "x".into(), data: Bytes::from(vec![1, 2, 3, 4]) }],
+            kernel: KernelSpec::Builtin {
+                name: "vector-add".into(),
+                params: Default::default(),
+            },
+            inputs: vec![NamedBytes {
+                name: "x".into(),
+                data: Bytes::from(vec![1, 2, 3, 4]),
+            }],
             outputs: vec![],
             requirements: vec![],
             prefer: vec![],
@@ -593,13 +810,28 @@ mod tests {
         let mut s = MeshState::default();
         s.apply(
             Timestamp(1),
-            &Command::RegisterNode { node: NodeId(1), fingerprint: fp('a'), addr: "n1".into(), capabilities: Default::default() },
+            &Command::RegisterNode {
+                node: NodeId(1),
+                fingerprint: fp('a'),
+                addr: "n1".into(),
+                capabilities: Default::default(),
+            },
         );
         s
     }
 
     fn submit(s: &mut MeshState, key: Option<&str>) -> Outcome {
-        s.apply(Timestamp(2), &Command::Submit { spec: spec(key), outputs: vec![OutputDecl { name: "out".into(), size: 4 }], submitter: fp('u') })
+        s.apply(
+            Timestamp(2),
+            &Command::Submit {
+                spec: spec(key),
+                outputs: vec![OutputDecl {
+                    name: "out".into(),
+                    size: 4,
+                }],
+                submitter: fp('u'),
+            },
+        )
     }
 
     #[test]
@@ -614,23 +846,62 @@ mod tests {
     #[test]
     fn idempotency_is_per_submitter() {
         let mut s = with_node();
-        assert_eq!(submit(&mut s, Some("k")), Outcome::Submitted { task: TaskId(0), existing: false });
-        assert_eq!(submit(&mut s, Some("k")), Outcome::Submitted { task: TaskId(0), existing: true });
-        let other = s.apply(Timestamp(3), &Command::Submit { spec: spec(Some("k")), outputs: vec![], submitter: fp('v') });
-        assert_eq!(other, Outcome::Submitted { task: TaskId(1), existing: false });
+        assert_eq!(
+            submit(&mut s, Some("k")),
+            Outcome::Submitted {
+                task: TaskId(0),
+                existing: false
+            }
+        );
+        assert_eq!(
+            submit(&mut s, Some("k")),
+            Outcome::Submitted {
+                task: TaskId(0),
+                existing: true
+            }
+        );
+        let other = s.apply(
+            Timestamp(3),
+            &Command::Submit {
+                spec: spec(Some("k")),
+                outputs: vec![],
+                submitter: fp('v'),
+            },
+        );
+        assert_eq!(
+            other,
+            Outcome::Submitted {
+                task: TaskId(1),
+                existing: false
+            }
+        );
     }
 
     #[test]
     fn wrong_output_size_is_rejected_and_changes_nothing() {
         let mut s = with_node();
         submit(&mut s, None);
-        s.apply(Timestamp(3), &Command::Assign { task: TaskId(0), node: NodeId(1) });
+        s.apply(
+            Timestamp(3),
+            &Command::Assign {
+                task: TaskId(0),
+                node: NodeId(1),
+            },
+        );
         let before = s.clone();
         let o = s.apply(
             Timestamp(4),
-            &Command::Complete { task: TaskId(0), attempt: Attempt(1), node: NodeId(1), outputs: vec![Bytes::from(vec![0; 8])] },
+            &Command::Complete {
+                task: TaskId(0),
+                attempt: Attempt(1),
+                node: NodeId(1),
+                outputs: vec![Bytes::from(vec![0; 8])],
+            },
         );
-        assert!(matches!(o, Outcome::Rejected(Rejection::BadOutputs { .. })), "{o:?}");
+        assert!(
+            matches!(o, Outcome::Rejected(Rejection::BadOutputs { .. })),
+            "{o:?}"
+        );
         assert_eq!(s, before);
     }
 
@@ -640,13 +911,32 @@ mod tests {
         let resp = s.apply_request(&Request {
             now: Timestamp(5),
             commands: vec![
-                Command::Submit { spec: spec(None), outputs: vec![], submitter: fp('u') },
-                Command::Assign { task: TaskId(0), node: NodeId(1) },
-                Command::Assign { task: TaskId(0), node: NodeId(1) },
+                Command::Submit {
+                    spec: spec(None),
+                    outputs: vec![],
+                    submitter: fp('u'),
+                },
+                Command::Assign {
+                    task: TaskId(0),
+                    node: NodeId(1),
+                },
+                Command::Assign {
+                    task: TaskId(0),
+                    node: NodeId(1),
+                },
             ],
         });
         assert_eq!(resp.outcomes.len(), 3);
-        assert!(matches!(resp.outcomes[1], Outcome::Assigned { attempt: Attempt(1), .. }));
-        assert!(matches!(resp.outcomes[2], Outcome::Rejected(Rejection::WrongState { .. })));
+        assert!(matches!(
+            resp.outcomes[1],
+            Outcome::Assigned {
+                attempt: Attempt(1),
+                ..
+            }
+        ));
+        assert!(matches!(
+            resp.outcomes[2],
+            Outcome::Rejected(Rejection::WrongState { .. })
+        ));
     }
 }

@@ -171,7 +171,10 @@ pub enum TaskState {
 impl TaskState {
     /// True once the task can never change again.
     pub fn is_terminal(&self) -> bool {
-        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled)
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
     }
 
     /// The short name.

@@ -32,33 +32,57 @@ pub struct BadToken(&'static str);
 
 impl JoinToken {
     /// Build a token from 8 random bytes for the id and 16 for the secret.
-    pub fn new(id: [u8; 8], secret: [u8; 16], seed_addr: String, seed_fingerprint: Fingerprint) -> JoinToken {
-        JoinToken { id: hex::encode(id), secret: hex::encode(secret), seed_addr, seed_fingerprint }
+    pub fn new(
+        id: [u8; 8],
+        secret: [u8; 16],
+        seed_addr: String,
+        seed_fingerprint: Fingerprint,
+    ) -> JoinToken {
+        JoinToken {
+            id: hex::encode(id),
+            secret: hex::encode(secret),
+            seed_addr,
+            seed_fingerprint,
+        }
     }
 
     /// The token string.
     pub fn encode(&self) -> String {
         let fp = self.seed_fingerprint.as_str().trim_start_matches("SHA256:");
-        format!("{PREFIX}{}.{}.{fp}@{}", self.id, self.secret, self.seed_addr)
+        format!(
+            "{PREFIX}{}.{}.{fp}@{}",
+            self.id, self.secret, self.seed_addr
+        )
     }
 
     /// Parse a token string.
     pub fn parse(s: &str) -> Result<JoinToken, BadToken> {
-        let rest = s.trim().strip_prefix(PREFIX).ok_or(BadToken("it does not start with mesh1-"))?;
+        let rest = s
+            .trim()
+            .strip_prefix(PREFIX)
+            .ok_or(BadToken("it does not start with mesh1-"))?;
         let (creds, addr) = rest.split_once('@').ok_or(BadToken("no seed address"))?;
         let mut parts = creds.split('.');
-        let (Some(id), Some(secret), Some(fp), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(id), Some(secret), Some(fp), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(BadToken("expected id.secret.fingerprint@address"));
         };
         let is_hex = |v: &str, n: usize| v.len() == n && v.bytes().all(|b| b.is_ascii_hexdigit());
         if !is_hex(id, 16) || !is_hex(secret, 32) {
             return Err(BadToken("malformed id or secret"));
         }
-        let seed_fingerprint = Fingerprint::parse(&format!("SHA256:{fp}")).map_err(|_| BadToken("malformed seed fingerprint"))?;
+        let seed_fingerprint = Fingerprint::parse(&format!("SHA256:{fp}"))
+            .map_err(|_| BadToken("malformed seed fingerprint"))?;
         if addr.is_empty() || !addr.contains(':') {
             return Err(BadToken("the seed address must be host:port"));
         }
-        Ok(JoinToken { id: id.into(), secret: secret.into(), seed_addr: addr.into(), seed_fingerprint })
+        Ok(JoinToken {
+            id: id.into(),
+            secret: secret.into(),
+            seed_addr: addr.into(),
+            seed_fingerprint,
+        })
     }
 
     /// What the state stores and compares: SHA-256 of the secret.

@@ -51,11 +51,19 @@ pub enum AdminKeySource {
 }
 
 /// Every key in the given files, by fingerprint.
-pub fn read_files(paths: &[PathBuf]) -> Result<BTreeMap<Fingerprint, PublicKeyLine>, AdminKeyError> {
+pub fn read_files(
+    paths: &[PathBuf],
+) -> Result<BTreeMap<Fingerprint, PublicKeyLine>, AdminKeyError> {
     let mut out = BTreeMap::new();
     for path in paths {
-        let text = std::fs::read_to_string(path).map_err(|source| AdminKeyError::Read { path: path.clone(), source })?;
-        let keys = PublicKeyLine::parse_many(&text).map_err(|source| AdminKeyError::Parse { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| AdminKeyError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let keys = PublicKeyLine::parse_many(&text).map_err(|source| AdminKeyError::Parse {
+            path: path.clone(),
+            source,
+        })?;
         if keys.is_empty() {
             return Err(AdminKeyError::Empty(path.clone()));
         }
@@ -66,7 +74,10 @@ pub fn read_files(paths: &[PathBuf]) -> Result<BTreeMap<Fingerprint, PublicKeyLi
 
 /// The admin keys: the given files, or else the invoking user's `~/.ssh/id_ed25519.pub`,
 /// created (as `ssh-keygen -t ed25519` would) when the user has none.
-pub fn resolve(paths: &[PathBuf], home: Option<&Path>) -> Result<(BTreeMap<Fingerprint, PublicKeyLine>, AdminKeySource), AdminKeyError> {
+pub fn resolve(
+    paths: &[PathBuf],
+    home: Option<&Path>,
+) -> Result<(BTreeMap<Fingerprint, PublicKeyLine>, AdminKeySource), AdminKeyError> {
     if !paths.is_empty() {
         return Ok((read_files(paths)?, AdminKeySource::Files));
     }
@@ -74,14 +85,20 @@ pub fn resolve(paths: &[PathBuf], home: Option<&Path>) -> Result<(BTreeMap<Finge
     let private = home.join(".ssh").join("id_ed25519");
     let public = private.with_extension("pub");
     if public.exists() {
-        return Ok((read_files(std::slice::from_ref(&public))?, AdminKeySource::UserKey(public)));
+        return Ok((
+            read_files(std::slice::from_ref(&public))?,
+            AdminKeySource::UserKey(public),
+        ));
     }
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| HostKeyError::Random(e.to_string()))?;
     let key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
     let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
     write_key_pair(&key, &private, &format!("{user}@mesh"))?;
-    Ok((read_files(std::slice::from_ref(&public))?, AdminKeySource::CreatedUserKey(private)))
+    Ok((
+        read_files(std::slice::from_ref(&public))?,
+        AdminKeySource::CreatedUserKey(private),
+    ))
 }
 
 #[cfg(test)]

@@ -62,10 +62,28 @@ impl Autopilot {
                     .nodes
                     .values()
                     .filter(|n| !n.removed)
-                    .map(|n| (n.id.0, MeshNode { addr: n.addr.clone(), fingerprint: n.fingerprint.clone() }))
+                    .map(|n| {
+                        (
+                            n.id.0,
+                            MeshNode {
+                                addr: n.addr.clone(),
+                                fingerprint: n.fingerprint.clone(),
+                            },
+                        )
+                    })
                     .collect();
-                let down: BTreeSet<u64> = s.nodes.values().filter(|n| n.down && !n.removed).map(|n| n.id.0).collect();
-                let removed: BTreeSet<u64> = s.nodes.values().filter(|n| n.removed).map(|n| n.id.0).collect();
+                let down: BTreeSet<u64> = s
+                    .nodes
+                    .values()
+                    .filter(|n| n.down && !n.removed)
+                    .map(|n| n.id.0)
+                    .collect();
+                let removed: BTreeSet<u64> = s
+                    .nodes
+                    .values()
+                    .filter(|n| n.removed)
+                    .map(|n| n.id.0)
+                    .collect();
                 (live, down, removed)
             });
             let now = Instant::now();
@@ -78,12 +96,22 @@ impl Autopilot {
             let removed_voters: BTreeSet<u64> = voters.intersection(&removed).copied().collect();
             if !removed_voters.is_empty() {
                 let keep: BTreeSet<u64> = voters.difference(&removed_voters).copied().collect();
-                self.change(ChangeMembers::ReplaceAllVoters(keep), false, "remove voters of removed nodes").await;
+                self.change(
+                    ChangeMembers::ReplaceAllVoters(keep),
+                    false,
+                    "remove voters of removed nodes",
+                )
+                .await;
                 continue;
             }
             let removed_learners: BTreeSet<u64> = members.intersection(&removed).copied().collect();
             if !removed_learners.is_empty() {
-                self.change(ChangeMembers::RemoveNodes(removed_learners), false, "remove learners of removed nodes").await;
+                self.change(
+                    ChangeMembers::RemoveNodes(removed_learners),
+                    false,
+                    "remove learners of removed nodes",
+                )
+                .await;
                 continue;
             }
 
@@ -97,26 +125,48 @@ impl Autopilot {
 
             let last = m.last_log_index.unwrap_or(0);
             let caught_up = |id: &u64| {
-                m.replication.as_ref().and_then(|r| r.get(id)).and_then(|l| l.as_ref()).is_some_and(|l| l.index + MAX_PROMOTION_LAG >= last)
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(id))
+                    .and_then(|l| l.as_ref())
+                    .is_some_and(|l| l.index + MAX_PROMOTION_LAG >= last)
             };
             let healthy_learners: Vec<u64> = members
                 .iter()
-                .filter(|id| !voters.contains(id) && !down.contains(id) && !removed.contains(id) && caught_up(id))
+                .filter(|id| {
+                    !voters.contains(id)
+                        && !down.contains(id)
+                        && !removed.contains(id)
+                        && caught_up(id)
+                })
                 .copied()
                 .collect();
 
             // Replace a voter that has been down too long.
             let dead: Vec<u64> = voters
                 .iter()
-                .filter(|id| **id != self.node.0 && down_since.get(&NodeId(**id)).is_some_and(|t| t.elapsed() >= self.policy.replace_after))
+                .filter(|id| {
+                    **id != self.node.0
+                        && down_since
+                            .get(&NodeId(**id))
+                            .is_some_and(|t| t.elapsed() >= self.policy.replace_after)
+                })
                 .copied()
                 .collect();
             if let (Some(dead), Some(learner)) = (dead.first(), healthy_learners.first()) {
                 let mut next = voters.clone();
                 next.remove(dead);
                 next.insert(*learner);
-                info!(dead, learner, "replacing a dead voter with a healthy learner");
-                self.change(ChangeMembers::ReplaceAllVoters(next), true, "replace dead voter").await;
+                info!(
+                    dead,
+                    learner, "replacing a dead voter with a healthy learner"
+                );
+                self.change(
+                    ChangeMembers::ReplaceAllVoters(next),
+                    true,
+                    "replace dead voter",
+                )
+                .await;
                 continue;
             }
 
@@ -127,9 +177,18 @@ impl Autopilot {
                     k -= 1;
                 }
                 if k > 0 {
-                    let next: BTreeSet<u64> = voters.iter().copied().chain(healthy_learners.iter().take(k).copied()).collect();
+                    let next: BTreeSet<u64> = voters
+                        .iter()
+                        .copied()
+                        .chain(healthy_learners.iter().take(k).copied())
+                        .collect();
                     info!(voters = ?next, "promoting learners");
-                    self.change(ChangeMembers::ReplaceAllVoters(next), true, "promote learners").await;
+                    self.change(
+                        ChangeMembers::ReplaceAllVoters(next),
+                        true,
+                        "promote learners",
+                    )
+                    .await;
                 }
             }
         }

@@ -38,11 +38,20 @@ pub struct Publisher {
 impl Publisher {
     /// Probe the adapters now (blocking: wgpu enumerates devices).
     pub fn probe(&self) -> NodeCapabilities {
-        NodeCapabilities { adapters: gpu::probe(), labels: self.labels.clone(), slots: self.slots }
+        NodeCapabilities {
+            adapters: gpu::probe(),
+            labels: self.labels.clone(),
+            slots: self.slots,
+        }
     }
 
     /// Wait for a leader, then record this node and its capabilities.
-    pub async fn register(&self, raft: &Raft<TypeConfig>, proposer: &Proposer, capabilities: NodeCapabilities) -> anyhow::Result<()> {
+    pub async fn register(
+        &self,
+        raft: &Raft<TypeConfig>,
+        proposer: &Proposer,
+        capabilities: NodeCapabilities,
+    ) -> anyhow::Result<()> {
         raft.wait(Some(LEADER_WAIT))
             .metrics(|m| m.current_leader.is_some(), "a leader is known")
             .await
@@ -66,7 +75,13 @@ impl Publisher {
     }
 
     /// Probe periodically; re-register when the capabilities changed.
-    pub async fn refresh(self, raft: Raft<TypeConfig>, proposer: Proposer, mut last: NodeCapabilities, shutdown: CancellationToken) {
+    pub async fn refresh(
+        self,
+        raft: Raft<TypeConfig>,
+        proposer: Proposer,
+        mut last: NodeCapabilities,
+        shutdown: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(REFRESH_INTERVAL);
         tick.tick().await;
         loop {
@@ -75,11 +90,16 @@ impl Publisher {
                 _ = tick.tick() => {}
             }
             let this = self.clone();
-            let Ok(now) = tokio::task::spawn_blocking(move || this.probe()).await else { continue };
+            let Ok(now) = tokio::task::spawn_blocking(move || this.probe()).await else {
+                continue;
+            };
             if now == last {
                 continue;
             }
-            info!(adapters = now.adapters.len(), "capabilities changed; registering again");
+            info!(
+                adapters = now.adapters.len(),
+                "capabilities changed; registering again"
+            );
             match self.register(&raft, &proposer, now.clone()).await {
                 Ok(()) => last = now,
                 Err(e) => warn!(error = %e, "could not publish new capabilities"),

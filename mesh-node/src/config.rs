@@ -40,7 +40,12 @@ pub struct RunArgs {
     /// Public key file (`.pub` or `authorized_keys` format) whose keys are the mesh's
     /// first admins; repeat for more files. Default: your own `~/.ssh/id_ed25519.pub`,
     /// created if you have none.
-    #[arg(long = "admin-key", env = "MESH_ADMIN_KEYS", value_delimiter = ',', value_name = "FILE.pub")]
+    #[arg(
+        long = "admin-key",
+        env = "MESH_ADMIN_KEYS",
+        value_delimiter = ',',
+        value_name = "FILE.pub"
+    )]
     pub admin_keys: Vec<PathBuf>,
 
     /// Host key (OpenSSH ed25519 private key, e.g. /etc/ssh/ssh_host_ed25519_key).
@@ -62,7 +67,12 @@ pub struct RunArgs {
     pub http_listen: Option<SocketAddr>,
 
     /// Operator label for placement, KEY=VALUE; repeat for more.
-    #[arg(long = "label", env = "MESH_LABELS", value_delimiter = ',', value_name = "KEY=VALUE")]
+    #[arg(
+        long = "label",
+        env = "MESH_LABELS",
+        value_delimiter = ',',
+        value_name = "KEY=VALUE"
+    )]
     pub labels: Vec<String>,
 
     /// How many tasks this node runs at once (one GPU worker process each). Default: 1.
@@ -146,8 +156,14 @@ pub struct FileConfig {
 impl FileConfig {
     /// Read and parse a config file.
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })
     }
 }
 
@@ -262,48 +278,80 @@ impl RunArgs {
             None => FileConfig::default(),
         };
         let addr = |flag: Option<SocketAddr>, file: Option<SocketAddr>, default: &str| {
-            flag.or(file).unwrap_or_else(|| default.parse().expect("default addresses parse"))
+            flag.or(file)
+                .unwrap_or_else(|| default.parse().expect("default addresses parse"))
         };
-        let duration = |flag: Option<Duration>, file: Option<String>, key: &'static str, default: Duration| match (flag, file) {
-            (Some(d), _) => Ok(d),
-            (None, Some(s)) => parse_duration(&s).map_err(|message| ConfigError::BadDuration { key, message }),
-            (None, None) => Ok(default),
-        };
+        let duration =
+            |flag: Option<Duration>, file: Option<String>, key: &'static str, default: Duration| {
+                match (flag, file) {
+                    (Some(d), _) => Ok(d),
+                    (None, Some(s)) => parse_duration(&s)
+                        .map_err(|message| ConfigError::BadDuration { key, message }),
+                    (None, None) => Ok(default),
+                }
+            };
         let data_dir = match self.data_dir.or(file.data_dir) {
             Some(d) => d,
             None => dirs::data_dir().ok_or(ConfigError::NoDataDir)?.join("mesh"),
         };
         let mut labels = file.labels.unwrap_or_default();
         for l in &self.labels {
-            let (k, v) = l.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or_else(|| ConfigError::BadLabel(l.clone()))?;
+            let (k, v) = l
+                .split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| ConfigError::BadLabel(l.clone()))?;
             labels.insert(k.to_string(), v.to_string());
         }
         let slots = self.slots.or(file.slots).unwrap_or(DEFAULT_SLOTS);
         if slots == 0 {
             return Err(ConfigError::ZeroSlots);
         }
-        let json_logs = match self.log_format.or(file.log_format).as_deref().unwrap_or("text") {
+        let json_logs = match self
+            .log_format
+            .or(file.log_format)
+            .as_deref()
+            .unwrap_or("text")
+        {
             "text" => false,
             "json" => true,
             other => return Err(ConfigError::BadLogFormat(other.into())),
         };
-        let join = self.join.or(file.join).as_deref().map(mesh_core::token::JoinToken::parse).transpose()?;
+        let join = self
+            .join
+            .or(file.join)
+            .as_deref()
+            .map(mesh_core::token::JoinToken::parse)
+            .transpose()?;
         let await_join = self.await_join || file.await_join.unwrap_or(false);
         let restore = self.restore.or(file.restore);
-        if [join.is_some(), await_join, restore.is_some()].iter().filter(|b| **b).count() > 1 {
+        if [join.is_some(), await_join, restore.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count()
+            > 1
+        {
             return Err(ConfigError::Conflict);
         }
         let voters = self.voters.or(file.voters).unwrap_or(DEFAULT_VOTERS);
         if ![1, 3, 5].contains(&voters) {
             return Err(ConfigError::BadVoters(voters));
         }
-        let node_timeout = duration(self.node_timeout, file.node_timeout, "node_timeout", DEFAULT_NODE_TIMEOUT)?;
+        let node_timeout = duration(
+            self.node_timeout,
+            file.node_timeout,
+            "node_timeout",
+            DEFAULT_NODE_TIMEOUT,
+        )?;
         if node_timeout < Duration::from_millis(300) {
             return Err(ConfigError::NodeTimeout);
         }
         Ok(NodeConfig {
             data_dir,
-            admin_keys: if self.admin_keys.is_empty() { file.admin_keys.unwrap_or_default() } else { self.admin_keys },
+            admin_keys: if self.admin_keys.is_empty() {
+                file.admin_keys.unwrap_or_default()
+            } else {
+                self.admin_keys
+            },
             host_key: self.host_key.or(file.host_key),
             listen: addr(self.listen, file.listen, DEFAULT_LISTEN),
             ssh_listen: addr(self.ssh_listen, file.ssh_listen, DEFAULT_SSH_LISTEN),
@@ -330,7 +378,10 @@ impl RunArgs {
 impl NodeConfig {
     /// Create the data directory.
     pub fn prepare(&self) -> Result<(), ConfigError> {
-        std::fs::create_dir_all(&self.data_dir).map_err(|source| ConfigError::DataDir { path: self.data_dir.clone(), source })
+        std::fs::create_dir_all(&self.data_dir).map_err(|source| ConfigError::DataDir {
+            path: self.data_dir.clone(),
+            source,
+        })
     }
 }
 
@@ -348,7 +399,12 @@ mod tests {
     #[test]
     fn file_then_flags_then_defaults() {
         let (_d, p) = file("data_dir = \"/var/lib/mesh\"\nslots = 4\nlabels = { zone = \"a\" }\nnode_timeout = \"2s\"\nssh_listen = \"0.0.0.0:7722\"\n");
-        let args = RunArgs { config: Some(p), slots: Some(2), labels: vec!["rack=7".into()], ..RunArgs::default() };
+        let args = RunArgs {
+            config: Some(p),
+            slots: Some(2),
+            labels: vec!["rack=7".into()],
+            ..RunArgs::default()
+        };
         let c = args.validate().unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/mesh"));
         assert_eq!(c.slots, 2, "a flag beats the file");
@@ -362,15 +418,40 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_are_errors() {
         let (_d, p) = file("slots = 1\nsloots = 2\n");
-        let e = RunArgs { config: Some(p), ..RunArgs::default() }.validate().unwrap_err().to_string();
+        let e = RunArgs {
+            config: Some(p),
+            ..RunArgs::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("unknown field `sloots`"), "{e}");
         let (_d, p) = file("voters = 4\n");
-        let e = RunArgs { config: Some(p), ..RunArgs::default() }.validate().unwrap_err().to_string();
+        let e = RunArgs {
+            config: Some(p),
+            ..RunArgs::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("voters"), "{e}");
         let (_d, p) = file("node_timeout = \"soon\"\n");
-        let e = RunArgs { config: Some(p), ..RunArgs::default() }.validate().unwrap_err().to_string();
+        let e = RunArgs {
+            config: Some(p),
+            ..RunArgs::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("node_timeout"), "{e}");
         let (_d, p) = file("await_join = true\nrestore = \"x\"\n");
-        assert!(matches!(RunArgs { config: Some(p), ..RunArgs::default() }.validate(), Err(ConfigError::Conflict)));
+        assert!(matches!(
+            RunArgs {
+                config: Some(p),
+                ..RunArgs::default()
+            }
+            .validate(),
+            Err(ConfigError::Conflict)
+        ));
     }
 }

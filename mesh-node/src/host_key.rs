@@ -54,7 +54,10 @@ pub struct HostKey {
 impl HostKey {
     /// Load `path` if given, else `<data_dir>/host_key`, generating it when missing.
     /// Returns the key and whether it was generated now.
-    pub fn load_or_generate(given: Option<&Path>, data_dir: &Path) -> Result<(HostKey, bool), HostKeyError> {
+    pub fn load_or_generate(
+        given: Option<&Path>,
+        data_dir: &Path,
+    ) -> Result<(HostKey, bool), HostKeyError> {
         if let Some(path) = given {
             return Ok((HostKey::load(path)?, false));
         }
@@ -67,12 +70,20 @@ impl HostKey {
 
     /// Load an OpenSSH private key file.
     pub fn load(path: &Path) -> Result<HostKey, HostKeyError> {
-        let key = russh::keys::load_secret_key(path, None)
-            .map_err(|e| HostKeyError::Load { path: path.into(), reason: e.to_string() })?;
+        let key = russh::keys::load_secret_key(path, None).map_err(|e| HostKeyError::Load {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
         if key.key_data().ed25519().is_none() {
-            return Err(HostKeyError::NotEd25519 { path: path.into(), algorithm: key.algorithm().to_string() });
+            return Err(HostKeyError::NotEd25519 {
+                path: path.into(),
+                algorithm: key.algorithm().to_string(),
+            });
         }
-        Ok(HostKey { key, path: path.into() })
+        Ok(HostKey {
+            key,
+            path: path.into(),
+        })
     }
 
     /// Generate a new key and write it (mode 0600) with its `.pub` beside it.
@@ -81,7 +92,10 @@ impl HostKey {
         getrandom::fill(&mut seed).map_err(|e| HostKeyError::Random(e.to_string()))?;
         let key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
         write_key_pair(&key, path, "mesh-node host key")?;
-        Ok(HostKey { key, path: path.into() })
+        Ok(HostKey {
+            key,
+            path: path.into(),
+        })
     }
 
     /// The private key, for the SSH server.
@@ -111,7 +125,10 @@ pub fn fingerprint_of(key: &PublicKey) -> Fingerprint {
 
 /// Write a private key (0600) and its `.pub`, as `ssh-keygen` would.
 pub fn write_key_pair(key: &PrivateKey, path: &Path, comment: &str) -> Result<(), HostKeyError> {
-    let werr = |source| HostKeyError::Write { path: path.into(), source };
+    let werr = |source| HostKeyError::Write {
+        path: path.into(),
+        source,
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(werr)?;
     }
@@ -121,7 +138,10 @@ pub fn write_key_pair(key: &PrivateKey, path: &Path, comment: &str) -> Result<()
         .to_openssh(LineEnding::LF)
         .map_err(|e| werr(std::io::Error::other(e.to_string())))?;
     write_private(path, text.as_bytes()).map_err(werr)?;
-    let public = key.public_key().to_openssh().map_err(|e| werr(std::io::Error::other(e.to_string())))?;
+    let public = key
+        .public_key()
+        .to_openssh()
+        .map_err(|e| werr(std::io::Error::other(e.to_string())))?;
     std::fs::write(path.with_extension("pub"), format!("{public}\n")).map_err(werr)?;
     Ok(())
 }
@@ -130,7 +150,11 @@ pub fn write_key_pair(key: &PrivateKey, path: &Path, comment: &str) -> Result<()
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
 }
@@ -148,7 +172,10 @@ mod tests {
         assert!(!fresh);
         assert_eq!(k.fingerprint(), again.fingerprint());
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join(HOST_KEY_FILE)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join(HOST_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 

@@ -17,14 +17,25 @@ struct Ctx {
 }
 
 /// Serve until shutdown.
-pub async fn serve(listener: TcpListener, service: Service, prometheus: PrometheusHandle, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    service: Service,
+    prometheus: PrometheusHandle,
+    shutdown: CancellationToken,
+) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/health/live", get(|| async { "live\n" }))
         .route("/health/ready", get(ready))
         .route("/health/status", get(status))
-        .with_state(Ctx { service, prometheus });
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+        .with_state(Ctx {
+            service,
+            prometheus,
+        });
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
         tracing::error!(error = %e, "http endpoint failed");
     }
 }
@@ -49,7 +60,10 @@ async fn ready(State(ctx): State<Ctx>) -> impl IntoResponse {
     if missing.is_empty() {
         (StatusCode::OK, "ready\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", missing.join(", ")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", missing.join(", ")),
+        )
     }
 }
 

@@ -43,12 +43,21 @@ struct Inner {
 impl Liveness {
     /// The leader received a heartbeat from `node`.
     pub fn heard_from(&self, node: NodeId) {
-        self.inner.lock().expect("not poisoned").heard.insert(node, Instant::now());
+        self.inner
+            .lock()
+            .expect("not poisoned")
+            .heard
+            .insert(node, Instant::now());
     }
 
     /// Time since the leader heard from `node`.
     pub fn silence(&self, node: NodeId) -> Option<Duration> {
-        self.inner.lock().expect("not poisoned").heard.get(&node).map(Instant::elapsed)
+        self.inner
+            .lock()
+            .expect("not poisoned")
+            .heard
+            .get(&node)
+            .map(Instant::elapsed)
     }
 
     /// This node reached the leader (or is the leader).
@@ -58,9 +67,12 @@ impl Liveness {
 
     /// True when this node has not reached a leader for `timeout`.
     pub fn cut_off(&self, timeout: Duration) -> bool {
-        self.inner.lock().expect("not poisoned").last_ack.is_none_or(|t| t.elapsed() > timeout)
+        self.inner
+            .lock()
+            .expect("not poisoned")
+            .last_ack
+            .is_none_or(|t| t.elapsed() > timeout)
     }
-
 }
 
 /// Sends this node's heartbeats to the leader.
@@ -98,10 +110,17 @@ impl Heartbeats {
                     self.liveness.heard_from(self.node);
                 }
                 Some(l) => {
-                    let Some(target) = self.directory.node(NodeId(l)) else { continue };
-                    let Ok(mut client) = self.clients.mesh(&target) else { continue };
+                    let Some(target) = self.directory.node(NodeId(l)) else {
+                        continue;
+                    };
+                    let Ok(mut client) = self.clients.mesh(&target) else {
+                        continue;
+                    };
                     let running = self.state.read(|s| s.tasks_on(self.node).count()) as u32;
-                    let call = client.heartbeat(HeartbeatRequest { node_id: self.node.0, running });
+                    let call = client.heartbeat(HeartbeatRequest {
+                        node_id: self.node.0,
+                        running,
+                    });
                     match tokio::time::timeout(self.config.node_timeout, call).await {
                         Ok(Ok(_)) => self.liveness.acked(),
                         Ok(Err(e)) => warn!(leader = l, error = %e.message(), "heartbeat refused"),
@@ -159,7 +178,10 @@ impl FailureDetector {
                     let silence = heard.unwrap_or(Duration::MAX).min(since.elapsed());
                     if !n.down && silence > self.config.node_timeout {
                         marks.push(Command::MarkDown { node: n.id });
-                    } else if n.down && heard.is_some_and(|h| h < self.config.node_timeout && h < since.elapsed()) {
+                    } else if n.down
+                        && heard
+                            .is_some_and(|h| h < self.config.node_timeout && h < since.elapsed())
+                    {
                         marks.push(Command::MarkUp { node: n.id });
                     }
                 }

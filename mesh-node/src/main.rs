@@ -11,11 +11,15 @@ use tokio_util::sync::CancellationToken;
 /// compute tasks onto their GPUs. Operators talk to it over SSH with `mesh-cli` or
 /// plain OpenSSH.
 #[derive(Parser)]
-#[command(name = "mesh-node", version, after_help = "Examples:
+#[command(
+    name = "mesh-node",
+    version,
+    after_help = "Examples:
   mesh-node                      start a node with defaults (data under ~/.local/share/mesh,
                                  SSH on 127.0.0.1:7722, your ~/.ssh/id_ed25519.pub as admin)
   mesh-node run --data-dir /var/lib/mesh --admin-key ~/.ssh/id_ed25519.pub
-  mesh-node fingerprint --data-dir /var/lib/mesh   print the host key fingerprint to pin")]
+  mesh-node fingerprint --data-dir /var/lib/mesh   print the host key fingerprint to pin"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -58,8 +62,15 @@ enum ConfigCmd {
 }
 
 fn config_check(file: PathBuf) -> anyhow::Result<()> {
-    let c = RunArgs { config: Some(file.clone()), ..RunArgs::default() }.validate()?;
-    println!("{} is valid; a node started with it runs with:", file.display());
+    let c = RunArgs {
+        config: Some(file.clone()),
+        ..RunArgs::default()
+    }
+    .validate()?;
+    println!(
+        "{} is valid; a node started with it runs with:",
+        file.display()
+    );
     println!("  data_dir            {}", c.data_dir.display());
     println!("  listen              {}", c.listen);
     println!("  ssh_listen          {}", c.ssh_listen);
@@ -70,7 +81,14 @@ fn config_check(file: PathBuf) -> anyhow::Result<()> {
     println!("  voter_replace_after {:?}", c.voter_replace_after);
     println!("  labels              {:?}", c.labels);
     println!("  admin_keys          {:?}", c.admin_keys);
-    println!("  join                {}", if c.join.is_some() { "yes (token given)" } else { "no" });
+    println!(
+        "  join                {}",
+        if c.join.is_some() {
+            "yes (token given)"
+        } else {
+            "no"
+        }
+    );
     Ok(())
 }
 
@@ -79,7 +97,9 @@ fn main() {
     let result = match cli.command {
         Some(Cmd::GpuWorker) => std::process::exit(mesh_node::gpu::child::serve()),
         Some(Cmd::Fingerprint { data_dir, host_key }) => fingerprint(data_dir, host_key),
-        Some(Cmd::Config { command: ConfigCmd::Check { file } }) => config_check(file),
+        Some(Cmd::Config {
+            command: ConfigCmd::Check { file },
+        }) => config_check(file),
         Some(Cmd::Run(args)) => run(args),
         None => run(RunArgs::parse_from_defaults()),
     };
@@ -109,7 +129,10 @@ fn fingerprint(data_dir: Option<PathBuf>, host_key: Option<PathBuf>) -> anyhow::
     let path = match (host_key, data_dir) {
         (Some(k), _) => k,
         (None, Some(d)) => d.join(mesh_node::host_key::HOST_KEY_FILE),
-        (None, None) => dirs::data_dir().context("no --data-dir given")?.join("mesh").join(mesh_node::host_key::HOST_KEY_FILE),
+        (None, None) => dirs::data_dir()
+            .context("no --data-dir given")?
+            .join("mesh")
+            .join(mesh_node::host_key::HOST_KEY_FILE),
     };
     let key = HostKey::load(&path)?;
     println!("{}", key.fingerprint());
@@ -125,7 +148,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();
         tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}

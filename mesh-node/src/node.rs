@@ -63,7 +63,9 @@ fn raft_config() -> anyhow::Result<Arc<openraft::Config>> {
         max_in_snapshot_log_to_keep: 1000,
         ..Default::default()
     };
-    Ok(Arc::new(config.validate().context("invalid Raft configuration")?))
+    Ok(Arc::new(
+        config.validate().context("invalid Raft configuration")?,
+    ))
 }
 
 /// How this process becomes (or already is) a member.
@@ -79,7 +81,8 @@ enum Membership {
 /// Run a node until `shutdown` is cancelled.
 pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let prometheus = telemetry::init_metrics()?;
-    let (host_key, generated) = HostKey::load_or_generate(config.host_key.as_deref(), &config.data_dir)?;
+    let (host_key, generated) =
+        HostKey::load_or_generate(config.host_key.as_deref(), &config.data_dir)?;
     if generated {
         info!(path = %host_key.path.display(), fingerprint = %host_key.fingerprint(), "generated a new host key");
     }
@@ -93,15 +96,23 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             p.display()
         ),
     }
-    let me = MeshNode { addr: config.listen.to_string(), fingerprint: host_key.fingerprint() };
-    let raft_listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen for node-to-node traffic on {}", config.listen))?;
+    let me = MeshNode {
+        addr: config.listen.to_string(),
+        fingerprint: host_key.fingerprint(),
+    };
+    let raft_listener = TcpListener::bind(config.listen).await.with_context(|| {
+        format!(
+            "cannot listen for node-to-node traffic on {}",
+            config.listen
+        )
+    })?;
 
     let membership = match (read_node_id(&config.data_dir)?, &config.join) {
         (Some(id), _) => Membership::Existing(id),
         (None, None) if config.await_join => {
-            let Some((id, members)) = await_join(&config, &host_key, &identity, &me, &admins, &shutdown).await? else {
+            let Some((id, members)) =
+                await_join(&config, &host_key, &identity, &me, &admins, &shutdown).await?
+            else {
                 return Ok(());
             };
             write_node_id(&config.data_dir, id)?;
@@ -152,12 +163,20 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         }
     }
     let clients = PeerClients::new(identity.clone());
-    let raft = Raft::<TypeConfig>::new(node.0, raft_config()?, PeerNetwork::new(clients.clone()), store.log, store.state_machine)
-        .await
-        .context("cannot start Raft")?;
+    let raft = Raft::<TypeConfig>::new(
+        node.0,
+        raft_config()?,
+        PeerNetwork::new(clients.clone()),
+        store.log,
+        store.state_machine,
+    )
+    .await
+    .context("cannot start Raft")?;
     if let Membership::Bootstrap = membership {
         if !raft.is_initialized().await? {
-            raft.initialize(BTreeMap::from([(node.0, me.clone())])).await.context("cannot initialise a new mesh")?;
+            raft.initialize(BTreeMap::from([(node.0, me.clone())]))
+                .await
+                .context("cannot initialise a new mesh")?;
             info!(node = %node, "initialised a new single-voter mesh");
         }
         write_node_id(&config.data_dir, node)?;
@@ -172,15 +191,30 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
 
     let tracker = TaskTracker::new();
-    let forwarder = Forwarder { node, raft: raft.clone(), directory: directory.clone(), clients: clients.clone() };
+    let forwarder = Forwarder {
+        node,
+        raft: raft.clone(),
+        directory: directory.clone(),
+        clients: clients.clone(),
+    };
     let (proposer, proposer_loop) = proposer::proposer(raft.clone(), Some(Arc::new(forwarder)));
     tracker.spawn(proposer_loop.run(shutdown.clone()));
-    tracker.spawn(directory.clone().run(raft.clone(), state.clone(), shutdown.clone()));
+    tracker.spawn(
+        directory
+            .clone()
+            .run(raft.clone(), state.clone(), shutdown.clone()),
+    );
     let liveness = Liveness::default();
-    let timing = LivenessConfig { heartbeat_interval: HEARTBEAT_INTERVAL, node_timeout: config.node_timeout };
+    let timing = LivenessConfig {
+        heartbeat_interval: HEARTBEAT_INTERVAL,
+        node_timeout: config.node_timeout,
+    };
 
     // Node-to-node gRPC: every call from a pinned key, except Join.
-    let policy = PeerPolicy::AllowUnpinned { pins: directory.pins().clone(), unpinned_methods: JOIN_METHOD };
+    let policy = PeerPolicy::AllowUnpinned {
+        pins: directory.pins().clone(),
+        unpinned_methods: JOIN_METHOD,
+    };
     let peer = PeerServer {
         raft: raft.clone(),
         directory: directory.clone(),
@@ -191,8 +225,16 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     };
     let incoming = tls::incoming(raft_listener, &identity, policy.clone(), shutdown.clone())?;
     let grpc = tls::server(&policy)
-        .add_service(RaftServer::new(peer.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
-        .add_service(MeshServer::new(peer).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(
+            RaftServer::new(peer.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            MeshServer::new(peer)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     tracker.spawn(async move {
         if let Err(e) = grpc.await {
@@ -212,16 +254,32 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         liveness: liveness.clone(),
         node_timeout: config.node_timeout,
     };
-    publisher.register(&raft, &proposer, capabilities.clone()).await?;
-    service.seed_admin_keys().await.context("cannot record the admin keys")?;
+    publisher
+        .register(&raft, &proposer, capabilities.clone())
+        .await?;
+    service
+        .seed_admin_keys()
+        .await
+        .context("cannot record the admin keys")?;
     if let (Some(path), Membership::Bootstrap) = (&config.restore, &membership) {
         restore(&service, path).await?;
     }
-    tracker.spawn(publisher.refresh(raft.clone(), proposer.clone(), capabilities, shutdown.clone()));
+    tracker.spawn(publisher.refresh(
+        raft.clone(),
+        proposer.clone(),
+        capabilities,
+        shutdown.clone(),
+    ));
 
     tracker.spawn(
-        Placement { node: node.0, raft: raft.clone(), state: state.clone(), proposer: proposer.clone(), service: service.clone() }
-            .run(shutdown.clone()),
+        Placement {
+            node: node.0,
+            raft: raft.clone(),
+            state: state.clone(),
+            proposer: proposer.clone(),
+            service: service.clone(),
+        }
+        .run(shutdown.clone()),
     );
     tracker.spawn(
         Heartbeats {
@@ -236,25 +294,50 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         .run(shutdown.clone()),
     );
     tracker.spawn(
-        FailureDetector { node, raft: raft.clone(), state: state.clone(), proposer: proposer.clone(), liveness: liveness.clone(), config: timing }
-            .run(shutdown.clone()),
+        FailureDetector {
+            node,
+            raft: raft.clone(),
+            state: state.clone(),
+            proposer: proposer.clone(),
+            liveness: liveness.clone(),
+            config: timing,
+        }
+        .run(shutdown.clone()),
     );
     tracker.spawn(
         Autopilot {
             node,
             raft: raft.clone(),
             state: state.clone(),
-            policy: VoterPolicy { target: config.voters, replace_after: config.voter_replace_after },
+            policy: VoterPolicy {
+                target: config.voters,
+                replace_after: config.voter_replace_after,
+            },
         }
         .run(shutdown.clone()),
     );
     if let Some(gpu) = gpu {
-        let worker =
-            Worker::new(node, state.clone(), proposer.clone(), gpu, config.gpu_memory_budget, liveness.clone(), config.node_timeout);
+        let worker = Worker::new(
+            node,
+            state.clone(),
+            proposer.clone(),
+            gpu,
+            config.gpu_memory_budget,
+            liveness.clone(),
+            config.node_timeout,
+        );
         tracker.spawn(worker.run(shutdown.clone()));
     }
-    tracker.spawn(SshServer::new(&host_key, Endpoint::Member(service.clone())).run(ssh_listener, shutdown.clone()));
-    tracker.spawn(http::serve(http_listener, service.clone(), prometheus, shutdown.clone()));
+    tracker.spawn(
+        SshServer::new(&host_key, Endpoint::Member(service.clone()))
+            .run(ssh_listener, shutdown.clone()),
+    );
+    tracker.spawn(http::serve(
+        http_listener,
+        service.clone(),
+        prometheus,
+        shutdown.clone(),
+    ));
     tracker.spawn(telemetry::refresh_gauges(service.clone(), shutdown.clone()));
     tracker.close();
 
@@ -269,16 +352,25 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
 
     shutdown.cancelled().await;
     info!("shutting down");
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
         warn!(grace = ?SHUTDOWN_GRACE, "some loops did not stop in time");
     }
-    raft.shutdown().await.map_err(|e| anyhow::anyhow!("raft shutdown: {e}"))?;
+    raft.shutdown()
+        .await
+        .map_err(|e| anyhow::anyhow!("raft shutdown: {e}"))?;
     Ok(())
 }
 
 /// Dial the seed named in the token, check its key against the token's pin, present
 /// the secret, and learn this node's id and the current members.
-async fn join(token: &JoinToken, identity: &TlsIdentity, me: &MeshNode) -> anyhow::Result<(NodeId, Vec<(NodeId, MeshNode)>)> {
+async fn join(
+    token: &JoinToken,
+    identity: &TlsIdentity,
+    me: &MeshNode,
+) -> anyhow::Result<(NodeId, Vec<(NodeId, MeshNode)>)> {
     info!(seed = %token.seed_addr, seed_key = %token.seed_fingerprint, "joining a mesh");
     let channel = tls::connect(&token.seed_addr, identity, ServerExpectation::Exactly(token.seed_fingerprint.clone()))
         .await
@@ -290,14 +382,25 @@ async fn join(token: &JoinToken, identity: &TlsIdentity, me: &MeshNode) -> anyho
         })?;
     let mut client = mesh_proto::v1::mesh_client::MeshClient::new(channel);
     let reply = client
-        .join(JoinRequest { token_id: token.id.clone(), secret: token.secret.clone(), addr: me.addr.clone() })
+        .join(JoinRequest {
+            token_id: token.id.clone(),
+            secret: token.secret.clone(),
+            addr: me.addr.clone(),
+        })
         .await
         .map_err(|s| anyhow::anyhow!("the seed refused the join: {}", s.message()))?
         .into_inner();
     let mut members = Vec::new();
     for m in reply.members {
-        let fingerprint = Fingerprint::parse(&m.fingerprint).context("the seed sent a malformed member fingerprint")?;
-        members.push((NodeId(m.node_id), MeshNode { addr: m.addr, fingerprint }));
+        let fingerprint = Fingerprint::parse(&m.fingerprint)
+            .context("the seed sent a malformed member fingerprint")?;
+        members.push((
+            NodeId(m.node_id),
+            MeshNode {
+                addr: m.addr,
+                fingerprint,
+            },
+        ));
     }
     info!(node = reply.node_id, members = members.len(), "joined");
     Ok((NodeId(reply.node_id), members))
@@ -305,10 +408,18 @@ async fn join(token: &JoinToken, identity: &TlsIdentity, me: &MeshNode) -> anyho
 
 /// Load a state saved with `mesh-cli snapshot save` into this new mesh.
 async fn restore(service: &Service, path: &Path) -> anyhow::Result<()> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read the snapshot {}", path.display()))?;
-    let state: mesh_core::MeshState = mesh_core::codec::decode(&bytes)
-        .with_context(|| format!("{} is not a Mesh snapshot (from `mesh-cli snapshot save`)", path.display()))?;
-    let cmd = mesh_core::Command::Restore { state: Box::new(state), actor: service.fingerprint.clone() };
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the snapshot {}", path.display()))?;
+    let state: mesh_core::MeshState = mesh_core::codec::decode(&bytes).with_context(|| {
+        format!(
+            "{} is not a Mesh snapshot (from `mesh-cli snapshot save`)",
+            path.display()
+        )
+    })?;
+    let cmd = mesh_core::Command::Restore {
+        state: Box::new(state),
+        actor: service.fingerprint.clone(),
+    };
     match service.proposer.propose(cmd).await? {
         mesh_core::Outcome::Restored { tasks } => {
             info!(tasks, snapshot = %path.display(), "restored a saved state");
@@ -338,8 +449,15 @@ async fn await_join(
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
     let stop = shutdown.child_token();
     let admins = Arc::new(admins.keys().cloned().collect());
-    let server = tokio::spawn(SshServer::new(host_key, Endpoint::AwaitingJoin { joins: tx, admins }).run(listener, stop.clone()));
-    println!("mesh-node waiting to join: run `mesh-cli --node {} join TOKEN`; fingerprint {}", config.ssh_listen, host_key.fingerprint());
+    let server = tokio::spawn(
+        SshServer::new(host_key, Endpoint::AwaitingJoin { joins: tx, admins })
+            .run(listener, stop.clone()),
+    );
+    println!(
+        "mesh-node waiting to join: run `mesh-cli --node {} join TOKEN`; fingerprint {}",
+        config.ssh_listen,
+        host_key.fingerprint()
+    );
     let joined = loop {
         let request = tokio::select! {
             _ = shutdown.cancelled() => break None,
@@ -347,7 +465,9 @@ async fn await_join(
         };
         let outcome = match JoinToken::parse(&request.token) {
             Err(e) => Err(e.to_string()),
-            Ok(token) => join(&token, identity, me).await.map_err(|e| format!("{e:#}")),
+            Ok(token) => join(&token, identity, me)
+                .await
+                .map_err(|e| format!("{e:#}")),
         };
         match outcome {
             Ok((id, members)) => {
@@ -367,7 +487,11 @@ async fn await_join(
 fn read_node_id(dir: &Path) -> anyhow::Result<Option<NodeId>> {
     let path = dir.join(NODE_ID_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(s) => Ok(Some(NodeId(s.trim().parse().with_context(|| format!("{} is corrupt", path.display()))?))),
+        Ok(s) => {
+            Ok(Some(NodeId(s.trim().parse().with_context(|| {
+                format!("{} is corrupt", path.display())
+            })?)))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
@@ -376,6 +500,8 @@ fn read_node_id(dir: &Path) -> anyhow::Result<Option<NodeId>> {
 fn write_node_id(dir: &Path, id: NodeId) -> anyhow::Result<()> {
     let path = dir.join(NODE_ID_FILE);
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{id}\n")).and_then(|_| std::fs::File::open(&tmp)?.sync_all()).and_then(|_| std::fs::rename(&tmp, &path))
+    std::fs::write(&tmp, format!("{id}\n"))
+        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, &path))
         .with_context(|| format!("cannot write {}", path.display()))
 }

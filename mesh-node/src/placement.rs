@@ -45,12 +45,20 @@ impl Placement {
                 continue;
             }
             let now = crate::proposer::now();
-            let decisions = self.state.read(|s| schedule(s, &self.service.live_nodes(s), now));
+            let decisions = self
+                .state
+                .read(|s| schedule(s, &self.service.live_nodes(s), now));
             if decisions.is_empty() {
                 continue;
             }
             debug!(count = decisions.len(), "placing tasks");
-            let commands = decisions.into_iter().map(|a| Command::Assign { task: a.task, node: a.node }).collect();
+            let commands = decisions
+                .into_iter()
+                .map(|a| Command::Assign {
+                    task: a.task,
+                    node: a.node,
+                })
+                .collect();
             if let Err(e) = self.proposer.propose_all(commands).await {
                 warn!(error = %e, "placement not committed; retrying on the next change");
             }

@@ -49,7 +49,10 @@ struct Proposal {
 /// Sends batches this node cannot commit (it is not the leader) to the leader.
 pub trait Forward: Send + Sync + 'static {
     /// Propose `commands` on the current leader and return their outcomes.
-    fn forward(&self, commands: Vec<Command>) -> futures::future::BoxFuture<'static, Result<Vec<Outcome>, ProposeError>>;
+    fn forward(
+        &self,
+        commands: Vec<Command>,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<Outcome>, ProposeError>>;
 }
 
 /// Handle to propose commands.
@@ -65,18 +68,29 @@ impl Proposer {
     }
 
     /// Propose on this node only: fails with `NotLeader` instead of forwarding.
-    pub async fn propose_local(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, ProposeError> {
-        let waits: Vec<_> = commands.into_iter().map(|c| self.submit(c, false)).collect();
+    pub async fn propose_local(
+        &self,
+        commands: Vec<Command>,
+    ) -> Result<Vec<Outcome>, ProposeError> {
+        let waits: Vec<_> = commands
+            .into_iter()
+            .map(|c| self.submit(c, false))
+            .collect();
         futures::future::join_all(waits).await.into_iter().collect()
     }
 
     async fn submit(&self, command: Command, forward: bool) -> Result<Outcome, ProposeError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Proposal { command, forward, reply })
+            .send(Proposal {
+                command,
+                forward,
+                reply,
+            })
             .await
             .map_err(|_| ProposeError::Unavailable("the node is shutting down".into()))?;
-        rx.await.map_err(|_| ProposeError::Unavailable("the node is shutting down".into()))?
+        rx.await
+            .map_err(|_| ProposeError::Unavailable("the node is shutting down".into()))?
     }
 
     /// Propose several commands (they may share an entry) and wait for all outcomes.
@@ -96,9 +110,20 @@ pub struct ProposerLoop {
 }
 
 /// Create the proposer handle and its loop.
-pub fn proposer(raft: Raft<TypeConfig>, forwarder: Option<Arc<dyn Forward>>) -> (Proposer, ProposerLoop) {
+pub fn proposer(
+    raft: Raft<TypeConfig>,
+    forwarder: Option<Arc<dyn Forward>>,
+) -> (Proposer, ProposerLoop) {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-    (Proposer { tx }, ProposerLoop { raft, rx, forwarder, carry: None })
+    (
+        Proposer { tx },
+        ProposerLoop {
+            raft,
+            rx,
+            forwarder,
+            carry: None,
+        },
+    )
 }
 
 fn payload_bytes(c: &Command) -> usize {
@@ -111,7 +136,11 @@ fn payload_bytes(c: &Command) -> usize {
 
 /// Wall-clock now, for the entry's timestamp.
 pub fn now() -> Timestamp {
-    Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+    Timestamp(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    )
 }
 
 impl ProposerLoop {
@@ -126,7 +155,9 @@ impl ProposerLoop {
                     p = self.rx.recv() => match p { Some(p) => p, None => return },
                 },
             };
-            let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
             let mut bytes = payload_bytes(&first.command);
             // A batch is homogeneous in `forward`, so a write a follower already
             // forwarded here is never forwarded again (no forwarding loops).
@@ -145,11 +176,15 @@ impl ProposerLoop {
                     Err(_) => break,
                 }
             }
-            let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+            let (commands, replies): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|p| (p.command, p.reply)).unzip();
             metrics::histogram!("mesh_raft_batch_commands").record(commands.len() as f64);
             let forwarder = self.forwarder.clone().filter(|_| forward);
             let retained = forwarder.as_ref().map(|_| commands.clone());
-            let request = Request { now: now(), commands };
+            let request = Request {
+                now: now(),
+                commands,
+            };
             let receiver = self.raft.client_write_ff(request).await;
             tokio::spawn(async move {
                 let result = match receiver {
@@ -162,7 +197,9 @@ impl ProposerLoop {
                 };
                 drop(permit);
                 let result = match (result, forwarder, retained) {
-                    (Err(ProposeError::NotLeader { .. }), Some(f), Some(commands)) => f.forward(commands).await,
+                    (Err(ProposeError::NotLeader { .. }), Some(f), Some(commands)) => {
+                        f.forward(commands).await
+                    }
                     (r, _, _) => r,
                 };
                 match result {
@@ -184,7 +221,9 @@ impl ProposerLoop {
 
 fn write_error(e: ClientWriteError<u64, mesh_core::MeshNode>) -> ProposeError {
     match e {
-        ClientWriteError::ForwardToLeader(f) => ProposeError::NotLeader { leader: f.leader_id },
+        ClientWriteError::ForwardToLeader(f) => ProposeError::NotLeader {
+            leader: f.leader_id,
+        },
         other => ProposeError::Unavailable(other.to_string()),
     }
 }

@@ -3,21 +3,25 @@
 //! can call it.
 
 use crate::liveness::Liveness;
-use mesh_core::access::Role;
-use mesh_core::identity::public_key::PublicKeyLine;
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use crate::proposer::{ProposeError, Proposer};
 use crate::store::StateView;
-use mesh_core::api::{AuditView, KeyView, NodeView, StatusView, SubmitReply, TaskView, TokenCreated, TokenView};
-use mesh_core::token::JoinToken;
+use mesh_core::access::Role;
+use mesh_core::api::{
+    AuditView, KeyView, NodeView, StatusView, SubmitReply, TaskView, TokenCreated, TokenView,
+};
+use mesh_core::identity::public_key::PublicKeyLine;
 use mesh_core::kernel::{self, SpecError};
 use mesh_core::raft_types::TypeConfig;
 use mesh_core::scheduler::never_runnable;
 use mesh_core::task::KernelSpec;
-use mesh_core::{Bytes, Command, Fingerprint, MeshState, NodeId, Outcome, Rejection, TaskId, TaskSpec};
+use mesh_core::token::JoinToken;
+use mesh_core::{
+    Bytes, Command, Fingerprint, MeshState, NodeId, Outcome, Rejection, TaskId, TaskSpec,
+};
 use openraft::Raft;
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// Why an operation failed. Each message names the thing, the reason and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +119,12 @@ impl Service {
     /// `status`.
     pub fn status(&self) -> StatusView {
         let m = self.raft.metrics().borrow().clone();
-        let voters = m.membership_config.membership().voter_ids().map(NodeId).collect();
+        let voters = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .map(NodeId)
+            .collect();
         self.state.read(|s| StatusView {
             node: self.node,
             fingerprint: self.fingerprint.to_string(),
@@ -127,7 +136,11 @@ impl Service {
             applied_index: m.last_applied.map(|l| l.index),
             voters,
             nodes: s.nodes.len(),
-            tasks: s.counts().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            tasks: s
+                .counts()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
             adapter: self.adapter.clone(),
         })
     }
@@ -178,13 +191,22 @@ impl Service {
     pub fn task(&self, id: TaskId) -> Result<TaskView, ServiceError> {
         self.state.read(|s| {
             let t = s.tasks.get(&id).ok_or(ServiceError::UnknownTask(id))?;
-            Ok(TaskView::of(s, t, &self.live_nodes(s), crate::proposer::now()))
+            Ok(TaskView::of(
+                s,
+                t,
+                &self.live_nodes(s),
+                crate::proposer::now(),
+            ))
         })
     }
 
     /// `submit`: check the spec (naga for WGSL), refuse what no node could ever run,
     /// then propose it.
-    pub async fn submit(&self, spec: TaskSpec, submitter: Fingerprint) -> Result<SubmitReply, ServiceError> {
+    pub async fn submit(
+        &self,
+        spec: TaskSpec,
+        submitter: Fingerprint,
+    ) -> Result<SubmitReply, ServiceError> {
         check_spec_fields(&spec)?;
         let declared = match &spec.kernel {
             KernelSpec::Wgsl { .. } => spec.outputs.clone(),
@@ -208,14 +230,23 @@ impl Service {
         if let Some(why) = self.state.read(|s| never_runnable(s, &spec.requirements)) {
             return Err(ServiceError::Unschedulable(why));
         }
-        let outcome = self.proposer.propose(Command::Submit { spec, outputs: plan.outputs, submitter }).await?;
+        let outcome = self
+            .proposer
+            .propose(Command::Submit {
+                spec,
+                outputs: plan.outputs,
+                submitter,
+            })
+            .await?;
         match outcome {
             Outcome::Submitted { task, existing } => {
                 metrics::counter!("mesh_tasks_submitted_total").increment(u64::from(!existing));
                 Ok(SubmitReply { task, existing })
             }
             Outcome::Rejected(r) => Err(r.into()),
-            other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+            other => Err(ServiceError::BadRequest(format!(
+                "unexpected outcome {other}"
+            ))),
         }
     }
 
@@ -228,7 +259,9 @@ impl Service {
                 return Ok(view);
             }
             if changes.changed().await.is_err() {
-                return Err(ServiceError::Propose(ProposeError::Unavailable("the node is shutting down".into())));
+                return Err(ServiceError::Propose(ProposeError::Unavailable(
+                    "the node is shutting down".into(),
+                )));
             }
         }
     }
@@ -238,54 +271,95 @@ impl Service {
         self.state.read(|s| {
             let t = s.tasks.get(&id).ok_or(ServiceError::UnknownTask(id))?;
             let r = t.result.as_ref().ok_or_else(|| {
-                ServiceError::NoResult(format!("task {id} is {} and has no result; `mesh-cli task {id}` shows why", t.state.name()))
+                ServiceError::NoResult(format!(
+                    "task {id} is {} and has no result; `mesh-cli task {id}` shows why",
+                    t.state.name()
+                ))
             })?;
             let out = match name {
                 Some(n) => r.outputs.iter().find(|o| o.name == n).ok_or_else(|| {
                     let names: Vec<&str> = r.outputs.iter().map(|o| o.name.as_str()).collect();
-                    ServiceError::NoResult(format!("task {id} has no output '{n}'; its outputs are: {}", names.join(", ")))
+                    ServiceError::NoResult(format!(
+                        "task {id} has no output '{n}'; its outputs are: {}",
+                        names.join(", ")
+                    ))
                 })?,
-                None => r.outputs.first().ok_or_else(|| ServiceError::NoResult(format!("task {id} has no outputs")))?,
+                None => r
+                    .outputs
+                    .first()
+                    .ok_or_else(|| ServiceError::NoResult(format!("task {id} has no outputs")))?,
             };
-            s.blob(&out.digest)
-                .cloned()
-                .ok_or_else(|| ServiceError::NoResult(format!("output {} of task {id} is not stored on this node", out.name)))
+            s.blob(&out.digest).cloned().ok_or_else(|| {
+                ServiceError::NoResult(format!(
+                    "output {} of task {id} is not stored on this node",
+                    out.name
+                ))
+            })
         })
     }
 
     /// `cancel ID`.
     pub async fn cancel(&self, id: TaskId, actor: Fingerprint) -> Result<TaskView, ServiceError> {
         self.task(id)?;
-        match self.proposer.propose(Command::Cancel { task: id, actor }).await? {
+        match self
+            .proposer
+            .propose(Command::Cancel { task: id, actor })
+            .await?
+        {
             Outcome::Cancelled(_) => self.task(id),
             Outcome::Rejected(r) => Err(r.into()),
-            other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+            other => Err(ServiceError::BadRequest(format!(
+                "unexpected outcome {other}"
+            ))),
         }
     }
 }
 
 impl Service {
     /// `token create`: a new join token naming this node as the seed.
-    pub async fn token_create(&self, ttl: std::time::Duration, uses: u32, actor: Fingerprint) -> Result<TokenCreated, ServiceError> {
+    pub async fn token_create(
+        &self,
+        ttl: std::time::Duration,
+        uses: u32,
+        actor: Fingerprint,
+    ) -> Result<TokenCreated, ServiceError> {
         if uses == 0 {
             return Err(ServiceError::BadRequest("--uses must be at least 1".into()));
         }
         if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
-            return Err(ServiceError::BadRequest(format!("--ttl must be between 1s and {}", mesh_core::duration::format_duration(MAX_TOKEN_TTL))));
+            return Err(ServiceError::BadRequest(format!(
+                "--ttl must be between 1s and {}",
+                mesh_core::duration::format_duration(MAX_TOKEN_TTL)
+            )));
         }
         let (mut id, mut secret) = ([0u8; 8], [0u8; 16]);
-        getrandom::fill(&mut id).and_then(|_| getrandom::fill(&mut secret))
+        getrandom::fill(&mut id)
+            .and_then(|_| getrandom::fill(&mut secret))
             .map_err(|e| ServiceError::BadRequest(format!("the OS random source failed: {e}")))?;
         let token = JoinToken::new(id, secret, self.advertise.clone(), self.fingerprint.clone());
-        let cmd = Command::CreateToken { id: token.id.clone(), secret_hash: token.secret_hash(), ttl, uses, actor };
+        let cmd = Command::CreateToken {
+            id: token.id.clone(),
+            secret_hash: token.secret_hash(),
+            ttl,
+            uses,
+            actor,
+        };
         match self.proposer.propose(cmd).await? {
             Outcome::TokenCreated(id) => {
                 metrics::counter!("mesh_token_events_total", "event" => "created").increment(1);
-                let expires_at_ms = self.state.read(|s| s.tokens.get(&id).map_or(0, |t| t.expires_at.0));
-                Ok(TokenCreated { token: token.encode(), id, expires_at_ms })
+                let expires_at_ms = self
+                    .state
+                    .read(|s| s.tokens.get(&id).map_or(0, |t| t.expires_at.0));
+                Ok(TokenCreated {
+                    token: token.encode(),
+                    id,
+                    expires_at_ms,
+                })
             }
             Outcome::Rejected(r) => Err(r.into()),
-            other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+            other => Err(ServiceError::BadRequest(format!(
+                "unexpected outcome {other}"
+            ))),
         }
     }
 
@@ -308,69 +382,137 @@ impl Service {
 
     /// `token revoke ID`.
     pub async fn token_revoke(&self, id: &str, actor: Fingerprint) -> Result<(), ServiceError> {
-        match self.proposer.propose(Command::RevokeToken { id: id.into(), actor }).await? {
+        match self
+            .proposer
+            .propose(Command::RevokeToken {
+                id: id.into(),
+                actor,
+            })
+            .await?
+        {
             Outcome::TokenRevoked(_) => {
                 metrics::counter!("mesh_token_events_total", "event" => "revoked").increment(1);
                 Ok(())
             }
             Outcome::Rejected(r) => Err(r.into()),
-            other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+            other => Err(ServiceError::BadRequest(format!(
+                "unexpected outcome {other}"
+            ))),
         }
     }
 
     /// `drain NODE` / `undrain NODE`.
-    pub async fn drain(&self, node: NodeId, draining: bool, actor: Fingerprint) -> Result<(), ServiceError> {
-        let cmd = if draining { Command::Drain { node, actor } } else { Command::Undrain { node, actor } };
+    pub async fn drain(
+        &self,
+        node: NodeId,
+        draining: bool,
+        actor: Fingerprint,
+    ) -> Result<(), ServiceError> {
+        let cmd = if draining {
+            Command::Drain { node, actor }
+        } else {
+            Command::Undrain { node, actor }
+        };
         match self.proposer.propose(cmd).await? {
             Outcome::Drained { .. } => Ok(()),
             Outcome::Rejected(r) => Err(r.into()),
-            other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+            other => Err(ServiceError::BadRequest(format!(
+                "unexpected outcome {other}"
+            ))),
         }
     }
 
     /// `remove NODE`: the node leaves the mesh for good; its attempts move elsewhere.
     pub async fn remove(&self, node: NodeId, actor: Fingerprint) -> Result<(), ServiceError> {
-        match self.proposer.propose(Command::RemoveNode { node, actor }).await? {
+        match self
+            .proposer
+            .propose(Command::RemoveNode { node, actor })
+            .await?
+        {
             Outcome::NodeRemoved(_) => Ok(()),
             Outcome::Rejected(r) => Err(r.into()),
-            other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+            other => Err(ServiceError::BadRequest(format!(
+                "unexpected outcome {other}"
+            ))),
         }
     }
 }
 
 impl Service {
     /// Record an action refused by a role check in the audit trail.
-    pub async fn audit_refusal(&self, actor: &Fingerprint, action: &str, target: Option<String>, reason: &str) {
-        let cmd = Command::AuditRefusal { actor: actor.clone(), action: action.into(), target, reason: reason.into() };
+    pub async fn audit_refusal(
+        &self,
+        actor: &Fingerprint,
+        action: &str,
+        target: Option<String>,
+        reason: &str,
+    ) {
+        let cmd = Command::AuditRefusal {
+            actor: actor.clone(),
+            action: action.into(),
+            target,
+            reason: reason.into(),
+        };
         if let Err(e) = self.proposer.propose(cmd).await {
             tracing::warn!(error = %e, "could not audit a refused action");
         }
     }
 
     /// `keys add` (the public key text on standard input).
-    pub async fn keys_add(&self, text: &str, role: Role, actor: Fingerprint) -> Result<Vec<Fingerprint>, ServiceError> {
-        let keys = PublicKeyLine::parse_many(text).map_err(|e| ServiceError::BadRequest(format!("the key on standard input: {e}")))?;
+    pub async fn keys_add(
+        &self,
+        text: &str,
+        role: Role,
+        actor: Fingerprint,
+    ) -> Result<Vec<Fingerprint>, ServiceError> {
+        let keys = PublicKeyLine::parse_many(text)
+            .map_err(|e| ServiceError::BadRequest(format!("the key on standard input: {e}")))?;
         if keys.is_empty() {
-            return Err(ServiceError::BadRequest("no public key on standard input; give a .pub file".into()));
+            return Err(ServiceError::BadRequest(
+                "no public key on standard input; give a .pub file".into(),
+            ));
         }
         let mut added = Vec::new();
         for k in keys {
-            let cmd = Command::AddKey { fingerprint: k.fingerprint(), key: k.to_openssh(), role, comment: k.comment.clone(), actor: actor.clone() };
+            let cmd = Command::AddKey {
+                fingerprint: k.fingerprint(),
+                key: k.to_openssh(),
+                role,
+                comment: k.comment.clone(),
+                actor: actor.clone(),
+            };
             match self.proposer.propose(cmd).await? {
                 Outcome::KeyAdded(fp) => added.push(fp),
                 Outcome::Rejected(r) => return Err(r.into()),
-                other => return Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+                other => {
+                    return Err(ServiceError::BadRequest(format!(
+                        "unexpected outcome {other}"
+                    )))
+                }
             }
         }
         Ok(added)
     }
 
     /// `keys remove FINGERPRINT`.
-    pub async fn keys_remove(&self, fp: Fingerprint, actor: Fingerprint) -> Result<(), ServiceError> {
-        match self.proposer.propose(Command::RemoveKey { fingerprint: fp, actor }).await? {
+    pub async fn keys_remove(
+        &self,
+        fp: Fingerprint,
+        actor: Fingerprint,
+    ) -> Result<(), ServiceError> {
+        match self
+            .proposer
+            .propose(Command::RemoveKey {
+                fingerprint: fp,
+                actor,
+            })
+            .await?
+        {
             Outcome::KeyRemoved(_) => Ok(()),
             Outcome::Rejected(r) => Err(r.into()),
-            other => Err(ServiceError::BadRequest(format!("unexpected outcome {other}"))),
+            other => Err(ServiceError::BadRequest(format!(
+                "unexpected outcome {other}"
+            ))),
         }
     }
 
@@ -392,8 +534,16 @@ impl Service {
     }
 
     /// `audit [--since D] [--actor FP]`.
-    pub fn audit(&self, since: Option<std::time::Duration>, actor: Option<&Fingerprint>) -> Vec<AuditView> {
-        let from = since.map(|d| crate::proposer::now().0.saturating_sub(d.as_millis() as u64));
+    pub fn audit(
+        &self,
+        since: Option<std::time::Duration>,
+        actor: Option<&Fingerprint>,
+    ) -> Vec<AuditView> {
+        let from = since.map(|d| {
+            crate::proposer::now()
+                .0
+                .saturating_sub(d.as_millis() as u64)
+        });
         self.state.read(|s| {
             s.audit
                 .entries
@@ -420,7 +570,8 @@ impl Service {
 
     /// Who submitted a task.
     pub fn submitter_of(&self, id: TaskId) -> Option<Fingerprint> {
-        self.state.read(|s| s.tasks.get(&id).map(|t| t.submitter.clone()))
+        self.state
+            .read(|s| s.tasks.get(&id).map(|t| t.submitter.clone()))
     }
 }
 
@@ -430,10 +581,14 @@ const MAX_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24
 fn check_spec_fields(spec: &TaskSpec) -> Result<(), ServiceError> {
     use mesh_core::limits::MAX_IDEMPOTENCY_KEY_BYTES;
     if spec.max_attempts == 0 {
-        return Err(ServiceError::BadRequest("max_attempts must be at least 1".into()));
+        return Err(ServiceError::BadRequest(
+            "max_attempts must be at least 1".into(),
+        ));
     }
     if spec.timeout.is_zero() {
-        return Err(ServiceError::BadRequest("timeout must be longer than zero".into()));
+        return Err(ServiceError::BadRequest(
+            "timeout must be longer than zero".into(),
+        ));
     }
     if let Some(k) = &spec.idempotency_key {
         if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES {
@@ -445,7 +600,10 @@ fn check_spec_fields(spec: &TaskSpec) -> Result<(), ServiceError> {
     let mut names = BTreeSet::new();
     for i in &spec.inputs {
         if !names.insert(i.name.as_str()) {
-            return Err(ServiceError::BadRequest(format!("input '{}' is given twice", i.name)));
+            return Err(ServiceError::BadRequest(format!(
+                "input '{}' is given twice",
+                i.name
+            )));
         }
     }
     Ok(())

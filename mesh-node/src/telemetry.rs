@@ -11,10 +11,19 @@ const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 
 /// Install the tracing subscriber (`RUST_LOG` filters; default `info`).
 pub fn init_logs(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,russh=warn,wgpu_core=warn,wgpu_hal=warn,naga=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "info,openraft=warn,russh=warn,wgpu_core=warn,wgpu_hal=warn,naga=warn",
+        )
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Install the process-wide Prometheus recorder.
@@ -35,8 +44,16 @@ pub async fn refresh_gauges(service: Service, shutdown: CancellationToken) {
         metrics::gauge!("mesh_raft_leader").set(s.leader.map_or(-1.0, |l| l.0 as f64));
         metrics::gauge!("mesh_raft_last_log_index").set(s.last_log_index.unwrap_or(0) as f64);
         metrics::gauge!("mesh_raft_applied_index").set(s.applied_index.unwrap_or(0) as f64);
-        for state in ["pending", "assigned", "running", "succeeded", "failed", "cancelled"] {
-            metrics::gauge!("mesh_tasks", "state" => state).set(*s.tasks.get(state).unwrap_or(&0) as f64);
+        for state in [
+            "pending",
+            "assigned",
+            "running",
+            "succeeded",
+            "failed",
+            "cancelled",
+        ] {
+            metrics::gauge!("mesh_tasks", "state" => state)
+                .set(*s.tasks.get(state).unwrap_or(&0) as f64);
         }
     }
 }

@@ -55,7 +55,17 @@ impl Worker {
         liveness: Liveness,
         node_timeout: Duration,
     ) -> Worker {
-        Worker { ctx: Ctx { node, state, proposer, gpu, memory_budget }, liveness, node_timeout }
+        Worker {
+            ctx: Ctx {
+                node,
+                state,
+                proposer,
+                gpu,
+                memory_budget,
+            },
+            liveness,
+            node_timeout,
+        }
     }
 
     /// Watch the state and run every attempt assigned here, until shutdown.
@@ -69,11 +79,18 @@ impl Worker {
             // would be fenced anyway.
             let cut_off = self.liveness.cut_off(self.node_timeout);
             self.cancel_stale(&running, cut_off);
-            let mine = if cut_off { Vec::new() } else { self.new_attempts(&running) };
+            let mine = if cut_off {
+                Vec::new()
+            } else {
+                self.new_attempts(&running)
+            };
             for task in mine {
                 let key = (task.id, task.attempt);
                 let cancel = shutdown.child_token();
-                running.lock().expect("not poisoned").insert(key, cancel.clone());
+                running
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(key, cancel.clone());
                 let span = tracing::info_span!("attempt", task = %key.0, attempt = %key.1, node = %self.ctx.node);
                 let (ctx, running) = (self.ctx.clone(), running.clone());
                 tracker.spawn(
@@ -100,7 +117,11 @@ impl Worker {
         let running = running.lock().expect("not poisoned");
         self.ctx.state.read(|s| {
             s.tasks_on(self.ctx.node)
-                .filter(|t| t.state.assignment().is_some_and(|(_, a)| !running.contains_key(&(t.id, a))))
+                .filter(|t| {
+                    t.state
+                        .assignment()
+                        .is_some_and(|(_, a)| !running.contains_key(&(t.id, a)))
+                })
                 .cloned()
                 .collect()
         })
@@ -126,10 +147,19 @@ impl Worker {
 async fn execute(ctx: Ctx, task: Task, cancel: CancellationToken) {
     let (id, attempt, node) = (task.id, task.attempt, ctx.node);
     if matches!(task.state, TaskState::Assigned { .. }) {
-        match ctx.proposer.propose(Command::Start { task: id, attempt, node }).await {
+        match ctx
+            .proposer
+            .propose(Command::Start {
+                task: id,
+                attempt,
+                node,
+            })
+            .await
+        {
             Ok(Outcome::Started(_)) => {
                 let waited = crate::proposer::now().since(task.submitted_at);
-                metrics::histogram!("mesh_task_submit_to_start_seconds").record(waited.as_secs_f64());
+                metrics::histogram!("mesh_task_submit_to_start_seconds")
+                    .record(waited.as_secs_f64());
             }
             Ok(other) => {
                 info!(%other, "attempt no longer current; not running it");
@@ -141,17 +171,24 @@ async fn execute(ctx: Ctx, task: Task, cancel: CancellationToken) {
             }
         }
     }
-    let report = if task.shards > 1 { run_shards(&ctx, &task, &cancel).await } else { run_whole(&ctx, &task, &cancel).await };
+    let report = if task.shards > 1 {
+        run_shards(&ctx, &task, &cancel).await
+    } else {
+        run_whole(&ctx, &task, &cancel).await
+    };
     let Some(report) = report else { return };
     let completed = matches!(report, Command::Complete { .. });
     match ctx.proposer.propose(report).await {
-        Ok(Outcome::Rejected(r)) => info!(reason = %r, "report refused (the attempt is no longer current)"),
+        Ok(Outcome::Rejected(r)) => {
+            info!(reason = %r, "report refused (the attempt is no longer current)")
+        }
         Ok(outcome) => {
             metrics::counter!("mesh_attempts_finished_total", "outcome" => if completed { "succeeded" } else { "failed" })
                 .increment(1);
             if matches!(outcome, Outcome::Completed(_)) {
                 let took = crate::proposer::now().since(task.submitted_at);
-                metrics::histogram!("mesh_task_submit_to_finish_seconds").record(took.as_secs_f64());
+                metrics::histogram!("mesh_task_submit_to_finish_seconds")
+                    .record(took.as_secs_f64());
             }
             info!(%outcome, "attempt reported");
         }
@@ -162,13 +199,26 @@ async fn execute(ctx: Ctx, task: Task, cancel: CancellationToken) {
 /// An unsharded attempt: one dispatch; the report to propose (None: nothing to report).
 async fn run_whole(ctx: &Ctx, task: &Task, cancel: &CancellationToken) -> Option<Command> {
     let (id, attempt, node) = (task.id, task.attempt, ctx.node);
-    let fail = |error: String, retryable: bool| Some(Command::Fail { task: id, attempt, node, error, retryable });
+    let fail = |error: String, retryable: bool| {
+        Some(Command::Fail {
+            task: id,
+            attempt,
+            node,
+            error,
+            retryable,
+        })
+    };
     let (plan, inputs) = match ctx.state.read(|s| prepare(task, s)) {
         Ok(x) => x,
         Err(e) => return fail(e, false),
     };
     match dispatch(ctx, plan, inputs, task.timeout, cancel).await {
-        Ok(outputs) => Some(Command::Complete { task: id, attempt, node, outputs: outputs.into_iter().map(Bytes::from).collect() }),
+        Ok(outputs) => Some(Command::Complete {
+            task: id,
+            attempt,
+            node,
+            outputs: outputs.into_iter().map(Bytes::from).collect(),
+        }),
         Err(ExecError::Cancelled | ExecError::ShuttingDown) => {
             info!("attempt stopped; its kernel was killed");
             None
@@ -181,7 +231,15 @@ async fn run_whole(ctx: &Ctx, task: &Task, cancel: &CancellationToken) -> Option
 /// checkpoint; the last checkpoint completes the task in the state machine.
 async fn run_shards(ctx: &Ctx, task: &Task, cancel: &CancellationToken) -> Option<Command> {
     let (id, attempt, node) = (task.id, task.attempt, ctx.node);
-    let fail = |error: String, retryable: bool| Some(Command::Fail { task: id, attempt, node, error, retryable });
+    let fail = |error: String, retryable: bool| {
+        Some(Command::Fail {
+            task: id,
+            attempt,
+            node,
+            error,
+            retryable,
+        })
+    };
     let KernelSpec::Builtin { name, params } = &task.kernel else {
         return fail("only built-in kernels can be sharded".into(), false);
     };
@@ -207,17 +265,35 @@ async fn run_shards(ctx: &Ctx, task: &Task, cancel: &CancellationToken) -> Optio
             continue;
         }
         if drained {
-            info!(shard, "node drained: handing the task back at a shard boundary");
-            return Some(Command::Release { task: id, attempt, node });
+            info!(
+                shard,
+                "node drained: handing the task back at a shard boundary"
+            );
+            return Some(Command::Release {
+                task: id,
+                attempt,
+                node,
+            });
         }
-        let (plan, shard_inputs) = match builtin::plan_shard(name, params, &inputs, task.shards, shard) {
-            Ok(x) => x,
-            Err(e) => return fail(e.to_string(), false),
-        };
+        let (plan, shard_inputs) =
+            match builtin::plan_shard(name, params, &inputs, task.shards, shard) {
+                Ok(x) => x,
+                Err(e) => return fail(e.to_string(), false),
+            };
         match dispatch(ctx, plan, shard_inputs, task.timeout, cancel).await {
             Ok(mut outputs) if outputs.len() == 1 => {
                 let output = Bytes::from(outputs.remove(0));
-                match ctx.proposer.propose(Command::Checkpoint { task: id, attempt, node, shard, output }).await {
+                match ctx
+                    .proposer
+                    .propose(Command::Checkpoint {
+                        task: id,
+                        attempt,
+                        node,
+                        shard,
+                        output,
+                    })
+                    .await
+                {
                     Ok(Outcome::Checkpointed { .. }) => info!(shard, "shard checkpointed"),
                     Ok(Outcome::Completed(_)) => {
                         info!(shard, "last shard checkpointed; task succeeded");
@@ -233,7 +309,12 @@ async fn run_shards(ctx: &Ctx, task: &Task, cancel: &CancellationToken) -> Optio
                     }
                 }
             }
-            Ok(outputs) => return fail(format!("a shard produced {} outputs, expected 1", outputs.len()), false),
+            Ok(outputs) => {
+                return fail(
+                    format!("a shard produced {} outputs, expected 1", outputs.len()),
+                    false,
+                )
+            }
             Err(ExecError::Cancelled | ExecError::ShuttingDown) => return None,
             Err(e) => return fail(format!("shard {shard}: {e}"), e.retryable()),
         }
@@ -274,8 +355,17 @@ fn input_bytes(task: &Task, s: &MeshState) -> Result<Vec<NamedBytes>, String> {
         .iter()
         .map(|r| {
             s.blob(&r.digest)
-                .map(|data| NamedBytes { name: r.name.clone(), data: data.clone() })
-                .ok_or_else(|| format!("input {} ({}) is missing from the state", r.name, r.digest.short()))
+                .map(|data| NamedBytes {
+                    name: r.name.clone(),
+                    data: data.clone(),
+                })
+                .ok_or_else(|| {
+                    format!(
+                        "input {} ({}) is missing from the state",
+                        r.name,
+                        r.digest.short()
+                    )
+                })
         })
         .collect()
 }

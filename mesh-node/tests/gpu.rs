@@ -551,19 +551,48 @@ fn the_adapter_rounds_builtin_f32_expressions_as_written() {
 #[test]
 fn shards_concatenated_equal_the_whole_output() {
     let cases = vec![
-        ("saxpy", params(&[("a", "1.5")]), vec![input("x", &lcg_f32s(5, 10_001)), input("y", &lcg_f32s(6, 10_001))]),
-        ("vector-add", params(&[]), vec![input("x", &lcg_f32s(7, 777)), input("y", &lcg_f32s(8, 777))]),
-        ("matmul", params(&[("m", "37"), ("n", "19"), ("k", "23")]), vec![input("a", &lcg_f32s(9, 37 * 23)), input("b", &lcg_f32s(10, 23 * 19))]),
-        ("mandelbrot", params(&[("width", "96"), ("height", "70"), ("max_iter", "300")]), vec![]),
+        (
+            "saxpy",
+            params(&[("a", "1.5")]),
+            vec![
+                input("x", &lcg_f32s(5, 10_001)),
+                input("y", &lcg_f32s(6, 10_001)),
+            ],
+        ),
+        (
+            "vector-add",
+            params(&[]),
+            vec![input("x", &lcg_f32s(7, 777)), input("y", &lcg_f32s(8, 777))],
+        ),
+        (
+            "matmul",
+            params(&[("m", "37"), ("n", "19"), ("k", "23")]),
+            vec![
+                input("a", &lcg_f32s(9, 37 * 23)),
+                input("b", &lcg_f32s(10, 23 * 19)),
+            ],
+        ),
+        (
+            "mandelbrot",
+            params(&[("width", "96"), ("height", "70"), ("max_iter", "300")]),
+            vec![],
+        ),
     ];
     for (name, p, inputs) in cases {
         let shards = 7;
         let mut whole = Vec::new();
         for i in 0..shards {
-            let (plan, bytes) = mesh_core::builtin::plan_shard(name, &p, &inputs, shards, i).expect("shard plan");
-            let mut out = executor().run(&plan, &bytes).unwrap_or_else(|e| panic!("{name} shard {i}: {e}"));
+            let (plan, bytes) =
+                mesh_core::builtin::plan_shard(name, &p, &inputs, shards, i).expect("shard plan");
+            let mut out = executor()
+                .run(&plan, &bytes)
+                .unwrap_or_else(|e| panic!("{name} shard {i}: {e}"));
             whole.append(&mut out[0]);
         }
-        assert_same_bytes(&format!("{name} in {shards} shards"), &whole, &cpu_reference(name, &p, &inputs));
+        assert_same_bytes(
+            &format!("{name} in {shards} shards"),
+            &whole,
+            &cpu_reference(name, &p, &inputs),
+        );
     }
 }

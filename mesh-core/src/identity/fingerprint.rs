@@ -81,12 +81,16 @@ mod tests {
     #[test]
     fn matches_ssh_keygen() {
         // `ssh-keygen -lf` of the public key below prints this fingerprint.
-        let line = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILe32KEJQ8xJYeeAs4nYLxb6N0GPeFTAtATBazeGe9vD";
+        let line =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILe32KEJQ8xJYeeAs4nYLxb6N0GPeFTAtATBazeGe9vD";
         let blob = base64::engine::general_purpose::STANDARD
             .decode(line.split_whitespace().nth(1).unwrap())
             .unwrap();
         let fp = Fingerprint::of_key_blob(&blob);
-        assert_eq!(fp.as_str(), "SHA256:4SizsFKgEpYq2GIrnVAh6E69WjsTzV5qJpUgqZ05M+s");
+        assert_eq!(
+            fp.as_str(),
+            "SHA256:4SizsFKgEpYq2GIrnVAh6E69WjsTzV5qJpUgqZ05M+s"
+        );
         let raw: [u8; 32] = blob[blob.len() - 32..].try_into().unwrap();
         assert_eq!(Fingerprint::of_ed25519(&raw), fp, "raw key and blob agree");
         assert_eq!(Fingerprint::parse(fp.as_str()).unwrap(), fp);

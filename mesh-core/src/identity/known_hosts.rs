@@ -57,7 +57,9 @@ impl KnownHosts {
         } else if pinned.iter().any(|k| k.blob == key_blob) {
             HostKeyCheck::Trusted
         } else {
-            HostKeyCheck::Changed { pinned: pinned.iter().map(|k| k.fingerprint()).collect() }
+            HostKeyCheck::Changed {
+                pinned: pinned.iter().map(|k| k.fingerprint()).collect(),
+            }
         }
     }
 }
@@ -80,21 +82,28 @@ pub fn pin_line(host: &str, port: u16, key: &PublicKeyLine) -> String {
 mod tests {
     use super::*;
 
-    const A: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILe32KEJQ8xJYeeAs4nYLxb6N0GPeFTAtATBazeGe9vD";
-    const B: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMZsda+59mZ1kEjT4Avb1392ckXu60kPch+JUsZW2sZs";
+    const A: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILe32KEJQ8xJYeeAs4nYLxb6N0GPeFTAtATBazeGe9vD";
+    const B: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMZsda+59mZ1kEjT4Avb1392ckXu60kPch+JUsZW2sZs";
 
     #[test]
     fn trusted_unknown_changed() {
         let a = PublicKeyLine::parse(A).unwrap();
         let b = PublicKeyLine::parse(B).unwrap();
-        let text = format!("# pins\n{}\nother.host,10.0.0.9 {B}\n", pin_line("127.0.0.1", 7722, &a));
+        let text = format!(
+            "# pins\n{}\nother.host,10.0.0.9 {B}\n",
+            pin_line("127.0.0.1", 7722, &a)
+        );
         let kh = KnownHosts::parse(&text);
         assert_eq!(kh.check("127.0.0.1", 7722, &a.blob), HostKeyCheck::Trusted);
         assert_eq!(kh.check("127.0.0.1", 7723, &a.blob), HostKeyCheck::Unknown);
         assert_eq!(kh.check("10.0.0.9", 22, &b.blob), HostKeyCheck::Trusted);
         assert_eq!(
             kh.check("127.0.0.1", 7722, &b.blob),
-            HostKeyCheck::Changed { pinned: vec![a.fingerprint()] }
+            HostKeyCheck::Changed {
+                pinned: vec![a.fingerprint()]
+            }
         );
     }
 

@@ -38,8 +38,12 @@ impl PublicKeyLine {
             }
             words.next();
         }
-        let algorithm = words.next().ok_or_else(|| PublicKeyError::Malformed(line.into()))?;
-        let data = words.next().ok_or_else(|| PublicKeyError::Malformed(line.into()))?;
+        let algorithm = words
+            .next()
+            .ok_or_else(|| PublicKeyError::Malformed(line.into()))?;
+        let data = words
+            .next()
+            .ok_or_else(|| PublicKeyError::Malformed(line.into()))?;
         let comment = words.collect::<Vec<_>>().join(" ");
         let blob = base64::engine::general_purpose::STANDARD
             .decode(data)
@@ -47,7 +51,11 @@ impl PublicKeyLine {
         if blob_algorithm(&blob) != Some(algorithm) {
             return Err(PublicKeyError::BadKeyData(algorithm.into()));
         }
-        Ok(PublicKeyLine { algorithm: algorithm.into(), blob, comment })
+        Ok(PublicKeyLine {
+            algorithm: algorithm.into(),
+            blob,
+            comment,
+        })
     }
 
     /// Every key in an `authorized_keys` text; blank lines and `#` comments are skipped.
@@ -111,13 +119,19 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(PublicKeyLine::parse("hello"), Err(PublicKeyError::Malformed(_))));
+        assert!(matches!(
+            PublicKeyLine::parse("hello"),
+            Err(PublicKeyError::Malformed(_))
+        ));
         assert!(matches!(
             PublicKeyLine::parse("ssh-ed25519 !!!!"),
             Err(PublicKeyError::BadKeyData(_))
         ));
         // Blob says ed25519, line claims rsa.
         let lie = KEY.replace("ssh-ed25519", "ssh-rsa");
-        assert!(matches!(PublicKeyLine::parse(&lie), Err(PublicKeyError::BadKeyData(_))));
+        assert!(matches!(
+            PublicKeyLine::parse(&lie),
+            Err(PublicKeyError::BadKeyData(_))
+        ));
     }
 }

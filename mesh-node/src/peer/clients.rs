@@ -20,7 +20,10 @@ pub struct PeerClients {
 impl PeerClients {
     /// Clients presenting `identity`.
     pub fn new(identity: Arc<TlsIdentity>) -> PeerClients {
-        PeerClients { identity, channels: Arc::default() }
+        PeerClients {
+            identity,
+            channels: Arc::default(),
+        }
     }
 
     /// A channel to `node` (connected lazily; tonic reconnects after failures).
@@ -29,8 +32,15 @@ impl PeerClients {
         if let Some(c) = self.channels.lock().expect("not poisoned").get(&key) {
             return Ok(c.clone());
         }
-        let channel = tls::connect_lazy(&node.addr, &self.identity, ServerExpectation::Exactly(node.fingerprint.clone()))?;
-        self.channels.lock().expect("not poisoned").insert(key, channel.clone());
+        let channel = tls::connect_lazy(
+            &node.addr,
+            &self.identity,
+            ServerExpectation::Exactly(node.fingerprint.clone()),
+        )?;
+        self.channels
+            .lock()
+            .expect("not poisoned")
+            .insert(key, channel.clone());
         Ok(channel)
     }
 

@@ -28,7 +28,10 @@ struct Inner {
 impl Directory {
     /// A directory that feeds `pins`.
     pub fn new(pins: Pins) -> Directory {
-        Directory { pins, inner: Arc::default() }
+        Directory {
+            pins,
+            inner: Arc::default(),
+        }
     }
 
     /// The pin set.
@@ -49,13 +52,22 @@ impl Directory {
 
     /// The key and address of a node id.
     pub fn node(&self, id: NodeId) -> Option<MeshNode> {
-        self.inner.read().expect("not poisoned").by_id.get(&id).cloned()
+        self.inner
+            .read()
+            .expect("not poisoned")
+            .by_id
+            .get(&id)
+            .cloned()
     }
 
     /// The node id a key belongs to.
     pub fn id_of(&self, fp: &Fingerprint) -> Option<NodeId> {
         let inner = self.inner.read().expect("not poisoned");
-        inner.by_id.iter().find(|(_, n)| n.fingerprint == *fp).map(|(id, _)| *id)
+        inner
+            .by_id
+            .iter()
+            .find(|(_, n)| n.fingerprint == *fp)
+            .map(|(id, _)| *id)
     }
 
     /// Recompute from the current membership and state.
@@ -74,18 +86,33 @@ impl Directory {
                 if n.removed {
                     by_id.remove(&n.id);
                 } else {
-                    by_id.insert(n.id, MeshNode { addr: n.addr.clone(), fingerprint: n.fingerprint.clone() });
+                    by_id.insert(
+                        n.id,
+                        MeshNode {
+                            addr: n.addr.clone(),
+                            fingerprint: n.fingerprint.clone(),
+                        },
+                    );
                 }
             }
         });
-        let removed: Vec<NodeId> = state.read(|s| s.nodes.values().filter(|n| n.removed).map(|n| n.id).collect());
+        let removed: Vec<NodeId> = state.read(|s| {
+            s.nodes
+                .values()
+                .filter(|n| n.removed)
+                .map(|n| n.id)
+                .collect()
+        });
         let membership = raft.metrics().borrow().membership_config.clone();
         for (id, node) in membership.membership().nodes() {
             if !removed.contains(&NodeId(*id)) {
                 by_id.insert(NodeId(*id), node.clone());
             }
         }
-        let pins = by_id.values().map(|n| n.fingerprint.clone()).chain(unnamed.into_iter().map(|n| n.fingerprint));
+        let pins = by_id
+            .values()
+            .map(|n| n.fingerprint.clone())
+            .chain(unnamed.into_iter().map(|n| n.fingerprint));
         self.pins.replace(pins.collect::<Vec<_>>());
         self.inner.write().expect("not poisoned").by_id = by_id;
     }
@@ -108,6 +135,12 @@ impl Directory {
 impl Directory {
     /// Every known node id with its key and address.
     pub fn members(&self) -> Vec<(NodeId, MeshNode)> {
-        self.inner.read().expect("not poisoned").by_id.iter().map(|(id, n)| (*id, n.clone())).collect()
+        self.inner
+            .read()
+            .expect("not poisoned")
+            .by_id
+            .iter()
+            .map(|(id, n)| (*id, n.clone()))
+            .collect()
     }
 }

@@ -32,7 +32,10 @@ pub struct Forwarder {
 }
 
 impl Forward for Forwarder {
-    fn forward(&self, commands: Vec<Command>) -> futures::future::BoxFuture<'static, Result<Vec<Outcome>, ProposeError>> {
+    fn forward(
+        &self,
+        commands: Vec<Command>,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<Outcome>, ProposeError>> {
         let this = self.clone();
         Box::pin(async move { this.run(commands).await })
     }
@@ -40,14 +43,18 @@ impl Forward for Forwarder {
 
 impl Forwarder {
     async fn run(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, ProposeError> {
-        let payload = to_payload(&commands).map_err(|s| ProposeError::Unavailable(s.message().into()))?;
+        let payload =
+            to_payload(&commands).map_err(|s| ProposeError::Unavailable(s.message().into()))?;
         let mut last = ProposeError::NotLeader { leader: None };
         for _ in 0..FORWARD_TRIES {
             let leader = self.raft.metrics().borrow().current_leader;
             match leader {
                 Some(l) if l == self.node.0 => {
                     // Became leader meanwhile: propose here directly.
-                    let req = mesh_core::Request { now: crate::proposer::now(), commands: commands.clone() };
+                    let req = mesh_core::Request {
+                        now: crate::proposer::now(),
+                        commands: commands.clone(),
+                    };
                     return match self.raft.client_write(req).await {
                         Ok(r) => Ok(r.data.outcomes),
                         Err(e) => {
@@ -62,7 +69,10 @@ impl Forwarder {
                         tokio::time::sleep(FORWARD_BACKOFF).await;
                         continue;
                     };
-                    let mut client = self.clients.mesh(&node).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+                    let mut client = self
+                        .clients
+                        .mesh(&node)
+                        .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
                     match tokio::time::timeout(FORWARD_TIMEOUT, client.propose(payload.clone())).await {
                         Ok(Ok(reply)) => {
                             let result: Result<Vec<Outcome>, ProposeError> = from_payload(reply.get_ref())

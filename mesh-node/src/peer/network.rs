@@ -5,9 +5,14 @@ use super::clients::PeerClients;
 use super::codec::{from_payload, to_payload};
 use mesh_core::raft_types::TypeConfig;
 use mesh_core::MeshNode;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::RPCOption;
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
 use openraft::{RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use std::future::Future;
@@ -36,7 +41,11 @@ pub struct PeerLink {
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerLink;
     async fn new_client(&mut self, target: u64, node: &MeshNode) -> PeerLink {
-        PeerLink { target, node: node.clone(), clients: self.clients.clone() }
+        PeerLink {
+            target,
+            node: node.clone(),
+            clients: self.clients.clone(),
+        }
     }
 }
 
@@ -59,7 +68,11 @@ impl PeerLink {
             .raft(&self.node)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&Transport(e.to_string()))))?;
         let reply = match tokio::time::timeout(option.hard_ttl(), f(client)).await {
-            Err(_) => return Err(RPCError::Unreachable(Unreachable::new(&Transport("timed out".into())))),
+            Err(_) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&Transport(
+                    "timed out".into(),
+                ))))
+            }
             Ok(Err(status)) => {
                 return Err(match status.code() {
                     tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
@@ -70,9 +83,15 @@ impl PeerLink {
             }
             Ok(Ok(r)) => r.into_inner(),
         };
-        let result: Result<R, RaftError<u64, E>> =
-            from_payload(&reply).map_err(|s| RPCError::Network(NetworkError::new(&Transport(s.to_string()))))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
+        let result: Result<R, RaftError<u64, E>> = from_payload(&reply)
+            .map_err(|s| RPCError::Network(NetworkError::new(&Transport(s.to_string()))))?;
+        result.map_err(|e| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.node.clone(),
+                e,
+            ))
+        })
     }
 }
 
@@ -89,7 +108,11 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         option: RPCOption,
     ) -> Rpc<AppendEntriesResponse<u64>, openraft::error::Infallible> {
         let payload = encode(&rpc)?;
-        self.call(&option, |mut c| async move { c.append_entries(payload).await }).await
+        self.call(
+            &option,
+            |mut c| async move { c.append_entries(payload).await },
+        )
+        .await
     }
 
     async fn install_snapshot(
@@ -98,11 +121,20 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         option: RPCOption,
     ) -> Rpc<InstallSnapshotResponse<u64>, InstallSnapshotError> {
         let payload = encode(&rpc)?;
-        self.call(&option, |mut c| async move { c.install_snapshot(payload).await }).await
+        self.call(
+            &option,
+            |mut c| async move { c.install_snapshot(payload).await },
+        )
+        .await
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Rpc<VoteResponse<u64>, openraft::error::Infallible> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Rpc<VoteResponse<u64>, openraft::error::Infallible> {
         let payload = encode(&rpc)?;
-        self.call(&option, |mut c| async move { c.vote(payload).await }).await
+        self.call(&option, |mut c| async move { c.vote(payload).await })
+            .await
     }
 }

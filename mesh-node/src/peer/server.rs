@@ -10,7 +10,9 @@ use mesh_core::raft_types::TypeConfig;
 use mesh_core::{Command, Fingerprint, NodeId, Outcome};
 use mesh_proto::v1::mesh_server::Mesh;
 use mesh_proto::v1::raft_server::Raft as RaftService;
-use mesh_proto::v1::{HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, Member, RaftPayload};
+use mesh_proto::v1::{
+    HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, Member, RaftPayload,
+};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{Raft, Vote};
 use tonic::{Request, Response, Status};
@@ -53,14 +55,17 @@ impl PeerServer {
             Some(t) if t.revoked => Err(format!("token {id} was revoked")),
             Some(t) if now >= t.expires_at => Err(format!("token {id} expired")),
             Some(t) if t.uses_left == 0 => Err(format!("token {id} is used up")),
-            Some(t) if t.secret_hash != hash => Err(format!("the secret does not match token {id}")),
+            Some(t) if t.secret_hash != hash => {
+                Err(format!("the secret does not match token {id}"))
+            }
             Some(_) => Ok(()),
         })
     }
 
     /// The pinned peer behind a request, and the node id its key belongs to.
     fn member<T>(&self, req: &Request<T>) -> Result<(Fingerprint, NodeId), Status> {
-        let fp = tls::peer_fingerprint(req).ok_or_else(|| Status::unauthenticated("no verified peer certificate"))?;
+        let fp = tls::peer_fingerprint(req)
+            .ok_or_else(|| Status::unauthenticated("no verified peer certificate"))?;
         if !self.directory.pins().contains(&fp) {
             metrics::counter!("mesh_peer_refused_total", "reason" => "unpinned").increment(1);
             return Err(Status::permission_denied(format!(
@@ -68,7 +73,9 @@ impl PeerServer {
             )));
         }
         let id = self.directory.id_of(&fp).ok_or_else(|| {
-            Status::permission_denied(format!("peer key {fp} is pinned but belongs to no known node id yet"))
+            Status::permission_denied(format!(
+                "peer key {fp} is pinned but belongs to no known node id yet"
+            ))
         })?;
         Ok((fp, id))
     }
@@ -77,7 +84,8 @@ impl PeerServer {
     fn check_claim(&self, id: NodeId, fp: &Fingerprint, vote: &Vote<u64>) -> Result<(), Status> {
         match vote.leader_id().voted_for() {
             Some(claimed) if claimed != id.0 => {
-                metrics::counter!("mesh_peer_refused_total", "reason" => "id_mismatch").increment(1);
+                metrics::counter!("mesh_peer_refused_total", "reason" => "id_mismatch")
+                    .increment(1);
                 warn!(%fp, key_node = %id, claimed, "peer claims another node's id");
                 Err(Status::permission_denied(format!(
                     "peer key {fp} belongs to node {id}, but the request claims to come from node {claimed}"
@@ -90,11 +98,16 @@ impl PeerServer {
 
 #[tonic::async_trait]
 impl RaftService for PeerServer {
-    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let (fp, id) = self.member(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = from_payload(req.get_ref())?;
         self.check_claim(id, &fp, &rpc.vote)?;
-        Ok(Response::new(to_payload(&self.raft.append_entries(rpc).await)?))
+        Ok(Response::new(to_payload(
+            &self.raft.append_entries(rpc).await,
+        )?))
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
@@ -104,11 +117,16 @@ impl RaftService for PeerServer {
         Ok(Response::new(to_payload(&self.raft.vote(rpc).await)?))
     }
 
-    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let (fp, id) = self.member(&req)?;
         let rpc: InstallSnapshotRequest<TypeConfig> = from_payload(req.get_ref())?;
         self.check_claim(id, &fp, &rpc.vote)?;
-        Ok(Response::new(to_payload(&self.raft.install_snapshot(rpc).await)?))
+        Ok(Response::new(to_payload(
+            &self.raft.install_snapshot(rpc).await,
+        )?))
     }
 }
 
@@ -121,7 +139,10 @@ impl Mesh for PeerServer {
         Ok(Response::new(to_payload(&result)?))
     }
 
-    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
         let (fp, id) = self.member(&req)?;
         let hb = req.into_inner();
         if hb.node_id != id.0 {
@@ -138,10 +159,12 @@ impl Mesh for PeerServer {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
         // The one call open to an unpinned key: the token decides. The joiner's
         // identity is the key of its TLS session, never a field of the request.
-        let fp = tls::peer_fingerprint(&req).ok_or_else(|| Status::unauthenticated("no verified peer certificate"))?;
+        let fp = tls::peer_fingerprint(&req)
+            .ok_or_else(|| Status::unauthenticated("no verified peer certificate"))?;
         if let Some(addr) = req.remote_addr() {
             if self.join_limit.check_key(&addr.ip()).is_err() {
-                metrics::counter!("mesh_join_events_total", "outcome" => "rate_limited").increment(1);
+                metrics::counter!("mesh_join_events_total", "outcome" => "rate_limited")
+                    .increment(1);
                 return Err(Status::resource_exhausted(format!(
                     "too many join attempts from {}; at most {JOINS_PER_MINUTE} a minute",
                     addr.ip()
@@ -150,7 +173,9 @@ impl Mesh for PeerServer {
         }
         let j = req.into_inner();
         if j.addr.is_empty() || j.addr.len() > 256 {
-            return Err(Status::invalid_argument("the joiner's address must be host:port"));
+            return Err(Status::invalid_argument(
+                "the joiner's address must be host:port",
+            ));
         }
         // Check the token against the replicated state before anything reaches the
         // log: an unpinned key must not be able to grow the log with failed joins.
@@ -169,10 +194,20 @@ impl Mesh for PeerServer {
             Ok(Outcome::Joined(id)) => {
                 metrics::counter!("mesh_join_events_total", "outcome" => "joined").increment(1);
                 info!(node = %id, %fp, addr = %j.addr, "a node joined");
-                let members = self.directory.members().into_iter()
-                    .map(|(id, n)| Member { node_id: id.0, addr: n.addr, fingerprint: n.fingerprint.to_string() })
+                let members = self
+                    .directory
+                    .members()
+                    .into_iter()
+                    .map(|(id, n)| Member {
+                        node_id: id.0,
+                        addr: n.addr,
+                        fingerprint: n.fingerprint.to_string(),
+                    })
                     .collect();
-                Ok(Response::new(JoinReply { node_id: id.0, members }))
+                Ok(Response::new(JoinReply {
+                    node_id: id.0,
+                    members,
+                }))
             }
             Ok(Outcome::Rejected(r)) => {
                 metrics::counter!("mesh_join_events_total", "outcome" => "refused").increment(1);

@@ -3,8 +3,8 @@
 //! errors become SSH replies).
 
 use crate::service::{Service, ServiceError};
-use mesh_core::api::{ErrorView, TaskView, EXIT_ERROR, EXIT_TASK_FAILED, EXIT_USAGE};
 use mesh_core::access::{permits, sees_all_tasks, Action, Role};
+use mesh_core::api::{ErrorView, TaskView, EXIT_ERROR, EXIT_TASK_FAILED, EXIT_USAGE};
 use mesh_core::{Fingerprint, TaskId, TaskSpec};
 use serde::Serialize;
 
@@ -75,7 +75,9 @@ impl Request {
     pub fn action(&self) -> Action {
         match self {
             Request::Status | Request::Nodes => Action::ReadMesh,
-            Request::Tasks(_) | Request::Task(_) | Request::Wait(_) | Request::Result { .. } => Action::ReadTasks,
+            Request::Tasks(_) | Request::Task(_) | Request::Wait(_) | Request::Result { .. } => {
+                Action::ReadTasks
+            }
             Request::Submit => Action::Submit,
             Request::Cancel(_) => Action::Cancel,
             Request::Drain(..) => Action::Drain,
@@ -159,7 +161,9 @@ impl CommandLine {
         let uses = flag(&mut words, "--uses")?;
         let id = |words: &[&str]| -> Result<TaskId, String> {
             match words {
-                [_, id] => id.parse().map_err(|_| format!("'{id}' is not a task id (a number, as `mesh-cli tasks` shows)")),
+                [_, id] => id.parse().map_err(|_| {
+                    format!("'{id}' is not a task id (a number, as `mesh-cli tasks` shows)")
+                }),
                 _ => Err(format!("{} takes one task id", words[0])),
             }
         };
@@ -240,18 +244,31 @@ impl Reply {
     fn json<T: Serialize>(v: &T) -> Reply {
         let mut stdout = serde_json::to_vec_pretty(v).expect("API views serialize");
         stdout.push(b'\n');
-        Reply { stdout, ..Reply::default() }
+        Reply {
+            stdout,
+            ..Reply::default()
+        }
     }
 
     fn text(s: String) -> Reply {
-        Reply { stdout: s.into_bytes(), ..Reply::default() }
+        Reply {
+            stdout: s.into_bytes(),
+            ..Reply::default()
+        }
     }
 
     /// A failure: one line on stderr, and `{"error": ...}` on stdout in JSON mode.
     pub fn error(message: &str, status: u32, json: bool) -> Reply {
         let line = message.replace('\n', " ");
         Reply {
-            stdout: if json { Reply::json(&ErrorView { error: message.into() }).stdout } else { Vec::new() },
+            stdout: if json {
+                Reply::json(&ErrorView {
+                    error: message.into(),
+                })
+                .stdout
+            } else {
+                Vec::new()
+            },
             stderr: format!("error: {line}\n").into_bytes(),
             status,
         }
@@ -259,7 +276,13 @@ impl Reply {
 }
 
 /// Run a parsed command for the authenticated user `actor`.
-pub async fn run(service: &Service, limits: &super::limits::Limits, cmd: &CommandLine, body: &[u8], actor: &Fingerprint) -> Reply {
+pub async fn run(
+    service: &Service,
+    limits: &super::limits::Limits,
+    cmd: &CommandLine,
+    body: &[u8],
+    actor: &Fingerprint,
+) -> Reply {
     if cmd.request == Request::Submit {
         if let Err(why) = limits.allow_submit(actor) {
             return Reply::error(&why, EXIT_ERROR, cmd.json);
@@ -279,7 +302,9 @@ pub async fn run(service: &Service, limits: &super::limits::Limits, cmd: &Comman
 /// The role check, and for a submitter, ownership of the task it names.
 fn authorize(service: &Service, request: &Request, actor: &Fingerprint) -> Result<(), String> {
     let Some(role) = service.role_of(actor) else {
-        return Err(format!("permission denied: key {actor} is no longer a user key of this mesh"));
+        return Err(format!(
+            "permission denied: key {actor} is no longer a user key of this mesh"
+        ));
     };
     let action = request.action();
     if !permits(role, action) {
@@ -292,7 +317,12 @@ fn authorize(service: &Service, request: &Request, actor: &Fingerprint) -> Resul
     if !sees_all_tasks(role) {
         let owned = |id: &TaskId| service.submitter_of(*id).is_none_or(|s| s == *actor);
         match request {
-            Request::Task(id) | Request::Wait(id) | Request::Result { id, .. } | Request::Cancel(id) if !owned(id) => {
+            Request::Task(id)
+            | Request::Wait(id)
+            | Request::Result { id, .. }
+            | Request::Cancel(id)
+                if !owned(id) =>
+            {
                 return Err(format!("permission denied: task {id} belongs to another key; a submitter sees only its own tasks"));
             }
             _ => {}
@@ -301,7 +331,12 @@ fn authorize(service: &Service, request: &Request, actor: &Fingerprint) -> Resul
     Ok(())
 }
 
-async fn dispatch(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fingerprint) -> Result<Reply, ServiceError> {
+async fn dispatch(
+    service: &Service,
+    cmd: &CommandLine,
+    body: &[u8],
+    actor: &Fingerprint,
+) -> Result<Reply, ServiceError> {
     let json = cmd.json;
     Ok(match &cmd.request {
         Request::Status => {
@@ -363,13 +398,19 @@ async fn dispatch(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fin
             }
         }
         Request::Submit => {
-            let spec: TaskSpec = serde_json::from_slice(body)
-                .map_err(|e| ServiceError::BadRequest(format!("the task on standard input is not valid JSON for a task spec: {e}")))?;
+            let spec: TaskSpec = serde_json::from_slice(body).map_err(|e| {
+                ServiceError::BadRequest(format!(
+                    "the task on standard input is not valid JSON for a task spec: {e}"
+                ))
+            })?;
             let r = service.submit(spec, actor.clone()).await?;
             if json {
                 Reply::json(&r)
             } else if r.existing {
-                Reply::text(format!("task {} (already submitted with this idempotency key)\n", r.task))
+                Reply::text(format!(
+                    "task {} (already submitted with this idempotency key)\n",
+                    r.task
+                ))
             } else {
                 Reply::text(format!("task {} submitted\n", r.task))
             }
@@ -383,14 +424,24 @@ async fn dispatch(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fin
             }
             reply
         }
-        Request::Result { id, raw: true, name } => {
+        Request::Result {
+            id,
+            raw: true,
+            name,
+        } => {
             let bytes = service.result_bytes(*id, name.as_deref())?;
-            Reply { stdout: bytes.to_vec(), ..Reply::default() }
+            Reply {
+                stdout: bytes.to_vec(),
+                ..Reply::default()
+            }
         }
         Request::Result { id, raw: false, .. } => {
             let view = service.task(*id)?;
             if view.state != "succeeded" {
-                return Err(ServiceError::NoResult(format!("task {id} is {} and has no result", view.state)));
+                return Err(ServiceError::NoResult(format!(
+                    "task {id} is {} and has no result",
+                    view.state
+                )));
             }
             task_reply(&view, json)
         }
@@ -410,7 +461,15 @@ async fn dispatch(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fin
             } else {
                 Reply::text(
                     list.iter()
-                        .map(|t| format!("{} uses_left={} expires_at_ms={}{}\n", t.id, t.uses_left, t.expires_at_ms, if t.revoked { " revoked" } else { "" }))
+                        .map(|t| {
+                            format!(
+                                "{} uses_left={} expires_at_ms={}{}\n",
+                                t.id,
+                                t.uses_left,
+                                t.expires_at_ms,
+                                if t.revoked { " revoked" } else { "" }
+                            )
+                        })
                         .collect(),
                 )
             }
@@ -429,7 +488,12 @@ async fn dispatch(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fin
             if json {
                 Reply::json(&serde_json::json!({ "added": added, "role": role.to_string() }))
             } else {
-                Reply::text(added.iter().map(|fp| format!("key {fp} added as {role}\n")).collect())
+                Reply::text(
+                    added
+                        .iter()
+                        .map(|fp| format!("key {fp} added as {role}\n"))
+                        .collect(),
+                )
             }
         }
         Request::KeysRemove(fp) => {
@@ -445,7 +509,11 @@ async fn dispatch(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fin
             if json {
                 Reply::json(&keys)
             } else {
-                Reply::text(keys.iter().map(|k| format!("{} {} {}\n", k.fingerprint, k.role, k.comment)).collect())
+                Reply::text(
+                    keys.iter()
+                        .map(|k| format!("{} {} {}\n", k.fingerprint, k.role, k.comment))
+                        .collect(),
+                )
             }
         }
         Request::Audit { since, actor: who } => {
@@ -456,12 +524,24 @@ async fn dispatch(service: &Service, cmd: &CommandLine, body: &[u8], actor: &Fin
                 Reply::text(
                     entries
                         .iter()
-                        .map(|e| format!("{} {} {} {} {}\n", e.at_ms, e.actor, e.action, e.target.as_deref().unwrap_or("-"), e.outcome))
+                        .map(|e| {
+                            format!(
+                                "{} {} {} {} {}\n",
+                                e.at_ms,
+                                e.actor,
+                                e.action,
+                                e.target.as_deref().unwrap_or("-"),
+                                e.outcome
+                            )
+                        })
                         .collect(),
                 )
             }
         }
-        Request::Snapshot => Reply { stdout: service.snapshot()?, ..Reply::default() },
+        Request::Snapshot => Reply {
+            stdout: service.snapshot()?,
+            ..Reply::default()
+        },
         Request::Drain(node, draining) => {
             service.drain(*node, *draining, actor.clone()).await?;
             let word = if *draining { "drained" } else { "undrained" };
@@ -500,10 +580,18 @@ fn task_reply(t: &TaskView, json: bool) -> Reply {
     }
     let mut s = task_line(t);
     for o in &t.outputs {
-        s += &format!("  output {} {} bytes {}\n", o.name, o.bytes, o.sha256.as_deref().unwrap_or("-"));
+        s += &format!(
+            "  output {} {} bytes {}\n",
+            o.name,
+            o.bytes,
+            o.sha256.as_deref().unwrap_or("-")
+        );
     }
     for e in &t.errors {
-        s += &format!("  attempt {} on node {} failed: {}\n", e.attempt, e.node, e.error);
+        s += &format!(
+            "  attempt {} on node {} failed: {}\n",
+            e.attempt, e.node, e.error
+        );
     }
     if let Some(w) = &t.waiting {
         s += &format!("  waiting: {w}\n");
@@ -516,9 +604,11 @@ pub fn usage_error(message: &str, json: bool) -> Reply {
     Reply::error(message, EXIT_USAGE, json)
 }
 
-
 /// Serve a node that is not a member yet: only `join TOKEN` does something.
-pub async fn awaiting_join(line: &str, joins: &tokio::sync::mpsc::Sender<crate::ssh::server::JoinRequest>) -> Reply {
+pub async fn awaiting_join(
+    line: &str,
+    joins: &tokio::sync::mpsc::Sender<crate::ssh::server::JoinRequest>,
+) -> Reply {
     let json = line.split_whitespace().any(|w| w == "--json");
     let words: Vec<&str> = line.split_whitespace().filter(|w| *w != "--json").collect();
     match words.as_slice() {
@@ -549,22 +639,53 @@ mod tests {
 
     #[test]
     fn parses_commands_and_flags() {
-        assert_eq!(CommandLine::parse("status").unwrap(), CommandLine { request: Request::Status, json: false });
-        assert_eq!(CommandLine::parse("task 7 --json").unwrap(), CommandLine { request: Request::Task(TaskId(7)), json: true });
         assert_eq!(
-            CommandLine::parse("result 3 --raw --name out").unwrap().request,
-            Request::Result { id: TaskId(3), raw: true, name: Some("out".into()) }
+            CommandLine::parse("status").unwrap(),
+            CommandLine {
+                request: Request::Status,
+                json: false
+            }
         );
-        assert_eq!(CommandLine::parse("tasks --state running").unwrap().request, Request::Tasks(Some("running".into())));
+        assert_eq!(
+            CommandLine::parse("task 7 --json").unwrap(),
+            CommandLine {
+                request: Request::Task(TaskId(7)),
+                json: true
+            }
+        );
+        assert_eq!(
+            CommandLine::parse("result 3 --raw --name out")
+                .unwrap()
+                .request,
+            Request::Result {
+                id: TaskId(3),
+                raw: true,
+                name: Some("out".into())
+            }
+        );
+        assert_eq!(
+            CommandLine::parse("tasks --state running").unwrap().request,
+            Request::Tasks(Some("running".into()))
+        );
         assert!(CommandLine::parse("submit").unwrap().takes_body());
     }
 
     #[test]
     fn bad_lines_say_what_is_wrong() {
-        assert!(CommandLine::parse("").unwrap_err().contains("no command given"));
-        assert!(CommandLine::parse("launch").unwrap_err().contains("unknown command 'launch'"));
-        assert!(CommandLine::parse("task x").unwrap_err().contains("'x' is not a task id"));
-        assert!(CommandLine::parse("task").unwrap_err().contains("takes one task id"));
-        assert!(CommandLine::parse("tasks --state").unwrap_err().contains("--state needs a value"));
+        assert!(CommandLine::parse("")
+            .unwrap_err()
+            .contains("no command given"));
+        assert!(CommandLine::parse("launch")
+            .unwrap_err()
+            .contains("unknown command 'launch'"));
+        assert!(CommandLine::parse("task x")
+            .unwrap_err()
+            .contains("'x' is not a task id"));
+        assert!(CommandLine::parse("task")
+            .unwrap_err()
+            .contains("takes one task id"));
+        assert!(CommandLine::parse("tasks --state")
+            .unwrap_err()
+            .contains("--state needs a value"));
     }
 }

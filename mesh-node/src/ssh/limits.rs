@@ -37,11 +37,14 @@ fn nz(n: u32) -> NonZeroU32 {
 
 impl Default for Limits {
     fn default() -> Self {
-        let auth = Quota::per_minute(nz(AUTH_FAILURES_PER_MINUTE)).allow_burst(nz(AUTH_FAILURE_BURST));
+        let auth =
+            Quota::per_minute(nz(AUTH_FAILURES_PER_MINUTE)).allow_burst(nz(AUTH_FAILURE_BURST));
         Limits {
             auth_by_addr: Arc::new(RateLimiter::keyed(auth)),
             auth_by_key: Arc::new(RateLimiter::keyed(auth)),
-            submits: Arc::new(RateLimiter::keyed(Quota::per_second(nz(SUBMITS_PER_SECOND)).allow_burst(nz(SUBMIT_BURST)))),
+            submits: Arc::new(RateLimiter::keyed(
+                Quota::per_second(nz(SUBMITS_PER_SECOND)).allow_burst(nz(SUBMIT_BURST)),
+            )),
             shut_out: Arc::default(),
         }
     }
@@ -67,7 +70,10 @@ impl Limits {
         let by_addr = self.auth_by_addr.check_key(&addr).is_err();
         let by_key = key.is_some_and(|k| self.auth_by_key.check_key(k).is_err());
         if by_addr || by_key {
-            self.shut_out.lock().expect("not poisoned").insert(addr, Instant::now() + AUTH_COOL_DOWN);
+            self.shut_out
+                .lock()
+                .expect("not poisoned")
+                .insert(addr, Instant::now() + AUTH_COOL_DOWN);
             metrics::counter!("mesh_ssh_rate_limited_total", "what" => "auth").increment(1);
         }
         by_addr || by_key
@@ -87,7 +93,10 @@ impl Limits {
         self.auth_by_key.retain_recent();
         self.submits.retain_recent();
         let now = Instant::now();
-        self.shut_out.lock().expect("not poisoned").retain(|_, until| *until > now);
+        self.shut_out
+            .lock()
+            .expect("not poisoned")
+            .retain(|_, until| *until > now);
     }
 }
 
@@ -100,7 +109,10 @@ mod tests {
         let limits = Limits::default();
         let bad: IpAddr = "127.0.0.3".parse().unwrap();
         let good: IpAddr = "127.0.0.1".parse().unwrap();
-        let over = (0..AUTH_FAILURE_BURST + 1).map(|_| limits.auth_failed(bad, None)).filter(|x| *x).count();
+        let over = (0..AUTH_FAILURE_BURST + 1)
+            .map(|_| limits.auth_failed(bad, None))
+            .filter(|x| *x)
+            .count();
         assert_eq!(over, 1);
         assert!(limits.is_shut_out(bad));
         assert!(!limits.is_shut_out(good));

@@ -5,7 +5,6 @@ use super::command::{self, CommandLine, Reply, MAX_BODY_BYTES};
 use super::limits::Limits;
 use crate::host_key::{fingerprint_of, HostKey};
 use crate::service::Service;
-use tokio::sync::{mpsc, oneshot};
 use mesh_core::Fingerprint;
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet};
@@ -15,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -69,7 +69,11 @@ impl SshServer {
             inactivity_timeout: Some(INACTIVITY_TIMEOUT),
             ..Default::default()
         };
-        SshServer { config: Arc::new(config), endpoint, limits: Limits::default() }
+        SshServer {
+            config: Arc::new(config),
+            endpoint,
+            limits: Limits::default(),
+        }
     }
 
     /// Serve connections from `listener` until shutdown.
@@ -78,7 +82,9 @@ impl SshServer {
         let tracker = TaskTracker::new();
         let mut prune = tokio::time::interval(LIMITS_PRUNE_INTERVAL);
         loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else { break };
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break;
+            };
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = prune.tick() => { self.limits.prune(); continue; }
@@ -89,7 +95,8 @@ impl SshServer {
             };
             if self.limits.is_shut_out(peer.ip()) {
                 // Too many failed logins from there: close before any handshake work.
-                metrics::counter!("mesh_ssh_connections_refused_total", "reason" => "shut_out").increment(1);
+                metrics::counter!("mesh_ssh_connections_refused_total", "reason" => "shut_out")
+                    .increment(1);
                 drop(stream);
                 continue;
             }
@@ -149,19 +156,30 @@ impl Connection {
 impl russh::server::Handler for Connection {
     type Error = russh::Error;
 
-    async fn auth_publickey_offered(&mut self, _user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
         if self.admit(offer.public_key).is_some() {
             return Ok(Auth::Accept);
         }
         metrics::counter!("mesh_ssh_auth_failures_total", "reason" => "unknown_key").increment(1);
-        if self.limits.auth_failed(self.peer.ip(), Some(&fingerprint_of(offer.public_key))) {
+        if self
+            .limits
+            .auth_failed(self.peer.ip(), Some(&fingerprint_of(offer.public_key)))
+        {
             warn!(peer = %self.peer, "too many failed logins: address shut out for a while");
             return Err(russh::Error::Disconnect);
         }
         Ok(Auth::reject())
     }
 
-    async fn auth_publickey(&mut self, _user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
         match self.admit(key.public_key) {
             Some(fp) => {
                 info!(peer = %self.peer, user = %fp, "ssh user authenticated");
@@ -169,9 +187,11 @@ impl russh::server::Handler for Connection {
                 Ok(Auth::Accept)
             }
             None => {
-                metrics::counter!("mesh_ssh_auth_failures_total", "reason" => "unknown_key").increment(1);
+                metrics::counter!("mesh_ssh_auth_failures_total", "reason" => "unknown_key")
+                    .increment(1);
                 warn!(peer = %self.peer, key = %fingerprint_of(key.public_key), "ssh key refused: not a user key of this mesh");
-                self.limits.auth_failed(self.peer.ip(), Some(&fingerprint_of(key.public_key)));
+                self.limits
+                    .auth_failed(self.peer.ip(), Some(&fingerprint_of(key.public_key)));
                 Ok(Auth::reject())
             }
         }
@@ -188,20 +208,37 @@ impl russh::server::Handler for Connection {
         Ok(())
     }
 
-    async fn exec_request(&mut self, id: ChannelId, data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+    async fn exec_request(
+        &mut self,
+        id: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         let (Some(channel), Some(user)) = (self.channels.remove(&id), self.user.clone()) else {
             return session.channel_failure(id);
         };
         session.channel_success(id)?;
         let line = String::from_utf8_lossy(data).into_owned();
         debug!(peer = %self.peer, %user, command = %line, "ssh exec");
-        self.tracker.spawn(serve_exec(self.endpoint.clone(), self.limits.clone(), user, line, channel));
+        self.tracker.spawn(serve_exec(
+            self.endpoint.clone(),
+            self.limits.clone(),
+            user,
+            line,
+            channel,
+        ));
         Ok(())
     }
 }
 
 /// Read the body if the command takes one, run it, and send the reply.
-async fn serve_exec(endpoint: Endpoint, limits: Limits, user: Fingerprint, line: String, channel: Channel<Msg>) {
+async fn serve_exec(
+    endpoint: Endpoint,
+    limits: Limits,
+    user: Fingerprint,
+    line: String,
+    channel: Channel<Msg>,
+) {
     let (mut read, write) = channel.split();
     let service = match endpoint {
         Endpoint::Member(service) => service,
@@ -214,7 +251,11 @@ async fn serve_exec(endpoint: Endpoint, limits: Limits, user: Fingerprint, line:
     let reply = match CommandLine::parse(&line) {
         Err(e) => command::usage_error(&e, line.split_whitespace().any(|w| w == "--json")),
         Ok(cmd) => {
-            let body = if cmd.takes_body() { read_body(&mut read).await } else { Ok(Vec::new()) };
+            let body = if cmd.takes_body() {
+                read_body(&mut read).await
+            } else {
+                Ok(Vec::new())
+            };
             match body {
                 Ok(body) => command::run(&service, &limits, &cmd, &body, &user).await,
                 Err(e) => Reply::error(&e, mesh_core::api::EXIT_ERROR, cmd.json),
@@ -225,7 +266,11 @@ async fn serve_exec(endpoint: Endpoint, limits: Limits, user: Fingerprint, line:
 }
 
 /// Send a reply and close the channel.
-async fn send(write: &russh::ChannelWriteHalf<Msg>, reply: Reply, mut read: russh::ChannelReadHalf) {
+async fn send(
+    write: &russh::ChannelWriteHalf<Msg>,
+    reply: Reply,
+    mut read: russh::ChannelReadHalf,
+) {
     // Keep draining client messages so a client that sends data we ignore never
     // blocks the session.
     let drain = tokio::spawn(async move { while read.wait().await.is_some() {} });
