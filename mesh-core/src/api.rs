@@ -91,6 +91,8 @@ pub struct TaskView {
     pub shards: u32,
     /// Shards committed as checkpoints.
     pub shards_done: u32,
+    /// Results recorded for this task (at most 1 unless exactly-once is broken).
+    pub results_recorded: u32,
 }
 
 impl TaskView {
@@ -165,6 +167,7 @@ impl TaskView {
             waiting: why_waiting(state, t, live, now),
             shards: t.shards,
             shards_done: t.checkpoints.len() as u32,
+            results_recorded: t.results_recorded,
         }
     }
 

@@ -527,6 +527,7 @@ impl MeshState {
                 started_at: None,
                 finished_at: None,
                 result: None,
+                results_recorded: 0,
                 errors: Vec::new(),
             },
         );

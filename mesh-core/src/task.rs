@@ -286,6 +286,9 @@ pub struct Task {
     pub finished_at: Option<Timestamp>,
     /// The result, once succeeded.
     pub result: Option<TaskResult>,
+    /// How many times a result was recorded: the exactly-once invariant says at most
+    /// one (the chaos harness checks it).
+    pub results_recorded: u32,
     /// Failed attempts.
     pub errors: Vec<AttemptError>,
 }

@@ -113,6 +113,11 @@ pub struct RunArgs {
     /// Log format: `text` or `json`. Default: text.
     #[arg(long, env = "MESH_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+
+    /// Fault injection (mesh-chaos): dial ADDR2 whenever a peer's address is ADDR1, so
+    /// a proxy can sit on this node's outgoing links. Repeatable. Not for production.
+    #[arg(long = "peer-route", env = "MESH_PEER_ROUTES", value_delimiter = ',', value_name = "ADDR1=ADDR2", hide = true)]
+    pub peer_routes: Vec<String>,
 }
 
 /// The `--config` file: the same settings as the flags, every one optional.
@@ -200,6 +205,8 @@ pub struct NodeConfig {
     pub voters: usize,
     /// Failure detector timeout.
     pub node_timeout: Duration,
+    /// Dial overrides for fault injection: peer address -> address to dial.
+    pub peer_routes: BTreeMap<String, String>,
     /// Voter replacement delay.
     pub voter_replace_after: Duration,
 }
@@ -345,7 +352,13 @@ impl RunArgs {
         if node_timeout < Duration::from_millis(300) {
             return Err(ConfigError::NodeTimeout);
         }
+        let mut peer_routes = BTreeMap::new();
+        for r in &self.peer_routes {
+            let (from, to) = r.split_once('=').ok_or_else(|| ConfigError::BadLabel(r.clone()))?;
+            peer_routes.insert(from.to_string(), to.to_string());
+        }
         Ok(NodeConfig {
+            peer_routes,
             data_dir,
             admin_keys: if self.admin_keys.is_empty() {
                 file.admin_keys.unwrap_or_default()

@@ -162,7 +162,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             directory.add_bootstrap(Some(*id), m.clone());
         }
     }
-    let clients = PeerClients::new(identity.clone());
+    let clients = PeerClients::with_routes(identity.clone(), config.peer_routes.clone());
     let raft = Raft::<TypeConfig>::new(
         node.0,
         raft_config()?,

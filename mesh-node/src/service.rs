@@ -568,6 +568,20 @@ impl Service {
             .map_err(|e| ServiceError::BadRequest(format!("cannot encode the state: {e}")))
     }
 
+    /// `digest`: the applied index and the SHA-256 of the encoded state, to compare
+    /// replicas (equal indexes must give equal digests).
+    pub fn digest(&self) -> Result<serde_json::Value, ServiceError> {
+        let applied = *self.state.changes().borrow();
+        let bytes = self.snapshot()?;
+        let again = *self.state.changes().borrow();
+        Ok(serde_json::json!({
+            "node": self.node,
+            "applied_index": applied,
+            "stable": applied == again,
+            "digest": mesh_core::Digest::of(&bytes).to_hex(),
+        }))
+    }
+
     /// Who submitted a task.
     pub fn submitter_of(&self, id: TaskId) -> Option<Fingerprint> {
         self.state

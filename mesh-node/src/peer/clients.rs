@@ -6,7 +6,7 @@ use crate::tls::{self, ServerExpectation, TlsIdentity};
 use mesh_core::{Fingerprint, MeshNode};
 use mesh_proto::v1::mesh_client::MeshClient;
 use mesh_proto::v1::raft_client::RaftClient;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use tonic::transport::Channel;
 
@@ -15,14 +15,22 @@ use tonic::transport::Channel;
 pub struct PeerClients {
     identity: Arc<TlsIdentity>,
     channels: Arc<Mutex<HashMap<(String, Fingerprint), Channel>>>,
+    routes: Arc<BTreeMap<String, String>>,
 }
 
 impl PeerClients {
     /// Clients presenting `identity`.
     pub fn new(identity: Arc<TlsIdentity>) -> PeerClients {
+        PeerClients::with_routes(identity, BTreeMap::new())
+    }
+
+    /// Clients that dial `routes[addr]` instead of `addr` (fault injection: a proxy
+    /// on each outgoing link). The peer's key is still checked end to end.
+    pub fn with_routes(identity: Arc<TlsIdentity>, routes: BTreeMap<String, String>) -> PeerClients {
         PeerClients {
             identity,
             channels: Arc::default(),
+            routes: Arc::new(routes),
         }
     }
 
@@ -32,8 +40,9 @@ impl PeerClients {
         if let Some(c) = self.channels.lock().expect("not poisoned").get(&key) {
             return Ok(c.clone());
         }
+        let dial = self.routes.get(&node.addr).unwrap_or(&node.addr);
         let channel = tls::connect_lazy(
-            &node.addr,
+            dial,
             &self.identity,
             ServerExpectation::Exactly(node.fingerprint.clone()),
         )?;

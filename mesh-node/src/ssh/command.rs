@@ -68,13 +68,15 @@ pub enum Request {
     },
     /// `snapshot` (raw state on stdout)
     Snapshot,
+    /// `digest` (applied index and state digest, for comparing replicas)
+    Digest,
 }
 
 impl Request {
     /// What the role check needs.
     pub fn action(&self) -> Action {
         match self {
-            Request::Status | Request::Nodes => Action::ReadMesh,
+            Request::Status | Request::Nodes | Request::Digest => Action::ReadMesh,
             Request::Tasks(_) | Request::Task(_) | Request::Wait(_) | Request::Result { .. } => {
                 Action::ReadTasks
             }
@@ -115,6 +117,7 @@ impl Request {
             Request::KeysList => ("keys list", None),
             Request::Audit { .. } => ("audit", None),
             Request::Snapshot => ("snapshot save", None),
+            Request::Digest => ("digest", None),
         }
     }
 }
@@ -190,6 +193,7 @@ impl CommandLine {
                 actor: actor.map(|a| Fingerprint::parse(&a).map_err(|e| e.to_string())).transpose()?,
             },
             Some("snapshot") => Request::Snapshot,
+            Some("digest") => Request::Digest,
             Some("submit") => Request::Submit,
             Some("task") => Request::Task(id(&words)?),
             Some("wait") => Request::Wait(id(&words)?),
@@ -538,6 +542,7 @@ async fn dispatch(
                 )
             }
         }
+        Request::Digest => Reply::json(&service.digest()?),
         Request::Snapshot => Reply {
             stdout: service.snapshot()?,
             ..Reply::default()
