@@ -3,6 +3,7 @@
 use crate::node_addr::NodeAddr;
 use crate::task_spec::{parse_input, parse_output, parse_param, parse_workgroups, InputArg};
 use clap::{ArgGroup, Args, Parser, Subcommand};
+use mesh_core::access::Role;
 use mesh_core::builtin::MAX_SHARDS;
 use mesh_core::duration::parse_duration;
 use mesh_core::requirement::Requirement;
@@ -30,41 +31,52 @@ Examples:
   mesh-cli --node 10.0.0.2:7722 status
   mesh-cli submit --kernel saxpy --param a=2 --input x=@x.bin --input y=@y.bin --wait
   mesh-cli submit task.toml --wait
-  mesh-cli submit --kernel mandelbrot --param width=4096 --param height=4096 --param max_iter=1000 \
+  mesh-cli submit --batch jobs.toml --wait   # many [[task]] tables, one progress bar
+  mesh-cli submit --kernel mandelbrot --param width=4096 --param height=4096 --param max_iter=1000 \\
       --shards 16 --prefer device=discrete
+  mesh-cli watch 7                           # one line per change, until task 7 ends
   mesh-cli result 5 --output y.bin
   mesh-cli --json tasks --state failed
+  mesh-cli tasks --mine --limit 10
   T=$(mesh-cli token create --ttl 30m)       # then on a new machine: mesh-node run --join \"$T\"
+  mesh-cli keys add bob.pub --role submitter
+  mesh-cli audit --since 1h
+  mesh-cli snapshot save mesh.snap
   mesh-cli drain 2                           # before maintenance; mesh-cli undrain 2 after
   mesh-cli remove 3
 
 Exit status:
   0  success
-  1  error (one line on stderr: error: ...; with --json also {\"error\": ...} on stdout)
+  1  error (one line on stderr: error: ...; with --json also {\"error\": ...} on stdout);
+     submit --batch: a task of the batch was not submitted
   2  malformed command line (also a malformed join TOKEN, or a command the node does not know)
-  3  submit --wait: the task ended failed or cancelled
+  3  submit --wait, submit --batch --wait, watch ID: a task ended failed or cancelled
 
-Environment: MESH_NODE, MESH_IDENTITY, MESH_KNOWN_HOSTS (same as the options).
+Settings: a flag wins over its environment variable (MESH_NODE, MESH_IDENTITY, \
+MESH_KNOWN_HOSTS, MESH_CLI_CONFIG), which wins over the config file \
+(<config dir>/mesh/cli.toml, keys node, identity, known_hosts), which wins over the \
+defaults. Shell completions: mesh-cli completions bash|zsh|fish|elvish|powershell.
 See docs/cli.md and docs/task-file.md.";
 
 /// mesh-cli's command line.
 #[derive(Debug, Parser)]
 #[command(name = "mesh-cli", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
 pub struct Cli {
-    /// The node to talk to: the SSH endpoint of any mesh-node, as HOST:PORT.
+    /// The node to talk to: the SSH endpoint of any mesh-node, as HOST:PORT [default:
+    /// `node` in the config file, else 127.0.0.1:7722].
     #[arg(
         long,
         global = true,
         help_heading = "Global options",
         env = "MESH_NODE",
-        value_name = "HOST:PORT",
-        default_value = "127.0.0.1:7722"
+        value_name = "HOST:PORT"
     )]
-    pub node: NodeAddr,
+    pub node: Option<NodeAddr>,
 
-    /// Your SSH private key (OpenSSH format, unencrypted). Without it mesh-cli tries the
-    /// ed25519 keys of ssh-agent (SSH_AUTH_SOCK), then ~/.ssh/id_ed25519. Keep
-    /// passphrase-protected keys in ssh-agent.
+    /// Your SSH private key (OpenSSH format, unencrypted). Without it (and without
+    /// `identity` in the config file) mesh-cli tries the ed25519 keys of ssh-agent
+    /// (SSH_AUTH_SOCK), then ~/.ssh/id_ed25519. Keep passphrase-protected keys in
+    /// ssh-agent.
     #[arg(
         long,
         global = true,
@@ -75,7 +87,8 @@ pub struct Cli {
     pub identity: Option<PathBuf>,
 
     /// The known_hosts file that pins node host keys (OpenSSH format; `pin` appends to
-    /// it) [default: <config dir>/mesh/known_hosts, e.g. ~/.config/mesh/known_hosts].
+    /// it) [default: `known_hosts` in the config file, else <config
+    /// dir>/mesh/known_hosts, e.g. ~/.config/mesh/known_hosts].
     #[arg(
         long,
         global = true,
@@ -85,8 +98,22 @@ pub struct Cli {
     )]
     pub known_hosts: Option<PathBuf>,
 
+    /// The config file with defaults for --node, --identity and --known-hosts (TOML keys
+    /// node, identity, known_hosts) [default: <config dir>/mesh/cli.toml, e.g.
+    /// ~/.config/mesh/cli.toml, read if it exists].
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        // Not MESH_CONFIG: that names mesh-node's own config file on the same machine.
+        env = "MESH_CLI_CONFIG",
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+
     /// Print exactly one JSON document on stdout instead of text (the node's answer, see
-    /// docs/ssh-protocol.md; errors as {"error": "..."}).
+    /// docs/ssh-protocol.md; errors as {"error": "..."}). `watch` prints one JSON object
+    /// per line instead (JSON Lines).
     #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
 
@@ -110,12 +137,18 @@ pub enum Command {
     #[command(after_help = NODES_HELP)]
     Nodes,
 
-    /// List tasks, newest last.
-    #[command(after_help = "Examples:\n  mesh-cli tasks\n  mesh-cli tasks --state pending")]
-    Tasks {
-        /// Only tasks in this state.
-        #[arg(long, value_name = "STATE", value_parser = ["pending", "assigned", "running", "succeeded", "failed", "cancelled"])]
-        state: Option<String>,
+    /// List tasks, newest last. The filters combine: a task is shown when it passes every
+    /// one.
+    #[command(after_help = TASKS_HELP)]
+    Tasks(TasksArgs),
+
+    /// Follow tasks live: one line per change of state, node, attempt or shards done.
+    /// With ID, until that task ends (exit 0 if it succeeded, 3 if it failed or was
+    /// cancelled); without, every task, until Ctrl-C.
+    #[command(after_help = WATCH_HELP)]
+    Watch {
+        /// The task to follow [default: every task you may see].
+        id: Option<TaskId>,
     },
 
     /// Show one task: state, node and attempt, shards done (sharded tasks), inputs and
@@ -126,7 +159,7 @@ pub enum Command {
         id: TaskId,
     },
 
-    /// Submit a task, from a task file or from flags.
+    /// Submit a task, from a task file or from flags, or many tasks from a batch file.
     #[command(after_help = SUBMIT_HELP)]
     // Boxed: the submit options are far larger than any other command's.
     Submit(Box<SubmitArgs>),
@@ -198,6 +231,42 @@ pub enum Command {
         id: NodeId,
     },
 
+    /// Grant SSH keys a role, list them, take them away (admin only).
+    #[command(after_help = KEYS_HELP)]
+    Keys {
+        /// What to do with keys.
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+
+    /// Show the audit trail: who did what to the mesh, and what was refused (admin
+    /// only). The node keeps a bounded trail of the latest entries.
+    #[command(after_help = AUDIT_HELP)]
+    Audit {
+        /// Only entries from this long ago until now: 30s, 10m, 1h, 7d.
+        #[arg(long, value_name = "DURATION", value_parser = parse_since)]
+        since: Option<Duration>,
+        /// Only entries of this key, as `mesh-cli keys list` shows its fingerprint.
+        #[arg(long, value_name = "SHA256:...")]
+        actor: Option<Fingerprint>,
+    },
+
+    /// Save the replicated state (admin only): a backup, or evidence for a bug report.
+    #[command(after_help = SNAPSHOT_HELP)]
+    Snapshot {
+        /// What to do with the snapshot.
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
+
+    /// Print a shell completion script on stdout.
+    #[command(after_help = COMPLETIONS_HELP)]
+    Completions {
+        /// The shell.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+
     /// Pin a node's host key: connect, fetch the key it presents, and append it to the
     /// known_hosts file only if its fingerprint equals the one given. Get the
     /// fingerprint from the node itself (`mesh-node fingerprint`) over a channel you
@@ -250,6 +319,159 @@ pub enum TokenCommand {
         id: String,
     },
 }
+
+/// `keys`' commands.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Grant every public key in FILE (a `.pub` file, or authorized_keys lines) a role.
+    /// The file is checked here first: a line that is not a public key is refused with
+    /// its line number, and nothing is sent.
+    #[command(after_help = KEYS_ADD_HELP)]
+    Add {
+        /// The public key file, e.g. ~/.ssh/id_ed25519.pub (never the private key).
+        #[arg(value_name = "FILE.pub")]
+        file: PathBuf,
+        /// What the keys may do: viewer (read), submitter (submit and manage its own
+        /// tasks), operator (every task; drain nodes), admin (everything).
+        #[arg(long, value_name = "ROLE", value_parser = role_parser())]
+        role: Role,
+    },
+
+    /// Take a key's role away: the key can no longer use the mesh.
+    #[command(
+        after_help = "Example:\n  mesh-cli keys remove SHA256:4SizsFKgEpYq2GIrnVAh6E69WjsTzV5qJpUgqZ05M+s"
+    )]
+    Remove {
+        /// The key's fingerprint, as `mesh-cli keys list` and `ssh-keygen -lf` print it.
+        #[arg(value_name = "SHA256:...")]
+        fingerprint: Fingerprint,
+    },
+
+    /// List the keys with a role: fingerprint, role, comment, who added it and when.
+    #[command(
+        after_help = "Examples:\n  mesh-cli keys list\n  mesh-cli --json keys list | jq -r '.[] | select(.role == \"admin\") | .fingerprint'"
+    )]
+    List,
+}
+
+/// `snapshot`'s commands.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Fetch the snapshot and write it to FILE (through FILE.partial, so a failed fetch
+    /// leaves no half file); print its size and SHA-256.
+    #[command(after_help = "Example:\n  mesh-cli snapshot save mesh-$(date +%F).snap")]
+    Save {
+        /// Where to write it.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+/// `tasks`' filters.
+#[derive(Debug, Args)]
+pub struct TasksArgs {
+    /// Only tasks in this state.
+    #[arg(long, value_name = "STATE", value_parser = ["pending", "assigned", "running", "succeeded", "failed", "cancelled"])]
+    pub state: Option<String>,
+
+    /// Only tasks of this kernel: a built-in name (saxpy, matmul...), `wgsl` for every
+    /// WGSL task, or `wgsl:ENTRY`.
+    #[arg(long, value_name = "NAME")]
+    pub kernel: Option<String>,
+
+    // Not `--node`: that is the global --node HOST:PORT, and clap keeps one value per name.
+    /// Only tasks on (or last on) this node, as `mesh-cli nodes` shows its id.
+    #[arg(long, value_name = "NODE", value_parser = parse_node_id)]
+    pub on_node: Option<NodeId>,
+
+    /// Only tasks submitted with the key this command authenticated with.
+    #[arg(long)]
+    pub mine: bool,
+
+    /// At most the N newest of the tasks that pass the other filters.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+}
+
+impl TasksArgs {
+    /// True when a filter applies that the node does not know (only `--state` goes to it).
+    pub fn filters_locally(&self) -> bool {
+        self.kernel.is_some() || self.on_node.is_some() || self.mine || self.limit.is_some()
+    }
+}
+
+const TASKS_HELP: &str = "\
+Examples:
+  mesh-cli tasks
+  mesh-cli tasks --state pending
+  mesh-cli tasks --mine --limit 10           # my ten newest tasks
+  mesh-cli tasks --kernel matmul --on-node 2 --state running
+  mesh-cli --json tasks --state failed | jq -r '.[].id'
+
+--state is applied by the node; --kernel, --on-node, --mine and --limit by mesh-cli. \
+A submitter sees only its own tasks anyway.";
+
+const WATCH_HELP: &str = "\
+Examples:
+  mesh-cli watch 7           # until task 7 ends; exit 0 succeeded, 3 failed or cancelled
+  mesh-cli watch             # every task, until Ctrl-C
+  mesh-cli --json watch | jq -c 'select(.state == \"failed\")'
+
+Output (times are local):
+  12:00:01 task 7 pending (no live node has a free slot)
+  12:00:02 task 7 running on node 2 (attempt 1)
+  12:00:09 task 7 succeeded
+
+mesh-cli asks the node every 500ms over one SSH connection. Without ID it first prints \
+the tasks that have not ended, then every change. On a terminal, stderr shows a spinner \
+with the task's progress (watch ID) or the number of tasks in each state (watch). With \
+--json, stdout holds one JSON object per line (JSON Lines), one per change: \
+{\"at_ms\", \"task\", \"state\", \"node\", \"attempt\", \"max_attempts\", \"shards\", \
+\"shards_done\", \"waiting\", \"error\"}.";
+
+const KEYS_HELP: &str = "\
+Roles, weakest first: viewer (read status, nodes, tasks, results), submitter (submit; \
+see, wait for, fetch and cancel its own tasks), operator (every task; drain and undrain \
+nodes), admin (everything: tokens, keys, remove nodes, audit, snapshots).
+
+Examples:
+  mesh-cli keys add bob.pub --role submitter
+  mesh-cli keys list
+  mesh-cli keys remove SHA256:4SizsFKgEpYq2GIrnVAh6E69WjsTzV5qJpUgqZ05M+s";
+
+const KEYS_ADD_HELP: &str = "\
+Examples:
+  mesh-cli keys add bob.pub --role submitter
+  mesh-cli keys add team_authorized_keys --role viewer   # every key in the file
+  mesh-cli --json keys add ci.pub --role operator | jq -r '.added[]'";
+
+const AUDIT_HELP: &str = "\
+Examples:
+  mesh-cli audit
+  mesh-cli audit --since 1h
+  mesh-cli audit --actor SHA256:4SizsFKgEpYq2GIrnVAh6E69WjsTzV5qJpUgqZ05M+s --since 7d
+  mesh-cli --json audit | jq -r '.[] | select(.outcome != \"ok\") | .actor' | sort | uniq -c
+
+TIME is local time. The table shortens ACTOR fingerprints to their first characters; \
+--json has them whole. OUTCOME is ok, or refused: and why.";
+
+const SNAPSHOT_HELP: &str = "\
+The snapshot is the mesh's whole replicated state as the node holds it (nodes, tasks \
+with their input and output bytes, user keys, join tokens without their secrets, the \
+audit trail), encoded with mesh-core's codec. It is written readable by you alone. A \
+new mesh starts from it with `mesh-node run --restore FILE` on an empty data directory.
+
+Examples:
+  mesh-cli snapshot save mesh-$(date +%F).snap
+  mesh-cli --json snapshot save backup.snap | jq -r .sha256";
+
+const COMPLETIONS_HELP: &str = "\
+Examples:
+  mesh-cli completions bash > ~/.local/share/bash-completion/completions/mesh-cli
+  mesh-cli completions zsh > \"${fpath[1]}/_mesh-cli\"
+  mesh-cli completions fish > ~/.config/fish/completions/mesh-cli.fish
+  mesh-cli completions elvish >> ~/.config/elvish/rc.elv
+  mesh-cli completions powershell >> $PROFILE";
 
 const NODES_HELP: &str = "\
 HEALTH is up, down (silent too long; its tasks move elsewhere) or removed, with \
@@ -341,11 +563,29 @@ checkpoint instead of starting over. The output is the same, bit for bit.
   mesh-cli submit --kernel matmul --param m=1024 --param n=1024 --param k=1024 \\
       --input a=@a.bin --input b=@b.bin --shards 8 --wait
 
-With --wait, mesh-cli waits for the task to finish and exits 3 if it failed or was \
-cancelled. With --json it prints the SubmitReply, or with --wait the final TaskView.
-A task file's policy (timeout, attempts, priority, key, shards) can be overridden by \
-flags; --require and --prefer add to the file's requirements and preferences (after \
-them).";
+Batches: --batch FILE submits every [[task]] table of FILE (each one a task file's \
+keys) over one connection, with a progress bar on stderr when it is a terminal. Each \
+task prints `#N: task ID submitted` or `#N (line L): not submitted: why`, then a summary; \
+the exit status is 1 if any was not submitted. With --json: an array of {\"index\", \
+\"task\", \"existing\", \"error\"} (index counts [[task]] tables from 1; with --wait also \
+\"state\").
+  # jobs.toml
+  [[task]]
+  kernel = \"saxpy\"
+  params = { a = 2 }
+  inputs = { x = \"@x.bin\", y = \"@y.bin\" }
+  [[task]]
+  kernel = \"mandelbrot\"
+  params = { width = 800, height = 600, max_iter = 500 }
+  shards = 4
+
+  mesh-cli submit --batch jobs.toml --priority 5 --wait
+
+With --wait, mesh-cli waits for the task (or every task of the batch) to finish and \
+exits 3 if one failed or was cancelled. With --json it prints the SubmitReply, or with \
+--wait the final TaskView. A task file's policy (timeout, attempts, priority, key, \
+shards) can be overridden by flags; --require and --prefer add to the file's \
+requirements and preferences (after them).";
 
 const RESULT_HELP: &str = "\
 Examples:
@@ -356,18 +596,24 @@ Examples:
 
 /// `submit`'s options.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("what").required(true).args(["task_file", "kernel", "wgsl"])))]
+#[command(group(ArgGroup::new("what").required(true).args(["task_file", "kernel", "wgsl", "batch"])))]
 pub struct SubmitArgs {
     /// A task file (TOML) describing the whole task; see docs/task-file.md.
     #[arg(value_name = "TASK_FILE")]
     pub task_file: Option<PathBuf>,
+
+    /// A batch file: many tasks, each a [[task]] table in the task-file format (paths
+    /// relative to the batch file). Every task is checked before the first is sent; they
+    /// go one after another over one connection. The policy flags apply to each.
+    #[arg(long, value_name = "FILE")]
+    pub batch: Option<PathBuf>,
 
     /// A built-in kernel: saxpy, vector-add, matmul, reduce-sum or mandelbrot.
     #[arg(long, value_name = "NAME", conflicts_with_all = ["task_file", "wgsl"])]
     pub kernel: Option<String>,
 
     /// A built-in kernel's parameter (repeat for each), e.g. a=2.
-    #[arg(long = "param", value_name = "K=V", value_parser = parse_param, conflicts_with_all = ["task_file", "wgsl"])]
+    #[arg(long = "param", value_name = "K=V", value_parser = parse_param, conflicts_with_all = ["task_file", "wgsl", "batch"])]
     pub params: Vec<(String, String)>,
 
     /// A WGSL compute shader file.
@@ -375,19 +621,19 @@ pub struct SubmitArgs {
     pub wgsl: Option<PathBuf>,
 
     /// The WGSL entry point [default: main].
-    #[arg(long, value_name = "NAME", conflicts_with_all = ["task_file", "kernel"])]
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["task_file", "kernel", "batch"])]
     pub entry: Option<String>,
 
     /// Workgroup counts of the WGSL dispatch: X, X,Y or X,Y,Z (missing counts are 1).
-    #[arg(long, value_name = "X,Y,Z", value_parser = parse_workgroups, conflicts_with_all = ["task_file", "kernel"])]
+    #[arg(long, value_name = "X,Y,Z", value_parser = parse_workgroups, conflicts_with_all = ["task_file", "kernel", "batch"])]
     pub workgroups: Option<[u32; 3]>,
 
     /// An input buffer read from a file (repeat for each, in binding order), e.g. x=@x.bin.
-    #[arg(long = "input", value_name = "NAME=@FILE", value_parser = parse_input, conflicts_with = "task_file")]
+    #[arg(long = "input", value_name = "NAME=@FILE", value_parser = parse_input, conflicts_with_all = ["task_file", "batch"])]
     pub inputs: Vec<InputArg>,
 
     /// An output buffer of a WGSL kernel with its size in bytes (repeat for each), e.g. y=4096.
-    #[arg(long = "output", value_name = "NAME=BYTES", value_parser = parse_output, conflicts_with_all = ["task_file", "kernel"])]
+    #[arg(long = "output", value_name = "NAME=BYTES", value_parser = parse_output, conflicts_with_all = ["task_file", "kernel", "batch"])]
     pub outputs: Vec<OutputDecl>,
 
     /// Time limit of one attempt: 500ms, 30s, 5m, 1h, 1m30s [default: 60s].
@@ -425,10 +671,13 @@ pub struct SubmitArgs {
     pub shards: Option<u32>,
 
     /// Submitting again with the same key returns the existing task instead of a new one.
-    #[arg(long, value_name = "KEY")]
+    /// Not with --batch (every task would be the same one): give each [[task]] its own
+    /// idempotency_key.
+    #[arg(long, value_name = "KEY", conflicts_with = "batch")]
     pub idempotency_key: Option<String>,
 
-    /// Wait until the task finishes; exit 3 if it failed or was cancelled.
+    /// Wait until the task finishes (with --batch: every task); exit 3 if one failed or
+    /// was cancelled.
     #[arg(long)]
     pub wait: bool,
 }
@@ -487,6 +736,24 @@ fn parse_shards(text: &str) -> Result<u32, String> {
             "expected a number of shards from 1 to {MAX_SHARDS} (1 runs the task whole), e.g. --shards 8"
         )),
     }
+}
+
+/// `--since` of `audit`: a duration of at least a millisecond.
+fn parse_since(text: &str) -> Result<Duration, String> {
+    let since = parse_duration(text)?;
+    if since < Duration::from_millis(1) {
+        return Err(format!(
+            "--since must be at least 1ms, not {text}; write e.g. 10m, 1h or 7d"
+        ));
+    }
+    Ok(since)
+}
+
+/// `--role` of `keys add`: the four role names, listed by `--help` and completions.
+fn role_parser() -> impl clap::builder::TypedValueParser<Value = Role> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(["admin", "operator", "submitter", "viewer"])
+        .map(|name| Role::parse(&name).expect("every possible value is a role"))
 }
 
 /// A node id: the number `mesh-cli nodes` shows.
@@ -551,7 +818,7 @@ mod tests {
     fn global_options_go_before_or_after_the_command() {
         let c = Cli::try_parse_from(["mesh-cli", "status", "--json", "--node", "h:1"]).unwrap();
         assert!(c.json);
-        assert_eq!(c.node.to_string(), "h:1");
+        assert_eq!(c.node.unwrap().to_string(), "h:1");
         let c = Cli::try_parse_from([
             "mesh-cli",
             "--json",
@@ -682,6 +949,163 @@ mod tests {
         assert!(e.contains("expected a node id"), "{e}");
         assert!(Cli::try_parse_from(["mesh-cli", "undrain"]).is_err());
         assert!(Cli::try_parse_from(["mesh-cli", "drain", "2", "--yes"]).is_err());
+    }
+
+    #[test]
+    fn keys_audit_and_snapshot_check_their_arguments() {
+        let fp = "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s";
+        let c = Cli::try_parse_from(["mesh-cli", "keys", "add", "bob.pub", "--role", "submitter"])
+            .unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Keys { command: KeysCommand::Add { ref file, role: Role::Submitter } }
+                if file == &PathBuf::from("bob.pub")
+        ));
+        let e = Cli::try_parse_from(["mesh-cli", "keys", "add", "bob.pub", "--role", "root"])
+            .unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(
+            e.to_string()
+                .contains("[possible values: admin, operator, submitter, viewer]"),
+            "{e}"
+        );
+        assert!(Cli::try_parse_from(["mesh-cli", "keys", "add", "bob.pub"]).is_err());
+        assert!(Cli::try_parse_from(["mesh-cli", "keys", "remove", fp]).is_ok());
+        let e = Cli::try_parse_from(["mesh-cli", "keys", "remove", "SHA256:short"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a key fingerprint"), "{e}");
+
+        let c =
+            Cli::try_parse_from(["mesh-cli", "audit", "--since", "1h30m", "--actor", fp]).unwrap();
+        let Command::Audit { since, actor } = c.command else {
+            panic!()
+        };
+        assert_eq!(since, Some(Duration::from_secs(5400)));
+        assert_eq!(actor.unwrap().as_str(), fp);
+        for bad in [
+            &["--since", "0s"][..],
+            &["--since", "10"],
+            &["--actor", "bob"],
+        ] {
+            let mut argv = vec!["mesh-cli", "audit"];
+            argv.extend_from_slice(bad);
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
+
+        let c = Cli::try_parse_from(["mesh-cli", "snapshot", "save", "s.snap"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Snapshot { command: SnapshotCommand::Save { ref file } } if file == &PathBuf::from("s.snap")
+        ));
+        assert!(Cli::try_parse_from(["mesh-cli", "snapshot", "save"]).is_err());
+        assert!(Cli::try_parse_from(["mesh-cli", "snapshot"]).is_err());
+    }
+
+    #[test]
+    fn tasks_filters_watch_and_completions_parse() {
+        let c = Cli::try_parse_from([
+            "mesh-cli",
+            "tasks",
+            "--state",
+            "running",
+            "--kernel",
+            "wgsl",
+            "--on-node",
+            "2",
+            "--mine",
+            "--limit",
+            "5",
+        ])
+        .unwrap();
+        let Command::Tasks(t) = c.command else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                t.state.as_deref(),
+                t.kernel.as_deref(),
+                t.on_node,
+                t.mine,
+                t.limit
+            ),
+            (
+                Some("running"),
+                Some("wgsl"),
+                Some(NodeId(2)),
+                true,
+                Some(5)
+            )
+        );
+        assert!(t.filters_locally());
+        let c = Cli::try_parse_from(["mesh-cli", "tasks", "--state", "failed"]).unwrap();
+        let Command::Tasks(t) = c.command else {
+            panic!()
+        };
+        assert!(!t.filters_locally(), "--state alone goes to the node");
+        assert!(Cli::try_parse_from(["mesh-cli", "tasks", "--limit", "0"]).is_err());
+        // `--node 2` is the global option, and a bare number is no host: the error says
+        // where the node filter is.
+        let e = Cli::try_parse_from(["mesh-cli", "tasks", "--node", "2"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tasks --on-node N"), "{e}");
+
+        let c = Cli::try_parse_from(["mesh-cli", "watch", "7"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Watch {
+                id: Some(TaskId(7))
+            }
+        ));
+        let c = Cli::try_parse_from(["mesh-cli", "--json", "watch"]).unwrap();
+        assert!(matches!(c.command, Command::Watch { id: None }));
+        assert!(Cli::try_parse_from(["mesh-cli", "watch", "seven"]).is_err());
+
+        for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+            assert!(
+                Cli::try_parse_from(["mesh-cli", "completions", shell]).is_ok(),
+                "{shell}"
+            );
+        }
+        assert!(Cli::try_parse_from(["mesh-cli", "completions", "tcsh"]).is_err());
+
+        let c = Cli::try_parse_from(["mesh-cli", "--config", "c.toml", "status"]).unwrap();
+        assert_eq!(c.config, Some(PathBuf::from("c.toml")));
+    }
+
+    #[test]
+    fn a_batch_takes_policy_flags_but_no_task_of_its_own() {
+        let batch = |extra: &[&str]| {
+            let mut argv = vec!["mesh-cli", "submit", "--batch", "jobs.toml"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+        };
+        let c = batch(&[
+            "--wait",
+            "--priority",
+            "5",
+            "--timeout",
+            "2m",
+            "--prefer",
+            "device=cpu",
+        ])
+        .unwrap();
+        let Command::Submit(s) = c.command else {
+            panic!()
+        };
+        assert_eq!(s.batch, Some(PathBuf::from("jobs.toml")));
+        assert!(s.wait);
+        for bad in [
+            &["t.toml"][..],
+            &["--kernel", "saxpy"],
+            &["--wgsl", "k.wgsl"],
+            &["--input", "x=@x.bin"],
+            &["--param", "a=2"],
+            &["--idempotency-key", "k"],
+        ] {
+            assert!(batch(bad).is_err(), "{bad:?}");
+        }
     }
 
     fn submit(extra: &[&str]) -> Result<SubmitArgs, clap::Error> {

@@ -1,15 +1,22 @@
 //! What each command does: the protocol calls it makes (docs/ssh-protocol.md) and what
 //! it prints. With `--json` exactly one JSON document goes to stdout: the node's
-//! answer as it came, or for `pin` and `result --output/--png` one of ours. The
-//! cluster commands (join tokens, `join`, `remove`, `drain`, `undrain`) live in
-//! `commands/cluster.rs`.
+//! answer as it came, or for `pin`, `result --output/--png`, filtered `tasks`,
+//! `snapshot save` and `submit --batch` one of ours; `watch` alone prints JSON Lines.
+//! The cluster commands (join tokens, `join`, `remove`, `drain`, `undrain`) live in
+//! `commands/cluster.rs`, the admin commands (keys, audit, snapshots) in
+//! `commands/admin.rs`, `watch` in `commands/watch.rs` and batches in
+//! `commands/batch.rs`.
 
+mod admin;
+mod batch;
 mod cluster;
+mod watch;
 
-use crate::args::{Cli, Command, ResultArgs, SubmitArgs};
+use crate::args::{Cli, Command, ResultArgs, SubmitArgs, TasksArgs};
+use crate::config::Settings;
 use crate::connection::{fetch_host_key, Connection, ExecOutput};
 use crate::exit_code::ExitError;
-use crate::host_keys::{self, default_known_hosts_path, HostKeyPolicy, PinOutcome};
+use crate::host_keys::{self, HostKeyPolicy, PinOutcome};
 use crate::identity::IdentityChoice;
 use crate::node_addr::NodeAddr;
 use crate::{png_out, render, task_file, task_spec};
@@ -63,22 +70,13 @@ struct SavedView {
 }
 
 impl Context {
-    /// Check the global options.
+    /// Check the global options, merged with the config file.
     pub fn from_cli(cli: &Cli) -> anyhow::Result<Context> {
-        let known_hosts = match (&cli.known_hosts, default_known_hosts_path()) {
-            (Some(p), _) => p.clone(),
-            (None, Some(p)) => p,
-            (None, None) => anyhow::bail!(
-                "there is no config directory for the default known_hosts file; pass --known-hosts FILE or set MESH_KNOWN_HOSTS"
-            ),
-        };
+        let settings = Settings::of_cli(cli)?;
         Ok(Context {
-            node: cli.node.clone(),
-            known_hosts,
-            identity: cli
-                .identity
-                .clone()
-                .map_or(IdentityChoice::Auto, IdentityChoice::File),
+            node: settings.node,
+            known_hosts: settings.known_hosts,
+            identity: settings.identity,
             json: cli.json,
         })
     }
@@ -89,10 +87,34 @@ impl Context {
     }
 }
 
+/// Print the completion script for `shell`. It needs neither settings nor a node.
+pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    let mut script = Vec::new();
+    clap_complete::generate(
+        shell,
+        &mut <Cli as clap::CommandFactory>::command(),
+        "mesh-cli",
+        &mut script,
+    );
+    print_out(&String::from_utf8_lossy(&script))
+}
+
 /// Run the command.
 pub async fn run(cli: Cli, ctx: &Context) -> anyhow::Result<()> {
     match cli.command {
+        Command::Completions { shell } => completions(shell),
         Command::Pin { node, fingerprint } => pin(ctx, &node, &fingerprint).await,
+        Command::Submit(args) if args.batch.is_some() => batch::submit(ctx, &args).await,
+        Command::Keys {
+            command: crate::args::KeysCommand::Add { file, role },
+        } => {
+            // Check the key file before connecting: a wrong file shows without a node.
+            let text = admin::read_public_keys(&file)?;
+            let conn = ctx.connect().await?;
+            let result = admin::keys_add(ctx, &conn, &text, role).await;
+            conn.close().await;
+            result
+        }
         Command::Submit(args) => {
             // Build and check the task before connecting: mistakes show without a node.
             let body = prepare_submit(&args)?;
@@ -129,14 +151,28 @@ async fn run_connected(ctx: &Context, conn: &Connection, command: Command) -> an
             let r: Reply<Vec<NodeView>> = call(conn, "nodes --json", None).await?;
             show(ctx, &r, || render::nodes(&r.value))
         }
-        Command::Tasks { state } => {
-            let line = match state {
+        Command::Tasks(args) => {
+            let line = match &args.state {
                 Some(s) => format!("tasks --state {s} --json"),
                 None => "tasks --json".to_string(),
             };
             let r: Reply<Vec<TaskView>> = call(conn, &line, None).await?;
-            show(ctx, &r, || render::tasks(&r.value, now))
+            if !args.filters_locally() {
+                return show(ctx, &r, || render::tasks(&r.value, now));
+            }
+            let kept = filter_tasks(r.value, &args, conn.user_fingerprint());
+            if ctx.json {
+                print_json(&kept)
+            } else {
+                print_out(&render::tasks(&kept, now))
+            }
         }
+        Command::Watch { id } => watch::watch(ctx, conn, id).await,
+        Command::Keys { command } => admin::keys(ctx, conn, command, now).await,
+        Command::Audit { since, actor } => admin::audit(ctx, conn, since, actor.as_ref()).await,
+        Command::Snapshot {
+            command: crate::args::SnapshotCommand::Save { file },
+        } => admin::snapshot_save(ctx, conn, &file).await,
         Command::Task { id } => {
             let r: Reply<TaskView> = call(conn, &format!("task {id} --json"), None).await?;
             show(ctx, &r, || render::task(&r.value, now))
@@ -152,10 +188,34 @@ async fn run_connected(ctx: &Context, conn: &Connection, command: Command) -> an
         Command::Remove { id, yes } => cluster::remove(ctx, conn, id, yes).await,
         Command::Drain { id } => cluster::drain(ctx, conn, id, true).await,
         Command::Undrain { id } => cluster::drain(ctx, conn, id, false).await,
-        Command::Pin { .. } | Command::Submit(_) | Command::Join { .. } => {
+        Command::Pin { .. }
+        | Command::Submit(_)
+        | Command::Join { .. }
+        | Command::Completions { .. } => {
             unreachable!("handled by run")
         }
     }
+}
+
+/// The tasks of a listing that pass `tasks`' local filters (`--state` is the node's),
+/// newest last; `me` is the fingerprint this connection authenticated with.
+fn filter_tasks(tasks: Vec<TaskView>, args: &TasksArgs, me: &str) -> Vec<TaskView> {
+    let mut kept: Vec<TaskView> = tasks
+        .into_iter()
+        .filter(|t| {
+            args.kernel.as_deref().is_none_or(|k| {
+                // `wgsl` matches every WGSL task, whose label is `wgsl:ENTRY`.
+                t.kernel == k || t.kernel.split_once(':').is_some_and(|(kind, _)| kind == k)
+            })
+        })
+        .filter(|t| args.on_node.is_none_or(|n| t.node == Some(n)))
+        .filter(|t| !args.mine || t.submitter == me)
+        .collect();
+    if let Some(limit) = args.limit {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        kept.drain(..kept.len().saturating_sub(limit));
+    }
+    kept
 }
 
 /// Run a protocol command and read its JSON answer.
@@ -241,6 +301,11 @@ fn print_json_raw(raw: &[u8]) -> anyhow::Result<()> {
 /// Print one JSON document of ours.
 pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     print_out(&format!("{}\n", serde_json::to_string_pretty(value)?))
+}
+
+/// Print one JSON value on one line (JSON Lines, for `watch`).
+pub fn print_json_line<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    print_out(&format!("{}\n", serde_json::to_string(value)?))
 }
 
 fn now_ms() -> u64 {
@@ -510,11 +575,34 @@ fn mandelbrot_params(task: &TaskView) -> anyhow::Result<(u32, u32, u32)> {
 
 /// Write a whole file, or nothing: bytes go to a temporary name, then into place.
 fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    write_file_as(path, bytes, false)
+}
+
+/// [`write_file`]; a `private` file is readable by its owner alone (a snapshot holds
+/// every task's data) and reaches the disk before it takes its name.
+fn write_file_as(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
-    std::fs::write(&partial, bytes)
-        .with_context(|| format!("cannot write {}", partial.display()))?;
+    let written = (|| {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        if private {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            options.mode(0o600);
+        }
+        let mut file = options.open(&partial)?;
+        file.write_all(bytes)?;
+        if private {
+            file.sync_all()?;
+        }
+        Ok::<_, std::io::Error>(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e).with_context(|| format!("cannot write {}", partial.display()));
+    }
     std::fs::rename(&partial, path).with_context(|| {
         let _ = std::fs::remove_file(&partial);
         format!("cannot move {} to {}", partial.display(), path.display())
@@ -575,6 +663,7 @@ mod tests {
             waiting: None,
             shards: 1,
             shards_done: 0,
+            results_recorded: 0,
         }
     }
 
@@ -592,8 +681,14 @@ mod tests {
             node.user_key_file(dir),
         );
         let id = id.display().to_string();
+        // An empty config file: the tester's own must not count.
+        let config = dir.join("cli.toml");
+        std::fs::write(&config, "").unwrap();
+        let config = config.display().to_string();
         let mut argv = vec![
             "mesh-cli",
+            "--config",
+            &config,
             "--node",
             &addr,
             "--known-hosts",
@@ -1055,8 +1150,21 @@ mod tests {
             .unwrap()
             .fingerprint
             .to_string();
+        let config = dir.path().join("cli.toml");
+        std::fs::write(&config, "").unwrap();
+        let config = config.display().to_string();
         let pin_cli = |fp: &str| {
-            Cli::try_parse_from(["mesh-cli", "--known-hosts", &kh, "pin", &addr, fp]).unwrap()
+            Cli::try_parse_from([
+                "mesh-cli",
+                "--config",
+                &config,
+                "--known-hosts",
+                &kh,
+                "pin",
+                &addr,
+                fp,
+            ])
+            .unwrap()
         };
 
         let cli = pin_cli(&wrong);
@@ -1078,6 +1186,523 @@ mod tests {
         assert!(
             text.starts_with(&format!("[127.0.0.1]:{} ssh-ed25519 ", node.addr.port)),
             "{text}"
+        );
+    }
+
+    fn task_in(id: u64, state: &str, node: Option<u64>, kernel: &str, submitter: &str) -> TaskView {
+        TaskView {
+            node: node.map(NodeId),
+            submitter: submitter.into(),
+            ..view(id, kernel, &[], state, None)
+        }
+    }
+
+    #[test]
+    fn task_filters_combine_and_keep_the_newest() {
+        use crate::args::TasksArgs;
+        let tasks = vec![
+            task_in(1, "succeeded", Some(1), "saxpy", "SHA256:me"),
+            task_in(2, "running", Some(2), "wgsl:main", "SHA256:me"),
+            task_in(3, "running", Some(2), "saxpy", "SHA256:other"),
+            task_in(4, "pending", None, "saxpy", "SHA256:me"),
+            task_in(5, "running", Some(2), "wgsl:double", "SHA256:me"),
+        ];
+        let ids = |args: TasksArgs| {
+            filter_tasks(tasks.clone(), &args, "SHA256:me")
+                .iter()
+                .map(|t| t.id.0)
+                .collect::<Vec<_>>()
+        };
+        let none = || TasksArgs {
+            state: None,
+            kernel: None,
+            on_node: None,
+            mine: false,
+            limit: None,
+        };
+        assert_eq!(ids(none()), [1, 2, 3, 4, 5]);
+        assert_eq!(
+            ids(TasksArgs {
+                kernel: Some("saxpy".into()),
+                ..none()
+            }),
+            [1, 3, 4]
+        );
+        assert_eq!(
+            ids(TasksArgs {
+                kernel: Some("wgsl".into()),
+                ..none()
+            }),
+            [2, 5]
+        );
+        assert_eq!(
+            ids(TasksArgs {
+                kernel: Some("wgsl:main".into()),
+                ..none()
+            }),
+            [2]
+        );
+        assert_eq!(
+            ids(TasksArgs {
+                on_node: Some(NodeId(2)),
+                ..none()
+            }),
+            [2, 3, 5]
+        );
+        assert_eq!(
+            ids(TasksArgs {
+                mine: true,
+                ..none()
+            }),
+            [1, 2, 4, 5]
+        );
+        assert_eq!(
+            ids(TasksArgs {
+                mine: true,
+                on_node: Some(NodeId(2)),
+                limit: Some(1),
+                ..none()
+            }),
+            [5],
+            "the newest of those that pass"
+        );
+        assert_eq!(
+            ids(TasksArgs {
+                limit: Some(99),
+                ..none()
+            }),
+            [1, 2, 3, 4, 5]
+        );
+    }
+
+    #[tokio::test]
+    async fn tasks_mine_sends_one_listing_and_knows_who_i_am() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = fake_node::start(
+            40,
+            41,
+            vec![("tasks --state running --json", Reply::ok(b"[]".to_vec()))],
+        )
+        .await;
+        run_cli(
+            &node,
+            dir.path(),
+            &[
+                "--json", "tasks", "--state", "running", "--mine", "--limit", "3",
+            ],
+        )
+        .await
+        .unwrap();
+        let received = node.received.lock().unwrap().clone();
+        assert_eq!(received.len(), 1);
+        assert_eq!(received[0].0, "tasks --state running --json");
+    }
+
+    #[tokio::test]
+    async fn admin_commands_check_locally_then_send_one_line() {
+        use mesh_core::api::{AuditView, KeyView};
+
+        let dir = tempfile::tempdir().unwrap();
+        let bob = fake_node::key(33);
+        let bob_line = format!("{} bob@laptop\n", bob.public_key().to_openssh().unwrap());
+        let bob_fp = crate::identity::fingerprint_of(bob.public_key());
+        let pub_file = dir.path().join("bob.pub");
+        std::fs::write(&pub_file, &bob_line).unwrap();
+        let snapshot: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let key_view = KeyView {
+            fingerprint: bob_fp.clone(),
+            role: "submitter".into(),
+            comment: "bob@laptop".into(),
+            key: bob_line.trim().into(),
+            added_by: "SHA256:admin".into(),
+            added_at_ms: 0,
+        };
+        let audit_view = AuditView {
+            seq: 1,
+            at_ms: 0,
+            actor: "SHA256:admin".into(),
+            action: "keys add".into(),
+            target: Some("as submitter".into()),
+            outcome: "ok".into(),
+        };
+        let remove_line = format!("keys remove {bob_fp} --json");
+        let audit_line = format!("audit --since 3600000ms --actor {bob_fp} --json");
+        let node = fake_node::start(
+            34,
+            35,
+            vec![
+                (
+                    "keys add --role submitter --json",
+                    Reply::ok(json(&serde_json::json!({"added": [bob_fp], "role": "submitter"}))),
+                ),
+                (
+                    "keys add --role admin --json",
+                    Reply::error(
+                        1,
+                        "permission denied: key SHA256:x has role operator; this needs admin (an admin can run: mesh-cli keys add KEY.pub --role admin)",
+                    ),
+                ),
+                ("keys list --json", Reply::ok(json(&vec![key_view]))),
+                (&remove_line, Reply::ok(json(&serde_json::json!({"removed": bob_fp})))),
+                (&audit_line, Reply::ok(json(&vec![audit_view]))),
+                (
+                    "snapshot",
+                    Reply::sequence(vec![
+                        Reply::ok(snapshot.clone()),
+                        Reply::error(1, "permission denied: key SHA256:x has role viewer; this needs admin"),
+                    ]),
+                ),
+            ],
+        )
+        .await;
+        let f = pub_file.display().to_string();
+        run_cli(
+            &node,
+            dir.path(),
+            &["keys", "add", &f, "--role", "submitter"],
+        )
+        .await
+        .unwrap();
+        let e = run_cli(&node, dir.path(), &["keys", "add", &f, "--role", "admin"])
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("permission denied: key SHA256:x has role operator"),
+            "{e}"
+        );
+        run_cli(&node, dir.path(), &["keys", "list"]).await.unwrap();
+        run_cli(&node, dir.path(), &["keys", "remove", &bob_fp])
+            .await
+            .unwrap();
+        run_cli(
+            &node,
+            dir.path(),
+            &["audit", "--since", "1h", "--actor", &bob_fp],
+        )
+        .await
+        .unwrap();
+
+        // A file that is not a public key: refused by line, nothing sent.
+        let bad = dir.path().join("bad.pub");
+        std::fs::write(&bad, format!("{bob_line}ssh-ed25519 AAAA\n")).unwrap();
+        let e = run_cli(
+            &node,
+            dir.path(),
+            &[
+                "keys",
+                "add",
+                &bad.display().to_string(),
+                "--role",
+                "viewer",
+            ],
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}: line 2: ", bad.display())),
+            "{e}"
+        );
+
+        // The snapshot is written whole, readable by its owner alone, with no .partial left.
+        let saved = dir.path().join("mesh.snap");
+        run_cli(
+            &node,
+            dir.path(),
+            &["snapshot", "save", &saved.display().to_string()],
+        )
+        .await
+        .unwrap();
+        assert!(std::fs::read(&saved).unwrap() == snapshot);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&saved).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let other = dir.path().join("other.snap");
+        let e = run_cli(
+            &node,
+            dir.path(),
+            &["snapshot", "save", &other.display().to_string()],
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().starts_with("permission denied"), "{e}");
+        assert!(!other.exists());
+        assert!(!dir.path().join("other.snap.partial").exists());
+
+        let received = node.received.lock().unwrap().clone();
+        assert_eq!(
+            received.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+            [
+                "keys add --role submitter --json",
+                "keys add --role admin --json",
+                "keys list --json",
+                remove_line.as_str(),
+                audit_line.as_str(),
+                "snapshot",
+                "snapshot",
+            ]
+        );
+        assert_eq!(
+            received[0].1,
+            bob_line.as_bytes(),
+            "the key file goes on stdin as it is"
+        );
+    }
+
+    #[tokio::test]
+    async fn watch_polls_one_connection_until_the_task_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sharded = view(7, "mandelbrot", &[], "running", None);
+        sharded.shards = 4;
+        sharded.node = Some(NodeId(2));
+        sharded.attempt = 1;
+        let mut done = sharded.clone();
+        done.shards_done = 4;
+        done.state = "succeeded".into();
+        let node = fake_node::start(
+            42,
+            43,
+            vec![
+                (
+                    "task 7 --json",
+                    Reply::sequence(vec![
+                        Reply::ok(json(&TaskView {
+                            state: "pending".into(),
+                            node: None,
+                            ..sharded.clone()
+                        })),
+                        Reply::ok(json(&sharded)),
+                        Reply::ok(json(&sharded)),
+                        Reply::ok(json(&done)),
+                    ]),
+                ),
+                (
+                    "task 8 --json",
+                    Reply::sequence(vec![
+                        Reply::ok(json(&view(8, "saxpy", &[], "running", None))),
+                        Reply::ok(json(&view(8, "saxpy", &[], "failed", None))),
+                    ]),
+                ),
+                ("tasks --json", Reply::ok(json(&vec![sharded.clone()]))),
+            ],
+        )
+        .await;
+        run_cli(&node, dir.path(), &["watch", "7"]).await.unwrap();
+        let e = run_cli(&node, dir.path(), &["--json", "watch", "8"])
+            .await
+            .unwrap_err();
+        assert_eq!(exit_status_of(&e), 3);
+        assert_eq!(
+            e.to_string(),
+            "task 8 failed after 3 attempt(s): device lost"
+        );
+        assert!(
+            crate::exit_code::reported_on_stdout(&e),
+            "no error document among the JSON Lines"
+        );
+
+        // `watch` without an ID runs until interrupted.
+        let all = tokio::time::timeout(
+            Duration::from_millis(1_300),
+            run_cli(&node, dir.path(), &["watch"]),
+        )
+        .await;
+        assert!(all.is_err(), "watch ended by itself: {all:?}");
+
+        let received = node.received.lock().unwrap().clone();
+        let count = |c: &str| received.iter().filter(|(r, _)| r == c).count();
+        assert_eq!(
+            count("task 7 --json"),
+            4,
+            "one poll per answer until the task ended"
+        );
+        assert_eq!(count("task 8 --json"), 2);
+        assert!(count("tasks --json") >= 2, "{received:?}");
+        assert_eq!(
+            node.connections.load(std::sync::atomic::Ordering::SeqCst),
+            3,
+            "one connection per watch"
+        );
+    }
+
+    fn write_batch(dir: &Path, text: &str) -> String {
+        let path = dir.join("jobs.toml");
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+
+    const MANDELBROTS: &str = "\
+[[task]]
+kernel = \"mandelbrot\"
+params = { width = 8, height = 4, max_iter = 9 }
+
+[[task]]
+kernel = \"mandelbrot\"
+params = { width = 8, height = 4, max_iter = 9 }
+shards = 4
+
+[[task]]
+kernel = \"mandelbrot\"
+params = { width = 8, height = 4, max_iter = 9 }
+idempotency_key = \"m3\"
+";
+
+    #[tokio::test]
+    async fn a_batch_is_checked_whole_then_sent_over_one_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let submitted = |id: u64, existing: bool| {
+            Reply::ok(json(&SubmitReply {
+                task: TaskId(id),
+                existing,
+            }))
+        };
+        let node = fake_node::start(
+            44,
+            45,
+            vec![(
+                "submit --json",
+                Reply::sequence(vec![
+                    submitted(1, false),
+                    Reply::error(
+                        1,
+                        "no registered node could ever run task: needs device=discrete",
+                    ),
+                    submitted(3, true),
+                ]),
+            )],
+        )
+        .await;
+        let jobs = write_batch(dir.path(), MANDELBROTS);
+        let e = run_cli(
+            &node,
+            dir.path(),
+            &["submit", "--batch", &jobs, "--priority", "4"],
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(exit_status_of(&e), 1);
+        assert_eq!(
+            e.to_string(),
+            format!("1 of the 3 task(s) in {jobs} were not submitted")
+        );
+        let received = node.received.lock().unwrap().clone();
+        assert_eq!(
+            received.len(),
+            3,
+            "the refused task does not stop the others"
+        );
+        let specs: Vec<TaskSpec> = received
+            .iter()
+            .map(|(_, body)| serde_json::from_slice(body).unwrap())
+            .collect();
+        assert_eq!(
+            specs
+                .iter()
+                .map(|s| (s.priority, s.shards))
+                .collect::<Vec<_>>(),
+            [(4, 1), (4, 4), (4, 1)],
+            "the policy flags apply to every task"
+        );
+        assert_eq!(specs[2].idempotency_key.as_deref(), Some("m3"));
+        assert_eq!(
+            node.connections.load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+
+        // One bad task: the batch is refused before anything is sent.
+        let jobs = write_batch(dir.path(), &MANDELBROTS.replace("shards = 4", "shards = 5"));
+        let e = run_cli(&node, dir.path(), &["submit", "--batch", &jobs])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            format!("the batch was not sent: batch file {jobs}: task #2 (line 5): 5 shards for 4 rows: shards must be between 1 and 4")
+        );
+        assert_eq!(node.received.lock().unwrap().len(), 3);
+        assert_eq!(
+            node.connections.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "no connection either"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_with_wait_follows_every_task_to_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let submitted = |id: u64| {
+            Reply::ok(json(&SubmitReply {
+                task: TaskId(id),
+                existing: false,
+            }))
+        };
+        let at = |id: u64, state: &str| view(id, "mandelbrot", &[], state, None);
+        let node = fake_node::start(
+            46,
+            47,
+            vec![
+                (
+                    "submit --json",
+                    Reply::sequence(vec![submitted(11), submitted(12), submitted(13)]),
+                ),
+                (
+                    "tasks --json",
+                    Reply::sequence(vec![
+                        // Task 13 is missing from the first listing: asked for by id.
+                        Reply::ok(json(&vec![
+                            at(9, "running"),
+                            at(11, "running"),
+                            at(12, "pending"),
+                        ])),
+                        Reply::ok(json(&vec![
+                            at(11, "succeeded"),
+                            at(12, "running"),
+                            at(13, "succeeded"),
+                        ])),
+                        Reply::ok(json(&vec![
+                            at(11, "succeeded"),
+                            at(12, "cancelled"),
+                            at(13, "succeeded"),
+                        ])),
+                    ]),
+                ),
+                ("task 13 --json", Reply::ok(json(&at(13, "pending")))),
+            ],
+        )
+        .await;
+        let jobs = write_batch(dir.path(), MANDELBROTS);
+        let e = run_cli(
+            &node,
+            dir.path(),
+            &["--json", "submit", "--batch", &jobs, "--wait"],
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(exit_status_of(&e), 3);
+        assert!(
+            e.to_string()
+                .starts_with("1 task(s) of the batch failed or were cancelled: 12;"),
+            "{e}"
+        );
+        let received = node.received.lock().unwrap().clone();
+        assert_eq!(
+            received.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+            [
+                "submit --json",
+                "submit --json",
+                "submit --json",
+                "tasks --json",
+                "task 13 --json",
+                "tasks --json",
+                "tasks --json",
+            ]
+        );
+        assert_eq!(
+            node.connections.load(std::sync::atomic::Ordering::SeqCst),
+            1
         );
     }
 }

@@ -30,6 +30,11 @@ const STDIN_CHUNK_BYTES: usize = 256 * 1024;
 /// this stops a misbehaving peer from exhausting memory.
 const MAX_REPLY_BYTES: usize = 256 * 1024 * 1024;
 
+/// Most bytes accepted for a snapshot (`Connection::exec_snapshot`). A snapshot is the
+/// whole replicated state, task data included, which the node holds in memory: it can
+/// outgrow [`MAX_REPLY_BYTES`], but hardly 4 GiB (and no 32-bit client holds more).
+pub const MAX_SNAPSHOT_BYTES: usize = u32::MAX as usize;
+
 /// How mesh-cli treats the node's host key.
 #[derive(Debug, Clone)]
 pub enum HostKeyMode {
@@ -114,10 +119,12 @@ impl ExecOutput {
     }
 }
 
-/// An authenticated SSH session with one node.
+/// An authenticated SSH session with one node. Each command runs on a channel of its
+/// own, so several may run at once and one connection serves a whole `watch`.
 pub struct Connection {
     handle: Handle<ClientHandler>,
     node: NodeAddr,
+    user: String,
 }
 
 fn client_config() -> Arc<client::Config> {
@@ -148,7 +155,7 @@ async fn connect_handle(
     let seen = presented.lock().expect("host key slot poisoned").clone();
     let result = match result {
         Err(_) => Err(anyhow::anyhow!(
-            "no SSH answer from node {node} within {}s; check the address (--node or MESH_NODE) \
+            "no SSH answer from node {node} within {}s; check the address (--node, MESH_NODE or node in the config file) \
              and that mesh-node runs there",
             CONNECT_TIMEOUT.as_secs()
         )),
@@ -156,7 +163,7 @@ async fn connect_handle(
         Ok(Err(SessionError::HostKey(refusal))) => Err(refusal.into()),
         Ok(Err(SessionError::Captured)) => Err(SessionError::Captured.into()),
         Ok(Err(SessionError::Ssh(russh::Error::IO(e)))) => Err(anyhow::anyhow!(
-            "cannot connect to node {node}: {e}; check the address (--node or MESH_NODE) and \
+            "cannot connect to node {node}: {e}; check the address (--node, MESH_NODE or node in the config file) and \
              that mesh-node runs there"
         )),
         Ok(Err(SessionError::Ssh(e))) => {
@@ -199,11 +206,17 @@ impl Connection {
     ) -> anyhow::Result<Connection> {
         let (handle, _) = connect_handle(node, HostKeyMode::Verify(Arc::new(policy))).await;
         let mut handle = handle?;
-        identity::authenticate(&mut handle, node, identity).await?;
+        let user = identity::authenticate(&mut handle, node, identity).await?;
         Ok(Connection {
             handle,
             node: node.clone(),
+            user,
         })
+    }
+
+    /// The fingerprint of the key the node accepted: who the node thinks we are.
+    pub fn user_fingerprint(&self) -> &str {
+        &self.user
     }
 
     /// Run one protocol command (`COMMAND [ARGS] --json`) with an optional standard
@@ -219,6 +232,24 @@ impl Connection {
         command: &str,
         shown: &str,
         stdin: Option<Vec<u8>>,
+    ) -> anyhow::Result<ExecOutput> {
+        self.exec_limited(command, shown, stdin, MAX_REPLY_BYTES)
+            .await
+    }
+
+    /// Run `snapshot`, whose answer may be larger than any other (up to
+    /// [`MAX_SNAPSHOT_BYTES`]).
+    pub async fn exec_snapshot(&self, command: &str) -> anyhow::Result<ExecOutput> {
+        self.exec_limited(command, command, None, MAX_SNAPSHOT_BYTES)
+            .await
+    }
+
+    async fn exec_limited(
+        &self,
+        command: &str,
+        shown: &str,
+        stdin: Option<Vec<u8>>,
+        max_reply_bytes: usize,
     ) -> anyhow::Result<ExecOutput> {
         let node = &self.node;
         let channel = self
@@ -250,8 +281,12 @@ impl Connection {
         let mut refused = false;
         while let Some(msg) = reader.wait().await {
             match msg {
-                ChannelMsg::Data { data } => append(&mut out.stdout, &data, shown)?,
-                ChannelMsg::ExtendedData { data, ext: 1 } => append(&mut out.stderr, &data, shown)?,
+                ChannelMsg::Data { data } => {
+                    append(&mut out.stdout, &data, shown, max_reply_bytes)?
+                }
+                ChannelMsg::ExtendedData { data, ext: 1 } => {
+                    append(&mut out.stderr, &data, shown, MAX_REPLY_BYTES)?
+                }
                 ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
                 ChannelMsg::ExitSignal {
                     signal_name,
@@ -262,6 +297,7 @@ impl Connection {
                         &mut out.stderr,
                         format!("killed by signal {signal_name:?}: {error_message}\n").as_bytes(),
                         shown,
+                        MAX_REPLY_BYTES,
                     )?;
                 }
                 ChannelMsg::Failure => {
@@ -310,9 +346,11 @@ impl Connection {
     }
 }
 
-fn append(buf: &mut Vec<u8>, data: &[u8], command: &str) -> anyhow::Result<()> {
-    if buf.len() + data.len() > MAX_REPLY_BYTES {
-        anyhow::bail!("the answer to '{command}' is larger than {MAX_REPLY_BYTES} bytes; refusing to buffer more");
+fn append(buf: &mut Vec<u8>, data: &[u8], command: &str, max: usize) -> anyhow::Result<()> {
+    if buf.len() + data.len() > max {
+        anyhow::bail!(
+            "the answer to '{command}' is larger than {max} bytes; refusing to buffer more"
+        );
     }
     buf.extend_from_slice(data);
     Ok(())
@@ -371,6 +409,11 @@ mod tests {
         let conn = Connection::open(&node.addr, policy, &identity)
             .await
             .unwrap();
+        assert_eq!(
+            conn.user_fingerprint(),
+            identity::fingerprint_of(node.user_key.public_key()),
+            "the connection knows which key the node accepted"
+        );
 
         // A 9 MiB body on stdin arrives whole.
         let body: Vec<u8> = (0..9 << 20).map(|i| (i * 7 % 256) as u8).collect();

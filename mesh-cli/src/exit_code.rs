@@ -12,6 +12,10 @@ pub enum ExitError {
     /// stdout, so no `{"error": ..}` document is printed for it.
     #[error("{0}")]
     TaskFailed(String),
+    /// Some tasks of a batch were not submitted (exit 1). The batch's answer, with the
+    /// error of each, is already on stdout.
+    #[error("{0}")]
+    BatchIncomplete(String),
 }
 
 /// The exit status for an error.
@@ -19,7 +23,7 @@ pub fn exit_status_of(err: &anyhow::Error) -> u32 {
     match err.downcast_ref::<ExitError>() {
         Some(ExitError::Usage(_)) => EXIT_USAGE,
         Some(ExitError::TaskFailed(_)) => EXIT_TASK_FAILED,
-        None => EXIT_ERROR,
+        Some(ExitError::BatchIncomplete(_)) | None => EXIT_ERROR,
     }
 }
 
@@ -27,7 +31,7 @@ pub fn exit_status_of(err: &anyhow::Error) -> u32 {
 pub fn reported_on_stdout(err: &anyhow::Error) -> bool {
     matches!(
         err.downcast_ref::<ExitError>(),
-        Some(ExitError::TaskFailed(_))
+        Some(ExitError::TaskFailed(_) | ExitError::BatchIncomplete(_))
     )
 }
 
@@ -58,6 +62,10 @@ mod tests {
         let failed: anyhow::Error = ExitError::TaskFailed("t".into()).into();
         assert_eq!(exit_status_of(&failed), 3);
         assert!(reported_on_stdout(&failed));
+        let incomplete: anyhow::Error = ExitError::BatchIncomplete("b".into()).into();
+        assert_eq!(exit_status_of(&incomplete), 1);
+        assert!(reported_on_stdout(&incomplete));
+        assert!(!reported_on_stdout(&anyhow::anyhow!("x")));
         assert_eq!(one_line("a:\n  b\n\n c \n"), "a: | b | c");
         assert_eq!(
             one_line("bad:\n  ┌─ wgsl:1:2\n  │\n1 │ x\n"),

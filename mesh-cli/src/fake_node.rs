@@ -8,8 +8,9 @@ use russh::keys::ssh_key::{private::Ed25519Keypair, LineEnding};
 use russh::keys::{PrivateKey, PublicKey};
 use russh::server::{self, Auth, Msg, Session};
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +31,8 @@ pub enum Reply {
     },
     /// After standard input ends: `LEN SHA256` of what arrived, exit 0.
     DigestOfStdin,
+    /// One reply per call, in order; the last one answers every later call.
+    Sequence(Arc<Mutex<VecDeque<Reply>>>),
 }
 
 impl Reply {
@@ -39,6 +42,27 @@ impl Reply {
             stdout: stdout.into(),
             stderr: String::new(),
             status: 0,
+        }
+    }
+
+    /// Successive answers to the same command line (a task that moves on).
+    pub fn sequence(replies: Vec<Reply>) -> Reply {
+        assert!(!replies.is_empty(), "a sequence needs a reply");
+        Reply::Sequence(Arc::new(Mutex::new(replies.into())))
+    }
+
+    /// The reply for this call: a sequence gives its next one.
+    fn next(&self) -> Reply {
+        match self {
+            Reply::Sequence(queue) => {
+                let mut queue = queue.lock().unwrap();
+                if queue.len() > 1 {
+                    queue.pop_front().unwrap()
+                } else {
+                    queue.front().unwrap().next()
+                }
+            }
+            other => other.clone(),
         }
     }
 
@@ -65,6 +89,8 @@ pub struct FakeNode {
     pub user_key: PrivateKey,
     /// Every command line with the standard input it came with.
     pub received: Received,
+    /// How many SSH connections it accepted.
+    pub connections: Arc<AtomicUsize>,
 }
 
 impl FakeNode {
@@ -111,8 +137,11 @@ pub async fn start(host_seed: u8, user_seed: u8, script: Vec<(&str, Reply)>) -> 
     );
     let received = Arc::new(Mutex::new(Vec::new()));
     let (allowed, log) = (user_key.public_key().clone(), received.clone());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let accepted = connections.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
             let handler = FakeSession {
                 allowed: allowed.clone(),
                 script: script.clone(),
@@ -133,6 +162,7 @@ pub async fn start(host_seed: u8, user_seed: u8, script: Vec<(&str, Reply)>) -> 
         host_key,
         user_key,
         received,
+        connections,
     }
 }
 
@@ -158,6 +188,7 @@ impl FakeSession {
                 String::new(),
                 0,
             ),
+            Reply::Sequence(_) => unreachable!("resolved by Reply::next"),
         };
         // Through the session handle, so that answers of any size respect the window.
         let handle = session.handle();
@@ -234,9 +265,13 @@ impl server::Handler for FakeSession {
             .lock()
             .unwrap()
             .push((command.clone(), stdin.clone()));
-        let reply = self.script.get(&command).cloned().unwrap_or_else(|| {
-            Reply::error(2, &format!("the fake node has no reply for '{command}'"))
-        });
+        let reply = self
+            .script
+            .get(&command)
+            .map(Reply::next)
+            .unwrap_or_else(|| {
+                Reply::error(2, &format!("the fake node has no reply for '{command}'"))
+            });
         self.send(ch, reply, &stdin, session);
         Ok(())
     }

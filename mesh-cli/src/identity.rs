@@ -23,19 +23,22 @@ pub enum IdentityChoice {
     Auto,
 }
 
-/// Authenticate on a connected session, trying the keys of `choice` in order. The
-/// error names every key tried and why it did not work.
+/// Authenticate on a connected session, trying the keys of `choice` in order, and
+/// return the fingerprint of the key the node accepted. The error names every key
+/// tried and why it did not work.
 pub async fn authenticate(
     handle: &mut Handle<ClientHandler>,
     node: &NodeAddr,
     choice: &IdentityChoice,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let mut tried: Vec<String> = Vec::new();
     match choice {
         IdentityChoice::File(path) => {
             let key = load_key_file(path).map_err(|why| anyhow::anyhow!("{why}"))?;
-            if try_private_key(handle, key, &path.display().to_string(), &mut tried).await {
-                return Ok(());
+            if let Some(fp) =
+                try_private_key(handle, key, &path.display().to_string(), &mut tried).await
+            {
+                return Ok(fp);
             }
             anyhow::bail!(
                 "node {node} did not accept the key in {}: {}; ask an admin of the mesh to grant \
@@ -45,8 +48,8 @@ pub async fn authenticate(
             );
         }
         IdentityChoice::Auto => {
-            if try_agent(handle, &mut tried).await {
-                return Ok(());
+            if let Some(fp) = try_agent(handle, &mut tried).await {
+                return Ok(fp);
             }
             match dirs::home_dir().map(|h| h.join(".ssh").join("id_ed25519")) {
                 None => tried.push("~/.ssh/id_ed25519: no home directory".into()),
@@ -56,10 +59,11 @@ pub async fn authenticate(
                 Some(path) => match load_key_file(&path) {
                     Err(why) => tried.push(why),
                     Ok(key) => {
-                        if try_private_key(handle, key, &path.display().to_string(), &mut tried)
-                            .await
+                        if let Some(fp) =
+                            try_private_key(handle, key, &path.display().to_string(), &mut tried)
+                                .await
                         {
-                            return Ok(());
+                            return Ok(fp);
                         }
                     }
                 },
@@ -91,44 +95,46 @@ fn load_key_file(path: &Path) -> Result<russh::keys::PrivateKey, String> {
     }
 }
 
+/// Offer one private key; the fingerprint of the key if the node accepted it.
 async fn try_private_key(
     handle: &mut Handle<ClientHandler>,
     key: russh::keys::PrivateKey,
     source: &str,
     tried: &mut Vec<String>,
-) -> bool {
+) -> Option<String> {
     let fingerprint = fingerprint_of(key.public_key());
     let key = PrivateKeyWithHashAlg::new(Arc::new(key), None);
     match handle.authenticate_publickey(SSH_USER, key).await {
-        Ok(AuthResult::Success) => true,
+        Ok(AuthResult::Success) => Some(fingerprint),
         Ok(AuthResult::Failure { .. }) => {
             tried.push(format!("{source} (key {fingerprint}): refused by the node"));
-            false
+            None
         }
         Err(e) => {
             tried.push(format!("{source} (key {fingerprint}): {e}"));
-            false
+            None
         }
     }
 }
 
-async fn try_agent(handle: &mut Handle<ClientHandler>, tried: &mut Vec<String>) -> bool {
+/// Offer ssh-agent's ed25519 keys; the fingerprint of the one the node accepted.
+async fn try_agent(handle: &mut Handle<ClientHandler>, tried: &mut Vec<String>) -> Option<String> {
     if std::env::var_os("SSH_AUTH_SOCK").is_none() {
         tried.push("ssh-agent: SSH_AUTH_SOCK is not set".into());
-        return false;
+        return None;
     }
     let mut agent = match AgentClient::connect_env().await {
         Ok(a) => a,
         Err(e) => {
             tried.push(format!("ssh-agent: cannot connect ({e})"));
-            return false;
+            return None;
         }
     };
     let identities = match agent.request_identities().await {
         Ok(ids) => ids,
         Err(e) => {
             tried.push(format!("ssh-agent: cannot list keys ({e})"));
-            return false;
+            return None;
         }
     };
     let keys: Vec<(PublicKey, String)> = identities
@@ -142,7 +148,7 @@ async fn try_agent(handle: &mut Handle<ClientHandler>, tried: &mut Vec<String>) 
         .collect();
     if keys.is_empty() {
         tried.push("ssh-agent: holds no ed25519 key".into());
-        return false;
+        return None;
     }
     for (key, comment) in keys {
         let fingerprint = fingerprint_of(&key);
@@ -155,12 +161,12 @@ async fn try_agent(handle: &mut Handle<ClientHandler>, tried: &mut Vec<String>) 
             .authenticate_publickey_with(SSH_USER, key, None, &mut agent)
             .await
         {
-            Ok(AuthResult::Success) => return true,
+            Ok(AuthResult::Success) => return Some(fingerprint),
             Ok(AuthResult::Failure { .. }) => tried.push(format!("{label}: refused by the node")),
             Err(e) => tried.push(format!("{label}: the agent did not sign ({e})")),
         }
     }
-    false
+    None
 }
 
 /// The OpenSSH fingerprint of a public key.

@@ -52,6 +52,12 @@ impl FromStr for NodeAddr {
         if host.is_empty() {
             return Err(bad("the host is empty"));
         }
+        if host.bytes().all(|b| b.is_ascii_digit()) {
+            // `tasks --node 2` meant a node id: that filter is `--on-node`.
+            return Err(bad(
+                "a bare number is not a host; to list the tasks on node N use `tasks --on-node N`",
+            ));
+        }
         let port = match port {
             None => DEFAULT_SSH_PORT,
             Some(p) => p
@@ -95,5 +101,9 @@ mod tests {
         assert!("host:0".parse::<NodeAddr>().is_err());
         assert!("host:http".parse::<NodeAddr>().is_err());
         assert!(":7722".parse::<NodeAddr>().is_err());
+        let e = "2".parse::<NodeAddr>().unwrap_err();
+        assert!(e.contains("a bare number is not a host"), "{e}");
+        assert!("2:7722".parse::<NodeAddr>().is_err());
+        assert_eq!("10.0.0.2".parse::<NodeAddr>().unwrap().host, "10.0.0.2");
     }
 }

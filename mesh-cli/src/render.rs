@@ -1,7 +1,7 @@
 //! Human-readable text for the node's JSON answers (`mesh_core::api`). With `--json`
 //! none of this is used: the node's document is printed as it came.
 
-use mesh_core::api::{NodeView, StatusView, TaskView, TokenCreated, TokenView};
+use mesh_core::api::{AuditView, KeyView, NodeView, StatusView, TaskView, TokenCreated, TokenView};
 use mesh_core::duration::format_duration;
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -354,6 +354,164 @@ pub fn outputs(t: &TaskView) -> String {
     out
 }
 
+/// Wall-clock time `ms` (since the epoch) in the local time zone, to the second:
+/// `2025-06-01 12:00:01`.
+pub fn local_time(ms: u64) -> String {
+    local(ms).format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+/// Time of day of `ms` in the local time zone: `12:00:01`.
+pub fn clock(ms: u64) -> String {
+    local(ms).format("%H:%M:%S").to_string()
+}
+
+fn local(ms: u64) -> chrono::DateTime<chrono::Local> {
+    let utc = chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX))
+        .unwrap_or_default();
+    utc.with_timezone(&chrono::Local)
+}
+
+/// Base64 characters of a fingerprint kept by [`short_fingerprint`]: 72 bits, enough to
+/// tell a mesh's keys apart at a glance.
+const SHORT_FINGERPRINT_CHARS: usize = 12;
+
+/// A fingerprint shortened for a table column: `SHA256:uNiVztksCsDh`. Anything that is
+/// not a long `SHA256:` fingerprint is kept as it is.
+pub fn short_fingerprint(fp: &str) -> String {
+    match fp.strip_prefix("SHA256:") {
+        Some(b64) if b64.len() > SHORT_FINGERPRINT_CHARS => {
+            format!("SHA256:{}", &b64[..SHORT_FINGERPRINT_CHARS])
+        }
+        _ => fp.to_string(),
+    }
+}
+
+/// `keys list`: one row per key with a role.
+pub fn keys(keys: &[KeyView], now_ms: u64) -> String {
+    if keys.is_empty() {
+        return "no keys have a role; add one with: mesh-cli keys add FILE.pub --role ROLE\n"
+            .into();
+    }
+    let mut t = Table::new(&["FINGERPRINT", "ROLE", "COMMENT", "ADDED BY", "ADDED"]);
+    for k in keys {
+        t.row(vec![
+            k.fingerprint.clone(),
+            k.role.clone(),
+            or_dash(Some(k.comment.clone())),
+            or_dash(Some(k.added_by.clone())),
+            ago(now_ms, k.added_at_ms),
+        ]);
+    }
+    t.render()
+}
+
+/// `keys add`: one line per key added.
+pub fn keys_added(added: &[String], role: &str) -> String {
+    added
+        .iter()
+        .map(|fp| format!("key {fp} added as {role}\n"))
+        .collect()
+}
+
+/// `audit`: one row per entry, oldest first, times local, actors shortened.
+pub fn audit(entries: &[AuditView]) -> String {
+    if entries.is_empty() {
+        return "no audit entries match\n".into();
+    }
+    let mut t = Table::new(&["TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME"]);
+    for e in entries {
+        t.row(vec![
+            local_time(e.at_ms),
+            short_fingerprint(&e.actor),
+            e.action.clone(),
+            or_dash(e.target.clone()),
+            e.outcome.clone(),
+        ]);
+    }
+    t.render()
+}
+
+/// What `watch` says about a task that changed: `task 7 running on node 2 (attempt
+/// 1)`, `task 7 succeeded`, `task 7 failed after 3 attempt(s): device lost`.
+pub fn watch_event(t: &TaskView) -> String {
+    let shards = shard_progress(t);
+    let with_shards = |inner: String| match &shards {
+        Some(s) => format!("{inner}, {s}"),
+        None => inner,
+    };
+    match (t.state.as_str(), t.node) {
+        ("assigned", Some(n)) => format!(
+            "task {} assigned to node {n} ({})",
+            t.id,
+            with_shards(format!("attempt {}", t.attempt))
+        ),
+        ("running", Some(n)) => format!(
+            "task {} running on node {n} ({})",
+            t.id,
+            with_shards(format!("attempt {}", t.attempt))
+        ),
+        ("succeeded", _) => format!("task {} succeeded", t.id),
+        ("cancelled", _) => format!("task {} cancelled", t.id),
+        ("failed", _) => match t.errors.last() {
+            Some(e) => format!(
+                "task {} failed after {} attempt(s): {}",
+                t.id, t.attempt, e.error
+            ),
+            None => format!("task {} failed after {} attempt(s)", t.id, t.attempt),
+        },
+        (state, _) => {
+            let why = match (&t.waiting, t.errors.last()) {
+                (Some(w), _) => Some(w.clone()),
+                (None, Some(e)) if t.attempt > 0 => {
+                    Some(format!("attempt {} failed: {}", e.attempt, e.error))
+                }
+                _ => None,
+            };
+            match [why, shards].into_iter().flatten().collect::<Vec<_>>() {
+                notes if notes.is_empty() => format!("task {} {state}", t.id),
+                notes => format!("task {} {state} ({})", t.id, notes.join(", ")),
+            }
+        }
+    }
+}
+
+/// The states in the order a task passes through them, for counts.
+const STATES: [&str; 6] = [
+    "pending",
+    "assigned",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+];
+
+/// How many tasks are in each state, leaving out empty states: `3 pending, 1 running,
+/// 12 succeeded` (`no tasks` for none).
+pub fn state_counts<'a>(states: impl IntoIterator<Item = &'a str>) -> String {
+    let mut counts = [0usize; STATES.len()];
+    let mut other = 0usize;
+    for state in states {
+        match STATES.iter().position(|s| *s == state) {
+            Some(i) => counts[i] += 1,
+            None => other += 1,
+        }
+    }
+    let mut parts: Vec<String> = STATES
+        .iter()
+        .zip(counts)
+        .filter(|(_, n)| *n > 0)
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
+    if other > 0 {
+        parts.push(format!("{other} other"));
+    }
+    if parts.is_empty() {
+        "no tasks".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 /// A spinner line while waiting: `task 5: running on node 2 (attempt 1/3)`, with
 /// `, shards 3/8 done` for a sharded task.
 pub fn progress(t: &TaskView) -> String {
@@ -414,6 +572,7 @@ mod tests {
             waiting: None,
             shards: 1,
             shards_done: 0,
+            results_recorded: 0,
         }
     }
 
@@ -592,6 +751,148 @@ mod tests {
         // A task that runs whole shows no shard line.
         assert!(!task(&view(), 0).contains("shards"));
         assert_eq!(note(&view()), "attempt 3: device lost");
+    }
+
+    #[test]
+    fn key_rows_and_added_lines() {
+        let key = |fp: &str, role: &str, comment: &str, added_by: &str| KeyView {
+            fingerprint: fp.into(),
+            role: role.into(),
+            comment: comment.into(),
+            key: "ssh-ed25519 AAAA".into(),
+            added_by: added_by.into(),
+            added_at_ms: 1_000,
+        };
+        let text = keys(
+            &[
+                key("SHA256:admin", "admin", "alice@laptop", ""),
+                key("SHA256:bob", "submitter", "", "SHA256:admin"),
+            ],
+            91_000,
+        );
+        assert_eq!(
+            text,
+            "\
+FINGERPRINT   ROLE       COMMENT       ADDED BY      ADDED
+SHA256:admin  admin      alice@laptop  -             1m30s ago
+SHA256:bob    submitter  -             SHA256:admin  1m30s ago
+"
+        );
+        assert!(keys(&[], 0).starts_with("no keys have a role"));
+        assert_eq!(
+            keys_added(&["SHA256:a".into(), "SHA256:b".into()], "viewer"),
+            "key SHA256:a added as viewer\nkey SHA256:b added as viewer\n"
+        );
+    }
+
+    #[test]
+    fn audit_rows_show_local_time_and_short_actors() {
+        let actor = "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s";
+        assert_eq!(short_fingerprint(actor), "SHA256:uNiVztksCsDh");
+        assert_eq!(short_fingerprint("SHA256:abc"), "SHA256:abc");
+        assert_eq!(short_fingerprint("node 1"), "node 1");
+        let at_ms = 1_700_000_000_000;
+        let text = audit(&[
+            AuditView {
+                seq: 1,
+                at_ms,
+                actor: actor.into(),
+                action: "keys add".into(),
+                target: Some("as viewer".into()),
+                outcome: "ok".into(),
+            },
+            AuditView {
+                seq: 2,
+                at_ms: at_ms + 1_000,
+                actor: actor.into(),
+                action: "snapshot save".into(),
+                target: None,
+                outcome: "refused: permission denied".into(),
+            },
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        let time = local_time(at_ms);
+        assert_eq!(time.len(), "2023-11-14 22:13:20".len(), "{time}");
+        assert_eq!(
+            lines[0],
+            format!(
+                "{:<21}ACTOR                ACTION         TARGET     OUTCOME",
+                "TIME"
+            )
+        );
+        assert_eq!(
+            lines[1],
+            format!("{time}  SHA256:uNiVztksCsDh  keys add       as viewer  ok")
+        );
+        assert!(
+            lines[2].ends_with(
+                "SHA256:uNiVztksCsDh  snapshot save  -          refused: permission denied"
+            ),
+            "{text}"
+        );
+        assert_eq!(audit(&[]), "no audit entries match\n");
+        assert_eq!(clock(at_ms), time[11..]);
+    }
+
+    #[test]
+    fn watch_events_say_what_changed() {
+        let at = |state: &str, node: Option<u64>, attempt: u32| TaskView {
+            state: state.into(),
+            node: node.map(NodeId),
+            attempt,
+            errors: vec![],
+            ..view()
+        };
+        assert_eq!(watch_event(&at("pending", None, 0)), "task 5 pending");
+        assert_eq!(
+            watch_event(&TaskView {
+                waiting: Some("no live node has a free slot".into()),
+                ..at("pending", None, 0)
+            }),
+            "task 5 pending (no live node has a free slot)"
+        );
+        assert_eq!(
+            watch_event(&at("assigned", Some(2), 1)),
+            "task 5 assigned to node 2 (attempt 1)"
+        );
+        assert_eq!(
+            watch_event(&at("running", Some(2), 1)),
+            "task 5 running on node 2 (attempt 1)"
+        );
+        assert_eq!(
+            watch_event(&TaskView {
+                shards: 8,
+                shards_done: 3,
+                ..at("running", Some(2), 2)
+            }),
+            "task 5 running on node 2 (attempt 2, shards 3/8 done)"
+        );
+        assert_eq!(
+            watch_event(&at("succeeded", Some(2), 1)),
+            "task 5 succeeded"
+        );
+        assert_eq!(watch_event(&at("cancelled", None, 0)), "task 5 cancelled");
+        assert_eq!(
+            watch_event(&view()),
+            "task 5 failed after 3 attempt(s): device lost"
+        );
+        assert_eq!(
+            watch_event(&TaskView {
+                state: "pending".into(),
+                attempt: 1,
+                ..view()
+            }),
+            "task 5 pending (attempt 3 failed: device lost)"
+        );
+    }
+
+    #[test]
+    fn state_counts_follow_the_life_of_a_task() {
+        assert_eq!(
+            state_counts(["succeeded", "pending", "running", "succeeded", "odd"]),
+            "1 pending, 1 running, 2 succeeded, 1 other"
+        );
+        assert_eq!(state_counts([]), "no tasks");
     }
 
     #[test]

@@ -16,10 +16,10 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::path::Path;
 
-/// The TOML document, as written.
-#[derive(Debug, Deserialize)]
+/// The TOML document, as written (also one `[[task]]` table of a batch file).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TaskFile {
+pub struct TaskFile {
     kernel: Option<String>,
     wgsl: Option<String>,
     entry: Option<String>,
@@ -43,7 +43,7 @@ struct TaskFile {
 
 /// A TOML table read in document order (the toml crate's `preserve_order`), so that
 /// `inputs = { x = .., y = .. }` binds x before y. Duplicate keys are a TOML error.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Ordered<V>(Vec<(String, V)>);
 
 impl<V> Default for Ordered<V> {
@@ -73,7 +73,7 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Ordered<V> {
 }
 
 /// A built-in kernel parameter: a string, or a number written bare (`a = 2`).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ParamValue(String);
 
 impl<'de> Deserialize<'de> for ParamValue {
@@ -113,13 +113,25 @@ pub fn load(path: &Path) -> anyhow::Result<TaskSpec> {
 
 /// Build the spec of a task file's text; relative paths are taken from `base`.
 pub fn parse(text: &str, base: &Path) -> anyhow::Result<TaskSpec> {
-    let file: TaskFile = toml::from_str(text).map_err(|e| match e.span() {
+    let file: TaskFile = from_toml(text)?;
+    build(&file, base)
+}
+
+/// Deserialize TOML text; the error names the line where it went wrong.
+pub fn from_toml<T: serde::de::DeserializeOwned>(text: &str) -> anyhow::Result<T> {
+    toml::from_str(text).map_err(|e| match e.span() {
         Some(span) => {
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            anyhow::anyhow!("line {line}: {}", e.message())
+            anyhow::anyhow!("line {line}: {}", e.message().trim_end())
         }
-        None => anyhow::anyhow!("{}", e.message()),
-    })?;
+        None => anyhow::anyhow!("{}", e.message().trim_end()),
+    })
+}
+
+/// Build the spec a parsed task file describes, reading the files it names (relative
+/// paths are taken from `base`).
+pub fn build(file: &TaskFile, base: &Path) -> anyhow::Result<TaskSpec> {
+    let file = file.clone();
     let resolve = |p: &Path| {
         if p.is_absolute() {
             p.to_path_buf()

@@ -1,0 +1,358 @@
+//! `submit --batch FILE`: every `[[task]]` of a batch file (`batch_file.rs`), all
+//! checked before the first is sent, then submitted one after another over one
+//! connection with a progress bar on stderr; `--wait` follows them to the end.
+
+use super::watch::{poll_tasks, Progress, POLL_INTERVAL};
+use super::{parse_reply, print_json, remote_error, Context};
+use crate::args::SubmitArgs;
+use crate::batch_file::{Batch, BatchEntry};
+use crate::connection::Connection;
+use crate::exit_code::{one_line, ExitError};
+use crate::{render, task_spec};
+use anyhow::Context as _;
+use mesh_core::api::{SubmitReply, TaskView, EXIT_OK};
+use mesh_core::TaskId;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One element of `submit --batch --json`: what became of one `[[task]]`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+struct BatchItem {
+    /// The `[[task]]`'s position in the file, from 1.
+    index: usize,
+    /// The task id, once submitted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task: Option<TaskId>,
+    /// True when its idempotency key matched an earlier submission.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    existing: Option<bool>,
+    /// Why it was not submitted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// With `--wait`: the state it ended in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<String>,
+}
+
+/// What became of one submission.
+enum Sent {
+    /// The node took it.
+    Submitted(SubmitReply),
+    /// This task was refused (by the node, or a file changed since the check).
+    Refused(String),
+    /// The connection failed: nothing more can be sent on it.
+    Broken(String),
+}
+
+/// `submit --batch FILE [--wait]`.
+pub(super) async fn submit(ctx: &Context, args: &SubmitArgs) -> anyhow::Result<()> {
+    let path = args
+        .batch
+        .as_deref()
+        .expect("batch::submit runs for --batch");
+    let batch = Batch::load(path).context("the batch was not sent")?;
+    // Build and check every task before sending the first: a mistake in the last one
+    // must not leave the others submitted. The specs are built again when sent, so that
+    // a batch of large inputs is never held in memory whole.
+    for entry in &batch.entries {
+        prepare(&batch, entry, args).context("the batch was not sent")?;
+    }
+    let conn = ctx.connect().await?;
+    let result = run(ctx, &conn, &batch, args).await;
+    conn.close().await;
+    result
+}
+
+/// The JSON body of one task: built from its table, the policy flags applied, checked.
+fn prepare(batch: &Batch, entry: &BatchEntry, args: &SubmitArgs) -> anyhow::Result<Vec<u8>> {
+    let spec = task_spec::apply_policy(batch.spec(entry)?, args);
+    task_spec::check_locally(&spec).with_context(|| {
+        format!(
+            "batch file {}: task {}",
+            batch.path.display(),
+            entry.label()
+        )
+    })?;
+    serde_json::to_vec(&spec).context("cannot encode the task")
+}
+
+async fn send(conn: &Connection, batch: &Batch, entry: &BatchEntry, args: &SubmitArgs) -> Sent {
+    let command = "submit --json";
+    let body = match prepare(batch, entry, args) {
+        Ok(body) => body,
+        Err(e) => return Sent::Refused(one_line(&format!("{e:#}"))),
+    };
+    match conn.exec(command, Some(body)).await {
+        Err(e) => Sent::Broken(one_line(&format!("{e:#}"))),
+        Ok(out) if out.exit_status == Some(EXIT_OK) => {
+            match parse_reply::<SubmitReply>(out.stdout, command) {
+                Ok(r) => Sent::Submitted(r.value),
+                Err(e) => Sent::Refused(one_line(&format!("{e:#}"))),
+            }
+        }
+        Ok(out) => Sent::Refused(one_line(&remote_error(&out, command).to_string())),
+    }
+}
+
+/// The text line for one `[[task]]` after its submission.
+fn submitted_line(entry: &BatchEntry, item: &BatchItem) -> String {
+    match (&item.error, item.task, item.existing) {
+        (Some(why), _, _) => format!("{}: not submitted: {why}\n", entry.label()),
+        (None, Some(id), Some(true)) => format!(
+            "{}: task {id} already exists (same idempotency key)\n",
+            entry.label()
+        ),
+        (None, Some(id), _) => format!("{}: task {id} submitted\n", entry.label()),
+        (None, None, _) => format!("{}: not submitted\n", entry.label()),
+    }
+}
+
+/// The summary after the submissions: `20 task(s): 19 submitted (1 already existed), 1
+/// not submitted`.
+fn summary(items: &[BatchItem]) -> String {
+    let submitted = items.iter().filter(|i| i.task.is_some()).count();
+    let existing = items.iter().filter(|i| i.existing == Some(true)).count();
+    let refused = items.iter().filter(|i| i.error.is_some()).count();
+    let mut text = format!("{} task(s): {submitted} submitted", items.len());
+    if existing > 0 {
+        text.push_str(&format!(" ({existing} already existed)"));
+    }
+    if refused > 0 {
+        text.push_str(&format!(", {refused} not submitted"));
+    }
+    text.push('\n');
+    text
+}
+
+async fn run(
+    ctx: &Context,
+    conn: &Connection,
+    batch: &Batch,
+    args: &SubmitArgs,
+) -> anyhow::Result<()> {
+    let total = batch.entries.len();
+    let progress = Progress::bar(total as u64);
+    progress.set_message("submitting".into());
+    let mut items: Vec<BatchItem> = Vec::with_capacity(total);
+    let mut broken: Option<String> = None;
+    let mut unsent = 0usize;
+    for entry in &batch.entries {
+        let mut item = BatchItem {
+            index: entry.index,
+            ..BatchItem::default()
+        };
+        if let Some(why) = &broken {
+            item.error = Some(format!("not sent: an earlier submission failed: {why}"));
+            unsent += 1;
+            items.push(item);
+            continue;
+        }
+        match send(conn, batch, entry, args).await {
+            Sent::Submitted(reply) => {
+                item.task = Some(reply.task);
+                item.existing = Some(reply.existing);
+            }
+            Sent::Refused(why) => item.error = Some(why),
+            Sent::Broken(why) => {
+                item.error = Some(why.clone());
+                broken = Some(why);
+            }
+        }
+        if !ctx.json {
+            progress.print(&submitted_line(entry, &item))?;
+        }
+        progress.inc();
+        items.push(item);
+    }
+    if !ctx.json {
+        if unsent > 0 {
+            progress.print(&format!(
+                "{unsent} more task(s) were not sent: the connection to node {} failed\n",
+                ctx.node
+            ))?;
+        }
+        progress.print(&summary(&items))?;
+    }
+
+    let ids: BTreeSet<TaskId> = items.iter().filter_map(|i| i.task).collect();
+    if args.wait && broken.is_none() && !ids.is_empty() {
+        let labels: BTreeMap<TaskId, String> = batch
+            .entries
+            .iter()
+            .zip(&items)
+            .filter_map(|(e, i)| i.task.map(|id| (id, e.label())))
+            .rev() // the first entry's label wins for a task submitted twice
+            .collect();
+        let ended = wait_all(ctx, conn, &ids, &progress, &labels).await?;
+        for item in &mut items {
+            item.state = item
+                .task
+                .and_then(|id| ended.get(&id))
+                .map(|v| v.state.clone());
+        }
+        if !ctx.json {
+            progress.print(&format!(
+                "{} task(s) ended: {}\n",
+                ended.len(),
+                render::state_counts(ended.values().map(|v| v.state.as_str()))
+            ))?;
+        }
+    }
+    progress.finish();
+    if ctx.json {
+        print_json(&items)?;
+    }
+    outcome(&items, batch)
+}
+
+/// The exit status of a batch: 1 if a task was not submitted, else 3 if a waited-for
+/// task failed or was cancelled, else 0.
+fn outcome(items: &[BatchItem], batch: &Batch) -> anyhow::Result<()> {
+    let refused = items.iter().filter(|i| i.error.is_some()).count();
+    if refused > 0 {
+        return Err(ExitError::BatchIncomplete(format!(
+            "{refused} of the {} task(s) in {} were not submitted",
+            items.len(),
+            batch.path.display()
+        ))
+        .into());
+    }
+    let unsuccessful: BTreeSet<TaskId> = items
+        .iter()
+        .filter(|i| matches!(i.state.as_deref(), Some("failed" | "cancelled")))
+        .filter_map(|i| i.task)
+        .collect();
+    if !unsuccessful.is_empty() {
+        let ids: Vec<String> = unsuccessful.iter().map(ToString::to_string).collect();
+        return Err(ExitError::TaskFailed(format!(
+            "{} task(s) of the batch failed or were cancelled: {}; see why with: mesh-cli task ID",
+            ids.len(),
+            ids.join(", ")
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Poll until every task in `ids` has ended; a line for each as it ends (text mode),
+/// the bar counting them.
+async fn wait_all(
+    ctx: &Context,
+    conn: &Connection,
+    ids: &BTreeSet<TaskId>,
+    progress: &Progress,
+    labels: &BTreeMap<TaskId, String>,
+) -> anyhow::Result<BTreeMap<TaskId, TaskView>> {
+    progress.set_length(ids.len() as u64);
+    progress.set_position(0);
+    progress.set_message("waiting".into());
+    let mut ended: BTreeMap<TaskId, TaskView> = BTreeMap::new();
+    let mut states: BTreeMap<TaskId, String> = BTreeMap::new();
+    let mut ticks = tokio::time::interval(POLL_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while ended.len() < ids.len() {
+        ticks.tick().await;
+        let open: BTreeSet<TaskId> = ids
+            .iter()
+            .filter(|id| !ended.contains_key(id))
+            .copied()
+            .collect();
+        for view in poll_tasks(conn, &open).await? {
+            states.insert(view.id, view.state.clone());
+            if view.is_terminal() {
+                if !ctx.json {
+                    let label = labels.get(&view.id).map_or("", String::as_str);
+                    progress.print(&format!("{label}: {}\n", render::watch_event(&view)))?;
+                }
+                ended.insert(view.id, view);
+            }
+        }
+        progress.set_position(ended.len() as u64);
+        progress.set_message(render::state_counts(states.values().map(String::as_str)));
+    }
+    Ok(ended)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn item(index: usize, task: Option<u64>, existing: bool, error: Option<&str>) -> BatchItem {
+        BatchItem {
+            index,
+            task: task.map(TaskId),
+            existing: task.map(|_| existing),
+            error: error.map(Into::into),
+            state: None,
+        }
+    }
+
+    #[test]
+    fn lines_summary_and_json_items() {
+        let batch = Batch::parse(
+            "[[task]]\nkernel = \"saxpy\"\n[[task]]\nkernel = \"saxpy\"\n[[task]]\nkernel = \"saxpy\"\n",
+            Path::new("jobs.toml"),
+            Path::new(""),
+        )
+        .unwrap();
+        let items = [
+            item(1, Some(17), false, None),
+            item(2, Some(9), true, None),
+            item(
+                3,
+                None,
+                false,
+                Some("permission denied: key SHA256:x has role viewer"),
+            ),
+        ];
+        let lines: Vec<String> = batch
+            .entries
+            .iter()
+            .zip(&items)
+            .map(|(e, i)| submitted_line(e, i))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "#1 (line 1): task 17 submitted\n",
+                "#2 (line 3): task 9 already exists (same idempotency key)\n",
+                "#3 (line 5): not submitted: permission denied: key SHA256:x has role viewer\n",
+            ]
+        );
+        assert_eq!(
+            summary(&items),
+            "3 task(s): 2 submitted (1 already existed), 1 not submitted\n"
+        );
+        assert_eq!(
+            serde_json::to_value(&items).unwrap(),
+            serde_json::json!([
+                {"index": 1, "task": 17, "existing": false},
+                {"index": 2, "task": 9, "existing": true},
+                {"index": 3, "error": "permission denied: key SHA256:x has role viewer"},
+            ])
+        );
+        let e = outcome(&items, &batch).unwrap_err();
+        assert_eq!(crate::exit_code::exit_status_of(&e), 1);
+        assert_eq!(
+            e.to_string(),
+            "1 of the 3 task(s) in jobs.toml were not submitted"
+        );
+
+        let mut waited = [
+            item(1, Some(17), false, None),
+            item(2, Some(18), false, None),
+        ];
+        waited[0].state = Some("succeeded".into());
+        waited[1].state = Some("cancelled".into());
+        let e = outcome(&waited, &batch).unwrap_err();
+        assert_eq!(crate::exit_code::exit_status_of(&e), 3);
+        assert!(
+            e.to_string()
+                .starts_with("1 task(s) of the batch failed or were cancelled: 18;"),
+            "{e}"
+        );
+        waited[1].state = Some("succeeded".into());
+        outcome(&waited, &batch).unwrap();
+    }
+}
