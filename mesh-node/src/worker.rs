@@ -133,8 +133,11 @@ impl Worker {
         let running = running.lock().expect("not poisoned");
         self.ctx.state.read(|s| {
             for ((task, attempt), cancel) in running.iter() {
-                let current = s.tasks.get(task).and_then(|t| t.state.assignment()) == Some((self.ctx.node, *attempt));
-                if (cut_off || !current) && !cancel.is_cancelled() {
+                let t = s.tasks.get(task);
+                let current = t.and_then(|t| t.state.assignment()) == Some((self.ctx.node, *attempt));
+                // Our own report just landed: nothing to stop.
+                let ours_done = t.and_then(|t| t.result.as_ref()).is_some_and(|r| r.attempt == *attempt && r.node == self.ctx.node);
+                if (cut_off || !current) && !ours_done && !cancel.is_cancelled() {
                     info!(%task, %attempt, cut_off, "attempt is no longer current here; stopping it");
                     cancel.cancel();
                 }
