@@ -5,3 +5,10 @@
 mod t10_single_node;
 mod t15_durability;
 mod t20_bad_input;
+mod t30_cluster;
+mod t35_cluster_security;
+mod t40_execution;
+mod t45_placement;
+mod t50_operations;
+mod t60_deploy;
+mod t70_chaos;

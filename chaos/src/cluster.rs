@@ -80,6 +80,8 @@ pub struct Node {
     pub raft_port: u16,
     admin_keys: Vec<PathBuf>,
     extra_args: Vec<String>,
+    /// The `mesh-node` executable; `None`: the workspace's own ([`bin`]).
+    program: Option<PathBuf>,
     child: Option<Child>,
     /// Stopped with SIGSTOP and not continued since.
     paused: AtomicBool,
@@ -100,6 +102,7 @@ impl Node {
             raft_port: free_port(),
             admin_keys: admin_keys.iter().map(|p| p.to_path_buf()).collect(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            program: None,
             child: None,
             paused: AtomicBool::new(false),
         };
@@ -181,7 +184,7 @@ impl Node {
     fn spawn(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.data_dir)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.join("node.log"))?;
-        let mut cmd = Command::new(bin("mesh-node"));
+        let mut cmd = Command::new(self.program.clone().unwrap_or_else(|| bin("mesh-node")));
         cmd.arg("run")
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -572,4 +575,282 @@ impl Cluster {
             .map(|(i, n)| format!("===== node{} ({}) last {lines} log lines =====\n{}\n", i + 1, n.data_dir.display(), n.log_tail(lines)))
             .collect()
     }
+}
+
+impl Node {
+    /// Process ids of this node's supervised GPU worker processes (`mesh-node
+    /// gpu-worker`, its direct children), read from `/proc`; empty when the node is
+    /// not running. Lets a test show that a killed kernel's process really is gone.
+    pub fn gpu_workers(&self) -> Vec<u32> {
+        let Some(pid) = self.pid() else {
+            return Vec::new();
+        };
+        let mut children = Vec::new();
+        if let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in threads.flatten() {
+                if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
+                    children.extend(
+                        list.split_whitespace()
+                            .filter_map(|c| c.parse::<u32>().ok()),
+                    );
+                }
+            }
+        }
+        children.sort_unstable();
+        children.dedup();
+        children.retain(|c| {
+            std::fs::read(format!("/proc/{c}/cmdline"))
+                .is_ok_and(|cmd| cmd.split(|b| *b == 0).any(|arg| arg == b"gpu-worker"))
+        });
+        children
+    }
+}
+
+/// Whether a process with this id exists (a zombie still counts until reaped).
+pub fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+impl Cluster {
+    /// Like [`Cluster::start`], but node `i + 1` gets its own arguments `per_node[i]`
+    /// (labels, slots, budgets differ per node). The voter count is read from the first
+    /// node's `--voters` (default 3).
+    pub fn start_each(dir: &Path, per_node: &[&[&str]]) -> Result<Cluster> {
+        let n = per_node.len();
+        if n == 0 {
+            bail!("start_each needs at least one node");
+        }
+        let admin = UserKey::generate(dir, "admin")?;
+        let first = Node::start_with(&dir.join("node1"), &[&admin.public], per_node[0])?;
+        let mut cluster = Cluster {
+            nodes: vec![first],
+            admin,
+            dir: dir.into(),
+        };
+        if n > 1 {
+            let token = cluster.token(n as u32 - 1, "10m")?;
+            for (i, extra) in per_node.iter().enumerate().skip(1) {
+                let mut args: Vec<&str> = extra.to_vec();
+                args.extend(["--join", token.as_str()]);
+                let node = Node::start_with(
+                    &dir.join(format!("node{}", i + 1)),
+                    &[&cluster.admin.public],
+                    &args,
+                )?;
+                cluster.nodes.push(node);
+            }
+        }
+        let first = per_node[0];
+        let target: usize = first
+            .iter()
+            .position(|a| *a == "--voters")
+            .and_then(|i| first.get(i + 1))
+            .map_or(3, |v| v.parse().unwrap_or(3));
+        let mut voters = n.min(target);
+        if voters.is_multiple_of(2) {
+            voters -= 1;
+        }
+        cluster.wait_for(Duration::from_secs(60), |nodes| {
+            nodes.as_array().is_some_and(|a| {
+                a.len() >= n
+                    && a.iter()
+                        .filter(|x| x["role"] == "leader" || x["role"] == "follower")
+                        .count()
+                        == voters
+            })
+        })?;
+        Ok(cluster)
+    }
+}
+
+/// The three ports of a node, chosen before it starts, so that every node's
+/// `--peer-route` arguments (which name the peers' addresses) can be computed before
+/// any node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodePorts {
+    /// SSH operator port.
+    pub ssh: u16,
+    /// HTTP port.
+    pub http: u16,
+    /// Node-to-node (Raft) port.
+    pub raft: u16,
+}
+
+/// Lowest port [`NodePorts::allocate`] hands out.
+const FIXED_PORT_MIN: u16 = 10_000;
+
+impl NodePorts {
+    /// Ports for `n` nodes, distinct and free now. They are taken below the kernel's
+    /// ephemeral range (`ip_local_port_range`), so no later `bind(":0")` (a proxy
+    /// listener, a client's outgoing connection) can take one before its node binds it.
+    pub fn allocate(n: usize) -> Result<Vec<NodePorts>> {
+        let ephemeral_min = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32_768);
+        let wanted = 3 * n;
+        if ephemeral_min < FIXED_PORT_MIN + 1000 + wanted as u16 {
+            // No room below the ephemeral range: fall back to released ephemeral ports.
+            let ports = (0..n).map(|_| NodePorts { ssh: free_port(), http: free_port(), raft: free_port() });
+            return Ok(ports.collect());
+        }
+        let span = u64::from(ephemeral_min - FIXED_PORT_MIN);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let start = (nanos ^ (u64::from(std::process::id()) << 20)) % span;
+        // Hold every listener until all are chosen, so no port is handed out twice.
+        let mut held = Vec::with_capacity(wanted);
+        for step in 0..span {
+            if held.len() == wanted {
+                break;
+            }
+            let port = FIXED_PORT_MIN + ((start + step) % span) as u16;
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+                held.push(l);
+            }
+        }
+        if held.len() < wanted {
+            bail!("found only {} free loopback ports below {ephemeral_min}, {wanted} needed", held.len());
+        }
+        let ports: Vec<u16> = held.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
+        Ok(ports.chunks_exact(3).map(|p| NodePorts { ssh: p[0], http: p[1], raft: p[2] }).collect())
+    }
+
+    /// `127.0.0.1:RAFT`, the address peers dial.
+    pub fn raft_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.raft)
+    }
+}
+
+impl Node {
+    /// Start a node on the given ports, with `program` as the `mesh-node` executable
+    /// (`None`: the workspace's own) and extra `mesh-node run` arguments.
+    pub fn start_on(program: Option<&Path>, data_dir: &Path, ports: NodePorts, admin_keys: &[&Path], extra_args: &[String]) -> Result<Node> {
+        let mut node = Node {
+            data_dir: data_dir.into(),
+            ssh_port: ports.ssh,
+            http_port: ports.http,
+            raft_port: ports.raft,
+            admin_keys: admin_keys.iter().map(|p| p.to_path_buf()).collect(),
+            extra_args: extra_args.to_vec(),
+            program: program.map(Path::to_path_buf),
+            child: None,
+            paused: AtomicBool::new(false),
+        };
+        node.spawn()?;
+        Ok(node)
+    }
+
+    /// The node's ports.
+    pub fn ports(&self) -> NodePorts {
+        NodePorts { ssh: self.ssh_port, http: self.http_port, raft: self.raft_port }
+    }
+
+    /// SIGKILL the process if it runs, then start it again on the same data directory
+    /// and ports with `--join TOKEN`: a machine whose data directory was wiped joins
+    /// again as a new node.
+    pub fn rejoin(&mut self, token: &str) -> Result<()> {
+        self.kill9();
+        if let Some(i) = self.extra_args.iter().position(|a| a == "--join") {
+            self.extra_args.drain(i..(i + 2).min(self.extra_args.len()));
+        }
+        self.extra_args.extend(["--join".to_string(), token.to_string()]);
+        self.spawn()
+    }
+}
+
+impl Cluster {
+    /// Like [`Cluster::start_each`], on ports chosen beforehand ([`NodePorts::allocate`])
+    /// and with `program` as the `mesh-node` executable (`None`: the workspace's own):
+    /// node `i + 1` gets `ports[i]` and its own arguments `per_node[i]`.
+    pub fn start_on(dir: &Path, program: Option<&Path>, ports: &[NodePorts], per_node: &[Vec<String>]) -> Result<Cluster> {
+        let n = per_node.len();
+        if n == 0 || ports.len() != n {
+            bail!("start_on needs one set of ports per node ({} ports for {n} nodes)", ports.len());
+        }
+        let admin = UserKey::generate(dir, "admin")?;
+        let first = Node::start_on(program, &dir.join("node1"), ports[0], &[&admin.public], &per_node[0])?;
+        let mut cluster = Cluster { nodes: vec![first], admin, dir: dir.into() };
+        if n > 1 {
+            let token = cluster.token(n as u32 - 1, "10m")?;
+            for (i, extra) in per_node.iter().enumerate().skip(1) {
+                let mut args = extra.clone();
+                args.extend(["--join".to_string(), token.clone()]);
+                let node = Node::start_on(program, &dir.join(format!("node{}", i + 1)), ports[i], &[&cluster.admin.public], &args)?;
+                cluster.nodes.push(node);
+            }
+        }
+        let target: usize = per_node[0]
+            .iter()
+            .position(|a| a == "--voters")
+            .and_then(|i| per_node[0].get(i + 1))
+            .map_or(3, |v| v.parse().unwrap_or(3));
+        let mut voters = n.min(target);
+        if voters.is_multiple_of(2) {
+            voters -= 1;
+        }
+        cluster.wait_for(Duration::from_secs(60), |nodes| {
+            nodes.as_array().is_some_and(|a| a.len() >= n && a.iter().filter(|x| x["role"] == "leader" || x["role"] == "follower").count() == voters)
+        })?;
+        Ok(cluster)
+    }
+}
+
+impl Cli {
+    /// Run one raw command line on the node with OpenSSH (`ssh -p PORT 127.0.0.1
+    /// COMMAND`), pinned by the same known_hosts file: for the node commands mesh-cli
+    /// has no subcommand for (`digest`). Killed after `limit`, like [`Cli::run_within`].
+    pub fn ssh_within(&self, command: &str, limit: Duration) -> CliOutput {
+        let (host, port) = self.node.rsplit_once(':').unwrap_or((self.node.as_str(), "7722"));
+        let mut cmd = Command::new("ssh");
+        cmd.arg("-p")
+            .arg(port)
+            .arg("-i")
+            .arg(&self.identity)
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
+            .args(["-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR"])
+            .arg(host)
+            .arg(command);
+        output_within(cmd, limit, command)
+    }
+}
+
+/// Run `cmd` with piped output, killed after `limit` (code -1, said on stderr).
+fn output_within(mut cmd: Command, limit: Duration, what: &str) -> CliOutput {
+    let spawned = cmd.env_remove("SSH_AUTH_SOCK").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => return CliOutput { code: -1, stdout: Vec::new(), stderr: format!("could not start {what:?}: {e}\n") },
+    };
+    let drain = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped")));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() <= deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let mut stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+    let code = match status {
+        Some(s) => s.code().unwrap_or(-1),
+        None => {
+            stderr.push_str(&format!("{what:?} killed after {limit:?} without an answer\n"));
+            -1
+        }
+    };
+    CliOutput { code, stdout, stderr }
 }

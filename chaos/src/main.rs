@@ -1,25 +1,31 @@
-//! `mesh-chaos`: fault injection against real `mesh-node` processes.
+//! `mesh-chaos`: fault injection against real `mesh-node` processes. Starts a cluster
+//! on loopback with a fault-injecting proxy on every node-to-node link, runs a
+//! workload through `mesh-cli`, injects a seeded schedule of faults, heals, and checks
+//! the invariants (docs/chaos.md).
 //!
-//! The harness grows with the cluster: today it only names the scenarios it will run
-//! and refuses to pretend it ran them (exit 2: the harness could not run).
+//! Exit status: 0 every invariant held, 1 one was violated (the report names it), 2
+//! the harness itself could not run.
 
 use clap::{Parser, Subcommand};
-
-/// Scenarios, with what each one injects.
-const SCENARIOS: &[(&str, &str)] = &[
-    ("leader-kill", "SIGKILL the leader while tasks run, restart it later"),
-    ("leader-pause", "SIGSTOP the leader longer than the election timeout, then SIGCONT"),
-    ("partition-majority", "cut the leader off from the majority"),
-    ("bridge", "two halves that only one node can see both of"),
-    ("flaky-network", "latency and packet loss on every node-to-node link"),
-    ("worker-kill-mid-shard", "SIGKILL a node halfway through a sharded task"),
-    ("wiped-node", "wipe a node's data directory and restart it under its old key"),
-    ("mixed", "all of the above on a seeded schedule"),
-];
+use mesh_chaos::run::{self, RunOptions};
+use mesh_chaos::scenario::{self, SCENARIOS};
+use std::path::PathBuf;
+use std::time::Duration;
 
 /// Fault injection for a Mesh cluster of real processes.
 #[derive(Parser)]
-#[command(name = "mesh-chaos", version)]
+#[command(
+    name = "mesh-chaos",
+    version,
+    after_help = "Examples:
+  mesh-chaos list
+  mesh-chaos run leader-kill --seed 7
+  mesh-chaos run smoke --seed 1 --duration 20s --report /tmp/smoke
+  mesh-chaos run-all --seed 1
+  mesh-chaos run paused-worker --seed 1 --node-bin target/negative/debug/mesh-node
+
+Exit status: 0 every invariant held, 1 an invariant was violated, 2 the harness could not run."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -29,30 +35,169 @@ struct Cli {
 enum Cmd {
     /// List the scenarios.
     List,
-    /// Run a scenario.
+    /// Run one scenario.
     Run {
         /// Scenario name (see `list`).
         scenario: String,
-        /// Seed of the fault schedule.
+        #[command(flatten)]
+        common: Common,
+        /// Nodes (voters plus learners); default: the scenario's.
         #[arg(long)]
-        seed: Option<u64>,
+        nodes: Option<usize>,
+        /// Report directory; default: target/chaos/<scenario>-<seed>.
+        #[arg(long, value_name = "DIR")]
+        report: Option<PathBuf>,
+    },
+    /// Run every scenario of the full set one after another (not `smoke`), with one
+    /// seed; exit 1 if any violated an invariant.
+    RunAll {
+        #[command(flatten)]
+        common: Common,
+        /// Directory for the reports (one subdirectory per scenario); default: target/chaos.
+        #[arg(long, value_name = "DIR")]
+        report_root: Option<PathBuf>,
     },
 }
 
+#[derive(clap::Args)]
+struct Common {
+    /// Seed of the fault schedule, the workload and the proxy's losses; default: from
+    /// the clock (printed, so the run can be replayed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Length of the fault window (the workload runs through it; healing, liveness
+    /// checks and the report come after).
+    #[arg(long, default_value = "60s", value_parser = mesh_core::duration::parse_duration)]
+    duration: Duration,
+    /// The mesh-node executable to start (e.g. a negative-control build); default: the
+    /// one beside mesh-chaos.
+    #[arg(long, value_name = "PATH")]
+    node_bin: Option<PathBuf>,
+    /// Keep the nodes' data directories after the run (the path is printed).
+    #[arg(long)]
+    keep: bool,
+}
+
+fn seed_or_clock(seed: Option<u64>) -> u64 {
+    seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64 % 1_000_000)
+    })
+}
+
 fn main() {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let code = match cli.command {
         Cmd::List => {
-            for (name, what) in SCENARIOS {
-                println!("{name:24} {what}");
+            for s in SCENARIOS {
+                println!("{:24} {:>2} nodes  {}", s.name, s.nodes, s.about);
             }
+            0
         }
-        Cmd::Run { scenario, .. } => {
-            if !SCENARIOS.iter().any(|(n, _)| *n == scenario) {
-                eprintln!("error: unknown scenario '{scenario}'; `mesh-chaos list` shows them");
-            } else {
-                eprintln!("error: scenario '{scenario}' needs a multi-node mesh, which this build does not have yet");
+        Cmd::Run {
+            scenario,
+            common,
+            nodes,
+            report,
+        } => {
+            let Some(s) = scenario::find(&scenario) else {
+                eprintln!("error: unknown scenario '{scenario}'; the scenarios are: {} (`mesh-chaos list`)", scenario::names());
+                std::process::exit(2);
+            };
+            let seed = seed_or_clock(common.seed);
+            let opts = RunOptions {
+                scenario: s,
+                seed,
+                nodes,
+                duration: common.duration,
+                report_dir: report.unwrap_or_else(|| run::default_report_dir(s.name, seed)),
+                node_bin: common.node_bin,
+                keep: common.keep,
+            };
+            one(&opts)
+        }
+        Cmd::RunAll {
+            common,
+            report_root,
+        } => {
+            let seed = seed_or_clock(common.seed);
+            let mut worst = 0;
+            let mut lines = Vec::new();
+            for s in SCENARIOS.iter().filter(|s| s.in_full_set) {
+                let report_dir = match &report_root {
+                    Some(r) => r.join(format!("{}-{seed}", s.name)),
+                    None => run::default_report_dir(s.name, seed),
+                };
+                let opts = RunOptions {
+                    scenario: s,
+                    seed,
+                    nodes: None,
+                    duration: common.duration,
+                    report_dir,
+                    node_bin: common.node_bin.clone(),
+                    keep: common.keep,
+                };
+                let started = std::time::Instant::now();
+                let code = one(&opts);
+                let verdict =
+                    ["pass", "FAIL (invariant violated)", "ERROR (harness)"][code as usize];
+                lines.push(format!(
+                    "{:24} seed {seed:<8} {:>5.0} s  {verdict}",
+                    s.name,
+                    started.elapsed().as_secs_f64()
+                ));
+                worst = worst.max(code);
             }
-            std::process::exit(2);
+            println!("\nmesh-chaos run-all, seed {seed}:");
+            for l in lines {
+                println!("  {l}");
+            }
+            worst
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Run one scenario and print its verdict; returns the exit status.
+fn one(opts: &RunOptions) -> i32 {
+    // A bug in the harness must not read as a verdict on the mesh: a panic is exit 2
+    // (the nodes are killed as the cluster unwinds).
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run::run(opts)))
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the harness panicked (see above)")));
+    match result {
+        Ok(out) if out.violations.is_empty() => {
+            println!(
+                "mesh-chaos: {} seed {}: PASS, every invariant held ({:.0} s); report in {}",
+                opts.scenario.name,
+                opts.seed,
+                out.wall.as_secs_f64(),
+                out.report_dir.display()
+            );
+            0
+        }
+        Ok(out) => {
+            println!(
+                "mesh-chaos: {} seed {}: FAIL ({:.0} s); report in {}",
+                opts.scenario.name,
+                opts.seed,
+                out.wall.as_secs_f64(),
+                out.report_dir.display()
+            );
+            for v in out.violations.iter().take(20) {
+                println!("  violated {}: {}", v.invariant, v.detail);
+            }
+            if out.violations.len() > 20 {
+                println!("  ... {} more in report.md", out.violations.len() - 20);
+            }
+            1
+        }
+        Err(e) => {
+            eprintln!(
+                "error: the harness could not run {} seed {}: {e:#}",
+                opts.scenario.name, opts.seed
+            );
+            2
         }
     }
 }

@@ -147,25 +147,23 @@ pub fn why_waiting(
         return never_runnable(state, &task.requirements);
     }
     if !matching.iter().any(|n| live.contains(n)) {
-        return Some(format!(
-            "every node that matches ({}) is down",
-            join(&matching)
-        ));
+        return Some(format!("every node that matches ({}) is down", join(&matching)));
     }
-    if matching
+    // Say for each matching node why it takes nothing now.
+    let reasons: Vec<String> = matching
         .iter()
-        .filter(|n| live.contains(n))
-        .all(|n| state.nodes[n].drained)
-    {
-        return Some(format!(
-            "every live node that matches ({}) is drained",
-            join(&matching)
-        ));
-    }
-    Some(format!(
-        "every live node that matches ({}) has all its slots busy",
-        join(&matching)
-    ))
+        .map(|n| {
+            let why = if !live.contains(n) {
+                "down"
+            } else if state.nodes[n].drained {
+                "drained"
+            } else {
+                "has all its slots busy"
+            };
+            format!("node {n} {why}")
+        })
+        .collect();
+    Some(format!("no matching node can take it now: {}", reasons.join(", ")))
 }
 
 fn join(ids: &[NodeId]) -> String {

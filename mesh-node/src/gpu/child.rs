@@ -31,9 +31,31 @@ pub const EXIT_PROTOCOL: i32 = 4;
 /// is all that can ever be queued.
 const JOB_QUEUE: usize = 1;
 
+/// How often the worker checks that the daemon that started it is still alive.
+const PARENT_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Kill this worker as soon as its parent (the daemon) is gone. Closing stdin is not
+/// enough: a worker whose exit blocks in driver teardown behind a running kernel, or
+/// that misses the pipe's end, would spin on the GPU forever. SIGKILL cannot block.
+fn watch_parent() {
+    let parent = std::os::unix::process::parent_id();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(PARENT_CHECK);
+        if std::os::unix::process::parent_id() != parent {
+            eprintln!("mesh-node gpu-worker: the daemon (pid {parent}) is gone; killing this worker");
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(std::process::id().to_string())
+                .status();
+            std::process::abort();
+        }
+    });
+}
+
 /// Run the worker until stdin closes; returns the process exit status.
 pub fn serve() -> i32 {
     init_logs();
+    watch_parent();
     let mut stdout = std::io::stdout().lock();
     let executor = match Executor::open_best() {
         Ok(executor) => executor,
