@@ -606,9 +606,11 @@ impl Node {
     }
 }
 
-/// Whether a process with this id exists (a zombie still counts until reaped).
+/// Whether a process with this id is alive (a zombie has exited and does not count).
 pub fn process_exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    // A zombie has exited; it only waits for its (possibly non-reaping) parent.
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .is_ok_and(|s| !s.lines().any(|l| l.starts_with("State:") && l.contains('Z')))
 }
 
 impl Cluster {

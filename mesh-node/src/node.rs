@@ -196,6 +196,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         raft: raft.clone(),
         directory: directory.clone(),
         clients: clients.clone(),
+        state: state.clone(),
     };
     let (proposer, proposer_loop) = proposer::proposer(raft.clone(), Some(Arc::new(forwarder)));
     tracker.spawn(proposer_loop.run(shutdown.clone()));

@@ -31,6 +31,15 @@ pub const EXIT_PROTOCOL: i32 = 4;
 /// is all that can ever be queued.
 const JOB_QUEUE: usize = 1;
 
+/// Write a line to stderr, ignoring failure: stderr is a pipe to the daemon, which
+/// may be gone, and `eprintln!` would panic exactly when the worker must act.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// How often the worker checks that the daemon that started it is still alive.
 const PARENT_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -42,7 +51,7 @@ fn watch_parent() {
     std::thread::spawn(move || loop {
         std::thread::sleep(PARENT_CHECK);
         if std::os::unix::process::parent_id() != parent {
-            eprintln!("mesh-node gpu-worker: the daemon (pid {parent}) is gone; killing this worker");
+            note!("mesh-node gpu-worker: the daemon (pid {parent}) is gone; killing this worker");
             let _ = std::process::Command::new("kill")
                 .arg("-KILL")
                 .arg(std::process::id().to_string())
@@ -88,7 +97,7 @@ pub fn serve() -> i32 {
     // The channel closes when stdin does, with the worker idle: a clean end.
     while let Ok(job) = jobs.recv() {
         if abort_on_entry.as_deref() == Some(job.plan.entry.as_str()) {
-            eprintln!(
+            note!(
                 "{ABORT_ON_ENTRY_ENV} matches entry point '{}': aborting as asked",
                 job.plan.entry
             );
@@ -143,13 +152,13 @@ fn read_jobs(jobs: mpsc::SyncSender<Job>, busy: &AtomicBool) {
             Ok(job) => job,
             Err(FrameError::Closed) => {
                 if busy.load(Ordering::SeqCst) {
-                    eprintln!("mesh-node gpu-worker: the daemon closed the pipe while a kernel was running; aborting");
+                    note!("mesh-node gpu-worker: the daemon closed the pipe while a kernel was running; aborting");
                     std::process::abort();
                 }
                 return; // dropping `jobs` ends the main loop
             }
             Err(e) => {
-                eprintln!("mesh-node gpu-worker: bad job from the daemon ({e}); this process only talks to a mesh-node of the same build");
+                note!("mesh-node gpu-worker: bad job from the daemon ({e}); this process only talks to a mesh-node of the same build");
                 std::process::exit(EXIT_PROTOCOL);
             }
         };
@@ -165,7 +174,7 @@ fn read_jobs(jobs: mpsc::SyncSender<Job>, busy: &AtomicBool) {
 /// Write one message to the daemon; on failure, the exit status to end with.
 fn send<T: serde::Serialize>(stdout: &mut impl Write, message: &T) -> Result<(), i32> {
     let frame = wire::encode_frame(message).map_err(|e| {
-        eprintln!("mesh-node gpu-worker: cannot encode a message: {e}");
+        note!("mesh-node gpu-worker: cannot encode a message: {e}");
         EXIT_PROTOCOL
     })?;
     write(stdout, &frame)
@@ -199,7 +208,7 @@ fn send_reply(stdout: &mut impl Write, reply: Reply) -> Result<(), i32> {
             )
         }
         Err(e) => {
-            eprintln!("mesh-node gpu-worker: cannot encode a reply: {e}");
+            note!("mesh-node gpu-worker: cannot encode a reply: {e}");
             Err(EXIT_PROTOCOL)
         }
     }
@@ -207,7 +216,7 @@ fn send_reply(stdout: &mut impl Write, reply: Reply) -> Result<(), i32> {
 
 fn write(stdout: &mut impl Write, frame: &[u8]) -> Result<(), i32> {
     wire::write_frame(stdout, frame).map_err(|e| {
-        eprintln!("mesh-node gpu-worker: cannot write to the daemon ({e}); exiting");
+        note!("mesh-node gpu-worker: cannot write to the daemon ({e}); exiting");
         EXIT_PROTOCOL
     })
 }

@@ -29,7 +29,12 @@ pub struct Forwarder {
     pub directory: Directory,
     /// Channels.
     pub clients: PeerClients,
+    /// This node's state, to wait until it has applied a forwarded write.
+    pub state: crate::store::StateView,
 }
+
+/// How long a forwarded write waits for this node to apply it before answering.
+const CATCH_UP: Duration = Duration::from_secs(5);
 
 impl Forward for Forwarder {
     fn forward(
@@ -42,6 +47,13 @@ impl Forward for Forwarder {
 }
 
 impl Forwarder {
+    /// Wait (bounded) until this node has applied `index`, so a client that reads
+    /// here right after its write sees it.
+    async fn catch_up(&self, index: u64) {
+        let mut changes = self.state.changes();
+        let _ = tokio::time::timeout(CATCH_UP, changes.wait_for(|applied| *applied >= index)).await;
+    }
+
     async fn run(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, ProposeError> {
         let payload =
             to_payload(&commands).map_err(|s| ProposeError::Unavailable(s.message().into()))?;
@@ -75,11 +87,15 @@ impl Forwarder {
                         .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
                     match tokio::time::timeout(FORWARD_TIMEOUT, client.propose(payload.clone())).await {
                         Ok(Ok(reply)) => {
-                            let result: Result<Vec<Outcome>, ProposeError> = from_payload(reply.get_ref())
+                            let result: Result<(Vec<Outcome>, u64), ProposeError> = from_payload(reply.get_ref())
                                 .map_err(|s| ProposeError::Unavailable(s.message().into()))?;
                             match result {
                                 Err(ProposeError::NotLeader { leader }) => last = ProposeError::NotLeader { leader },
-                                other => return other,
+                                Err(e) => return Err(e),
+                                Ok((outcomes, applied)) => {
+                                    self.catch_up(applied).await;
+                                    return Ok(outcomes);
+                                }
                             }
                         }
                         Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {

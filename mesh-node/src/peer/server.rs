@@ -135,7 +135,13 @@ impl Mesh for PeerServer {
     async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.member(&req)?;
         let commands: Vec<Command> = from_payload(req.get_ref())?;
-        let result = self.proposer.propose_local(commands).await;
+        // With the outcomes goes the index this leader has applied, so the follower can
+        // wait for its own copy to catch up before answering (read your writes).
+        let result = self
+            .proposer
+            .propose_local(commands)
+            .await
+            .map(|outcomes| (outcomes, *self.state.changes().borrow()));
         Ok(Response::new(to_payload(&result)?))
     }
 
