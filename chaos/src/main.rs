@@ -57,6 +57,13 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         report_root: Option<PathBuf>,
     },
+    /// Internal: a tiny TCP peer run inside a network namespace to show that a
+    /// partition takes effect (`serve`, `session:ADDR`, `connect:ADDR`).
+    #[command(name = "netns-probe", hide = true)]
+    NetnsProbe {
+        /// What to do.
+        role: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -117,6 +124,7 @@ fn main() {
             };
             one(&opts)
         }
+        Cmd::NetnsProbe { role } => mesh_chaos::netns::probe_peer(&role),
         Cmd::RunAll {
             common,
             report_root,

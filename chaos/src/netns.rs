@@ -373,40 +373,27 @@ impl Drop for NetnsLab {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    //! The lab is tested with real TCP between namespaces. A test process cannot enter
-    //! a namespace itself without unsafe code, so it runs this test binary again inside
-    //! a namespace, as the helper `netns_helper` (ignored in a normal run), told what
-    //! to do through `MESH_NETNS_HELPER`.
+/// Port of the probe's echo server in every namespace.
+pub const PROBE_PORT: u16 = 7790;
+/// How long a probe client waits for a connection: a partition drops the SYN, so this
+/// is how long a blocked attempt takes.
+const PROBE_CONNECT_LIMIT: std::time::Duration = std::time::Duration::from_millis(800);
+/// A probe server exits on its own after this, should its caller die first.
+const PROBE_SERVER_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 
-    use super::*;
-    use std::io::{BufRead, BufReader, Read};
+/// `mesh-chaos netns-probe ROLE`: a tiny TCP peer run inside a namespace to show that a
+/// partition takes effect. `serve` echoes on [`PROBE_PORT`]; `session:ADDR` keeps one
+/// connection and answers `HELPER-OK`/`HELPER-FAIL` per line on stdin; `connect:ADDR`
+/// makes one round trip. Returns the exit status.
+pub fn probe_peer(role: &str) -> i32 {
+    use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpListener, TcpStream};
-    use std::process::Child;
-    use std::time::Duration;
-
-    /// Set to make the test fail, not skip, where namespaces are not available.
-    const REQUIRE_ENV: &str = "MESH_CHAOS_REQUIRE_NETNS";
-    /// The helper's role, `serve` or `connect:ADDR`.
-    const HELPER_ENV: &str = "MESH_NETNS_HELPER";
-    /// Port of the helper's echo server in every namespace.
-    const ECHO_PORT: u16 = 7790;
-    /// How long a helper client waits for a connection: a partition drops the SYN, so
-    /// this is how long a blocked attempt takes.
-    const CONNECT_LIMIT: Duration = Duration::from_millis(800);
-    /// A helper server exits on its own after this, should the test die before it.
-    const SERVER_LIFETIME: Duration = Duration::from_secs(60);
-
-    /// Not a test: what the test binary does when run inside a namespace.
-    #[test]
-    #[ignore = "helper process for netns tests, run by them inside a namespace"]
-    fn netns_helper() {
-        let role = std::env::var(HELPER_ENV).expect("run by the netns tests only");
+    let parse = |a: &str| a.parse::<SocketAddr>().map_err(|e| format!("bad address {a}: {e}"));
+    let run = || -> Result<(), String> {
         if role == "serve" {
-            let listener = TcpListener::bind(("0.0.0.0", ECHO_PORT)).expect("bind the echo port");
+            let listener = TcpListener::bind(("0.0.0.0", PROBE_PORT)).map_err(|e| e.to_string())?;
             std::thread::spawn(|| {
-                std::thread::sleep(SERVER_LIFETIME);
+                std::thread::sleep(PROBE_SERVER_LIFETIME);
                 std::process::exit(0);
             });
             println!("HELPER-LISTENING");
@@ -420,43 +407,56 @@ mod tests {
                     }
                 });
             }
+            Ok(())
         } else if let Some(addr) = role.strip_prefix("session:") {
-            // One long-lived connection: a ping per line on stdin, answered OK or FAIL.
-            let mut conn =
-                TcpStream::connect_timeout(&addr.parse().expect("an address"), CONNECT_LIMIT)
-                    .expect("connect");
-            conn.set_read_timeout(Some(CONNECT_LIMIT)).unwrap();
+            let mut conn = TcpStream::connect_timeout(&parse(addr)?, PROBE_CONNECT_LIMIT).map_err(|e| e.to_string())?;
+            conn.set_read_timeout(Some(PROBE_CONNECT_LIMIT)).map_err(|e| e.to_string())?;
             println!("HELPER-CONNECTED");
             for _ in std::io::stdin().lines().map_while(Result::ok) {
                 let mut back = [0u8; 4];
                 let ok = conn.write_all(b"ping").is_ok() && conn.read_exact(&mut back).is_ok();
                 println!("{}", if ok { "HELPER-OK" } else { "HELPER-FAIL" });
             }
-        } else {
-            let addr: SocketAddr = role
-                .strip_prefix("connect:")
-                .expect("connect:ADDR")
-                .parse()
-                .expect("an address");
-            let mut conn = TcpStream::connect_timeout(&addr, CONNECT_LIMIT).expect("connect");
-            conn.set_read_timeout(Some(CONNECT_LIMIT)).unwrap();
-            conn.write_all(b"ping").unwrap();
+            Ok(())
+        } else if let Some(addr) = role.strip_prefix("connect:") {
+            let mut conn = TcpStream::connect_timeout(&parse(addr)?, PROBE_CONNECT_LIMIT).map_err(|e| e.to_string())?;
+            conn.set_read_timeout(Some(PROBE_CONNECT_LIMIT)).map_err(|e| e.to_string())?;
+            conn.write_all(b"ping").map_err(|e| e.to_string())?;
             let mut back = [0u8; 4];
-            conn.read_exact(&mut back).expect("echo");
-            assert_eq!(&back, b"ping");
+            conn.read_exact(&mut back).map_err(|e| e.to_string())?;
+            if &back == b"ping" { Ok(()) } else { Err("the echo differed".into()) }
+        } else {
+            Err(format!("unknown probe role '{role}' (serve, session:ADDR, connect:ADDR)"))
+        }
+    };
+    match run() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("netns-probe: {e}");
+            1
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The lab is tested with real TCP between namespaces. A test process cannot enter
+    //! a namespace itself without unsafe code, so it runs `mesh-chaos netns-probe ROLE`
+    //! (built by `cargo build --bins`) inside a namespace.
+
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::SocketAddr;
+    use std::process::Child;
+
+    /// Set to make the test fail, not skip, where namespaces are not available.
+    const REQUIRE_ENV: &str = "MESH_CHAOS_REQUIRE_NETNS";
+    /// Port of the probe's echo server in every namespace.
+    const ECHO_PORT: u16 = PROBE_PORT;
 
     fn helper(lab: &NetnsLab, i: usize, role: &str) -> Command {
-        let mut cmd = lab.command(i, std::env::current_exe().unwrap());
-        cmd.args([
-            "--exact",
-            "netns::tests::netns_helper",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HELPER_ENV, role);
+        let mut cmd = lab.command(i, crate::cluster::bin("mesh-chaos"));
+        cmd.args(["netns-probe", role]);
         cmd
     }
 
