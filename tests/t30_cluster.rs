@@ -36,7 +36,14 @@ pub const CLI_LIMIT: Duration = Duration::from_secs(30);
 /// The slow task: on lavapipe about one core-second, so that several are still
 /// running or pending when a fault lands. Large Mandelbrots are too slow for the
 /// CPU reference in a debug build; all of them must agree with each other instead.
-const HEAVY: [&str; 6] = ["--param", "width=512", "--param", "height=512", "--param", "max_iter=20000"];
+const HEAVY: [&str; 6] = [
+    "--param",
+    "width=512",
+    "--param",
+    "height=512",
+    "--param",
+    "max_iter=20000",
+];
 
 /// A cluster that prints the tail of every node's log when the test fails.
 pub struct Mesh(pub Cluster);
@@ -44,8 +51,13 @@ pub struct Mesh(pub Cluster);
 impl Mesh {
     /// `Cluster::start`, panicking with the reason.
     pub fn start(dir: &Path, n: usize, extra: &[&str]) -> Mesh {
-        phase(&format!("start {n} nodes (node 1 bootstraps, the others join with a token) {extra:?}"));
-        Mesh(Cluster::start(dir, n, extra).unwrap_or_else(|e| panic!("cluster did not start: {e:#}")))
+        phase(&format!(
+            "start {n} nodes (node 1 bootstraps, the others join with a token) {extra:?}"
+        ));
+        Mesh(
+            Cluster::start(dir, n, extra)
+                .unwrap_or_else(|e| panic!("cluster did not start: {e:#}")),
+        )
     }
 }
 
@@ -71,12 +83,18 @@ impl Drop for Mesh {
 }
 
 /// Poll `probe` until it returns `Ok`; panic with its last `Err` after `timeout`.
-pub fn eventually<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
+pub fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         match probe() {
             Ok(v) => return v,
-            Err(last) if Instant::now() > deadline => panic!("{what}: not reached within {timeout:?}; last seen: {last}"),
+            Err(last) if Instant::now() > deadline => {
+                panic!("{what}: not reached within {timeout:?}; last seen: {last}")
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
@@ -88,32 +106,48 @@ pub fn json(cli: &Cli, args: &[&str]) -> Result<Value, String> {
     full.extend_from_slice(args);
     let out = cli.run_within(&full, CLI_LIMIT);
     if out.code != 0 {
-        return Err(format!("{args:?} on {} failed ({}): {}", cli.node, out.code, out.stderr.trim()));
+        return Err(format!(
+            "{args:?} on {} failed ({}): {}",
+            cli.node,
+            out.code,
+            out.stderr.trim()
+        ));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("{args:?}: no JSON ({e}): {}", out.text()))
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("{args:?}: no JSON ({e}): {}", out.text()))
 }
 
 /// `nodes --json` as seen by any serving node.
 pub fn nodes(mesh: &mut Cluster) -> Result<Vec<Value>, String> {
     let cli = mesh.any_cli(None);
-    json(&cli, &["nodes"]).and_then(|v| v.as_array().cloned().ok_or_else(|| format!("not a list: {v}")))
+    json(&cli, &["nodes"]).and_then(|v| {
+        v.as_array()
+            .cloned()
+            .ok_or_else(|| format!("not a list: {v}"))
+    })
 }
 
 /// The view of node `id` in a `nodes` answer.
-pub fn node<'a>(nodes: &'a [Value], id: u64) -> Option<&'a Value> {
+pub fn node(nodes: &[Value], id: u64) -> Option<&Value> {
     nodes.iter().find(|n| n["id"].as_u64() == Some(id))
 }
 
 /// `(role, health)` of node `id`.
 pub fn role_health(nodes: &[Value], id: u64) -> (String, String) {
     node(nodes, id).map_or(("absent".into(), "absent".into()), |n| {
-        (n["role"].as_str().unwrap_or("?").into(), n["health"].as_str().unwrap_or("?").into())
+        (
+            n["role"].as_str().unwrap_or("?").into(),
+            n["health"].as_str().unwrap_or("?").into(),
+        )
     })
 }
 
 /// The voter ids in a `status` answer.
 pub fn voters(status: &Value) -> BTreeSet<u64> {
-    status["voters"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default()
+    status["voters"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
 }
 
 /// What a task's output must be.
@@ -136,32 +170,65 @@ pub struct Submitted {
 
 /// Submit `heavy` large Mandelbrots, `light` saxpys and one small Mandelbrot, each with
 /// an idempotency key. Heavy tasks go first so that light ones queue behind them.
-pub fn submit_workload(cli: &Cli, dir: &Path, tag: &str, heavy: usize, light: usize) -> Vec<Submitted> {
-    phase(&format!("submit {heavy} heavy Mandelbrots, {light} saxpys and a small Mandelbrot through {}", cli.node));
+pub fn submit_workload(
+    cli: &Cli,
+    dir: &Path,
+    tag: &str,
+    heavy: usize,
+    light: usize,
+) -> Vec<Submitted> {
+    phase(&format!(
+        "submit {heavy} heavy Mandelbrots, {light} saxpys and a small Mandelbrot through {}",
+        cli.node
+    ));
     let mut work = Vec::new();
     let mut submit = |args: Vec<String>, expect: Expect| {
         let mut full: Vec<&str> = vec!["--json", "submit"];
         full.extend(args.iter().map(String::as_str));
         let out = cli.run_within(&full, CLI_LIMIT).ok().json();
-        assert_eq!(out["existing"], false, "a fresh idempotency key matched an earlier task: {out}");
-        work.push(Submitted { id: task_id(&out).parse().unwrap(), args, expect });
+        assert_eq!(
+            out["existing"], false,
+            "a fresh idempotency key matched an earlier task: {out}"
+        );
+        work.push(Submitted {
+            id: task_id(&out).parse().unwrap(),
+            args,
+            expect,
+        });
     };
     for k in 0..heavy {
-        let mut args: Vec<String> = ["--kernel", "mandelbrot"].iter().chain(HEAVY.iter()).map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = ["--kernel", "mandelbrot"]
+            .iter()
+            .chain(HEAVY.iter())
+            .map(|s| s.to_string())
+            .collect();
         args.extend(["--idempotency-key".into(), format!("{tag}-heavy-{k}")]);
         submit(args, Expect::SameAsHeavy);
     }
     for k in 0..light {
         let n = 4096 + 64 * k;
         let (x, y) = (lcg_f32(100 + k as u64, n), lcg_f32(200 + k as u64, n));
-        let (xf, yf) = (dir.join(format!("{tag}-x{k}.bin")), dir.join(format!("{tag}-y{k}.bin")));
+        let (xf, yf) = (
+            dir.join(format!("{tag}-x{k}.bin")),
+            dir.join(format!("{tag}-y{k}.bin")),
+        );
         std::fs::write(&xf, f32_bytes(&x)).unwrap();
         std::fs::write(&yf, f32_bytes(&y)).unwrap();
         let inputs = [
-            NamedBytes { name: "x".into(), data: Bytes::from(f32_bytes(&x)) },
-            NamedBytes { name: "y".into(), data: Bytes::from(f32_bytes(&y)) },
+            NamedBytes {
+                name: "x".into(),
+                data: Bytes::from(f32_bytes(&x)),
+            },
+            NamedBytes {
+                name: "y".into(),
+                data: Bytes::from(f32_bytes(&y)),
+            },
         ];
-        let want = cpu_reference("saxpy", &BTreeMap::from([("a".to_string(), "1.5".to_string())]), &inputs);
+        let want = cpu_reference(
+            "saxpy",
+            &BTreeMap::from([("a".to_string(), "1.5".to_string())]),
+            &inputs,
+        );
         let args = vec![
             "--kernel".into(),
             "saxpy".into(),
@@ -176,13 +243,19 @@ pub fn submit_workload(cli: &Cli, dir: &Path, tag: &str, heavy: usize, light: us
         ];
         submit(args, Expect::Bytes(want));
     }
-    let params = BTreeMap::from([("width", "64"), ("height", "48"), ("max_iter", "5000")].map(|(k, v)| (k.to_string(), v.to_string())));
+    let params = BTreeMap::from(
+        [("width", "64"), ("height", "48"), ("max_iter", "5000")]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
     let want = cpu_reference("mandelbrot", &params, &[]);
     let mut args: Vec<String> = vec!["--kernel".into(), "mandelbrot".into()];
     for (k, v) in &params {
         args.extend(["--param".into(), format!("{k}={v}")]);
     }
-    args.extend(["--idempotency-key".into(), format!("{tag}-small-mandelbrot")]);
+    args.extend([
+        "--idempotency-key".into(),
+        format!("{tag}-small-mandelbrot"),
+    ]);
     submit(args, Expect::Bytes(want));
     work
 }
@@ -190,7 +263,11 @@ pub fn submit_workload(cli: &Cli, dir: &Path, tag: &str, heavy: usize, light: us
 /// `tasks --json` of one client, by id.
 pub fn tasks_on(cli: &Cli) -> Result<BTreeMap<u64, Value>, String> {
     let v = json(cli, &["tasks"])?;
-    Ok(v.as_array().ok_or("not a list")?.iter().map(|t| (t["id"].as_u64().unwrap_or(u64::MAX), t.clone())).collect())
+    Ok(v.as_array()
+        .ok_or("not a list")?
+        .iter()
+        .map(|t| (t["id"].as_u64().unwrap_or(u64::MAX), t.clone()))
+        .collect())
 }
 
 /// Wait until a serving node sees task `pred` hold for some task; return that task.
@@ -198,13 +275,28 @@ pub fn wait_task(mesh: &mut Cluster, what: &str, pred: impl Fn(&Value) -> bool) 
     eventually(what, FINISH, || {
         let cli = mesh.any_cli(None);
         let tasks = tasks_on(&cli)?;
-        tasks.values().find(|t| pred(t)).cloned().ok_or_else(|| format!("{:?}", summary(&tasks)))
+        tasks
+            .values()
+            .find(|t| pred(t))
+            .cloned()
+            .ok_or_else(|| format!("{:?}", summary(&tasks)))
     })
 }
 
 /// `id: state@node#attempt` for every task, for failure messages.
 pub fn summary(tasks: &BTreeMap<u64, Value>) -> Vec<String> {
-    tasks.values().map(|t| format!("{}: {}@{}#{}", t["id"], t["state"].as_str().unwrap_or("?"), t["node"], t["attempt"])).collect()
+    tasks
+        .values()
+        .map(|t| {
+            format!(
+                "{}: {}@{}#{}",
+                t["id"],
+                t["state"].as_str().unwrap_or("?"),
+                t["node"],
+                t["attempt"]
+            )
+        })
+        .collect()
 }
 
 /// Wait until every submitted task is terminal on a serving node; their views.
@@ -213,7 +305,11 @@ pub fn wait_finished(mesh: &mut Cluster, work: &[Submitted]) -> BTreeMap<u64, Va
     eventually("every task terminal", FINISH, || {
         let cli = mesh.any_cli(None);
         let tasks = tasks_on(&cli)?;
-        let done = work.iter().all(|s| tasks.get(&s.id).is_some_and(|t| ["succeeded", "failed", "cancelled"].contains(&t["state"].as_str().unwrap_or(""))));
+        let done = work.iter().all(|s| {
+            tasks.get(&s.id).is_some_and(|t| {
+                ["succeeded", "failed", "cancelled"].contains(&t["state"].as_str().unwrap_or(""))
+            })
+        });
         if done {
             Ok(tasks)
         } else {
@@ -228,7 +324,13 @@ pub fn errors(t: &Value) -> Vec<(u64, u64, String)> {
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|e| (e["attempt"].as_u64().unwrap_or(0), e["node"].as_u64().unwrap_or(0), e["error"].as_str().unwrap_or("").to_string()))
+                .map(|e| {
+                    (
+                        e["attempt"].as_u64().unwrap_or(0),
+                        e["node"].as_u64().unwrap_or(0),
+                        e["error"].as_str().unwrap_or("").to_string(),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -242,69 +344,145 @@ pub fn check_outcomes(mesh: &mut Cluster, dir: &Path, work: &[Submitted]) -> BTr
     let mut heavy_digests = BTreeSet::new();
     for s in work {
         let t = &views[&s.id];
-        assert_eq!(t["state"], "succeeded", "task {} did not succeed: {t}", s.id);
+        assert_eq!(
+            t["state"], "succeeded",
+            "task {} did not succeed: {t}",
+            s.id
+        );
         let attempt = t["attempt"].as_u64().unwrap();
         let failed: Vec<u64> = errors(t).iter().map(|e| e.0).collect();
-        assert_eq!(failed, (1..attempt).collect::<Vec<_>>(), "task {}: every earlier attempt must have one recorded failure: {t}", s.id);
+        assert_eq!(
+            failed,
+            (1..attempt).collect::<Vec<_>>(),
+            "task {}: every earlier attempt must have one recorded failure: {t}",
+            s.id
+        );
         let outputs = t["outputs"].as_array().unwrap();
         assert_eq!(outputs.len(), 1, "task {}: one output: {t}", s.id);
-        let sha = outputs[0]["sha256"].as_str().unwrap_or_else(|| panic!("task {} has no digest: {t}", s.id));
+        let sha = outputs[0]["sha256"]
+            .as_str()
+            .unwrap_or_else(|| panic!("task {} has no digest: {t}", s.id));
         match &s.expect {
-            Expect::Bytes(want) => assert_eq!(sha, Digest::of(want).to_hex(), "task {}: output digest differs from the CPU reference", s.id),
+            Expect::Bytes(want) => assert_eq!(
+                sha,
+                Digest::of(want).to_hex(),
+                "task {}: output digest differs from the CPU reference",
+                s.id
+            ),
             Expect::SameAsHeavy => {
                 heavy_digests.insert(sha.to_string());
             }
         }
     }
-    assert!(heavy_digests.len() <= 1, "identical heavy tasks produced different outputs: {heavy_digests:?}");
+    assert!(
+        heavy_digests.len() <= 1,
+        "identical heavy tasks produced different outputs: {heavy_digests:?}"
+    );
 
     phase("fetch the verified outputs and compare them with the CPU bit for bit");
     let cli = mesh.any_cli(None);
     for s in work {
         if let Expect::Bytes(want) = &s.expect {
             let file = dir.join(format!("result-{}.bin", s.id));
-            cli.run_within(&["result", &s.id.to_string(), "--output", file.to_str().unwrap()], CLI_LIMIT).ok();
+            cli.run_within(
+                &[
+                    "result",
+                    &s.id.to_string(),
+                    "--output",
+                    file.to_str().unwrap(),
+                ],
+                CLI_LIMIT,
+            )
+            .ok();
             let got = std::fs::read(&file).unwrap();
-            assert!(got == *want, "task {}: fetched output differs from the CPU reference", s.id);
+            assert!(
+                got == *want,
+                "task {}: fetched output differs from the CPU reference",
+                s.id
+            );
         }
     }
 
     phase("no duplicate tasks, and an idempotent resubmit returns the existing task");
     let all = tasks_on(&cli).unwrap();
-    assert_eq!(all.len(), work.len(), "the mesh holds other tasks than those submitted: {:?}", summary(&all));
+    assert_eq!(
+        all.len(),
+        work.len(),
+        "the mesh holds other tasks than those submitted: {:?}",
+        summary(&all)
+    );
     let again = &work[0];
     let mut args: Vec<&str> = vec!["--json", "submit"];
     args.extend(again.args.iter().map(String::as_str));
     let out = cli.run_within(&args, CLI_LIMIT).ok().json();
-    assert_eq!((task_id(&out), &out["existing"]), (again.id.to_string(), &Value::Bool(true)), "{out}");
+    assert_eq!(
+        (task_id(&out), &out["existing"]),
+        (again.id.to_string(), &Value::Bool(true)),
+        "{out}"
+    );
 
     phase("no node's log shows a second accepted result for any task");
-    let logs: Vec<String> = mesh.nodes.iter().map(|n| mesh_chaos::strip_ansi(&n.log())).collect();
+    let logs: Vec<String> = mesh
+        .nodes
+        .iter()
+        .map(|n| mesh_chaos::strip_ansi(&n.log()))
+        .collect();
     let mut total = 0;
     for s in work {
         // The worker's line for a report the state machine accepted (see worker.rs).
         let line = format!("attempt reported outcome=task {} succeeded", s.id);
         let accepted: usize = logs.iter().map(|l| l.matches(&line).count()).sum();
-        assert!(accepted <= 1, "task {}: {accepted} results were accepted", s.id);
+        assert!(
+            accepted <= 1,
+            "task {}: {accepted} results were accepted",
+            s.id
+        );
         total += accepted;
     }
-    assert!(total > 0, "no accepted result in any log: has the worker's `attempt reported` line changed?");
+    assert!(
+        total > 0,
+        "no accepted result in any log: has the worker's `attempt reported` line changed?"
+    );
 
     phase("every member that serves holds the same outcome for every task");
-    let removed: Vec<u64> = nodes(mesh).unwrap().iter().filter(|n| n["health"] == "removed").filter_map(|n| n["id"].as_u64()).collect();
-    for i in mesh.serving().into_iter().filter(|i| !removed.contains(&(*i as u64 + 1))) {
+    let removed: Vec<u64> = nodes(mesh)
+        .unwrap()
+        .iter()
+        .filter(|n| n["health"] == "removed")
+        .filter_map(|n| n["id"].as_u64())
+        .collect();
+    for i in mesh
+        .serving()
+        .into_iter()
+        .filter(|i| !removed.contains(&(*i as u64 + 1)))
+    {
         let cli = mesh.cli(i);
-        eventually(&format!("node {} agrees on every task", i + 1), CONVERGE, || {
-            let theirs = tasks_on(&cli)?;
-            for s in work {
-                let (a, b) = (&views[&s.id], theirs.get(&s.id).ok_or(format!("task {} missing", s.id))?);
-                let key = |t: &Value| (t["state"].clone(), t["attempt"].clone(), t["node"].clone(), t["outputs"].clone(), t["errors"].clone());
-                if key(a) != key(b) {
-                    return Err(format!("task {}: {a} vs {b}", s.id));
+        eventually(
+            &format!("node {} agrees on every task", i + 1),
+            CONVERGE,
+            || {
+                let theirs = tasks_on(&cli)?;
+                for s in work {
+                    let (a, b) = (
+                        &views[&s.id],
+                        theirs.get(&s.id).ok_or(format!("task {} missing", s.id))?,
+                    );
+                    let key = |t: &Value| {
+                        (
+                            t["state"].clone(),
+                            t["attempt"].clone(),
+                            t["node"].clone(),
+                            t["outputs"].clone(),
+                            t["errors"].clone(),
+                        )
+                    };
+                    if key(a) != key(b) {
+                        return Err(format!("task {}: {a} vs {b}", s.id));
+                    }
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            },
+        );
     }
     views
 }
@@ -316,33 +494,60 @@ pub fn submit_then_poll(cli: &Cli, args: &[&str]) -> Value {
     let mut full = vec!["--json", "submit"];
     full.extend_from_slice(args);
     let id = task_id(&cli.run_within(&full, CLI_LIMIT).ok().json());
-    eventually(&format!("task {id} on {} is terminal", cli.node), FINISH, || {
-        let t = json(cli, &["task", &id])?;
-        ["succeeded", "failed", "cancelled"].contains(&t["state"].as_str().unwrap_or("")).then_some(t.clone()).ok_or(t.to_string())
-    })
+    eventually(
+        &format!("task {id} on {} is terminal", cli.node),
+        FINISH,
+        || {
+            let t = json(cli, &["task", &id])?;
+            ["succeeded", "failed", "cancelled"]
+                .contains(&t["state"].as_str().unwrap_or(""))
+                .then_some(t.clone())
+                .ok_or(t.to_string())
+        },
+    )
 }
 
 /// Wait until node `i` is back in the mesh: every serving node, `i` included, names
 /// the same leader, `i` is a voter in its own view, and it is a follower of that leader
 /// (or, after a later election, the leader itself). Its status.
 pub fn follows_agreed_leader(mesh: &mut Cluster, i: usize) -> Value {
-    eventually(&format!("node {} follows the leader the others agree on", i + 1), CONVERGE, || {
-        let l = mesh.agreed_leader().ok_or("no agreed leader")?;
-        let s = mesh.status(i).map_err(|e| e.to_string())?;
-        let role_ok = if l == i { s["role"] == "leader" } else { s["role"] == "follower" };
-        (role_ok && voters(&s).len() == 3 && voters(&s).contains(&(i as u64 + 1))).then_some(s.clone()).ok_or(s.to_string())
-    })
+    eventually(
+        &format!("node {} follows the leader the others agree on", i + 1),
+        CONVERGE,
+        || {
+            let l = mesh.agreed_leader().ok_or("no agreed leader")?;
+            let s = mesh.status(i).map_err(|e| e.to_string())?;
+            let role_ok = if l == i {
+                s["role"] == "leader"
+            } else {
+                s["role"] == "follower"
+            };
+            (role_ok && voters(&s).len() == 3 && voters(&s).contains(&(i as u64 + 1)))
+                .then_some(s.clone())
+                .ok_or(s.to_string())
+        },
+    )
 }
 
 /// Wait until node `id` holds a running task; that task's id.
 pub fn wait_running_on(mesh: &mut Cluster, id: u64) -> u64 {
-    let t = wait_task(mesh, &format!("node {id} runs a task"), |t| t["state"] == "running" && t["node"].as_u64() == Some(id));
+    let t = wait_task(mesh, &format!("node {id} runs a task"), |t| {
+        t["state"] == "running" && t["node"].as_u64() == Some(id)
+    });
     t["id"].as_u64().unwrap()
 }
 
 /// Tasks whose errors name `node` with `reason`.
 pub fn moved_from(views: &BTreeMap<u64, Value>, node: u64, reason: &str) -> Vec<u64> {
-    views.values().filter(|t| errors(t).iter().any(|e| e.1 == node && e.2.contains(reason))).map(|t| t["id"].as_u64().unwrap()).collect()
+    views
+        .values()
+        .filter(|t| {
+            errors(t)
+                .iter()
+                .any(|e| e.1 == node && e.2.contains(reason))
+        })
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect()
 }
 
 #[test]
@@ -352,26 +557,45 @@ fn three_nodes_join_by_token_and_a_follower_forwards_a_submit() {
 
     phase("all three registered and up: three voters, one leader, two followers");
     let leader = mesh.wait_leader(CONVERGE, |_| true).unwrap();
-    let fingerprints: Vec<String> = mesh.nodes.iter().map(|n| n.fingerprint().unwrap()).collect();
+    let fingerprints: Vec<String> = mesh
+        .nodes
+        .iter()
+        .map(|n| n.fingerprint().unwrap())
+        .collect();
     eventually("3 voters with one leader", CONVERGE, || {
         let nodes = nodes(&mut mesh)?;
         let mut roles: Vec<(String, String)> = (1..=3).map(|id| role_health(&nodes, id)).collect();
         roles.sort();
-        let want = [("follower", "up"), ("follower", "up"), ("leader", "up")].map(|(r, h)| (r.to_string(), h.to_string()));
-        (nodes.len() == 3 && roles == want).then_some(()).ok_or(format!("{roles:?}"))
+        let want = [("follower", "up"), ("follower", "up"), ("leader", "up")]
+            .map(|(r, h)| (r.to_string(), h.to_string()));
+        (nodes.len() == 3 && roles == want)
+            .then_some(())
+            .ok_or(format!("{roles:?}"))
     });
     let nodes = nodes(&mut mesh).unwrap();
     for (i, fp) in fingerprints.iter().enumerate() {
         let n = node(&nodes, i as u64 + 1).unwrap();
-        assert_eq!(n["fingerprint"], fp.as_str(), "node {} is registered under another key: {n}", i + 1);
+        assert_eq!(
+            n["fingerprint"],
+            fp.as_str(),
+            "node {} is registered under another key: {n}",
+            i + 1
+        );
         assert_eq!(n["addr"], mesh.nodes[i].raft_addr(), "{n}");
     }
     for i in 0..3 {
         let status = eventually(&format!("node {} sees 3 voters", i + 1), CONVERGE, || {
             let s = mesh.status(i).map_err(|e| e.to_string())?;
-            (voters(&s) == BTreeSet::from([1, 2, 3])).then_some(s.clone()).ok_or(s.to_string())
+            (voters(&s) == BTreeSet::from([1, 2, 3]))
+                .then_some(s.clone())
+                .ok_or(s.to_string())
         });
-        assert_eq!(status["leader"].as_u64(), Some(leader as u64 + 1), "node {} names another leader: {status}", i + 1);
+        assert_eq!(
+            status["leader"].as_u64(),
+            Some(leader as u64 + 1),
+            "node {} names another leader: {status}",
+            i + 1
+        );
     }
 
     phase("a saxpy submitted on a follower is forwarded, runs, and matches the CPU");
@@ -384,21 +608,55 @@ fn three_nodes_join_by_token_and_a_follower_forwards_a_submit() {
         let (xf, yf) = (dir.path().join("x.bin"), dir.path().join("y.bin"));
         std::fs::write(&xf, f32_bytes(&x)).unwrap();
         std::fs::write(&yf, f32_bytes(&y)).unwrap();
-        let args: Vec<String> = ["--kernel", "saxpy", "--param", "a=-3.25", "--input", &format!("x=@{}", xf.display()), "--input", &format!("y=@{}", yf.display()), "--idempotency-key", "fwd"]
-            .map(String::from)
-            .to_vec();
+        let args: Vec<String> = [
+            "--kernel",
+            "saxpy",
+            "--param",
+            "a=-3.25",
+            "--input",
+            &format!("x=@{}", xf.display()),
+            "--input",
+            &format!("y=@{}", yf.display()),
+            "--idempotency-key",
+            "fwd",
+        ]
+        .map(String::from)
+        .to_vec();
         let mut full: Vec<&str> = vec!["--json", "submit"];
         full.extend(args.iter().map(String::as_str));
         full.push("--wait");
         // `submit --wait` is two commands on the follower: the forwarded submit, then
         // `wait ID`, which must see the task the follower just acknowledged.
         let out = cli.run_within(&full, FINISH);
-        assert_eq!(out.code, 0, "a forwarded `submit --wait` on follower node {} failed (read-your-writes): {}", follower + 1, out.stderr);
+        assert_eq!(
+            out.code,
+            0,
+            "a forwarded `submit --wait` on follower node {} failed (read-your-writes): {}",
+            follower + 1,
+            out.stderr
+        );
         let view = out.json();
         assert_eq!(view["state"], "succeeded", "{view}");
-        let inputs = [NamedBytes { name: "x".into(), data: Bytes::from(f32_bytes(&x)) }, NamedBytes { name: "y".into(), data: Bytes::from(f32_bytes(&y)) }];
-        let want = cpu_reference("saxpy", &BTreeMap::from([("a".to_string(), "-3.25".to_string())]), &inputs);
-        vec![Submitted { id: view["id"].as_u64().unwrap(), args, expect: Expect::Bytes(want) }]
+        let inputs = [
+            NamedBytes {
+                name: "x".into(),
+                data: Bytes::from(f32_bytes(&x)),
+            },
+            NamedBytes {
+                name: "y".into(),
+                data: Bytes::from(f32_bytes(&y)),
+            },
+        ];
+        let want = cpu_reference(
+            "saxpy",
+            &BTreeMap::from([("a".to_string(), "-3.25".to_string())]),
+            &inputs,
+        );
+        vec![Submitted {
+            id: view["id"].as_u64().unwrap(),
+            args,
+            expect: Expect::Bytes(want),
+        }]
     };
     check_outcomes(&mut mesh, dir.path(), &work);
 }
@@ -411,14 +669,24 @@ fn five_nodes_with_voters_5_reach_five_voters() {
     phase("autopilot promotes learners until there are 5 voters");
     let status = eventually("5 voters", CONVERGE, || {
         let s = mesh.status(leader).map_err(|e| e.to_string())?;
-        (voters(&s) == BTreeSet::from([1, 2, 3, 4, 5])).then_some(s.clone()).ok_or(s.to_string())
+        (voters(&s) == BTreeSet::from([1, 2, 3, 4, 5]))
+            .then_some(s.clone())
+            .ok_or(s.to_string())
     });
     assert_eq!(status["role"], "leader", "{status}");
     let nodes = nodes(&mut mesh).unwrap();
     let mut roles: Vec<(String, String)> = (1..=5).map(|id| role_health(&nodes, id)).collect();
     roles.sort();
-    assert_eq!(roles.iter().filter(|r| r.0 == "leader").count(), 1, "{roles:?}");
-    assert_eq!(roles.iter().filter(|r| r.0 == "follower").count(), 4, "no learner may remain: {roles:?}");
+    assert_eq!(
+        roles.iter().filter(|r| r.0 == "leader").count(),
+        1,
+        "{roles:?}"
+    );
+    assert_eq!(
+        roles.iter().filter(|r| r.0 == "follower").count(),
+        4,
+        "no learner may remain: {roles:?}"
+    );
     assert!(roles.iter().all(|r| r.1 == "up"), "{roles:?}");
 }
 
@@ -435,7 +703,9 @@ fn leader_sigkill_while_tasks_run_loses_nothing_and_the_old_leader_rejoins() {
     let follower = (0..3).find(|i| *i != leader).unwrap();
     let work = submit_workload(&mesh.cli(follower), dir.path(), "lk", 6, 3);
 
-    phase(&format!("wait until the leader (node {old}) runs a task, then SIGKILL it"));
+    phase(&format!(
+        "wait until the leader (node {old}) runs a task, then SIGKILL it"
+    ));
     wait_running_on(&mut mesh, old);
     mesh.nodes[leader].kill9();
 
@@ -444,18 +714,29 @@ fn leader_sigkill_while_tasks_run_loses_nothing_and_the_old_leader_rejoins() {
     assert_ne!(new, leader);
     eventually("the killed leader is marked down", CONVERGE, || {
         let n = nodes(&mut mesh)?;
-        (role_health(&n, old).1 == "down").then_some(()).ok_or(format!("{:?}", role_health(&n, old)))
+        (role_health(&n, old).1 == "down")
+            .then_some(())
+            .ok_or(format!("{:?}", role_health(&n, old)))
     });
 
     let views = check_outcomes(&mut mesh, dir.path(), &work);
     let moved = moved_from(&views, old, "marked down");
-    assert!(!moved.is_empty(), "the killed leader's task must have moved: {:?}", summary(&views));
+    assert!(
+        !moved.is_empty(),
+        "the killed leader's task must have moved: {:?}",
+        summary(&views)
+    );
     for id in &moved {
         let t = &views[id];
-        assert!(t["attempt"].as_u64().unwrap() >= 2, "a moved task runs under a new attempt: {t}");
+        assert!(
+            t["attempt"].as_u64().unwrap() >= 2,
+            "a moved task runs under a new attempt: {t}"
+        );
     }
 
-    phase(&format!("restart node {old} on its data: it rejoins as an up follower and catches up"));
+    phase(&format!(
+        "restart node {old} on its data: it rejoins as an up follower and catches up"
+    ));
     mesh.nodes[leader].restart().unwrap();
     eventually("the old leader is up again", CONVERGE, || {
         let n = nodes(&mut mesh)?;
@@ -479,7 +760,9 @@ fn leader_sigstop_longer_than_an_election_then_sigcont_returns_as_follower() {
     let follower = (0..3).find(|i| *i != leader).unwrap();
     let work = submit_workload(&mesh.cli(follower), dir.path(), "ls", 6, 3);
 
-    phase(&format!("wait until the leader (node {old}) runs a task, then SIGSTOP it"));
+    phase(&format!(
+        "wait until the leader (node {old}) runs a task, then SIGSTOP it"
+    ));
     wait_running_on(&mut mesh, old);
     mesh.nodes[leader].signal("STOP").unwrap();
 
@@ -487,7 +770,9 @@ fn leader_sigstop_longer_than_an_election_then_sigcont_returns_as_follower() {
     let new = mesh.wait_leader(CONVERGE, |l| l != leader).unwrap();
     eventually("the paused leader is marked down", CONVERGE, || {
         let n = nodes(&mut mesh)?;
-        (role_health(&n, old).1 == "down").then_some(()).ok_or(format!("{:?}", role_health(&n, old)))
+        (role_health(&n, old).1 == "down")
+            .then_some(())
+            .ok_or(format!("{:?}", role_health(&n, old)))
     });
     let during = mesh.status(new).unwrap();
 
@@ -495,14 +780,21 @@ fn leader_sigstop_longer_than_an_election_then_sigcont_returns_as_follower() {
     mesh.nodes[leader].signal("CONT").unwrap();
     let views = check_outcomes(&mut mesh, dir.path(), &work);
     let moved = moved_from(&views, old, "marked down");
-    assert!(!moved.is_empty(), "the paused leader's task must have moved: {:?}", summary(&views));
+    assert!(
+        !moved.is_empty(),
+        "the paused leader's task must have moved: {:?}",
+        summary(&views)
+    );
     eventually("the paused node is up again", CONVERGE, || {
         let n = nodes(&mut mesh)?;
         let rh = role_health(&n, old);
         (rh.1 == "up").then_some(()).ok_or(format!("{rh:?}"))
     });
     let status = follows_agreed_leader(&mut mesh, leader);
-    assert!(status["term"].as_u64().unwrap() >= during["term"].as_u64().unwrap(), "the resumed node must be on the new term: {status} vs {during}");
+    assert!(
+        status["term"].as_u64().unwrap() >= during["term"].as_u64().unwrap(),
+        "the resumed node must be on the new term: {status} vs {during}"
+    );
 }
 
 #[test]
@@ -513,24 +805,39 @@ fn worker_sigkill_moves_its_tasks_to_other_nodes() {
     let work = submit_workload(&mesh.cli(leader), dir.path(), "wk", 6, 3);
 
     phase("wait until a follower runs a task, then SIGKILL it");
-    let t = wait_task(&mut mesh, "a follower runs a task", |t| t["state"] == "running" && t["node"].as_u64().is_some_and(|n| n != leader as u64 + 1));
+    let t = wait_task(&mut mesh, "a follower runs a task", |t| {
+        t["state"] == "running" && t["node"].as_u64().is_some_and(|n| n != leader as u64 + 1)
+    });
     let victim = t["node"].as_u64().unwrap();
     mesh.nodes[victim as usize - 1].kill9();
 
-    phase(&format!("node {victim} is marked down; its attempts go back to pending"));
+    phase(&format!(
+        "node {victim} is marked down; its attempts go back to pending"
+    ));
     eventually("the killed worker is marked down", CONVERGE, || {
         let n = nodes(&mut mesh)?;
-        (role_health(&n, victim).1 == "down").then_some(()).ok_or(format!("{:?}", role_health(&n, victim)))
+        (role_health(&n, victim).1 == "down")
+            .then_some(())
+            .ok_or(format!("{:?}", role_health(&n, victim)))
     });
     let views = check_outcomes(&mut mesh, dir.path(), &work);
     // Pending work remained when it died, so it held an attempt then (the task seen
     // running, or the next one if that had just finished).
     let moved = moved_from(&views, victim, &format!("node {victim} was marked down"));
-    assert!(!moved.is_empty(), "the tasks of node {victim} (seen running task {}) must have moved: {:?}", t["id"], summary(&views));
+    assert!(
+        !moved.is_empty(),
+        "the tasks of node {victim} (seen running task {}) must have moved: {:?}",
+        t["id"],
+        summary(&views)
+    );
     for id in &moved {
         let t = &views[id];
         assert!(t["attempt"].as_u64().unwrap() >= 2, "{t}");
-        assert_ne!(t["node"].as_u64(), Some(victim), "a moved task finished on the dead node: {t}");
+        assert_ne!(
+            t["node"].as_u64(),
+            Some(victim),
+            "a moved task finished on the dead node: {t}"
+        );
     }
 }
 
@@ -544,27 +851,63 @@ fn a_learner_replaces_a_voter_that_stays_down() {
         let s = mesh.status(leader).map_err(|e| e.to_string())?;
         let v = voters(&s);
         let n = nodes(&mut mesh)?;
-        let learners: Vec<u64> = (1..=4).filter(|id| role_health(&n, *id) == ("learner".into(), "up".into())).collect();
-        (v.len() == 3 && learners.len() == 1).then(|| (v.clone(), learners[0])).ok_or(format!("voters {v:?}, learners {learners:?}"))
+        let learners: Vec<u64> = (1..=4)
+            .filter(|id| role_health(&n, *id) == ("learner".into(), "up".into()))
+            .collect();
+        (v.len() == 3 && learners.len() == 1)
+            .then(|| (v.clone(), learners[0]))
+            .ok_or(format!("voters {v:?}, learners {learners:?}"))
     });
     let victim = *before.iter().find(|id| **id != leader as u64 + 1).unwrap();
 
-    phase(&format!("SIGKILL voter {victim}; after the replacement delay learner {learner} takes its place"));
+    phase(&format!(
+        "SIGKILL voter {victim}; after the replacement delay learner {learner} takes its place"
+    ));
     mesh.nodes[victim as usize - 1].kill9();
-    let after = eventually("the learner is promoted in place of the dead voter", CONVERGE, || {
-        let l = mesh.agreed_leader().ok_or("no agreed leader")?;
-        let s = mesh.status(l).map_err(|e| e.to_string())?;
-        let v = voters(&s);
-        (v.len() == 3 && v.contains(&learner) && !v.contains(&victim)).then_some(v.clone()).ok_or(format!("voters {v:?}"))
-    });
-    assert_eq!(after, before.iter().copied().filter(|id| *id != victim).chain([learner]).collect::<BTreeSet<u64>>());
+    let after = eventually(
+        "the learner is promoted in place of the dead voter",
+        CONVERGE,
+        || {
+            let l = mesh.agreed_leader().ok_or("no agreed leader")?;
+            let s = mesh.status(l).map_err(|e| e.to_string())?;
+            let v = voters(&s);
+            (v.len() == 3 && v.contains(&learner) && !v.contains(&victim))
+                .then_some(v.clone())
+                .ok_or(format!("voters {v:?}"))
+        },
+    );
+    assert_eq!(
+        after,
+        before
+            .iter()
+            .copied()
+            .filter(|id| *id != victim)
+            .chain([learner])
+            .collect::<BTreeSet<u64>>()
+    );
     let n = nodes(&mut mesh).unwrap();
-    assert_eq!(role_health(&n, victim), ("learner".into(), "down".into()), "the dead voter is demoted, not forgotten");
+    assert_eq!(
+        role_health(&n, victim),
+        ("learner".into(), "down".into()),
+        "the dead voter is demoted, not forgotten"
+    );
     assert_eq!(role_health(&n, learner).1, "up");
 
     phase("the new voter set serves writes");
     let leader = mesh.wait_leader(CONVERGE, |_| true).unwrap();
-    let out = submit_then_poll(&mesh.cli(leader), &["--kernel", "mandelbrot", "--param", "width=32", "--param", "height=32", "--param", "max_iter=64"]);
+    let out = submit_then_poll(
+        &mesh.cli(leader),
+        &[
+            "--kernel",
+            "mandelbrot",
+            "--param",
+            "width=32",
+            "--param",
+            "height=32",
+            "--param",
+            "max_iter=64",
+        ],
+    );
     assert_eq!(out["state"], "succeeded", "{out}");
 }
 
@@ -581,29 +924,53 @@ fn a_removed_node_leaves_the_voters_and_its_tasks_move() {
     let work = submit_workload(&cli, dir.path(), "rm", 6, 3);
 
     phase("wait until a follower runs a task, then `mesh-cli remove` it");
-    let t = wait_task(&mut mesh, "a follower runs a task", |t| t["state"] == "running" && t["node"].as_u64().is_some_and(|n| n != leader as u64 + 1));
+    let t = wait_task(&mut mesh, "a follower runs a task", |t| {
+        t["state"] == "running" && t["node"].as_u64().is_some_and(|n| n != leader as u64 + 1)
+    });
     let victim = t["node"].as_u64().unwrap();
-    let out = cli.run_within(&["--json", "remove", &victim.to_string(), "--yes"], CLI_LIMIT).ok().json();
+    let out = cli
+        .run_within(
+            &["--json", "remove", &victim.to_string(), "--yes"],
+            CLI_LIMIT,
+        )
+        .ok()
+        .json();
     assert_eq!(out["removed"].as_u64(), Some(victim), "{out}");
 
-    phase(&format!("node {victim} shows `removed` and leaves the voter set"));
+    phase(&format!(
+        "node {victim} shows `removed` and leaves the voter set"
+    ));
     eventually("removed and out of the voters", CONVERGE, || {
         let n = nodes(&mut mesh)?;
         let s = mesh.status(leader).map_err(|e| e.to_string())?;
         let (health, v) = (role_health(&n, victim).1, voters(&s));
-        (health == "removed" && !v.contains(&victim)).then_some(()).ok_or(format!("health {health}, voters {v:?}"))
+        (health == "removed" && !v.contains(&victim))
+            .then_some(())
+            .ok_or(format!("health {health}, voters {v:?}"))
     });
 
     let views = check_outcomes(&mut mesh, dir.path(), &work);
     let moved = moved_from(&views, victim, &format!("node {victim} was removed"));
-    assert!(!moved.is_empty(), "the tasks of node {victim} (seen running task {}) must have moved: {:?}", t["id"], summary(&views));
+    assert!(
+        !moved.is_empty(),
+        "the tasks of node {victim} (seen running task {}) must have moved: {:?}",
+        t["id"],
+        summary(&views)
+    );
     for id in &moved {
-        assert_ne!(views[id]["node"].as_u64(), Some(victim), "a moved task finished on the removed node: {}", views[id]);
+        assert_ne!(
+            views[id]["node"].as_u64(),
+            Some(victim),
+            "a moved task finished on the removed node: {}",
+            views[id]
+        );
     }
 
     phase("the removed node's key is no longer pinned: its node-to-node calls are refused");
     eventually("the removed node logs a refusal", CONVERGE, || {
         let log = mesh_chaos::strip_ansi(&mesh.nodes[victim as usize - 1].log());
-        log.contains("not pinned").then_some(()).ok_or("no refusal yet".to_string())
+        log.contains("not pinned")
+            .then_some(())
+            .ok_or("no refusal yet".to_string())
     });
 }

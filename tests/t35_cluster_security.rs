@@ -13,7 +13,9 @@
 //! `host_key` file. After each refusal the node list, the token table and the Raft term
 //! are compared with their values before.
 
-use crate::t30_cluster::{eventually, nodes, role_health, submit_then_poll, Mesh, CLI_LIMIT, CONVERGE};
+use crate::t30_cluster::{
+    eventually, nodes, role_health, submit_then_poll, Mesh, CLI_LIMIT, CONVERGE,
+};
 use mesh_chaos::{phase, Cli, Cluster, Node};
 use mesh_core::codec;
 use mesh_core::Fingerprint;
@@ -34,7 +36,13 @@ fn membership(mesh: &mut Cluster) -> Vec<(u64, String, String)> {
     let mut v: Vec<_> = nodes(mesh)
         .unwrap()
         .iter()
-        .map(|n| (n["id"].as_u64().unwrap(), n["fingerprint"].as_str().unwrap().to_string(), n["health"].as_str().unwrap().to_string()))
+        .map(|n| {
+            (
+                n["id"].as_u64().unwrap(),
+                n["fingerprint"].as_str().unwrap().to_string(),
+                n["health"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     v.sort();
     v
@@ -42,11 +50,22 @@ fn membership(mesh: &mut Cluster) -> Vec<(u64, String, String)> {
 
 /// `token list --json` by token id: `(uses_left, revoked)`.
 fn tokens(cli: &Cli) -> std::collections::BTreeMap<String, (u64, bool)> {
-    let v = cli.run_within(&["--json", "token", "list"], CLI_LIMIT).ok().json();
+    let v = cli
+        .run_within(&["--json", "token", "list"], CLI_LIMIT)
+        .ok()
+        .json();
     v.as_array()
         .unwrap_or_else(|| panic!("token list is not a list: {v}"))
         .iter()
-        .map(|t| (t["id"].as_str().unwrap().to_string(), (t["uses_left"].as_u64().unwrap(), t["revoked"].as_bool().unwrap())))
+        .map(|t| {
+            (
+                t["id"].as_str().unwrap().to_string(),
+                (
+                    t["uses_left"].as_u64().unwrap(),
+                    t["revoked"].as_bool().unwrap(),
+                ),
+            )
+        })
         .collect()
 }
 
@@ -63,19 +82,35 @@ fn token_parts(token: &str) -> (String, String, String, String) {
 fn join_refused(mesh: &Cluster, dir: &Path, name: &str, token: &str, reason: &str) -> String {
     phase(&format!("join with {name}: refused with '{reason}'"));
     let data = dir.join(name);
-    let (code, log) = Node::start_refused(&data, &[&mesh.admin.public], &["--join", token]).unwrap();
+    let (code, log) =
+        Node::start_refused(&data, &[&mesh.admin.public], &["--join", token]).unwrap();
     let log = mesh_chaos::strip_ansi(&log);
     assert_ne!(code, 0, "{log}");
-    let error = log.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no `error:` line in the log:\n{log}"));
-    assert!(error.contains(reason), "the error must name the reason '{reason}': {error}");
+    let error = log
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no `error:` line in the log:\n{log}"));
+    assert!(
+        error.contains(reason),
+        "the error must name the reason '{reason}': {error}"
+    );
     let (_, secret, _, _) = token_parts(token);
-    assert!(!log.contains(&secret), "the token's secret appears in the log of a refused join:\n{log}");
-    assert!(!data.join("node.id").exists(), "a refused joiner must not record a node id");
+    assert!(
+        !log.contains(&secret),
+        "the token's secret appears in the log of a refused join:\n{log}"
+    );
+    assert!(
+        !data.join("node.id").exists(),
+        "a refused joiner must not record a node id"
+    );
     error.to_string()
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 #[test]
@@ -86,8 +121,17 @@ fn bad_join_tokens_are_refused_with_the_reason_and_change_nothing() {
     let before = membership(&mut mesh);
 
     phase("an expired token");
-    let out = cli.run_within(&["--json", "token", "create", "--ttl", "1s", "--uses", "1"], CLI_LIMIT).ok().json();
-    let (expired, expires_at) = (out["token"].as_str().unwrap().to_string(), out["expires_at_ms"].as_u64().unwrap());
+    let out = cli
+        .run_within(
+            &["--json", "token", "create", "--ttl", "1s", "--uses", "1"],
+            CLI_LIMIT,
+        )
+        .ok()
+        .json();
+    let (expired, expires_at) = (
+        out["token"].as_str().unwrap().to_string(),
+        out["expires_at_ms"].as_u64().unwrap(),
+    );
     while now_ms() <= expires_at + 200 {
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -96,7 +140,8 @@ fn bad_join_tokens_are_refused_with_the_reason_and_change_nothing() {
     phase("a revoked token");
     let revoked = mesh.token(1, "10m").unwrap();
     let revoked_id = token_parts(&revoked).0;
-    cli.run_within(&["token", "revoke", &revoked_id], CLI_LIMIT).ok();
+    cli.run_within(&["token", "revoke", &revoked_id], CLI_LIMIT)
+        .ok();
     join_refused(&mesh, dir.path(), "revoked", &revoked, "was revoked");
 
     phase("a token with the wrong secret");
@@ -104,40 +149,90 @@ fn bad_join_tokens_are_refused_with_the_reason_and_change_nothing() {
     let (id, secret, fp, addr) = token_parts(&good);
     let other_secret: String = secret.chars().rev().collect();
     assert_ne!(other_secret, secret);
-    join_refused(&mesh, dir.path(), "wrong-secret", &format!("mesh1-{id}.{other_secret}.{fp}@{addr}"), "secret does not match");
-    assert_eq!(membership(&mut mesh), before, "a refused join changed the node list");
+    join_refused(
+        &mesh,
+        dir.path(),
+        "wrong-secret",
+        &format!("mesh1-{id}.{other_secret}.{fp}@{addr}"),
+        "secret does not match",
+    );
+    assert_eq!(
+        membership(&mut mesh),
+        before,
+        "a refused join changed the node list"
+    );
     let table = tokens(&cli);
-    assert_eq!(table[&token_parts(&expired).0], (1, false), "an expired token was consumed");
+    assert_eq!(
+        table[&token_parts(&expired).0],
+        (1, false),
+        "an expired token was consumed"
+    );
     assert_eq!(table[&revoked_id], (1, true));
     assert_eq!(table[&id], (1, false), "a wrong secret consumed the token");
 
     phase("a single-use token, used twice: the first join works, the second is refused");
     let once = mesh.token(1, "10m").unwrap();
-    let joined = Node::start_with(&dir.path().join("first"), &[&mesh.admin.public], &["--join", &once]).unwrap();
+    let joined = Node::start_with(
+        &dir.path().join("first"),
+        &[&mesh.admin.public],
+        &["--join", &once],
+    )
+    .unwrap();
     let joined_fp = joined.fingerprint().unwrap();
     let with_joiner = eventually("the joiner is registered", CONVERGE, || {
         let m = membership(&mut mesh);
-        (m.len() == before.len() + 1 && m.iter().any(|n| n.1 == joined_fp && n.2 == "up")).then_some(m.clone()).ok_or(format!("{m:?}"))
+        (m.len() == before.len() + 1 && m.iter().any(|n| n.1 == joined_fp && n.2 == "up"))
+            .then_some(m.clone())
+            .ok_or(format!("{m:?}"))
     });
     join_refused(&mesh, dir.path(), "used-twice", &once, "used up");
-    assert_eq!(membership(&mut mesh), with_joiner, "a refused join changed the node list");
+    assert_eq!(
+        membership(&mut mesh),
+        with_joiner,
+        "a refused join changed the node list"
+    );
     assert_eq!(tokens(&cli)[&token_parts(&once).0], (0, false));
 
     phase("a token whose seed pin names another node's key: the secret is never presented");
     let (id, secret, _, addr) = token_parts(&good);
     let wrong_pin = joined_fp.trim_start_matches("SHA256:");
     let seed_fp = mesh.nodes[0].fingerprint().unwrap();
-    let error = join_refused(&mesh, dir.path(), "wrong-pin", &format!("mesh1-{id}.{secret}.{wrong_pin}@{addr}"), &joined_fp);
-    assert!(error.contains(&seed_fp), "the error must show the key the seed presented ({seed_fp}): {error}");
-    assert_eq!(membership(&mut mesh), with_joiner, "a refused join changed the node list");
-    assert_eq!(tokens(&cli)[&id], (1, false), "the token was consumed although the seed's key did not match its pin");
+    let error = join_refused(
+        &mesh,
+        dir.path(),
+        "wrong-pin",
+        &format!("mesh1-{id}.{secret}.{wrong_pin}@{addr}"),
+        &joined_fp,
+    );
+    assert!(
+        error.contains(&seed_fp),
+        "the error must show the key the seed presented ({seed_fp}): {error}"
+    );
+    assert_eq!(
+        membership(&mut mesh),
+        with_joiner,
+        "a refused join changed the node list"
+    );
+    assert_eq!(
+        tokens(&cli)[&id],
+        (1, false),
+        "the token was consumed although the seed's key did not match its pin"
+    );
 
     phase("the untouched token still works: the refusals were about the tokens, not the mesh");
-    let second = Node::start_with(&dir.path().join("second"), &[&mesh.admin.public], &["--join", &good]).unwrap();
+    let second = Node::start_with(
+        &dir.path().join("second"),
+        &[&mesh.admin.public],
+        &["--join", &good],
+    )
+    .unwrap();
     let second_fp = second.fingerprint().unwrap();
     eventually("the second joiner is registered", CONVERGE, || {
         let m = membership(&mut mesh);
-        m.iter().any(|n| n.1 == second_fp).then_some(()).ok_or(format!("{m:?}"))
+        m.iter()
+            .any(|n| n.1 == second_fp)
+            .then_some(())
+            .ok_or(format!("{m:?}"))
     });
 }
 
@@ -148,15 +243,21 @@ fn identity(key: &Path) -> TlsIdentity {
 
 /// A channel to `addr` presenting `me`, which must present exactly `expect`.
 async fn dial(addr: &str, me: &TlsIdentity, expect: &str) -> Channel {
-    tls::connect(addr, me, ServerExpectation::Exactly(Fingerprint::parse(expect).unwrap()))
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"))
+    tls::connect(
+        addr,
+        me,
+        ServerExpectation::Exactly(Fingerprint::parse(expect).unwrap()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"))
 }
 
 /// A Raft vote request for `term` from candidate `candidate`, encoded as nodes send it.
 fn vote(term: u64, candidate: u64) -> RaftPayload {
     let req = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(term, candidate), None);
-    RaftPayload { data: codec::encode(&req).unwrap() }
+    RaftPayload {
+        data: codec::encode(&req).unwrap(),
+    }
 }
 
 /// The message of a call that must be refused with `PERMISSION_DENIED`.
@@ -197,30 +298,71 @@ fn unpinned_keys_reach_only_join_and_members_cannot_claim_another_id() {
         let (mut raft, mut peer) = (RaftClient::new(channel.clone()), MeshClient::new(channel));
 
         phase("unpinned key: every Raft and Mesh call but Join is PERMISSION_DENIED");
-        let msg = denied("a vote from an unpinned key", raft.vote(vote(term_before + 1000, 1)).await);
-        assert!(msg.contains(&foreign_fp) && msg.contains("not pinned"), "{msg}");
-        denied("append_entries from an unpinned key", raft.append_entries(RaftPayload { data: vec![0; 16] }).await);
-        denied("install_snapshot from an unpinned key", raft.install_snapshot(RaftPayload { data: vec![0; 16] }).await);
-        denied("propose from an unpinned key", peer.propose(RaftPayload { data: vec![0; 16] }).await);
-        let msg = denied("a heartbeat from an unpinned key", peer.heartbeat(HeartbeatRequest { node_id: b_id, running: 0 }).await);
+        let msg = denied(
+            "a vote from an unpinned key",
+            raft.vote(vote(term_before + 1000, 1)).await,
+        );
+        assert!(
+            msg.contains(&foreign_fp) && msg.contains("not pinned"),
+            "{msg}"
+        );
+        denied(
+            "append_entries from an unpinned key",
+            raft.append_entries(RaftPayload { data: vec![0; 16] }).await,
+        );
+        denied(
+            "install_snapshot from an unpinned key",
+            raft.install_snapshot(RaftPayload { data: vec![0; 16] })
+                .await,
+        );
+        denied(
+            "propose from an unpinned key",
+            peer.propose(RaftPayload { data: vec![0; 16] }).await,
+        );
+        let msg = denied(
+            "a heartbeat from an unpinned key",
+            peer.heartbeat(HeartbeatRequest {
+                node_id: b_id,
+                running: 0,
+            })
+            .await,
+        );
         assert!(msg.contains("not pinned"), "{msg}");
 
         phase("unpinned key: Join is reachable, and the token decides");
-        let join = peer.join(JoinRequest { token_id: "0000000000000000".into(), secret: "0".repeat(32), addr: "127.0.0.1:9".into() }).await;
+        let join = peer
+            .join(JoinRequest {
+                token_id: "0000000000000000".into(),
+                secret: "0".repeat(32),
+                addr: "127.0.0.1:9".into(),
+            })
+            .await;
         let msg = denied("a join with a made-up token", join);
-        assert!(msg.contains("join refused") && msg.contains("does not exist") && !msg.contains("not pinned"), "Join must reach its handler: {msg}");
+        assert!(
+            msg.contains("join refused")
+                && msg.contains("does not exist")
+                && !msg.contains("not pinned"),
+            "Join must reach its handler: {msg}"
+        );
     });
 
     phase("nothing changed: same nodes, and the refused vote did not raise the term");
     assert_eq!(membership(&mut mesh), before);
     let term_after = mesh.status(leader).unwrap()["term"].as_u64().unwrap();
-    assert!(term_after < term_before + 1000, "a refused vote moved the term from {term_before} to {term_after}");
+    assert!(
+        term_after < term_before + 1000,
+        "a refused vote moved the term from {term_before} to {term_after}"
+    );
 
-    phase(&format!("SIGKILL node {b_id} and wait until it is marked down"));
+    phase(&format!(
+        "SIGKILL node {b_id} and wait until it is marked down"
+    ));
     mesh.nodes[b].kill9();
     eventually("the killed node is marked down", CONVERGE, || {
         let n = nodes(&mut mesh)?;
-        (role_health(&n, b_id).1 == "down").then_some(()).ok_or(format!("{:?}", role_health(&n, b_id)))
+        (role_health(&n, b_id).1 == "down")
+            .then_some(())
+            .ok_or(format!("{:?}", role_health(&n, b_id)))
     });
     let leader = mesh.wait_leader(CONVERGE, |_| true).unwrap();
     let leader_addr = mesh.nodes[leader].raft_addr();
@@ -228,25 +370,53 @@ fn unpinned_keys_reach_only_join_and_members_cannot_claim_another_id() {
     let term_before = mesh.status(leader).unwrap()["term"].as_u64().unwrap();
 
     rt.block_on(async {
-        phase(&format!("node {a_id}'s own key claims node {b_id}: heartbeats and votes are refused"));
+        phase(&format!(
+            "node {a_id}'s own key claims node {b_id}: heartbeats and votes are refused"
+        ));
         let member = identity(&mesh.nodes[a].data_dir.join("host_key"));
         let channel = dial(&leader_addr, &member, &leader_fp).await;
         let (mut raft, mut peer) = (RaftClient::new(channel.clone()), MeshClient::new(channel));
         // For longer than the failure detector needs to mark a node up once heard from.
         for _ in 0..10 {
-            let msg = denied("a heartbeat claiming another node", peer.heartbeat(HeartbeatRequest { node_id: b_id, running: 0 }).await);
-            assert!(msg.contains(&format!("belongs to node {a_id}")) && msg.contains(&format!("claims node {b_id}")), "{msg}");
+            let msg = denied(
+                "a heartbeat claiming another node",
+                peer.heartbeat(HeartbeatRequest {
+                    node_id: b_id,
+                    running: 0,
+                })
+                .await,
+            );
+            assert!(
+                msg.contains(&format!("belongs to node {a_id}"))
+                    && msg.contains(&format!("claims node {b_id}")),
+                "{msg}"
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let msg = denied("a vote claiming another node", raft.vote(vote(term_before + 1000, b_id)).await);
-        assert!(msg.contains(&format!("claims to come from node {b_id}")), "{msg}");
+        let msg = denied(
+            "a vote claiming another node",
+            raft.vote(vote(term_before + 1000, b_id)).await,
+        );
+        assert!(
+            msg.contains(&format!("claims to come from node {b_id}")),
+            "{msg}"
+        );
     });
 
-    phase(&format!("node {b_id} is still down and the term did not jump"));
+    phase(&format!(
+        "node {b_id} is still down and the term did not jump"
+    ));
     let n = nodes(&mut mesh).unwrap();
-    assert_eq!(role_health(&n, b_id).1, "down", "spoofed heartbeats brought a dead node back up");
+    assert_eq!(
+        role_health(&n, b_id).1,
+        "down",
+        "spoofed heartbeats brought a dead node back up"
+    );
     let term_after = mesh.status(leader).unwrap()["term"].as_u64().unwrap();
-    assert!(term_after < term_before + 1000, "a refused vote moved the term from {term_before} to {term_after}");
+    assert!(
+        term_after < term_before + 1000,
+        "a refused vote moved the term from {term_before} to {term_after}"
+    );
     drop(foreign);
 }
 
@@ -254,7 +424,10 @@ fn unpinned_keys_reach_only_join_and_members_cannot_claim_another_id() {
 fn a_different_key_at_a_pinned_address_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut mesh = Mesh::start(dir.path(), 2, &[]);
-    let (fp1, fp2) = (mesh.nodes[0].fingerprint().unwrap(), mesh.nodes[1].fingerprint().unwrap());
+    let (fp1, fp2) = (
+        mesh.nodes[0].fingerprint().unwrap(),
+        mesh.nodes[1].fingerprint().unwrap(),
+    );
     let before = membership(&mut mesh);
 
     phase("node-to-node TLS: expecting node 1's key at node 2's address fails");
@@ -262,23 +435,50 @@ fn a_different_key_at_a_pinned_address_is_refused() {
     let me = identity(&mesh.nodes[0].data_dir.join("host_key"));
     let addr2 = mesh.nodes[1].raft_addr();
     let err = rt
-        .block_on(tls::connect(&addr2, &me, ServerExpectation::Exactly(Fingerprint::parse(&fp1).unwrap())))
+        .block_on(tls::connect(
+            &addr2,
+            &me,
+            ServerExpectation::Exactly(Fingerprint::parse(&fp1).unwrap()),
+        ))
         .map(|_| ())
         .expect_err("a connection to a node presenting an unexpected key must fail");
     let err = err.to_string();
-    assert!(err.contains(&fp2) && err.contains(&fp1), "the error must show the presented and the expected key: {err}");
+    assert!(
+        err.contains(&fp2) && err.contains(&fp1),
+        "the error must show the presented and the expected key: {err}"
+    );
     phase("control: expecting node 2's own key at its address works");
-    rt.block_on(tls::connect(&addr2, &me, ServerExpectation::Exactly(Fingerprint::parse(&fp2).unwrap()))).unwrap();
+    rt.block_on(tls::connect(
+        &addr2,
+        &me,
+        ServerExpectation::Exactly(Fingerprint::parse(&fp2).unwrap()),
+    ))
+    .unwrap();
 
     phase("SSH: node 1's key pinned for node 2's address is refused by mesh-cli");
     let key1 = std::fs::read_to_string(mesh.nodes[0].data_dir.join("host_key.pub")).unwrap();
     let key1: Vec<&str> = key1.split_whitespace().take(2).collect();
     let known_hosts = dir.path().join("swapped_known_hosts");
-    std::fs::write(&known_hosts, format!("[127.0.0.1]:{} {}\n", mesh.nodes[1].ssh_port, key1.join(" "))).unwrap();
-    let swapped = Cli { known_hosts, ..mesh.cli(1) };
+    std::fs::write(
+        &known_hosts,
+        format!(
+            "[127.0.0.1]:{} {}\n",
+            mesh.nodes[1].ssh_port,
+            key1.join(" ")
+        ),
+    )
+    .unwrap();
+    let swapped = Cli {
+        known_hosts,
+        ..mesh.cli(1)
+    };
     let out = swapped.run_within(&["status"], CLI_LIMIT);
     assert_ne!(out.code, 0, "{}", out.text());
-    assert!(out.stderr.contains("not the pinned") && out.stderr.contains(&fp2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("not the pinned") && out.stderr.contains(&fp2),
+        "{}",
+        out.stderr
+    );
 
     assert_eq!(membership(&mut mesh), before);
 }
@@ -293,7 +493,14 @@ fn dropped_after_garbage(addr: &str, garbage: &[u8]) -> Vec<u8> {
         match s.read(&mut buf) {
             Ok(0) => return got,
             Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) => return got,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                return got
+            }
             Err(e) => panic!("{addr} did not drop a connection that sent garbage: {e}"),
         }
     }
@@ -305,21 +512,44 @@ fn tcp_garbage_is_dropped_and_the_mesh_keeps_serving() {
     let mut mesh = Mesh::start(dir.path(), 2, &[]);
     let before = membership(&mut mesh);
     let mut garbage = b"GET / HTTP/1.1\r\nHost: mesh\r\n\r\n".to_vec();
-    garbage.extend(mesh_chaos::lcg_f32(9, 1024).iter().flat_map(|f| f.to_le_bytes()));
+    garbage.extend(
+        mesh_chaos::lcg_f32(9, 1024)
+            .iter()
+            .flat_map(|f| f.to_le_bytes()),
+    );
     garbage.extend_from_slice(b"\r\n\r\n");
 
     for i in 0..2 {
-        phase(&format!("garbage to node {}'s node-to-node (TLS) port", i + 1));
+        phase(&format!(
+            "garbage to node {}'s node-to-node (TLS) port",
+            i + 1
+        ));
         dropped_after_garbage(&mesh.nodes[i].raft_addr(), &garbage);
         phase(&format!("garbage to node {}'s SSH port", i + 1));
         let banner = dropped_after_garbage(&mesh.nodes[i].ssh_addr(), &garbage);
-        assert!(banner.starts_with(b"SSH-2.0-"), "the SSH port answered {:?}", String::from_utf8_lossy(&banner));
+        assert!(
+            banner.starts_with(b"SSH-2.0-"),
+            "the SSH port answered {:?}",
+            String::from_utf8_lossy(&banner)
+        );
     }
 
     phase("the mesh keeps serving: both nodes answer and a submit on each succeeds");
     for i in 0..2 {
         assert!(mesh.nodes[i].is_running(), "node {} died", i + 1);
-        let out = submit_then_poll(&mesh.cli(i), &["--kernel", "mandelbrot", "--param", "width=16", "--param", "height=16", "--param", "max_iter=32"]);
+        let out = submit_then_poll(
+            &mesh.cli(i),
+            &[
+                "--kernel",
+                "mandelbrot",
+                "--param",
+                "width=16",
+                "--param",
+                "height=16",
+                "--param",
+                "max_iter=32",
+            ],
+        );
         assert_eq!(out["state"], Value::from("succeeded"), "{out}");
     }
     assert_eq!(membership(&mut mesh), before);
