@@ -4,10 +4,10 @@
 //! `--wait` succeeds, and the fetched result equals a CPU computation bit for bit.
 //! Method: spawn the binaries, drive them only through their command lines.
 
+use mesh_chaos::{lcg_f32, phase, Cli, Node, UserKey};
 use mesh_core::builtin::{cpu_reference, f32_bytes};
 use mesh_core::task::NamedBytes;
 use mesh_core::Bytes;
-use mesh_chaos::{lcg_f32, phase, Cli, Node, UserKey};
 use std::collections::BTreeMap;
 use std::process::Command;
 
@@ -15,7 +15,11 @@ use std::process::Command;
 pub fn pinned_node(dir: &std::path::Path) -> (Node, Cli, UserKey) {
     let user = UserKey::generate(dir, "alice").unwrap();
     let node = Node::start(&dir.join("node"), &[&user.public]).unwrap();
-    let cli = Cli { node: node.ssh_addr(), identity: user.private.clone(), known_hosts: dir.join("known_hosts") };
+    let cli = Cli {
+        node: node.ssh_addr(),
+        identity: user.private.clone(),
+        known_hosts: dir.join("known_hosts"),
+    };
     let fp = node.fingerprint().unwrap();
     cli.run(&["pin", &node.ssh_addr(), &fp]).ok();
     (node, cli, user)
@@ -23,7 +27,11 @@ pub fn pinned_node(dir: &std::path::Path) -> (Node, Cli, UserKey) {
 
 /// The task id in a `submit --json` answer.
 pub fn task_id(v: &serde_json::Value) -> String {
-    v.get("task").or_else(|| v.get("id")).and_then(|x| x.as_u64()).unwrap_or_else(|| panic!("no task id in {v}")).to_string()
+    v.get("task")
+        .or_else(|| v.get("id"))
+        .and_then(|x| x.as_u64())
+        .unwrap_or_else(|| panic!("no task id in {v}"))
+        .to_string()
 }
 
 #[test]
@@ -35,16 +43,34 @@ fn saxpy_of_a_million_elements_matches_the_cpu_bit_for_bit() {
 
     phase("mesh-node fingerprint agrees with ssh-keygen -lf");
     let fp = node.fingerprint().unwrap();
-    let keygen = Command::new("ssh-keygen").arg("-lf").arg(node.data_dir.join("host_key.pub")).output().unwrap();
+    let keygen = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(node.data_dir.join("host_key.pub"))
+        .output()
+        .unwrap();
     let keygen = String::from_utf8(keygen.stdout).unwrap();
-    assert_eq!(keygen.split_whitespace().nth(1), Some(fp.as_str()), "ssh-keygen printed {keygen}");
+    assert_eq!(
+        keygen.split_whitespace().nth(1),
+        Some(fp.as_str()),
+        "ssh-keygen printed {keygen}"
+    );
 
     phase("pin the node");
-    let cli = Cli { node: node.ssh_addr(), identity: user.private.clone(), known_hosts: dir.path().join("known_hosts") };
-    let pinned = cli.run(&["--json", "pin", &node.ssh_addr(), &fp]).ok().json();
+    let cli = Cli {
+        node: node.ssh_addr(),
+        identity: user.private.clone(),
+        known_hosts: dir.path().join("known_hosts"),
+    };
+    let pinned = cli
+        .run(&["--json", "pin", &node.ssh_addr(), &fp])
+        .ok()
+        .json();
     assert_eq!(pinned["fingerprint"], fp);
     let kh = std::fs::read_to_string(&cli.known_hosts).unwrap();
-    assert!(kh.contains(&format!("[127.0.0.1]:{} ssh-ed25519 ", node.ssh_port)), "{kh}");
+    assert!(
+        kh.contains(&format!("[127.0.0.1]:{} ssh-ed25519 ", node.ssh_port)),
+        "{kh}"
+    );
 
     phase("submit saxpy over 1M elements and wait");
     let n = 1 << 20;
@@ -54,27 +80,44 @@ fn saxpy_of_a_million_elements_matches_the_cpu_bit_for_bit() {
     let xa = format!("x=@{}", dir.path().join("x.bin").display());
     let ya = format!("y=@{}", dir.path().join("y.bin").display());
     let out = cli
-        .run(&["--json", "submit", "--kernel", "saxpy", "--param", "a=2.5", "--input", &xa, "--input", &ya, "--wait"])
+        .run(&[
+            "--json", "submit", "--kernel", "saxpy", "--param", "a=2.5", "--input", &xa, "--input",
+            &ya, "--wait",
+        ])
         .ok()
         .json();
     let id = task_id(&out);
 
     phase("fetch the result and compare with the CPU");
     let result = dir.path().join("out.bin");
-    cli.run(&["result", &id, "--output", result.to_str().unwrap()]).ok();
+    cli.run(&["result", &id, "--output", result.to_str().unwrap()])
+        .ok();
     let got = std::fs::read(&result).unwrap();
     let inputs = [
-        NamedBytes { name: "x".into(), data: Bytes::from(f32_bytes(&x)) },
-        NamedBytes { name: "y".into(), data: Bytes::from(f32_bytes(&y)) },
+        NamedBytes {
+            name: "x".into(),
+            data: Bytes::from(f32_bytes(&x)),
+        },
+        NamedBytes {
+            name: "y".into(),
+            data: Bytes::from(f32_bytes(&y)),
+        },
     ];
-    let want = cpu_reference("saxpy", &BTreeMap::from([("a".to_string(), "2.5".to_string())]), &inputs);
+    let want = cpu_reference(
+        "saxpy",
+        &BTreeMap::from([("a".to_string(), "2.5".to_string())]),
+        &inputs,
+    );
     assert_eq!(got.len(), n * 4);
     assert!(got == want, "GPU output differs from the CPU reference");
 
     phase("task shows succeeded with the output digest");
     let task = cli.run(&["--json", "task", &id]).ok().json();
     assert_eq!(task["state"], "succeeded");
-    assert_eq!(task["outputs"][0]["sha256"], mesh_core::Digest::of(&want).to_hex());
+    assert_eq!(
+        task["outputs"][0]["sha256"],
+        mesh_core::Digest::of(&want).to_hex()
+    );
 }
 
 #[test]
@@ -86,21 +129,53 @@ fn builtins_custom_wgsl_png_and_cancel_through_the_cli() {
     let xs = lcg_f32(3, 100_000);
     let xf = dir.path().join("xs.bin");
     std::fs::write(&xf, f32_bytes(&xs)).unwrap();
-    let out = cli.run(&["--json", "submit", "--kernel", "reduce-sum", "--input", &format!("x=@{}", xf.display()), "--wait"]).ok().json();
+    let out = cli
+        .run(&[
+            "--json",
+            "submit",
+            "--kernel",
+            "reduce-sum",
+            "--input",
+            &format!("x=@{}", xf.display()),
+            "--wait",
+        ])
+        .ok()
+        .json();
     let id = task_id(&out);
     let res = dir.path().join("sum.bin");
-    cli.run(&["result", &id, "--output", res.to_str().unwrap()]).ok();
-    let want = cpu_reference("reduce-sum", &BTreeMap::new(), &[NamedBytes { name: "x".into(), data: Bytes::from(f32_bytes(&xs)) }]);
+    cli.run(&["result", &id, "--output", res.to_str().unwrap()])
+        .ok();
+    let want = cpu_reference(
+        "reduce-sum",
+        &BTreeMap::new(),
+        &[NamedBytes {
+            name: "x".into(),
+            data: Bytes::from(f32_bytes(&xs)),
+        }],
+    );
     assert_eq!(std::fs::read(&res).unwrap(), want);
 
     phase("mandelbrot renders to a PNG");
     let out = cli
-        .run(&["--json", "submit", "--kernel", "mandelbrot", "--param", "width=64", "--param", "height=48", "--param", "max_iter=64", "--wait"])
+        .run(&[
+            "--json",
+            "submit",
+            "--kernel",
+            "mandelbrot",
+            "--param",
+            "width=64",
+            "--param",
+            "height=48",
+            "--param",
+            "max_iter=64",
+            "--wait",
+        ])
         .ok()
         .json();
     let id = task_id(&out);
     let png = dir.path().join("m.png");
-    cli.run(&["result", &id, "--png", png.to_str().unwrap()]).ok();
+    cli.run(&["result", &id, "--png", png.to_str().unwrap()])
+        .ok();
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
 
@@ -118,18 +193,47 @@ fn builtins_custom_wgsl_png_and_cancel_through_the_cli() {
     std::fs::write(&small, f32_bytes(&[1.0, 2.0, 3.0, 4.0])).unwrap();
     let out = cli
         .run(&[
-            "--json", "submit", "--wgsl", wgsl.to_str().unwrap(), "--entry", "main", "--workgroups", "1,1,1",
-            "--input", &format!("x=@{}", small.display()), "--output", "y=16", "--wait",
+            "--json",
+            "submit",
+            "--wgsl",
+            wgsl.to_str().unwrap(),
+            "--entry",
+            "main",
+            "--workgroups",
+            "1,1,1",
+            "--input",
+            &format!("x=@{}", small.display()),
+            "--output",
+            "y=16",
+            "--wait",
         ])
         .ok()
         .json();
     let id = task_id(&out);
     let res = dir.path().join("y.bin");
-    cli.run(&["result", &id, "--output", res.to_str().unwrap()]).ok();
-    assert_eq!(std::fs::read(&res).unwrap(), f32_bytes(&[2.0, 4.0, 6.0, 8.0]));
+    cli.run(&["result", &id, "--output", res.to_str().unwrap()])
+        .ok();
+    assert_eq!(
+        std::fs::read(&res).unwrap(),
+        f32_bytes(&[2.0, 4.0, 6.0, 8.0])
+    );
 
     phase("cancel: a cancelled task is terminal and cannot be cancelled twice");
-    let out = cli.run(&["--json", "submit", "--kernel", "mandelbrot", "--param", "width=8", "--param", "height=8", "--param", "max_iter=8"]).ok().json();
+    let out = cli
+        .run(&[
+            "--json",
+            "submit",
+            "--kernel",
+            "mandelbrot",
+            "--param",
+            "width=8",
+            "--param",
+            "height=8",
+            "--param",
+            "max_iter=8",
+        ])
+        .ok()
+        .json();
     let id = task_id(&out);
     let first = cli.run(&["--json", "cancel", &id]);
     let cancelled = first.code == 0;
@@ -148,10 +252,17 @@ fn builtins_custom_wgsl_png_and_cancel_through_the_cli() {
     let status = cli.run(&["--json", "status"]).ok().json();
     assert_eq!(status["role"], "leader");
     let succeeded = if cancelled { 3 } else { 4 };
-    assert_eq!(status["tasks"]["succeeded"].as_u64().unwrap(), succeeded, "{status}");
+    assert_eq!(
+        status["tasks"]["succeeded"].as_u64().unwrap(),
+        succeeded,
+        "{status}"
+    );
     let nodes = cli.run(&["--json", "nodes"]).ok().json();
     let adapter = &nodes[0]["capabilities"]["adapters"][0];
-    assert!(adapter["name"].as_str().is_some_and(|n| !n.is_empty()), "{nodes}");
+    assert!(
+        adapter["name"].as_str().is_some_and(|n| !n.is_empty()),
+        "{nodes}"
+    );
 }
 
 #[test]
@@ -160,14 +271,27 @@ fn plain_openssh_runs_status_with_an_ssh_keygen_key() {
     let (node, cli, user) = pinned_node(dir.path());
     let out = Command::new("ssh")
         .args(["-p", &node.ssh_port.to_string()])
-        .arg("-o").arg(format!("UserKnownHostsFile={}", cli.known_hosts.display()))
-        .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", cli.known_hosts.display()))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-i",
+        ])
         .arg(&user.private)
         .args(["mesh@127.0.0.1", "status"])
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "ssh failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ssh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("role leader"), "{text}");
 }

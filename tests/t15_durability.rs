@@ -16,7 +16,10 @@ fn snapshot(cli: &mesh_chaos::Cli) -> BTreeMap<String, (String, String)> {
         .iter()
         .map(|t| {
             let digest = t["outputs"][0]["sha256"].as_str().unwrap_or("").to_string();
-            (t["id"].to_string(), (t["state"].as_str().unwrap().to_string(), digest))
+            (
+                t["id"].to_string(),
+                (t["state"].as_str().unwrap().to_string(), digest),
+            )
         })
         .collect()
 }
@@ -30,7 +33,19 @@ fn acknowledged_tasks_and_results_survive_kill_9() {
     for i in 1..=3 {
         let w = (16 * i).to_string();
         let out = cli
-            .run(&["--json", "submit", "--kernel", "mandelbrot", "--param", &format!("width={w}"), "--param", "height=16", "--param", "max_iter=32", "--wait"])
+            .run(&[
+                "--json",
+                "submit",
+                "--kernel",
+                "mandelbrot",
+                "--param",
+                &format!("width={w}"),
+                "--param",
+                "height=16",
+                "--param",
+                "max_iter=32",
+                "--wait",
+            ])
             .ok()
             .json();
         done.push(task_id(&out));
@@ -40,7 +55,20 @@ fn acknowledged_tasks_and_results_survive_kill_9() {
     for i in 0..5 {
         let key = format!("k{i}");
         let out = cli
-            .run(&["--json", "submit", "--kernel", "mandelbrot", "--param", "width=32", "--param", "height=32", "--param", "max_iter=16", "--idempotency-key", &key])
+            .run(&[
+                "--json",
+                "submit",
+                "--kernel",
+                "mandelbrot",
+                "--param",
+                "width=32",
+                "--param",
+                "height=32",
+                "--param",
+                "max_iter=16",
+                "--idempotency-key",
+                &key,
+            ])
             .ok()
             .json();
         acked.push(task_id(&out));
@@ -55,7 +83,10 @@ fn acknowledged_tasks_and_results_survive_kill_9() {
     node.restart().unwrap();
     let after = snapshot(&cli);
     for id in &done {
-        assert_eq!(after[id], before[id], "completed task {id} changed across the crash");
+        assert_eq!(
+            after[id], before[id],
+            "completed task {id} changed across the crash"
+        );
         assert_eq!(after[id].0, "succeeded");
     }
     for id in &acked {
@@ -70,13 +101,33 @@ fn acknowledged_tasks_and_results_survive_kill_9() {
             if t["state"] == "succeeded" {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "task {id} did not finish after the restart: {t}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "task {id} did not finish after the restart: {t}"
+            );
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }
     let again = cli
-        .run(&["--json", "submit", "--kernel", "mandelbrot", "--param", "width=32", "--param", "height=32", "--param", "max_iter=16", "--idempotency-key", "k0"])
+        .run(&[
+            "--json",
+            "submit",
+            "--kernel",
+            "mandelbrot",
+            "--param",
+            "width=32",
+            "--param",
+            "height=32",
+            "--param",
+            "max_iter=16",
+            "--idempotency-key",
+            "k0",
+        ])
         .ok()
         .json();
-    assert_eq!(task_id(&again), acked[0], "an idempotency key must return the task submitted before the crash");
+    assert_eq!(
+        task_id(&again),
+        acked[0],
+        "an idempotency key must return the task submitted before the crash"
+    );
 }

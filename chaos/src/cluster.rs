@@ -30,13 +30,20 @@ pub fn bin(name: &str) -> PathBuf {
         dir = dir.parent().expect("target dir");
     }
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
     path
 }
 
 /// A free loopback port (bound then released; good enough on a test machine).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// Log a test phase, so a failing run shows how far it got.
@@ -62,9 +69,15 @@ impl UserKey {
             .output()
             .context("ssh-keygen is needed (apt-get install openssh-client)")?;
         if !out.status.success() {
-            bail!("ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "ssh-keygen failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        Ok(UserKey { public: private.with_extension("pub"), private })
+        Ok(UserKey {
+            public: private.with_extension("pub"),
+            private,
+        })
     }
 }
 
@@ -113,9 +126,16 @@ impl Node {
     /// Run `mesh-node run` with `extra_args` on fresh ports and expect it to exit
     /// before it is ready (a refused `--join`, a bad flag): returns its exit code and
     /// its log. Fails if the node became ready instead.
-    pub fn start_refused(data_dir: &Path, admin_keys: &[&Path], extra_args: &[&str]) -> Result<(i32, String)> {
+    pub fn start_refused(
+        data_dir: &Path,
+        admin_keys: &[&Path],
+        extra_args: &[&str],
+    ) -> Result<(i32, String)> {
         match Node::start_with(data_dir, admin_keys, extra_args) {
-            Ok(node) => bail!("mesh-node started although it should have been refused; log:\n{}", node.log()),
+            Ok(node) => bail!(
+                "mesh-node started although it should have been refused; log:\n{}",
+                node.log()
+            ),
             Err(e) => {
                 let log = std::fs::read_to_string(data_dir.join("node.log")).unwrap_or_default();
                 let text = e.to_string();
@@ -144,7 +164,10 @@ impl Node {
     /// node paused (see [`Node::is_paused`]) until `CONT`.
     pub fn signal(&self, name: &str) -> Result<()> {
         let pid = self.pid().context("node is not running")?;
-        let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status()?;
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()?;
         if !status.success() {
             bail!("kill -{name} {pid} failed");
         }
@@ -158,7 +181,9 @@ impl Node {
 
     /// Whether the process is running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Whether the process was stopped with `signal("STOP")` and not continued.
@@ -173,7 +198,11 @@ impl Node {
 
     /// The node id recorded in the data directory once the node is a member.
     pub fn id(&self) -> Option<u64> {
-        std::fs::read_to_string(self.data_dir.join("node.id")).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.data_dir.join("node.id"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// `127.0.0.1:SSH_PORT`.
@@ -183,7 +212,10 @@ impl Node {
 
     fn spawn(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.data_dir)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.join("node.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.join("node.log"))?;
         let mut cmd = Command::new(self.program.clone().unwrap_or_else(|| bin("mesh-node")));
         cmd.arg("run")
             .arg("--data-dir")
@@ -195,7 +227,12 @@ impl Node {
             cmd.arg("--admin-key").arg(k);
         }
         cmd.args(&self.extra_args);
-        let mut child = cmd.stdout(Stdio::piped()).stderr(log).stdin(Stdio::null()).spawn().context("spawn mesh-node")?;
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawn mesh-node")?;
         let stdout = child.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -213,10 +250,16 @@ impl Node {
                 return Ok(());
             }
             if let Some(status) = self.child.as_mut().expect("spawned").try_wait()? {
-                bail!("mesh-node exited with {status} before it was ready; log:\n{}", self.log());
+                bail!(
+                    "mesh-node exited with {status} before it was ready; log:\n{}",
+                    self.log()
+                );
             }
             if Instant::now() > deadline {
-                bail!("mesh-node not ready after {READY_TIMEOUT:?}; log:\n{}", self.log());
+                bail!(
+                    "mesh-node not ready after {READY_TIMEOUT:?}; log:\n{}",
+                    self.log()
+                );
             }
         }
     }
@@ -254,9 +297,16 @@ impl Node {
 
     /// The host key fingerprint, from `mesh-node fingerprint`.
     pub fn fingerprint(&self) -> Result<String> {
-        let out = Command::new(bin("mesh-node")).arg("fingerprint").arg("--data-dir").arg(&self.data_dir).output()?;
+        let out = Command::new(bin("mesh-node"))
+            .arg("fingerprint")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .output()?;
         if !out.status.success() {
-            bail!("mesh-node fingerprint failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "mesh-node fingerprint failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8(out.stdout)?.trim().to_string())
     }
@@ -318,13 +368,23 @@ impl CliOutput {
     /// Standard output as JSON.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.stdout).unwrap_or_else(|e| {
-            panic!("mesh-cli printed no JSON ({e}); stdout: {} stderr: {}", self.text(), self.stderr)
+            panic!(
+                "mesh-cli printed no JSON ({e}); stdout: {} stderr: {}",
+                self.text(),
+                self.stderr
+            )
         })
     }
 
     /// Panic unless it exited 0.
     pub fn ok(self) -> CliOutput {
-        assert_eq!(self.code, 0, "mesh-cli failed: {}\nstdout: {}", self.stderr, self.text());
+        assert_eq!(
+            self.code,
+            0,
+            "mesh-cli failed: {}\nstdout: {}",
+            self.stderr,
+            self.text()
+        );
         self
     }
 }
@@ -394,11 +454,17 @@ impl Cli {
         let code = match status {
             Some(s) => s.code().unwrap_or(-1),
             None => {
-                stderr.push_str(&format!("mesh-cli {args:?} killed after {limit:?} without an answer\n"));
+                stderr.push_str(&format!(
+                    "mesh-cli {args:?} killed after {limit:?} without an answer\n"
+                ));
                 -1
             }
         };
-        CliOutput { code, stdout, stderr }
+        CliOutput {
+            code,
+            stdout,
+            stderr,
+        }
     }
 }
 
@@ -407,7 +473,9 @@ pub fn lcg_f32(seed: u64, n: usize) -> Vec<f32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -429,18 +497,37 @@ impl Cluster {
     pub fn start(dir: &Path, n: usize, extra: &[&str]) -> Result<Cluster> {
         let admin = UserKey::generate(dir, "admin")?;
         let first = Node::start_with(&dir.join("node1"), &[&admin.public], extra)?;
-        let mut cluster = Cluster { nodes: vec![first], admin, dir: dir.into() };
+        let mut cluster = Cluster {
+            nodes: vec![first],
+            admin,
+            dir: dir.into(),
+        };
         if n > 1 {
             let cli = cluster.cli(0);
-            let out = cli.run(&["--json", "token", "create", "--uses", &(n - 1).to_string(), "--ttl", "10m"]);
+            let out = cli.run(&[
+                "--json",
+                "token",
+                "create",
+                "--uses",
+                &(n - 1).to_string(),
+                "--ttl",
+                "10m",
+            ]);
             if out.code != 0 {
                 bail!("token create failed: {}", out.stderr);
             }
-            let token = out.json()["token"].as_str().context("no token in reply")?.to_string();
+            let token = out.json()["token"]
+                .as_str()
+                .context("no token in reply")?
+                .to_string();
             for i in 2..=n {
                 let mut args: Vec<&str> = extra.to_vec();
                 args.extend(["--join", token.as_str()]);
-                let node = Node::start_with(&dir.join(format!("node{i}")), &[&cluster.admin.public], &args)?;
+                let node = Node::start_with(
+                    &dir.join(format!("node{i}")),
+                    &[&cluster.admin.public],
+                    &args,
+                )?;
                 cluster.nodes.push(node);
             }
         }
@@ -457,7 +544,11 @@ impl Cluster {
         }
         cluster.wait_for(Duration::from_secs(60), |nodes| {
             nodes.as_array().is_some_and(|a| {
-                a.len() >= n && a.iter().filter(|x| x["role"] == "leader" || x["role"] == "follower").count() == voters
+                a.len() >= n
+                    && a.iter()
+                        .filter(|x| x["role"] == "leader" || x["role"] == "follower")
+                        .count()
+                        == voters
             })
         })?;
         Ok(cluster)
@@ -482,17 +573,25 @@ impl Cluster {
     /// A client for the first running node other than `except` (a node paused with
     /// `signal("STOP")` does not count: it would never answer).
     pub fn any_cli(&mut self, except: Option<usize>) -> Cli {
-        let i = (0..self.nodes.len()).find(|i| Some(*i) != except && self.nodes[*i].is_serving()).expect("a running node");
+        let i = (0..self.nodes.len())
+            .find(|i| Some(*i) != except && self.nodes[*i].is_serving())
+            .expect("a running node");
         self.cli(i)
     }
 
     /// Indexes of the nodes that run and are not paused.
     pub fn serving(&mut self) -> Vec<usize> {
-        (0..self.nodes.len()).filter(|i| self.nodes[*i].is_serving()).collect()
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].is_serving())
+            .collect()
     }
 
     /// Poll `nodes --json` on any running node until `pred` holds.
-    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value> {
+    pub fn wait_for(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
         let deadline = Instant::now() + timeout;
         loop {
             let cli = self.any_cli(None);
@@ -506,7 +605,10 @@ impl Cluster {
                     bail!("condition not reached in {timeout:?}; last nodes: {v}");
                 }
             } else if Instant::now() > deadline {
-                bail!("condition not reached in {timeout:?}; last error: {}", out.stderr);
+                bail!(
+                    "condition not reached in {timeout:?}; last error: {}",
+                    out.stderr
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -514,13 +616,20 @@ impl Cluster {
 
     /// The current leader's index into `nodes`, asking any running node.
     pub fn leader(&mut self) -> Option<usize> {
-        let v = self.any_cli(None).run_within(&["--json", "status"], POLL_CLI_LIMIT);
-        (v.code == 0).then(|| v.json()["leader"].as_u64()).flatten().map(|id| id as usize - 1)
+        let v = self
+            .any_cli(None)
+            .run_within(&["--json", "status"], POLL_CLI_LIMIT);
+        (v.code == 0)
+            .then(|| v.json()["leader"].as_u64())
+            .flatten()
+            .map(|id| id as usize - 1)
     }
 
     /// `status --json` of node `i`, or the error it answered with.
     pub fn status(&mut self, i: usize) -> Result<serde_json::Value> {
-        let out = self.cli(i).run_within(&["--json", "status"], POLL_CLI_LIMIT);
+        let out = self
+            .cli(i)
+            .run_within(&["--json", "status"], POLL_CLI_LIMIT);
         if out.code != 0 {
             bail!("status on node {} failed: {}", i + 1, out.stderr.trim());
         }
@@ -539,11 +648,16 @@ impl Cluster {
             agreed = Some(leader);
         }
         let leader = agreed?;
-        (self.nodes.get_mut(leader)?.is_serving() && self.status(leader).ok()?["role"] == "leader").then_some(leader)
+        (self.nodes.get_mut(leader)?.is_serving() && self.status(leader).ok()?["role"] == "leader")
+            .then_some(leader)
     }
 
     /// Wait until the serving nodes agree on a leader for which `pred` holds.
-    pub fn wait_leader(&mut self, timeout: Duration, pred: impl Fn(usize) -> bool) -> Result<usize> {
+    pub fn wait_leader(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(usize) -> bool,
+    ) -> Result<usize> {
         let deadline = Instant::now() + timeout;
         loop {
             match self.agreed_leader() {
@@ -560,11 +674,25 @@ impl Cluster {
 
     /// A join token for `uses` joins, valid for `ttl` (e.g. `10m`), created on a serving node.
     pub fn token(&mut self, uses: u32, ttl: &str) -> Result<String> {
-        let out = self.any_cli(None).run_within(&["--json", "token", "create", "--uses", &uses.to_string(), "--ttl", ttl], POLL_CLI_LIMIT);
+        let out = self.any_cli(None).run_within(
+            &[
+                "--json",
+                "token",
+                "create",
+                "--uses",
+                &uses.to_string(),
+                "--ttl",
+                ttl,
+            ],
+            POLL_CLI_LIMIT,
+        );
         if out.code != 0 {
             bail!("token create failed: {}", out.stderr);
         }
-        Ok(out.json()["token"].as_str().context("no token in reply")?.to_string())
+        Ok(out.json()["token"]
+            .as_str()
+            .context("no token in reply")?
+            .to_string())
     }
 
     /// The tail of every node's log, for a failure report.
@@ -572,7 +700,14 @@ impl Cluster {
         self.nodes
             .iter()
             .enumerate()
-            .map(|(i, n)| format!("===== node{} ({}) last {lines} log lines =====\n{}\n", i + 1, n.data_dir.display(), n.log_tail(lines)))
+            .map(|(i, n)| {
+                format!(
+                    "===== node{} ({}) last {lines} log lines =====\n{}\n",
+                    i + 1,
+                    n.data_dir.display(),
+                    n.log_tail(lines)
+                )
+            })
             .collect()
     }
 }
@@ -609,8 +744,10 @@ impl Node {
 /// Whether a process with this id is alive (a zombie has exited and does not count).
 pub fn process_exists(pid: u32) -> bool {
     // A zombie has exited; it only waits for its (possibly non-reaping) parent.
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .is_ok_and(|s| !s.lines().any(|l| l.starts_with("State:") && l.contains('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        !s.lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'))
+    })
 }
 
 impl Cluster {
@@ -693,11 +830,17 @@ impl NodePorts {
         let wanted = 3 * n;
         if ephemeral_min < FIXED_PORT_MIN + 1000 + wanted as u16 {
             // No room below the ephemeral range: fall back to released ephemeral ports.
-            let ports = (0..n).map(|_| NodePorts { ssh: free_port(), http: free_port(), raft: free_port() });
+            let ports = (0..n).map(|_| NodePorts {
+                ssh: free_port(),
+                http: free_port(),
+                raft: free_port(),
+            });
             return Ok(ports.collect());
         }
         let span = u64::from(ephemeral_min - FIXED_PORT_MIN);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
         let start = (nanos ^ (u64::from(std::process::id()) << 20)) % span;
         // Hold every listener until all are chosen, so no port is handed out twice.
         let mut held = Vec::with_capacity(wanted);
@@ -711,10 +854,23 @@ impl NodePorts {
             }
         }
         if held.len() < wanted {
-            bail!("found only {} free loopback ports below {ephemeral_min}, {wanted} needed", held.len());
+            bail!(
+                "found only {} free loopback ports below {ephemeral_min}, {wanted} needed",
+                held.len()
+            );
         }
-        let ports: Vec<u16> = held.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
-        Ok(ports.chunks_exact(3).map(|p| NodePorts { ssh: p[0], http: p[1], raft: p[2] }).collect())
+        let ports: Vec<u16> = held
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<Result<_, _>>()?;
+        Ok(ports
+            .chunks_exact(3)
+            .map(|p| NodePorts {
+                ssh: p[0],
+                http: p[1],
+                raft: p[2],
+            })
+            .collect())
     }
 
     /// `127.0.0.1:RAFT`, the address peers dial.
@@ -726,7 +882,13 @@ impl NodePorts {
 impl Node {
     /// Start a node on the given ports, with `program` as the `mesh-node` executable
     /// (`None`: the workspace's own) and extra `mesh-node run` arguments.
-    pub fn start_on(program: Option<&Path>, data_dir: &Path, ports: NodePorts, admin_keys: &[&Path], extra_args: &[String]) -> Result<Node> {
+    pub fn start_on(
+        program: Option<&Path>,
+        data_dir: &Path,
+        ports: NodePorts,
+        admin_keys: &[&Path],
+        extra_args: &[String],
+    ) -> Result<Node> {
         let mut node = Node {
             data_dir: data_dir.into(),
             ssh_port: ports.ssh,
@@ -744,7 +906,11 @@ impl Node {
 
     /// The node's ports.
     pub fn ports(&self) -> NodePorts {
-        NodePorts { ssh: self.ssh_port, http: self.http_port, raft: self.raft_port }
+        NodePorts {
+            ssh: self.ssh_port,
+            http: self.http_port,
+            raft: self.raft_port,
+        }
     }
 
     /// SIGKILL the process if it runs, then start it again on the same data directory
@@ -755,7 +921,8 @@ impl Node {
         if let Some(i) = self.extra_args.iter().position(|a| a == "--join") {
             self.extra_args.drain(i..(i + 2).min(self.extra_args.len()));
         }
-        self.extra_args.extend(["--join".to_string(), token.to_string()]);
+        self.extra_args
+            .extend(["--join".to_string(), token.to_string()]);
         self.spawn()
     }
 }
@@ -764,20 +931,44 @@ impl Cluster {
     /// Like [`Cluster::start_each`], on ports chosen beforehand ([`NodePorts::allocate`])
     /// and with `program` as the `mesh-node` executable (`None`: the workspace's own):
     /// node `i + 1` gets `ports[i]` and its own arguments `per_node[i]`.
-    pub fn start_on(dir: &Path, program: Option<&Path>, ports: &[NodePorts], per_node: &[Vec<String>]) -> Result<Cluster> {
+    pub fn start_on(
+        dir: &Path,
+        program: Option<&Path>,
+        ports: &[NodePorts],
+        per_node: &[Vec<String>],
+    ) -> Result<Cluster> {
         let n = per_node.len();
         if n == 0 || ports.len() != n {
-            bail!("start_on needs one set of ports per node ({} ports for {n} nodes)", ports.len());
+            bail!(
+                "start_on needs one set of ports per node ({} ports for {n} nodes)",
+                ports.len()
+            );
         }
         let admin = UserKey::generate(dir, "admin")?;
-        let first = Node::start_on(program, &dir.join("node1"), ports[0], &[&admin.public], &per_node[0])?;
-        let mut cluster = Cluster { nodes: vec![first], admin, dir: dir.into() };
+        let first = Node::start_on(
+            program,
+            &dir.join("node1"),
+            ports[0],
+            &[&admin.public],
+            &per_node[0],
+        )?;
+        let mut cluster = Cluster {
+            nodes: vec![first],
+            admin,
+            dir: dir.into(),
+        };
         if n > 1 {
             let token = cluster.token(n as u32 - 1, "10m")?;
             for (i, extra) in per_node.iter().enumerate().skip(1) {
                 let mut args = extra.clone();
                 args.extend(["--join".to_string(), token.clone()]);
-                let node = Node::start_on(program, &dir.join(format!("node{}", i + 1)), ports[i], &[&cluster.admin.public], &args)?;
+                let node = Node::start_on(
+                    program,
+                    &dir.join(format!("node{}", i + 1)),
+                    ports[i],
+                    &[&cluster.admin.public],
+                    &args,
+                )?;
                 cluster.nodes.push(node);
             }
         }
@@ -791,7 +982,13 @@ impl Cluster {
             voters -= 1;
         }
         cluster.wait_for(Duration::from_secs(60), |nodes| {
-            nodes.as_array().is_some_and(|a| a.len() >= n && a.iter().filter(|x| x["role"] == "leader" || x["role"] == "follower").count() == voters)
+            nodes.as_array().is_some_and(|a| {
+                a.len() >= n
+                    && a.iter()
+                        .filter(|x| x["role"] == "leader" || x["role"] == "follower")
+                        .count()
+                        == voters
+            })
         })?;
         Ok(cluster)
     }
@@ -802,7 +999,10 @@ impl Cli {
     /// COMMAND`), pinned by the same known_hosts file: for the node commands mesh-cli
     /// has no subcommand for (`digest`). Killed after `limit`, like [`Cli::run_within`].
     pub fn ssh_within(&self, command: &str, limit: Duration) -> CliOutput {
-        let (host, port) = self.node.rsplit_once(':').unwrap_or((self.node.as_str(), "7722"));
+        let (host, port) = self
+            .node
+            .rsplit_once(':')
+            .unwrap_or((self.node.as_str(), "7722"));
         let mut cmd = Command::new("ssh");
         cmd.arg("-p")
             .arg(port)
@@ -810,7 +1010,18 @@ impl Cli {
             .arg(&self.identity)
             .arg("-o")
             .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
-            .args(["-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR"])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=5",
+                "-o",
+                "LogLevel=ERROR",
+            ])
             .arg(host)
             .arg(command);
         output_within(cmd, limit, command)
@@ -819,10 +1030,21 @@ impl Cli {
 
 /// Run `cmd` with piped output, killed after `limit` (code -1, said on stderr).
 fn output_within(mut cmd: Command, limit: Duration, what: &str) -> CliOutput {
-    let spawned = cmd.env_remove("SSH_AUTH_SOCK").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let spawned = cmd
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
     let mut child = match spawned {
         Ok(c) => c,
-        Err(e) => return CliOutput { code: -1, stdout: Vec::new(), stderr: format!("could not start {what:?}: {e}\n") },
+        Err(e) => {
+            return CliOutput {
+                code: -1,
+                stdout: Vec::new(),
+                stderr: format!("could not start {what:?}: {e}\n"),
+            }
+        }
     };
     let drain = |mut r: Box<dyn std::io::Read + Send>| {
         std::thread::spawn(move || {
@@ -850,9 +1072,15 @@ fn output_within(mut cmd: Command, limit: Duration, what: &str) -> CliOutput {
     let code = match status {
         Some(s) => s.code().unwrap_or(-1),
         None => {
-            stderr.push_str(&format!("{what:?} killed after {limit:?} without an answer\n"));
+            stderr.push_str(&format!(
+                "{what:?} killed after {limit:?} without an answer\n"
+            ));
             -1
         }
     };
-    CliOutput { code, stdout, stderr }
+    CliOutput {
+        code,
+        stdout,
+        stderr,
+    }
 }

@@ -388,7 +388,10 @@ const PROBE_SERVER_LIFETIME: std::time::Duration = std::time::Duration::from_sec
 pub fn probe_peer(role: &str) -> i32 {
     use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpListener, TcpStream};
-    let parse = |a: &str| a.parse::<SocketAddr>().map_err(|e| format!("bad address {a}: {e}"));
+    let parse = |a: &str| {
+        a.parse::<SocketAddr>()
+            .map_err(|e| format!("bad address {a}: {e}"))
+    };
     let run = || -> Result<(), String> {
         if role == "serve" {
             let listener = TcpListener::bind(("0.0.0.0", PROBE_PORT)).map_err(|e| e.to_string())?;
@@ -409,8 +412,10 @@ pub fn probe_peer(role: &str) -> i32 {
             }
             Ok(())
         } else if let Some(addr) = role.strip_prefix("session:") {
-            let mut conn = TcpStream::connect_timeout(&parse(addr)?, PROBE_CONNECT_LIMIT).map_err(|e| e.to_string())?;
-            conn.set_read_timeout(Some(PROBE_CONNECT_LIMIT)).map_err(|e| e.to_string())?;
+            let mut conn = TcpStream::connect_timeout(&parse(addr)?, PROBE_CONNECT_LIMIT)
+                .map_err(|e| e.to_string())?;
+            conn.set_read_timeout(Some(PROBE_CONNECT_LIMIT))
+                .map_err(|e| e.to_string())?;
             println!("HELPER-CONNECTED");
             for _ in std::io::stdin().lines().map_while(Result::ok) {
                 let mut back = [0u8; 4];
@@ -419,14 +424,22 @@ pub fn probe_peer(role: &str) -> i32 {
             }
             Ok(())
         } else if let Some(addr) = role.strip_prefix("connect:") {
-            let mut conn = TcpStream::connect_timeout(&parse(addr)?, PROBE_CONNECT_LIMIT).map_err(|e| e.to_string())?;
-            conn.set_read_timeout(Some(PROBE_CONNECT_LIMIT)).map_err(|e| e.to_string())?;
+            let mut conn = TcpStream::connect_timeout(&parse(addr)?, PROBE_CONNECT_LIMIT)
+                .map_err(|e| e.to_string())?;
+            conn.set_read_timeout(Some(PROBE_CONNECT_LIMIT))
+                .map_err(|e| e.to_string())?;
             conn.write_all(b"ping").map_err(|e| e.to_string())?;
             let mut back = [0u8; 4];
             conn.read_exact(&mut back).map_err(|e| e.to_string())?;
-            if &back == b"ping" { Ok(()) } else { Err("the echo differed".into()) }
+            if &back == b"ping" {
+                Ok(())
+            } else {
+                Err("the echo differed".into())
+            }
         } else {
-            Err(format!("unknown probe role '{role}' (serve, session:ADDR, connect:ADDR)"))
+            Err(format!(
+                "unknown probe role '{role}' (serve, session:ADDR, connect:ADDR)"
+            ))
         }
     };
     match run() {

@@ -147,7 +147,7 @@ impl Report {
             healed_ms,
             invariants,
             violations: violations.to_vec(),
-            schedule: schedule::generate(opts.scenario, opts.seed, schedule_window(opts)),
+            schedule: schedule::generate(opts.scenario, opts.seed, opts.window()),
             faults: rec.faults.clone(),
             leadership: leadership(&rec.observations),
             counts: checker::counts(rec, fin),
@@ -160,15 +160,6 @@ impl Report {
             ops: rec.ops.clone(),
             observations: rec.observations.clone(),
         }
-    }
-}
-
-/// The window the run drew its schedule from (the same computation as `run`).
-fn schedule_window(opts: &RunOptions) -> schedule::Window {
-    let warmup = (opts.duration / 8).clamp(Duration::from_secs(2), Duration::from_secs(5));
-    schedule::Window {
-        warmup,
-        window: opts.duration,
     }
 }
 

@@ -13,7 +13,7 @@ use crate::schedule::{self, Rng, Window};
 use crate::workload::{is_terminal, ClientCtx, Targets, TaskPlan, Workload, READ_LIMIT};
 use crate::{Cluster, NodePorts};
 use anyhow::{bail, Context, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -32,6 +32,8 @@ const PROBES: usize = 3;
 const TERMINAL_LIMIT: Duration = Duration::from_secs(120);
 /// Longest wait for every replica to reach the same stable applied index.
 const CONVERGE_LIMIT: Duration = Duration::from_secs(60);
+/// Longest the fetching of results may take in all.
+const FETCH_LIMIT: Duration = Duration::from_secs(180);
 /// Node timeout given to every node (the failure detector; pauses are longer).
 pub const NODE_TIMEOUT: &str = "1500ms";
 
@@ -63,6 +65,16 @@ impl RunOptions {
             voters -= 1;
         }
         (n, voters)
+    }
+
+    /// Where the schedule's faults may fall: after a warm-up of an eighth of the
+    /// window (2 to 5 s, so "before" latencies have data), ending with the window.
+    pub fn window(&self) -> Window {
+        let warmup = (self.duration / 8).clamp(Duration::from_secs(2), Duration::from_secs(5));
+        Window {
+            warmup,
+            window: self.duration,
+        }
     }
 
     /// The command line that replays this run.
@@ -160,15 +172,7 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
     let history = Arc::new(History::new());
     let setup_ms = started.elapsed().as_millis() as u64;
 
-    let warmup = (opts.duration / 8).clamp(Duration::from_secs(2), Duration::from_secs(5));
-    let steps = schedule::generate(
-        opts.scenario,
-        opts.seed,
-        Window {
-            warmup,
-            window: opts.duration,
-        },
-    );
+    let steps = schedule::generate(opts.scenario, opts.seed, opts.window());
     crate::phase(&format!(
         "schedule: {}",
         steps
@@ -221,12 +225,13 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
     }
     fin.probes = probe(&ctx);
     history.note("waiting for every task to end");
-    fin.tasks = wait_terminal(&targets);
+    let (tasks, listed_by) = wait_terminal(&targets);
+    fin.tasks = tasks;
     history.note("comparing replicas");
     fin.convergence = converge(&targets);
     observer.stop();
     history.note("fetching results");
-    fin.outputs = fetch_outputs(&targets, &fin.tasks, &dir.join("outputs"));
+    fin.outputs = fetch_outputs(&targets, &fin.tasks, &dir.join("outputs"), listed_by);
     fin.panics = cluster
         .nodes
         .iter()
@@ -325,9 +330,10 @@ fn probe(ctx: &ClientCtx) -> Result<String, String> {
 /// `tasks --json`, once every task is terminal or the limit passed, from the node
 /// that has applied the most of the log (a node whose consensus died would answer
 /// from a stale state).
-fn wait_terminal(targets: &Targets) -> Vec<serde_json::Value> {
+fn wait_terminal(targets: &Targets) -> (Vec<serde_json::Value>, Option<usize>) {
     let deadline = Instant::now() + TERMINAL_LIMIT;
     let mut last = Vec::new();
+    let mut from = None;
     loop {
         let mut order: Vec<(u64, usize)> = (0..targets.clis.len())
             .map(|i| {
@@ -340,13 +346,14 @@ fn wait_terminal(targets: &Targets) -> Vec<serde_json::Value> {
             })
             .collect();
         order.sort_by(|a, b| b.cmp(a));
-        for cli in order.iter().map(|(_, i)| &targets.clis[*i]) {
-            let out = cli.run_within(&["--json", "tasks"], READ_LIMIT * 2);
+        for (_, i) in order {
+            let out = targets.clis[i].run_within(&["--json", "tasks"], READ_LIMIT * 2);
             if let Some(serde_json::Value::Array(tasks)) = (out.code == 0)
                 .then(|| serde_json::from_slice(&out.stdout).ok())
                 .flatten()
             {
                 last = tasks;
+                from = Some(i);
                 break;
             }
         }
@@ -355,7 +362,7 @@ fn wait_terminal(targets: &Targets) -> Vec<serde_json::Value> {
             .filter(|t| !t["state"].as_str().is_some_and(is_terminal))
             .count();
         if (open == 0 && !last.is_empty()) || Instant::now() > deadline {
-            return last;
+            return (last, from);
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -457,18 +464,39 @@ pub fn panics(log: &str) -> Vec<String> {
 
 /// Fetch the output of every succeeded task with `mesh-cli result ID --output FILE`
 /// (which checks the bytes against the recorded SHA-256 before writing).
+///
+/// Asks `first` (the node the final listing came from) first; a node that does not
+/// answer in time is not asked again, and the whole phase is bounded by
+/// [`FETCH_LIMIT`] (what is left is reported as not fetched).
 fn fetch_outputs(
     targets: &Targets,
     tasks: &[serde_json::Value],
     dir: &Path,
+    first: Option<usize>,
 ) -> BTreeMap<u64, Result<Vec<u8>, String>> {
+    let deadline = Instant::now() + FETCH_LIMIT;
+    let mut order: Vec<usize> = first.into_iter().collect();
+    order.extend((0..targets.clis.len()).filter(|i| Some(*i) != first));
+    let mut silent = BTreeSet::new();
     let mut out = BTreeMap::new();
     for t in tasks.iter().filter(|t| t["state"] == "succeeded") {
         let Some(id) = t["id"].as_u64() else { continue };
+        if Instant::now() > deadline {
+            out.insert(
+                id,
+                Err(format!(
+                    "not fetched: the fetch phase ran past {FETCH_LIMIT:?}"
+                )),
+            );
+            continue;
+        }
         let file = dir.join(format!("{id}.bin"));
         let mut result = Err("no node answered".to_string());
-        for cli in &targets.clis {
-            let r = cli.run_within(
+        for &i in &order {
+            if silent.contains(&i) {
+                continue;
+            }
+            let r = targets.clis[i].run_within(
                 &[
                     "--json",
                     "result",
@@ -483,7 +511,10 @@ fn fetch_outputs(
                 let _ = std::fs::remove_file(&file);
                 break;
             }
-            result = Err(r.stderr.trim().to_string());
+            if r.code == -1 {
+                silent.insert(i);
+            }
+            result = Err(format!("node{}: {}", i + 1, r.stderr.trim()));
         }
         out.insert(id, result);
     }

@@ -147,7 +147,10 @@ pub fn why_waiting(
         return never_runnable(state, &task.requirements);
     }
     if !matching.iter().any(|n| live.contains(n)) {
-        return Some(format!("every node that matches ({}) is down", join(&matching)));
+        return Some(format!(
+            "every node that matches ({}) is down",
+            join(&matching)
+        ));
     }
     // Say for each matching node why it takes nothing now.
     let reasons: Vec<String> = matching
@@ -163,7 +166,10 @@ pub fn why_waiting(
             format!("node {n} {why}")
         })
         .collect();
-    Some(format!("no matching node can take it now: {}", reasons.join(", ")))
+    Some(format!(
+        "no matching node can take it now: {}",
+        reasons.join(", ")
+    ))
 }
 
 fn join(ids: &[NodeId]) -> String {

@@ -116,7 +116,13 @@ pub struct RunArgs {
 
     /// Fault injection (mesh-chaos): dial ADDR2 whenever a peer's address is ADDR1, so
     /// a proxy can sit on this node's outgoing links. Repeatable. Not for production.
-    #[arg(long = "peer-route", env = "MESH_PEER_ROUTES", value_delimiter = ',', value_name = "ADDR1=ADDR2", hide = true)]
+    #[arg(
+        long = "peer-route",
+        env = "MESH_PEER_ROUTES",
+        value_delimiter = ',',
+        value_name = "ADDR1=ADDR2",
+        hide = true
+    )]
     pub peer_routes: Vec<String>,
 }
 
@@ -354,7 +360,9 @@ impl RunArgs {
         }
         let mut peer_routes = BTreeMap::new();
         for r in &self.peer_routes {
-            let (from, to) = r.split_once('=').ok_or_else(|| ConfigError::BadLabel(r.clone()))?;
+            let (from, to) = r
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadLabel(r.clone()))?;
             peer_routes.insert(from.to_string(), to.to_string());
         }
         Ok(NodeConfig {

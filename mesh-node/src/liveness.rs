@@ -109,8 +109,14 @@ impl Heartbeats {
                     // A leader counts as connected only while a quorum acknowledges
                     // it: an isolated leader must stop its work and report not ready.
                     let m = self.raft.metrics().borrow().clone();
-                    let alone = m.membership_config.membership().voter_ids().all(|v| v == self.node.0);
-                    let quorum_ack = m.millis_since_quorum_ack.is_some_and(|ms| ms < self.config.node_timeout.as_millis() as u64);
+                    let alone = m
+                        .membership_config
+                        .membership()
+                        .voter_ids()
+                        .all(|v| v == self.node.0);
+                    let quorum_ack = m
+                        .millis_since_quorum_ack
+                        .is_some_and(|ms| ms < self.config.node_timeout.as_millis() as u64);
                     if alone || quorum_ack {
                         self.liveness.acked();
                     }

@@ -10,10 +10,14 @@ use std::time::{Duration, Instant};
 
 /// Benchmarks of a Mesh cluster of real processes.
 #[derive(Parser)]
-#[command(name = "mesh-bench", version, after_help = "Examples:
+#[command(
+    name = "mesh-bench",
+    version,
+    after_help = "Examples:
   mesh-bench list
   mesh-bench run failover --runs 5
-  mesh-bench run reassign --runs 5 --json")]
+  mesh-bench run reassign --runs 5 --json"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -40,8 +44,14 @@ enum Cmd {
 }
 
 const SCENARIOS: &[(&str, &str)] = &[
-    ("failover", "leader SIGKILL to the first submit committed under the new leader"),
-    ("reassign", "worker SIGKILL to its task running on another node"),
+    (
+        "failover",
+        "leader SIGKILL to the first submit committed under the new leader",
+    ),
+    (
+        "reassign",
+        "worker SIGKILL to its task running on another node",
+    ),
 ];
 
 #[derive(Serialize)]
@@ -64,7 +74,12 @@ fn main() {
             }
             Ok(())
         }
-        Cmd::Run { scenario, nodes, runs, json } => run(&scenario, nodes, runs, json),
+        Cmd::Run {
+            scenario,
+            nodes,
+            runs,
+            json,
+        } => run(&scenario, nodes, runs, json),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -113,7 +128,20 @@ fn run(scenario: &str, nodes: usize, runs: usize, json: bool) -> Result<()> {
 }
 
 fn tiny_submit(cli: &mesh_chaos::Cli, key: &str) -> Result<(), String> {
-    let out = cli.run(&["--json", "submit", "--kernel", "mandelbrot", "--param", "width=8", "--param", "height=8", "--param", "max_iter=8", "--idempotency-key", key]);
+    let out = cli.run(&[
+        "--json",
+        "submit",
+        "--kernel",
+        "mandelbrot",
+        "--param",
+        "width=8",
+        "--param",
+        "height=8",
+        "--param",
+        "max_iter=8",
+        "--idempotency-key",
+        key,
+    ]);
     if out.code == 0 {
         Ok(())
     } else {
@@ -124,7 +152,9 @@ fn tiny_submit(cli: &mesh_chaos::Cli, key: &str) -> Result<(), String> {
 /// Kill the leader; time until a submit through a survivor is acknowledged (committed).
 fn failover(mut cluster: Cluster) -> Result<f64> {
     let leader = cluster.leader().context("no leader")?;
-    let survivor = (0..cluster.nodes.len()).find(|i| *i != leader).expect("3+ nodes");
+    let survivor = (0..cluster.nodes.len())
+        .find(|i| *i != leader)
+        .expect("3+ nodes");
     let cli = cluster.cli(survivor);
     if let Err(e) = tiny_submit(&cli, "warm-up") {
         bail!("the cluster does not take submits before the fault: {e}");
@@ -151,7 +181,20 @@ fn reassign(mut cluster: Cluster) -> Result<f64> {
     // Long tasks, one per node slot, so a non-leader worker holds one.
     let mut ids = Vec::new();
     for i in 0..cluster.nodes.len() {
-        let out = cli.run(&["--json", "submit", "--kernel", "mandelbrot", "--param", "width=1024", "--param", "height=1024", "--param", "max_iter=5000", "--idempotency-key", &format!("long-{i}")]);
+        let out = cli.run(&[
+            "--json",
+            "submit",
+            "--kernel",
+            "mandelbrot",
+            "--param",
+            "width=1024",
+            "--param",
+            "height=1024",
+            "--param",
+            "max_iter=5000",
+            "--idempotency-key",
+            &format!("long-{i}"),
+        ]);
         if out.code != 0 {
             bail!("submit failed: {}", out.stderr);
         }
@@ -176,7 +219,9 @@ fn reassign(mut cluster: Cluster) -> Result<f64> {
     cluster.nodes[victim_node - 1].kill9();
     loop {
         let t = cli.run(&["--json", "task", &victim_task]).json();
-        let moved = t["node"].as_u64().is_some_and(|n| n as usize != victim_node);
+        let moved = t["node"]
+            .as_u64()
+            .is_some_and(|n| n as usize != victim_node);
         if moved && (t["state"] == "running" || t["state"] == "succeeded") {
             return Ok(start.elapsed().as_secs_f64() * 1000.0);
         }

@@ -26,7 +26,10 @@ impl PeerClients {
 
     /// Clients that dial `routes[addr]` instead of `addr` (fault injection: a proxy
     /// on each outgoing link). The peer's key is still checked end to end.
-    pub fn with_routes(identity: Arc<TlsIdentity>, routes: BTreeMap<String, String>) -> PeerClients {
+    pub fn with_routes(
+        identity: Arc<TlsIdentity>,
+        routes: BTreeMap<String, String>,
+    ) -> PeerClients {
         PeerClients {
             identity,
             channels: Arc::default(),
