@@ -252,11 +252,12 @@ async fn dial(addr: &str, me: &TlsIdentity, expect: &str) -> Channel {
     .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"))
 }
 
-/// A Raft vote request for `term` from candidate `candidate`, encoded as nodes send it.
-fn vote(term: u64, candidate: u64) -> RaftPayload {
+/// A Raft vote request for `term` from candidate `candidate` to node `target`, encoded
+/// as nodes send it (`(target, request)`).
+fn vote(term: u64, candidate: u64, target: u64) -> RaftPayload {
     let req = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(term, candidate), None);
     RaftPayload {
-        data: codec::encode(&req).unwrap(),
+        data: codec::encode(&(target, &req)).unwrap(),
     }
 }
 
@@ -300,7 +301,8 @@ fn unpinned_keys_reach_only_join_and_members_cannot_claim_another_id() {
         phase("unpinned key: every Raft and Mesh call but Join is PERMISSION_DENIED");
         let msg = denied(
             "a vote from an unpinned key",
-            raft.vote(vote(term_before + 1000, 1)).await,
+            raft.vote(vote(term_before + 1000, 1, leader as u64 + 1))
+                .await,
         );
         assert!(
             msg.contains(&foreign_fp) && msg.contains("not pinned"),
@@ -395,7 +397,8 @@ fn unpinned_keys_reach_only_join_and_members_cannot_claim_another_id() {
         }
         let msg = denied(
             "a vote claiming another node",
-            raft.vote(vote(term_before + 1000, b_id)).await,
+            raft.vote(vote(term_before + 1000, b_id, leader as u64 + 1))
+                .await,
         );
         assert!(
             msg.contains(&format!("claims to come from node {b_id}")),

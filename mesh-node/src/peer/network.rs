@@ -1,5 +1,7 @@
 //! The openraft network over gRPC: each Raft RPC is one unary call carrying the
-//! codec-encoded openraft message; the answer carries `Result<Response, RaftError>`.
+//! codec-encoded `(target node id, openraft message)`; the answer carries
+//! `Result<Response, RaftError>`. The target id lets a machine that rejoined under a
+//! new id (same key, same address) refuse traffic meant for its old, removed id.
 
 use super::clients::PeerClients;
 use super::codec::{from_payload, to_payload};
@@ -107,7 +109,7 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Rpc<AppendEntriesResponse<u64>, openraft::error::Infallible> {
-        let payload = encode(&rpc)?;
+        let payload = encode(&(self.target, &rpc))?;
         self.call(
             &option,
             |mut c| async move { c.append_entries(payload).await },
@@ -120,7 +122,7 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Rpc<InstallSnapshotResponse<u64>, InstallSnapshotError> {
-        let payload = encode(&rpc)?;
+        let payload = encode(&(self.target, &rpc))?;
         self.call(
             &option,
             |mut c| async move { c.install_snapshot(payload).await },
@@ -133,7 +135,7 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Rpc<VoteResponse<u64>, openraft::error::Infallible> {
-        let payload = encode(&rpc)?;
+        let payload = encode(&(self.target, &rpc))?;
         self.call(&option, |mut c| async move { c.vote(payload).await })
             .await
     }

@@ -80,6 +80,19 @@ impl PeerServer {
         Ok((fp, id))
     }
 
+    /// A Raft message is for one node id: a machine that rejoined under a new id (same
+    /// key, same address) must not take traffic for its old, removed id.
+    fn check_target(&self, target: u64) -> Result<(), Status> {
+        let me = self.raft.metrics().borrow().id;
+        if target != me {
+            metrics::counter!("mesh_peer_refused_total", "reason" => "wrong_target").increment(1);
+            return Err(Status::failed_precondition(format!(
+                "this is node {me}, not node {target} (that id was removed when this machine rejoined)"
+            )));
+        }
+        Ok(())
+    }
+
     /// The Raft node id a message claims must belong to the key that sent it.
     fn check_claim(&self, id: NodeId, fp: &Fingerprint, vote: &Vote<u64>) -> Result<(), Status> {
         match vote.leader_id().voted_for() {
@@ -103,8 +116,9 @@ impl RaftService for PeerServer {
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let (fp, id) = self.member(&req)?;
-        let rpc: AppendEntriesRequest<TypeConfig> = from_payload(req.get_ref())?;
+        let (target, rpc): (u64, AppendEntriesRequest<TypeConfig>) = from_payload(req.get_ref())?;
         self.check_claim(id, &fp, &rpc.vote)?;
+        self.check_target(target)?;
         Ok(Response::new(to_payload(
             &self.raft.append_entries(rpc).await,
         )?))
@@ -112,8 +126,9 @@ impl RaftService for PeerServer {
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let (fp, id) = self.member(&req)?;
-        let rpc: VoteRequest<u64> = from_payload(req.get_ref())?;
+        let (target, rpc): (u64, VoteRequest<u64>) = from_payload(req.get_ref())?;
         self.check_claim(id, &fp, &rpc.vote)?;
+        self.check_target(target)?;
         Ok(Response::new(to_payload(&self.raft.vote(rpc).await)?))
     }
 
@@ -122,8 +137,9 @@ impl RaftService for PeerServer {
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let (fp, id) = self.member(&req)?;
-        let rpc: InstallSnapshotRequest<TypeConfig> = from_payload(req.get_ref())?;
+        let (target, rpc): (u64, InstallSnapshotRequest<TypeConfig>) = from_payload(req.get_ref())?;
         self.check_claim(id, &fp, &rpc.vote)?;
+        self.check_target(target)?;
         Ok(Response::new(to_payload(
             &self.raft.install_snapshot(rpc).await,
         )?))
