@@ -295,3 +295,139 @@ fn plain_openssh_runs_status_with_an_ssh_keygen_key() {
     );
     assert!(text.contains("role leader"), "{text}");
 }
+
+/// Claim: `submit-batch` takes many tasks in one call: each task is checked on its
+/// own (a bad one is refused with its reason, the others go in), answers come back in
+/// order, an idempotency key repeated in the batch names one task, every task runs
+/// and its result equals the CPU; an oversized batch is refused whole.
+#[test]
+fn submit_batch_commits_the_valid_tasks_and_refuses_the_bad_one() {
+    use mesh_cli::connection::Connection;
+    use mesh_cli::host_keys::HostKeyPolicy;
+    use mesh_cli::identity::IdentityChoice;
+    use mesh_core::api::{BatchItemReply, MAX_BATCH_TASKS};
+    use mesh_core::task::{KernelSpec, TaskSpec};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, cli, user) = pinned_node(dir.path());
+    let spec = |key: &str, x: Vec<f32>, y: Vec<f32>| -> serde_json::Value {
+        let t = TaskSpec {
+            kernel: KernelSpec::Builtin {
+                name: "saxpy".into(),
+                params: BTreeMap::from([("a".into(), "3".into())]),
+            },
+            inputs: vec![
+                NamedBytes {
+                    name: "x".into(),
+                    data: f32_bytes(&x).into(),
+                },
+                NamedBytes {
+                    name: "y".into(),
+                    data: f32_bytes(&y).into(),
+                },
+            ],
+            outputs: vec![],
+            requirements: vec![],
+            prefer: vec![],
+            shards: 1,
+            priority: 0,
+            timeout: mesh_core::task::DEFAULT_TIMEOUT,
+            max_attempts: 3,
+            idempotency_key: Some(key.into()),
+        };
+        serde_json::to_value(t).unwrap()
+    };
+    let batch = serde_json::json!([
+        spec("b-1", lcg_f32(1, 64), lcg_f32(2, 64)),
+        spec("b-bad", lcg_f32(3, 64), lcg_f32(4, 63)),
+        spec("b-1", lcg_f32(1, 64), lcg_f32(2, 64)),
+        spec("b-2", lcg_f32(5, 256), lcg_f32(6, 256)),
+    ]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let conn = rt.block_on(async {
+        let addr = cli.node.parse().unwrap();
+        let policy = HostKeyPolicy::load(&addr, &cli.known_hosts).unwrap();
+        Connection::open(&addr, policy, &IdentityChoice::File(user.private.clone()))
+            .await
+            .unwrap()
+    });
+    let exec = |body: Vec<u8>| {
+        rt.block_on(conn.exec("submit-batch --json", Some(body)))
+            .unwrap()
+    };
+
+    phase("a batch of four: two with one key, one bad, one more");
+    let out = exec(serde_json::to_vec(&batch).unwrap());
+    assert_eq!(
+        out.exit_status,
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replies: Vec<BatchItemReply> = serde_json::from_slice(&out.stdout).unwrap();
+    let submitted = |i: usize| match &replies[i] {
+        BatchItemReply::Submitted(r) => r.clone(),
+        other => panic!("task #{i} was not submitted: {other:?}"),
+    };
+    let (a, again, b) = (submitted(0), submitted(2), submitted(3));
+    assert_eq!(a.task, again.task, "one idempotency key, one task");
+    assert!(
+        a.existing != again.existing,
+        "exactly one of the two created it: {a:?} {again:?}"
+    );
+    assert_ne!(a.task, b.task);
+    match &replies[1] {
+        BatchItemReply::Refused { error } => {
+            assert!(
+                error.contains("same length") && error.contains("y is 252 bytes"),
+                "the reason names the input: {error}"
+            )
+        }
+        other => panic!("the bad task must be refused: {other:?}"),
+    }
+
+    phase("both tasks run, and their results equal the CPU");
+    for (id, x, y) in [
+        (a.task, lcg_f32(1, 64), lcg_f32(2, 64)),
+        (b.task, lcg_f32(5, 256), lcg_f32(6, 256)),
+    ] {
+        let id = id.to_string();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while cli.run(&["--json", "task", &id]).ok().json()["state"] != "succeeded" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "task {id} did not succeed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let path = dir.path().join(format!("out-{id}"));
+        cli.run(&["result", &id, "--output", path.to_str().unwrap()])
+            .ok();
+        let inputs = [
+            NamedBytes {
+                name: "x".into(),
+                data: Bytes::from(f32_bytes(&x)),
+            },
+            NamedBytes {
+                name: "y".into(),
+                data: Bytes::from(f32_bytes(&y)),
+            },
+        ];
+        let params = BTreeMap::from([("a".to_string(), "3".to_string())]);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            cpu_reference("saxpy", &params, &inputs),
+            "task {id}"
+        );
+    }
+
+    phase("a batch over the limit is refused whole");
+    let tiny = spec("t", vec![1.0], vec![2.0]);
+    let big: Vec<&serde_json::Value> = std::iter::repeat_n(&tiny, MAX_BATCH_TASKS + 1).collect();
+    let out = exec(serde_json::to_vec(&big).unwrap());
+    assert_ne!(out.exit_status, Some(0));
+    let err =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at most 10000 tasks"), "{err}");
+    rt.block_on(conn.close());
+}

@@ -974,3 +974,105 @@ fn a_removed_node_leaves_the_voters_and_its_tasks_move() {
             .ok_or("no refusal yet".to_string())
     });
 }
+
+/// Claim: a node restarted on an older copy of its data directory (a restored backup)
+/// has forgotten entries it acknowledged; it refuses to start and says how to recover,
+/// and after its directory is emptied it rejoins with a token under a new id.
+#[test]
+fn a_node_restarted_on_an_older_copy_of_its_data_refuses_and_rejoins_after_a_wipe() {
+    use mesh_chaos::nemesis::{copy_dir, wipe_dir, KEEP_ON_WIPE};
+    let dir = tempfile::tempdir().unwrap();
+    let mut mesh = Mesh::start(dir.path(), 3, &[]);
+    let leader = mesh.wait_leader(CONVERGE, |_| true).unwrap();
+    let f = (0..3).find(|i| *i != leader).unwrap();
+    let old_id = f as u64 + 1;
+    let data = mesh.nodes[f].data_dir.clone();
+    let copy = dir.path().join("older-copy");
+
+    phase(&format!(
+        "stop node {old_id}, copy its data directory aside, start it again"
+    ));
+    mesh.nodes[f].kill9();
+    copy_dir(&data, &copy, &["node.log"]).unwrap();
+    mesh.nodes[f].restart().unwrap();
+
+    phase("commit more entries, which the leader replicates to that node");
+    let cli = mesh.cli(leader);
+    let ids: Vec<String> = (0..5)
+        .map(|k| {
+            let out = cli
+                .run_within(
+                    &[
+                        "--json",
+                        "submit",
+                        "--kernel",
+                        "saxpy",
+                        "--param",
+                        "a=2",
+                        "--input",
+                        &format!("x=@{}", write_f32(dir.path(), &format!("x{k}"), 64)),
+                        "--input",
+                        &format!("y=@{}", write_f32(dir.path(), &format!("y{k}"), 64)),
+                    ],
+                    CLI_LIMIT,
+                )
+                .ok()
+                .json();
+            task_id(&out)
+        })
+        .collect();
+    let target = mesh.status(leader).unwrap()["applied_index"]
+        .as_u64()
+        .unwrap();
+    eventually("the node has applied the new entries", CONVERGE, || {
+        let s = mesh.status(f).map_err(|e| e.to_string())?;
+        (s["applied_index"].as_u64() >= Some(target))
+            .then_some(())
+            .ok_or(s.to_string())
+    });
+
+    phase("stop it, put the older copy back, start it: it must refuse");
+    mesh.nodes[f].kill9();
+    wipe_dir(&data, &["node.log"]).unwrap();
+    copy_dir(&copy, &data, &[]).unwrap();
+    let err = format!(
+        "{:#}",
+        mesh.nodes[f]
+            .restart()
+            .expect_err("must refuse the older copy")
+    );
+    assert!(
+        err.contains("older than this node's acknowledged state") && err.contains("--join TOKEN"),
+        "the refusal names the problem and the way out: {err}"
+    );
+
+    phase("the mesh goes on without it; wipe and rejoin brings the machine back");
+    wipe_dir(&data, KEEP_ON_WIPE).unwrap();
+    let token = mesh.token(1, "10m").unwrap();
+    mesh.nodes[f].rejoin(&token).unwrap();
+    let new_id = mesh.nodes[f].id().unwrap();
+    assert_ne!(new_id, old_id, "it rejoins under a new id");
+    eventually("old id removed, new id up", CONVERGE, || {
+        let n = nodes(&mut mesh)?;
+        let (old, new) = (role_health(&n, old_id).1, role_health(&n, new_id).1);
+        (old == "removed" && new == "up")
+            .then_some(())
+            .ok_or(format!("old {old}, new {new}"))
+    });
+    for id in &ids {
+        eventually(&format!("task {id} succeeds"), FINISH, || {
+            let t = json(&cli, &["task", id])?;
+            (t["state"] == "succeeded")
+                .then_some(())
+                .ok_or(t.to_string())
+        });
+    }
+}
+
+/// Write `n` f32s (0, 1, 2, ...) to `dir/name` for `--input`; returns the path.
+fn write_f32(dir: &Path, name: &str, n: usize) -> String {
+    let path = dir.join(name);
+    let data: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    std::fs::write(&path, f32_bytes(&data)).unwrap();
+    path.display().to_string()
+}

@@ -30,7 +30,7 @@ const REJOIN_LIMIT: Duration = Duration::from_secs(30);
 const SCHEDULE_GRACE: Duration = Duration::from_secs(15);
 /// Files of a data directory that survive a wipe: the host key stands for the
 /// machine's `/etc/ssh` key, which outlives a disk; the log is the harness's.
-const KEEP_ON_WIPE: &[&str] = &["host_key", "host_key.pub", "node.log"];
+pub const KEEP_ON_WIPE: &[&str] = &["host_key", "host_key.pub", "node.log"];
 
 /// The leader as the nodes report it.
 #[derive(Debug, Clone, Copy)]
@@ -739,13 +739,37 @@ impl<'a> Nemesis<'a> {
         std::thread::sleep(hold);
         if let Err(e) = restored {
             out.error = Some(format!("restoring the copy: {e:#}"));
+            return out;
         }
-        if let Err(e) = self.start_again(i) {
-            out.error = Some(format!("{e:#}"));
+        let Some(killed) = killed.filter(|_| differs > 0) else {
+            out.error = self.start_again(i).err().map(|e| format!("{e:#}"));
+            return out;
+        };
+        let went_back =
+            format!("{killed}; {differs} files of its data directory went back to the older copy");
+        match self.start_again(i) {
+            // The leader had no record of this node ahead of the copy (it took over
+            // after the node stopped): the guard could not tell, and the node runs.
+            Ok(()) => {
+                out.effect = Some(format!(
+                    "{went_back}; it started (no leader record ahead of the copy)"
+                ))
+            }
+            // The rollback guard refused the older directory, as it must when the
+            // leader knows the node had stored more. Recover as an operator would:
+            // wipe the directory (the host key stays) and join with a fresh token.
+            Err(e) if format!("{e:#}").contains("older than this node's acknowledged state") => {
+                let old = self.cluster.nodes[i].id();
+                if let Err(e) = wipe_dir(&dir, KEEP_ON_WIPE) {
+                    out.error = Some(format!("wiping: {e:#}"));
+                    return out;
+                }
+                let refused =
+                    format!("{went_back}; mesh-node refused to start on it (rollback guard)");
+                self.rejoin_as_new(i, old, refused, &mut out);
+            }
+            Err(e) => out.error = Some(format!("{e:#}")),
         }
-        out.effect = killed.filter(|_| differs > 0).map(|k| {
-            format!("{k}; {differs} files of its data directory went back to the older copy")
-        });
         out
     }
 
@@ -765,20 +789,37 @@ impl<'a> Nemesis<'a> {
             out.error = Some(format!("wiping: {e:#}"));
         }
         std::thread::sleep(hold);
+        let Some(killed) = killed else {
+            out.error = Some("the node was not running".into());
+            return out;
+        };
+        self.rejoin_as_new(i, old, format!("{killed}; data wiped"), &mut out);
+        out.target = format!(
+            "{} (was id {})",
+            self.label(i),
+            old.map_or("?".into(), |o| o.to_string())
+        );
+        out
+    }
+
+    /// Join node `i`, whose data directory was emptied, again with a fresh token, and
+    /// wait until it shows under a new id with its old id `old` removed: then `effect`
+    /// (plus the ids) is the outcome's evidence.
+    fn rejoin_as_new(&mut self, i: usize, old: Option<u64>, effect: String, out: &mut Outcome) {
         let token = match self.token() {
             Ok(t) => t,
             Err(e) => {
                 // Without a token it can only come back under its old identity, which
                 // a wiped node must not do: leave it down until the final heal.
                 out.error = Some(format!("no join token for the wiped node: {e:#}"));
-                return out;
+                return;
             }
         };
         let rejoined = self.cluster.nodes[i].rejoin(&token);
         self.targets.set_up(i, true);
         if let Err(e) = rejoined {
             out.error = Some(format!("the wiped node did not join again: {e:#}"));
-            return out;
+            return;
         }
         let new = self.cluster.nodes[i].id();
         let deadline = Instant::now() + REJOIN_LIMIT;
@@ -796,27 +837,17 @@ impl<'a> Nemesis<'a> {
                     && health(old).is_some_and(|h| h.starts_with("removed"))
                     && health(new).is_some()
                 {
-                    out.effect = killed.clone().map(|k| {
-                        format!(
-                            "{k}; data wiped; rejoined as id {}, old id {} removed",
-                            new.unwrap_or(0),
-                            old.map_or("?".into(), |o| o.to_string())
-                        )
-                    });
-                    break;
+                    out.effect = Some(format!(
+                        "{effect}; rejoined as id {}, old id {} removed",
+                        new.unwrap_or(0),
+                        old.map_or("?".into(), |o| o.to_string())
+                    ));
+                    return;
                 }
             }
             std::thread::sleep(Duration::from_millis(500));
         }
-        if out.effect.is_none() {
-            out.error = Some(format!("within {REJOIN_LIMIT:?} the node did not show up under a new id with its old id {old:?} removed (now {new:?})"));
-        }
-        out.target = format!(
-            "{} (was id {})",
-            self.label(i),
-            old.map_or("?".into(), |o| o.to_string())
-        );
-        out
+        out.error = Some(format!("within {REJOIN_LIMIT:?} the node did not show up under a new id with its old id {old:?} removed (now {new:?})"));
     }
 
     /// A single-use join token from any node marked up.
@@ -907,7 +938,7 @@ fn sum(stats: impl Iterator<Item = LinkStats>) -> LinkStats {
 }
 
 /// Remove everything in `dir` but the names in `keep`.
-fn wipe_dir(dir: &Path, keep: &[&str]) -> Result<()> {
+pub fn wipe_dir(dir: &Path, keep: &[&str]) -> Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
         let entry = entry?;
         if keep.iter().any(|k| entry.file_name() == *k) {
@@ -926,7 +957,7 @@ fn wipe_dir(dir: &Path, keep: &[&str]) -> Result<()> {
 
 /// Copy `src` into `dst` (created), leaving out top-level names in `skip`; returns the
 /// bytes copied.
-fn copy_dir(src: &Path, dst: &Path, skip: &[&str]) -> Result<u64> {
+pub fn copy_dir(src: &Path, dst: &Path, skip: &[&str]) -> Result<u64> {
     std::fs::create_dir_all(dst)?;
     let mut bytes = 0;
     for entry in std::fs::read_dir(src).with_context(|| format!("read {}", src.display()))? {

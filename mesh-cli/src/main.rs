@@ -6,17 +6,18 @@ mod args;
 mod batch_file;
 mod commands;
 mod config;
-mod connection;
 mod exit_code;
+// Compiled into the library's and the binary's tests; each uses a part of it.
 #[cfg(test)]
+#[allow(dead_code)]
 mod fake_node;
-mod host_keys;
-mod identity;
-mod node_addr;
 mod png_out;
 mod render;
 mod task_file;
 mod task_spec;
+
+// The session, pinning and identity live in the library (shared with mesh-bench).
+use mesh_cli::{connection, host_keys, identity, node_addr};
 
 use clap::Parser as _;
 use std::process::ExitCode;

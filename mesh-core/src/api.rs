@@ -28,6 +28,22 @@ pub struct SubmitReply {
     pub existing: bool,
 }
 
+/// Most tasks in one `submit-batch` call.
+pub const MAX_BATCH_TASKS: usize = 10_000;
+
+/// The answer to one task of `submit-batch`: in the order the tasks were sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BatchItemReply {
+    /// Committed (or matched an earlier submission by idempotency key).
+    Submitted(SubmitReply),
+    /// Refused; nothing was recorded for this task.
+    Refused {
+        /// Why.
+        error: String,
+    },
+}
+
 /// A stored buffer in a task view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BufferView {

@@ -31,17 +31,25 @@ pub fn schedule(state: &MeshState, live: &BTreeSet<NodeId>, now: Timestamp) -> V
         .filter(|n| live.contains(&n.id) && !n.drained && n.capabilities.primary().is_some())
         .map(|n| (n.id, n.capabilities.slots.max(1) as i64))
         .collect();
-    for t in state.tasks.values() {
+    // Nothing to place on (every node drained, down or busy): skip the scan and sort
+    // of the pending tasks, which a queue of many thousands makes the leader's
+    // costliest step on every commit.
+    if free.is_empty() {
+        return Vec::new();
+    }
+    for t in state.active_tasks() {
         if let Some((node, _)) = t.state.assignment() {
             if let Some(f) = free.get_mut(&node) {
                 *f -= 1;
             }
         }
     }
+    if free.values().all(|f| *f <= 0) {
+        return Vec::new();
+    }
     let mut pending: Vec<&Task> = state
-        .tasks
-        .values()
-        .filter(|t| t.state == TaskState::Pending && t.not_before.is_none_or(|nb| nb <= now))
+        .pending_tasks()
+        .filter(|t| t.not_before.is_none_or(|nb| nb <= now))
         .collect();
     pending.sort_by_key(|t| (std::cmp::Reverse(t.priority), t.id));
     let mut out = Vec::new();

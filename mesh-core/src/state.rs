@@ -15,7 +15,7 @@ use crate::task::{
 };
 use crate::token::TokenRecord;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A node as the mesh knows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,6 +66,26 @@ pub struct MeshState {
     pub users: BTreeMap<Fingerprint, UserKey>,
     /// The audit trail.
     pub audit: AuditLog,
+    /// Derived, never encoded: pending and active (assigned or running) task ids, so
+    /// that placement and the workers do not scan every task on every commit.
+    #[serde(skip)]
+    index: TaskIndex,
+}
+
+/// Task ids by the states that placement and the workers look for. Rebuilt from
+/// `tasks` after a decode (`valid` is false then) and kept up to date by `apply`.
+#[derive(Debug, Clone, Default)]
+struct TaskIndex {
+    valid: bool,
+    pending: BTreeSet<TaskId>,
+    active: BTreeSet<TaskId>,
+}
+
+// The index is derived from `tasks`: two states with equal tasks are equal.
+impl PartialEq for TaskIndex {
+    fn eq(&self, _: &TaskIndex) -> bool {
+        true
+    }
 }
 
 impl MeshState {
@@ -83,9 +103,98 @@ impl MeshState {
     /// Apply one command at time `now`; administrative commands are audited with
     /// their outcome.
     pub fn apply(&mut self, now: Timestamp, cmd: &Command) -> Outcome {
+        if !self.index.valid {
+            self.rebuild_index();
+        }
         let outcome = self.transition(now, cmd);
+        match (cmd, &outcome) {
+            (_, Outcome::Submitted { task, .. }) => self.reindex(*task),
+            (
+                Command::Assign { task, .. }
+                | Command::Start { task, .. }
+                | Command::Complete { task, .. }
+                | Command::Fail { task, .. }
+                | Command::Checkpoint { task, .. }
+                | Command::Release { task, .. }
+                | Command::Cancel { task, .. },
+                _,
+            ) => self.reindex(*task),
+            // Commands that may move many tasks at once (a node marked down or
+            // removed, a restore) are rare: rebuild.
+            _ => self.rebuild_index(),
+        }
         self.audit_command(now, cmd, &outcome);
         outcome
+    }
+
+    fn reindex(&mut self, id: TaskId) {
+        let state = self.tasks.get(&id).map(|t| &t.state);
+        let (pending, active) = match state {
+            Some(TaskState::Pending) => (true, false),
+            Some(TaskState::Assigned { .. } | TaskState::Running { .. }) => (false, true),
+            _ => (false, false),
+        };
+        for (set, member) in [
+            (&mut self.index.pending, pending),
+            (&mut self.index.active, active),
+        ] {
+            if member {
+                set.insert(id);
+            } else {
+                set.remove(&id);
+            }
+        }
+    }
+
+    fn rebuild_index(&mut self) {
+        let mut index = TaskIndex {
+            valid: true,
+            ..TaskIndex::default()
+        };
+        for (id, t) in &self.tasks {
+            match t.state {
+                TaskState::Pending => {
+                    index.pending.insert(*id);
+                }
+                TaskState::Assigned { .. } | TaskState::Running { .. } => {
+                    index.active.insert(*id);
+                }
+                _ => {}
+            }
+        }
+        self.index = index;
+    }
+
+    /// Pending tasks in id order (from the index once the state has applied a
+    /// command; a scan of every task before that).
+    pub fn pending_tasks(&self) -> Box<dyn Iterator<Item = &Task> + '_> {
+        if self.index.valid {
+            Box::new(
+                self.index
+                    .pending
+                    .iter()
+                    .filter_map(|id| self.tasks.get(id)),
+            )
+        } else {
+            Box::new(
+                self.tasks
+                    .values()
+                    .filter(|t| t.state == TaskState::Pending),
+            )
+        }
+    }
+
+    /// Assigned and running tasks in id order (indexed as [`MeshState::pending_tasks`]).
+    pub fn active_tasks(&self) -> Box<dyn Iterator<Item = &Task> + '_> {
+        if self.index.valid {
+            Box::new(self.index.active.iter().filter_map(|id| self.tasks.get(id)))
+        } else {
+            Box::new(
+                self.tasks
+                    .values()
+                    .filter(|t| t.state.assignment().is_some()),
+            )
+        }
     }
 
     fn audit_command(&mut self, now: Timestamp, cmd: &Command, outcome: &Outcome) {
@@ -747,8 +856,7 @@ impl MeshState {
 
     /// Tasks assigned to or running on `node`.
     pub fn tasks_on(&self, node: NodeId) -> impl Iterator<Item = &Task> {
-        self.tasks
-            .values()
+        self.active_tasks()
             .filter(move |t| t.state.assignment().is_some_and(|(n, _)| n == node))
     }
 
@@ -833,6 +941,79 @@ mod tests {
                 submitter: fp('u'),
             },
         )
+    }
+
+    /// The ids the index yields, and the ids a scan of every task finds.
+    fn indexed_and_scanned(s: &MeshState) -> [(Vec<TaskId>, Vec<TaskId>); 2] {
+        let ids = |it: Box<dyn Iterator<Item = &Task> + '_>| it.map(|t| t.id).collect::<Vec<_>>();
+        let scan = |f: fn(&Task) -> bool| s.tasks.values().filter(|t| f(t)).map(|t| t.id).collect();
+        [
+            (
+                ids(s.pending_tasks()),
+                scan(|t| t.state == TaskState::Pending),
+            ),
+            (
+                ids(s.active_tasks()),
+                scan(|t| t.state.assignment().is_some()),
+            ),
+        ]
+    }
+
+    #[test]
+    fn the_task_index_follows_every_transition_and_survives_a_decode() {
+        let mut s = with_node();
+        for _ in 0..4 {
+            submit(&mut s, None);
+        }
+        let assign = |task| Command::Assign {
+            task: TaskId(task),
+            node: NodeId(1),
+        };
+        s.apply(Timestamp(3), &assign(0));
+        s.apply(Timestamp(3), &assign(1));
+        s.apply(Timestamp(3), &assign(2));
+        s.apply(
+            Timestamp(4),
+            &Command::Start {
+                task: TaskId(1),
+                attempt: Attempt(1),
+                node: NodeId(1),
+            },
+        );
+        s.apply(
+            Timestamp(5),
+            &Command::Cancel {
+                task: TaskId(2),
+                actor: fp('u'),
+            },
+        );
+        for (indexed, scanned) in indexed_and_scanned(&s) {
+            assert_eq!(indexed, scanned);
+        }
+        assert_eq!(s.active_tasks().count(), 2);
+        assert_eq!(s.pending_tasks().count(), 1);
+
+        // A node marked down moves its tasks back to pending all at once.
+        s.apply(Timestamp(6), &Command::MarkDown { node: NodeId(1) });
+        for (indexed, scanned) in indexed_and_scanned(&s) {
+            assert_eq!(indexed, scanned);
+        }
+        assert_eq!(s.active_tasks().count(), 0);
+
+        // A decoded state has no index yet: it scans, then indexes on its next apply.
+        let mut decoded: MeshState =
+            crate::codec::decode(&crate::codec::encode(&s).unwrap()).unwrap();
+        assert_eq!(decoded, s);
+        assert!(!decoded.index.valid);
+        assert_eq!(
+            indexed_and_scanned(&decoded)[0].0,
+            indexed_and_scanned(&s)[0].0
+        );
+        decoded.apply(Timestamp(7), &assign(3));
+        assert!(decoded.index.valid);
+        for (indexed, scanned) in indexed_and_scanned(&decoded) {
+            assert_eq!(indexed, scanned);
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod node;
 pub mod peer;
 pub mod placement;
 pub mod proposer;
+pub mod rollback_guard;
 pub mod service;
 pub mod ssh;
 pub mod store;

@@ -16,6 +16,7 @@ use crate::peer::server::PeerServer;
 use crate::peer::MAX_MESSAGE_BYTES;
 use crate::placement::Placement;
 use crate::proposer;
+use crate::rollback_guard;
 use crate::service::Service;
 use crate::ssh::{Endpoint, SshServer};
 use crate::store::Store;
@@ -50,14 +51,19 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
 /// The only gRPC method an unpinned key may call.
 const JOIN_METHOD: &[&str] = &["/mesh.v1.Mesh/Join"];
 
-/// Raft timing: heartbeats every 100 ms, elections after 300-600 ms of silence;
-/// small append batches because one entry may carry megabytes of task inputs.
+/// Raft timing: heartbeats every 50 ms, elections after 150-300 ms of silence.
+/// openraft's voters honour the old leader's lease for `election_timeout_max`, so a
+/// failover takes about two timeouts (~540 ms here). Shorter timeouts fail over
+/// faster but, on a saturated 2-core machine, let late heartbeats start spurious
+/// elections (docs/benchmarks.md counts them: 120-240 ms gave 4 in a saturated
+/// 20 s run, 150-300 ms none). Small append batches because one entry may carry
+/// megabytes of task inputs.
 fn raft_config() -> anyhow::Result<Arc<openraft::Config>> {
     let config = openraft::Config {
         cluster_name: "mesh".into(),
-        heartbeat_interval: 100,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
+        heartbeat_interval: 50,
+        election_timeout_min: 150,
+        election_timeout_max: 300,
         max_payload_entries: 32,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
         max_in_snapshot_log_to_keep: 1000,
@@ -163,12 +169,22 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         }
     }
     let clients = PeerClients::with_routes(identity.clone(), config.peer_routes.clone());
+    let Store {
+        log: mut log_store,
+        mut state_machine,
+    } = store;
+    if let Membership::Existing(_) = membership {
+        let (local, peers) = local_progress(node, &mut log_store, &mut state_machine).await?;
+        let verdict =
+            rollback_guard::check(node, local, &peers, &clients, rollback_guard::WAIT).await;
+        rollback_guard::enforce(verdict, &config.data_dir)?;
+    }
     let raft = Raft::<TypeConfig>::new(
         node.0,
         raft_config()?,
         PeerNetwork::new(clients.clone()),
-        store.log,
-        store.state_machine,
+        log_store,
+        state_machine,
     )
     .await
     .context("cannot start Raft")?;
@@ -363,6 +379,58 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         .await
         .map_err(|e| anyhow::anyhow!("raft shutdown: {e}"))?;
     Ok(())
+}
+
+/// What this node's storage holds (last log index, vote term) and its fellow members,
+/// read before Raft starts.
+async fn local_progress(
+    node: NodeId,
+    log: &mut crate::store::LogStore,
+    state_machine: &mut crate::store::StateMachineStore,
+) -> anyhow::Result<(rollback_guard::Local, Vec<(NodeId, MeshNode)>)> {
+    use openraft::storage::{RaftLogReader, RaftLogStorage, RaftStateMachine};
+    let state = log
+        .get_log_state()
+        .await
+        .context("cannot read the Raft log state")?;
+    let vote = log.read_vote().await.context("cannot read the Raft vote")?;
+    let (_, applied) = state_machine
+        .applied_state()
+        .await
+        .context("cannot read the applied membership")?;
+    // The newest membership: in the log (not applied yet: openraft applies it again
+    // when it starts) or else in the snapshot the state machine was loaded from.
+    let mut membership = applied.membership().clone();
+    let last = state.last_log_id.map_or(0, |l| l.index);
+    let first = state.last_purged_log_id.map_or(0, |l| l.index + 1);
+    let mut hi = last;
+    'scan: while hi >= first && hi > 0 {
+        let lo = hi.saturating_sub(63).max(first);
+        let entries = log
+            .try_get_log_entries(lo..hi + 1)
+            .await
+            .context("cannot read the Raft log")?;
+        for e in entries.iter().rev() {
+            if let openraft::EntryPayload::Membership(m) = &e.payload {
+                membership = m.clone();
+                break 'scan;
+            }
+        }
+        if lo == first {
+            break;
+        }
+        hi = lo - 1;
+    }
+    let peers = membership
+        .nodes()
+        .filter(|(id, _)| **id != node.0)
+        .map(|(id, n)| (NodeId(*id), n.clone()))
+        .collect();
+    let local = rollback_guard::Local {
+        last_index: state.last_log_id.map_or(0, |l| l.index),
+        term: vote.map_or(0, |v| v.leader_id().term),
+    };
+    Ok((local, peers))
 }
 
 /// Dial the seed named in the token, check its key against the token's pin, present

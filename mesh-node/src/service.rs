@@ -7,7 +7,8 @@ use crate::proposer::{ProposeError, Proposer};
 use crate::store::StateView;
 use mesh_core::access::Role;
 use mesh_core::api::{
-    AuditView, KeyView, NodeView, StatusView, SubmitReply, TaskView, TokenCreated, TokenView,
+    AuditView, BatchItemReply, KeyView, NodeView, StatusView, SubmitReply, TaskView, TokenCreated,
+    TokenView, MAX_BATCH_TASKS,
 };
 use mesh_core::identity::public_key::PublicKeyLine;
 use mesh_core::kernel::{self, SpecError};
@@ -207,6 +208,53 @@ impl Service {
         spec: TaskSpec,
         submitter: Fingerprint,
     ) -> Result<SubmitReply, ServiceError> {
+        let command = self.check_submit(spec, submitter)?;
+        submitted(self.proposer.propose(command).await?)
+    }
+
+    /// `submit-batch`: every task is checked on its own (a bad one is refused, the
+    /// rest go on) and the valid ones are proposed together, so the proposer puts
+    /// them into few Raft entries with one durable sync each.
+    pub async fn submit_batch(
+        &self,
+        specs: Vec<TaskSpec>,
+        submitter: Fingerprint,
+    ) -> Result<Vec<BatchItemReply>, ServiceError> {
+        if specs.len() > MAX_BATCH_TASKS {
+            return Err(ServiceError::BadRequest(format!(
+                "a batch holds at most {MAX_BATCH_TASKS} tasks, not {}; split it",
+                specs.len()
+            )));
+        }
+        let proposals = specs.into_iter().map(|spec| {
+            let checked = self.check_submit(spec, submitter.clone());
+            async move {
+                let outcome = match checked {
+                    Ok(command) => self
+                        .proposer
+                        .propose(command)
+                        .await
+                        .map_err(ServiceError::from)
+                        .and_then(submitted),
+                    Err(e) => Err(e),
+                };
+                match outcome {
+                    Ok(r) => BatchItemReply::Submitted(r),
+                    Err(e) => BatchItemReply::Refused {
+                        error: e.to_string(),
+                    },
+                }
+            }
+        });
+        Ok(futures::future::join_all(proposals).await)
+    }
+
+    /// The checks of a submit, and the command to propose.
+    fn check_submit(
+        &self,
+        spec: TaskSpec,
+        submitter: Fingerprint,
+    ) -> Result<Command, ServiceError> {
         check_spec_fields(&spec)?;
         let declared = match &spec.kernel {
             KernelSpec::Wgsl { .. } => spec.outputs.clone(),
@@ -230,24 +278,11 @@ impl Service {
         if let Some(why) = self.state.read(|s| never_runnable(s, &spec.requirements)) {
             return Err(ServiceError::Unschedulable(why));
         }
-        let outcome = self
-            .proposer
-            .propose(Command::Submit {
-                spec,
-                outputs: plan.outputs,
-                submitter,
-            })
-            .await?;
-        match outcome {
-            Outcome::Submitted { task, existing } => {
-                metrics::counter!("mesh_tasks_submitted_total").increment(u64::from(!existing));
-                Ok(SubmitReply { task, existing })
-            }
-            Outcome::Rejected(r) => Err(r.into()),
-            other => Err(ServiceError::BadRequest(format!(
-                "unexpected outcome {other}"
-            ))),
-        }
+        Ok(Command::Submit {
+            spec,
+            outputs: plan.outputs,
+            submitter,
+        })
     }
 
     /// `wait ID`: block until the task is terminal.
@@ -591,6 +626,20 @@ impl Service {
 
 /// Longest a join token may live.
 const MAX_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// The reply to a committed submit.
+fn submitted(outcome: Outcome) -> Result<SubmitReply, ServiceError> {
+    match outcome {
+        Outcome::Submitted { task, existing } => {
+            metrics::counter!("mesh_tasks_submitted_total").increment(u64::from(!existing));
+            Ok(SubmitReply { task, existing })
+        }
+        Outcome::Rejected(r) => Err(r.into()),
+        other => Err(ServiceError::BadRequest(format!(
+            "unexpected outcome {other}"
+        ))),
+    }
+}
 
 fn check_spec_fields(spec: &TaskSpec) -> Result<(), ServiceError> {
     use mesh_core::limits::MAX_IDEMPOTENCY_KEY_BYTES;

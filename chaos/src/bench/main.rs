@@ -1,26 +1,62 @@
 //! `mesh-bench`: measurements on real `mesh-node` processes on loopback, driven
-//! through the real CLI protocol. Each figure is reported as min / median / max over
-//! `--runs` fresh clusters; see docs/benchmarks.md for the figures on this machine.
+//! through the real SSH protocol (in-process sessions, one per client), side by side
+//! with etcd. See docs/benchmarks.md for the figures on this machine and the command
+//! behind each.
+
+mod etcd;
+mod load;
+mod mesh_load;
+mod plot;
+mod scenarios;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use load::LoadStats;
 use mesh_chaos::{phase, Cluster};
 use serde::Serialize;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::runtime::Runtime;
 
-/// Benchmarks of a Mesh cluster of real processes.
+/// Benchmarks of a Mesh cluster of real processes, side by side with etcd.
 #[derive(Parser)]
 #[command(
     name = "mesh-bench",
     version,
     after_help = "Examples:
   mesh-bench list
+  mesh-bench run submit --nodes 3 --clients 1,16,256 --duration 30s
+  mesh-bench run submit-batch --clients 4
   mesh-bench run failover --runs 5
-  mesh-bench run reassign --runs 5 --json"
+  mesh-bench compare-etcd --clients 1,16,256
+  mesh-bench all --out target/bench        every figure of docs/benchmarks.md, and the plot
+
+Load runs are closed loops: each client sends its next request when the previous one
+is acknowledged (committed). The first 2 s of each run are a warm-up and not counted.
+Exit status: 0 done, 2 the benchmark could not run."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct LoadArgs {
+    /// Nodes in the mesh (a list runs each).
+    #[arg(long, value_delimiter = ',', default_value = "3")]
+    nodes: Vec<usize>,
+    /// Concurrent clients (a list runs each).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
+    clients: Vec<usize>,
+    /// Measured time of each load run (after a 2 s warm-up).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Independent runs of each point (a fresh cluster each); figures are min / median / max.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -31,63 +67,287 @@ enum Cmd {
     Run {
         /// Scenario name (see `list`).
         scenario: String,
-        /// Nodes in the cluster.
-        #[arg(long, default_value_t = 3)]
-        nodes: usize,
-        /// Independent runs (a fresh cluster each).
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Tasks per request for `submit-batch`; tasks in the state for `join` and `footprint`.
+        #[arg(long)]
+        size: Option<u64>,
+    },
+    /// etcd (3 members, Debian's etcd-server) and a 3-node mesh at the same client
+    /// counts and payload: both systems' figures and the ratios.
+    CompareEtcd {
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Every figure of docs/benchmarks.md: writes results.json, tables.md and
+    /// latency-throughput.svg to --out.
+    All {
+        /// Output directory.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// Measured time of each load run.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Runs of each point.
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// Print one JSON document.
-        #[arg(long)]
-        json: bool,
+        /// Tasks in the state for `join` and `footprint`.
+        #[arg(long, default_value_t = 100_000)]
+        tasks: u64,
     },
 }
 
 const SCENARIOS: &[(&str, &str)] = &[
-    (
-        "failover",
-        "leader SIGKILL to the first submit committed under the new leader",
-    ),
-    (
-        "reassign",
-        "worker SIGKILL to its task running on another node",
-    ),
+    ("submit", "committed single submits (1 KiB of input each): throughput and p50/p99/p999 latency"),
+    ("submit-batch", "committed tasks per second when each request is a submit-batch of --size tasks (default 1000)"),
+    ("status", "`status` requests, no Raft round: the floor the SSH protocol sets for a request"),
+    ("end-to-end", "a tiny kernel from submit to its result recorded: latency and tasks per second"),
+    ("failover", "leader SIGKILL to the first submit committed under the new leader"),
+    ("reassign", "worker SIGKILL to its task running on another node"),
+    ("join", "a new node joins a 3-node mesh holding --size tasks (default 100000) and catches up from a snapshot"),
+    ("footprint", "leader memory and disk per task after --size tasks (default 100000), log compacted"),
+    ("etcd", "etcd 3-member puts of the same payload (what compare-etcd runs for its side)"),
 ];
 
-#[derive(Serialize)]
-struct Report {
-    scenario: String,
-    nodes: usize,
-    unit: &'static str,
-    samples: Vec<f64>,
-    min: f64,
-    median: f64,
-    max: f64,
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    mesh_core::duration::parse_duration(s)
 }
 
 fn main() {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Cmd::List => {
-            for (n, what) in SCENARIOS {
-                println!("{n:12} {what}");
+    let result = Runtime::new()
+        .context("cannot start the async runtime")
+        .and_then(|rt| match cli.command {
+            Cmd::List => {
+                for (n, what) in SCENARIOS {
+                    println!("{n:13} {what}");
+                }
+                Ok(())
             }
-            Ok(())
-        }
-        Cmd::Run {
-            scenario,
-            nodes,
-            runs,
-            json,
-        } => run(&scenario, nodes, runs, json),
-    };
+            Cmd::Run {
+                scenario,
+                load,
+                size,
+            } => run(&rt, &scenario, &load, size),
+            Cmd::CompareEtcd { load } => compare_etcd(&rt, &load).map(|_| ()),
+            Cmd::All {
+                out,
+                duration,
+                runs,
+                tasks,
+            } => all(&rt, &out, duration, runs, tasks),
+        });
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(2);
     }
 }
 
-fn run(scenario: &str, nodes: usize, runs: usize, json: bool) -> Result<()> {
+/// Min, median and max of samples.
+#[derive(Debug, Clone, Serialize)]
+struct Spread {
+    min: f64,
+    median: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(samples: &[f64]) -> Spread {
+        let mut v = samples.to_vec();
+        v.sort_by(f64::total_cmp);
+        Spread {
+            min: v.first().copied().unwrap_or(0.0),
+            median: v.get(v.len() / 2).copied().unwrap_or(0.0),
+            max: v.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = |v: f64| {
+            if v >= 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            }
+        };
+        if self.min == self.max {
+            write!(f, "{}", p(self.median))
+        } else {
+            write!(f, "{} ({}-{})", p(self.median), p(self.min), p(self.max))
+        }
+    }
+}
+
+/// One load point over its runs.
+#[derive(Debug, Clone, Serialize)]
+struct Point {
+    system: String,
+    scenario: String,
+    nodes: usize,
+    clients: usize,
+    ops_per_sec: Spread,
+    p50_ms: Spread,
+    p99_ms: Spread,
+    p999_ms: Spread,
+    errors: u64,
+    /// Elections during the runs (submit only).
+    elections: Option<u64>,
+    runs: Vec<LoadStats>,
+}
+
+impl Point {
+    fn of(
+        system: &str,
+        scenario: &str,
+        nodes: usize,
+        clients: usize,
+        runs: Vec<LoadStats>,
+    ) -> Point {
+        let f = |g: fn(&LoadStats) -> f64| Spread::of(&runs.iter().map(g).collect::<Vec<_>>());
+        Point {
+            system: system.into(),
+            scenario: scenario.into(),
+            nodes,
+            clients,
+            ops_per_sec: f(|s| s.ops_per_sec),
+            p50_ms: f(|s| s.p50_ms),
+            p99_ms: f(|s| s.p99_ms),
+            p999_ms: f(|s| s.p999_ms),
+            errors: runs.iter().map(|s| s.errors).sum(),
+            elections: runs.iter().map(|s| s.elections).sum(),
+            runs,
+        }
+    }
+
+    fn line(&self) -> String {
+        let err = self
+            .runs
+            .iter()
+            .find_map(|r| r.first_error.clone())
+            .map(|e| format!("; first error: {e}"))
+            .unwrap_or_default();
+        format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |{err}",
+            self.system,
+            self.scenario,
+            self.nodes,
+            self.clients,
+            self.ops_per_sec,
+            self.p50_ms,
+            self.p99_ms,
+            self.p999_ms,
+            self.errors,
+            self.elections.map_or("-".into(), |e| e.to_string())
+        )
+    }
+}
+
+const TABLE_HEAD: &str = "| system | scenario | nodes | clients | ops/s | p50 ms | p99 ms | p999 ms | errors | elections |\n|---|---|---|---|---|---|---|---|---|---|";
+
+fn load_points(
+    rt: &Runtime,
+    scenario: &str,
+    a: &LoadArgs,
+    size: Option<u64>,
+) -> Result<Vec<Point>> {
+    let mut points = Vec::new();
+    for &nodes in &a.nodes {
+        for &clients in &a.clients {
+            let mut runs = Vec::new();
+            for _ in 0..a.runs {
+                let s = match scenario {
+                    "submit" => scenarios::submit(rt, nodes, clients, a.duration)?,
+                    "submit-batch" => scenarios::submit_batch(
+                        rt,
+                        nodes,
+                        clients,
+                        size.unwrap_or(1000) as usize,
+                        a.duration,
+                    )?,
+                    "end-to-end" => scenarios::end_to_end(rt, nodes, clients, a.duration)?,
+                    "status" => scenarios::status(rt, nodes, clients, a.duration)?,
+                    "etcd" => scenarios::etcd_put(rt, clients, a.duration)?.0,
+                    other => bail!("unknown load scenario '{other}'"),
+                };
+                phase(&format!(
+                    "{scenario} nodes={nodes} clients={clients}: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+                    s.ops_per_sec, s.p50_ms, s.p99_ms, s.errors
+                ));
+                runs.push(s);
+            }
+            let system = if scenario == "etcd" { "etcd" } else { "mesh" };
+            let nodes = if scenario == "etcd" {
+                etcd::MEMBERS
+            } else {
+                nodes
+            };
+            points.push(Point::of(system, scenario, nodes, clients, runs));
+        }
+        if scenario == "etcd" {
+            break; // etcd runs 3 members whatever --nodes says
+        }
+    }
+    Ok(points)
+}
+
+fn print_points(points: &[Point], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(points)?);
+    } else {
+        println!("{TABLE_HEAD}");
+        for p in points {
+            println!("{}", p.line());
+        }
+    }
+    Ok(())
+}
+
+fn run(rt: &Runtime, scenario: &str, a: &LoadArgs, size: Option<u64>) -> Result<()> {
+    match scenario {
+        "submit" | "submit-batch" | "end-to-end" | "etcd" | "status" => {
+            let mut a = a.clone();
+            if scenario == "end-to-end" && a.clients == [1, 16, 256] {
+                a.clients = vec![1, 16];
+            }
+            if scenario == "submit-batch" && a.clients == [1, 16, 256] {
+                a.clients = vec![4];
+            }
+            print_points(&load_points(rt, scenario, &a, size)?, a.json)
+        }
+        "failover" | "reassign" => {
+            let nodes = a.nodes[0];
+            let spread = timed(rt, scenario, nodes, a.runs.max(1))?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&spread)?);
+            } else {
+                println!(
+                    "{scenario} on {nodes} nodes over {} runs: median {:.0} ms, min {:.0} ms, max {:.0} ms",
+                    spread.1.len(),
+                    spread.0.median,
+                    spread.0.min,
+                    spread.0.max
+                );
+            }
+            Ok(())
+        }
+        "join" => {
+            let f = scenarios::join(rt, size.unwrap_or(100_000))?;
+            println!("{}", serde_json::to_string_pretty(&f)?);
+            Ok(())
+        }
+        "footprint" => {
+            let f = scenarios::footprint(rt, size.unwrap_or(100_000))?;
+            println!("{}", serde_json::to_string_pretty(&f)?);
+            Ok(())
+        }
+        other => bail!("unknown scenario '{other}'; `mesh-bench list` shows them"),
+    }
+}
+
+/// `failover` or `reassign` over `runs` fresh clusters: milliseconds.
+fn timed(rt: &Runtime, scenario: &str, nodes: usize, runs: usize) -> Result<(Spread, Vec<f64>)> {
     if nodes < 3 {
         bail!("--nodes must be at least 3: a failover needs a surviving majority");
     }
@@ -98,136 +358,170 @@ fn run(scenario: &str, nodes: usize, runs: usize, json: bool) -> Result<()> {
         // measures detection and placement, not waiting for other work to finish.
         let cluster = Cluster::start(dir.path(), nodes, &["--slots", "2"])?;
         let ms = match scenario {
-            "failover" => failover(cluster)?,
-            "reassign" => reassign(cluster)?,
-            other => bail!("unknown scenario '{other}'; `mesh-bench list` shows them"),
+            "failover" => scenarios::failover(rt, cluster)?,
+            _ => scenarios::reassign(cluster)?,
         };
-        phase(&format!("run {r}: {ms:.0} ms"));
+        phase(&format!("{scenario} run {r}: {ms:.0} ms"));
         samples.push(ms);
     }
-    let mut sorted = samples.clone();
-    sorted.sort_by(f64::total_cmp);
-    let report = Report {
-        scenario: scenario.into(),
-        nodes,
-        unit: "ms",
-        min: sorted[0],
-        median: sorted[sorted.len() / 2],
-        max: sorted[sorted.len() - 1],
-        samples,
+    Ok((Spread::of(&samples), samples))
+}
+
+/// The ratios compare-etcd reports for one client count.
+#[derive(Debug, Serialize)]
+struct Ratio {
+    clients: usize,
+    throughput_ratio: f64,
+    p99_ratio: f64,
+}
+
+fn compare_etcd(rt: &Runtime, a: &LoadArgs) -> Result<(Vec<Point>, Vec<Ratio>, String)> {
+    let version = etcd::etcd_version()?;
+    let mesh_args = LoadArgs {
+        nodes: vec![3],
+        ..a.clone()
     };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    let mesh = load_points(rt, "submit", &mesh_args, None)?;
+    let etcd = load_points(rt, "etcd", a, None)?;
+    let ratios: Vec<Ratio> = mesh
+        .iter()
+        .zip(&etcd)
+        .map(|(m, e)| Ratio {
+            clients: m.clients,
+            throughput_ratio: m.ops_per_sec.median / e.ops_per_sec.median.max(f64::MIN_POSITIVE),
+            p99_ratio: m.p99_ms.median / e.p99_ms.median.max(f64::MIN_POSITIVE),
+        })
+        .collect();
+    if a.json {
         println!(
-            "{} on {} nodes over {} runs: min {:.0} ms, median {:.0} ms, max {:.0} ms",
-            report.scenario, nodes, runs, report.min, report.median, report.max
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "etcd_version": version, "points": mesh.iter().chain(&etcd).collect::<Vec<_>>(), "ratios": ratios
+            }))?
         );
-    }
-    Ok(())
-}
-
-fn tiny_submit(cli: &mesh_chaos::Cli, key: &str) -> Result<(), String> {
-    let out = cli.run(&[
-        "--json",
-        "submit",
-        "--kernel",
-        "mandelbrot",
-        "--param",
-        "width=8",
-        "--param",
-        "height=8",
-        "--param",
-        "max_iter=8",
-        "--idempotency-key",
-        key,
-    ]);
-    if out.code == 0 {
-        Ok(())
     } else {
-        Err(out.stderr)
+        println!("{}", comparison_table(&mesh, &etcd, &ratios, &version));
     }
+    Ok((mesh.into_iter().chain(etcd).collect(), ratios, version))
 }
 
-/// Kill the leader; time until a submit through a survivor is acknowledged (committed).
-fn failover(mut cluster: Cluster) -> Result<f64> {
-    let leader = cluster.leader().context("no leader")?;
-    let survivor = (0..cluster.nodes.len())
-        .find(|i| *i != leader)
-        .expect("3+ nodes");
-    let cli = cluster.cli(survivor);
-    if let Err(e) = tiny_submit(&cli, "warm-up") {
-        bail!("the cluster does not take submits before the fault: {e}");
+fn comparison_table(mesh: &[Point], etcd: &[Point], ratios: &[Ratio], version: &str) -> String {
+    let mut s = format!("{TABLE_HEAD}\n");
+    for p in mesh.iter().chain(etcd) {
+        s.push_str(&p.line());
+        s.push('\n');
     }
-    let start = Instant::now();
-    cluster.nodes[leader].kill9();
-    let mut n = 0;
-    loop {
-        n += 1;
-        match tiny_submit(&cli, &format!("after-{n}")) {
-            Ok(()) => return Ok(start.elapsed().as_secs_f64() * 1000.0),
-            Err(e) if start.elapsed() > Duration::from_secs(30) => {
-                bail!("no submit committed within 30 s of the leader kill; last error: {e}")
-            }
-            Err(_) => {}
-        }
+    s.push_str(&format!(
+        "\nMesh / etcd ({version}), 3 nodes each, medians:\n\n| clients | committed submits/s ÷ puts/s | p99 Mesh ÷ p99 etcd |\n|---|---|---|\n"
+    ));
+    for r in ratios {
+        s.push_str(&format!(
+            "| {} | {:.2} | {:.2} |\n",
+            r.clients, r.throughput_ratio, r.p99_ratio
+        ));
     }
+    s
 }
 
-/// Kill a worker while it runs a task; time until that task runs on another node.
-fn reassign(mut cluster: Cluster) -> Result<f64> {
-    let leader = cluster.leader().context("no leader")?;
-    let cli = cluster.cli(leader);
-    // Long tasks, one per node slot, so a non-leader worker holds one.
-    let mut ids = Vec::new();
-    for i in 0..cluster.nodes.len() {
-        let out = cli.run(&[
-            "--json",
-            "submit",
-            "--kernel",
-            "mandelbrot",
-            "--param",
-            "width=1024",
-            "--param",
-            "height=1024",
-            "--param",
-            "max_iter=5000",
-            "--idempotency-key",
-            &format!("long-{i}"),
-        ]);
-        if out.code != 0 {
-            bail!("submit failed: {}", out.stderr);
-        }
-        ids.push(out.json()["task"].to_string());
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (victim_task, victim_node) = loop {
-        let found = ids.iter().find_map(|id| {
-            let t = cli.run(&["--json", "task", id]).json();
-            let node = t["node"].as_u64()? as usize;
-            (t["state"] == "running" && node - 1 != leader).then(|| (id.clone(), node))
-        });
-        if let Some(f) = found {
-            break f;
-        }
-        if Instant::now() > deadline {
-            bail!("no task ran on a non-leader node");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+fn all(
+    rt: &Runtime,
+    out: &std::path::Path,
+    duration: Duration,
+    runs: usize,
+    tasks: u64,
+) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    let base = LoadArgs {
+        nodes: vec![1, 3, 5],
+        clients: vec![1, 16, 256],
+        duration,
+        runs,
+        json: false,
     };
-    let start = Instant::now();
-    cluster.nodes[victim_node - 1].kill9();
-    loop {
-        let t = cli.run(&["--json", "task", &victim_task]).json();
-        let moved = t["node"]
-            .as_u64()
-            .is_some_and(|n| n as usize != victim_node);
-        if moved && (t["state"] == "running" || t["state"] == "succeeded") {
-            return Ok(start.elapsed().as_secs_f64() * 1000.0);
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("task {victim_task} did not move within 30 s: {t}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let mut md = String::new();
+    let mut results = serde_json::Map::new();
+    let submit = load_points(rt, "submit", &base, None)?;
+    md.push_str(&format!("## submit\n\n{TABLE_HEAD}\n"));
+    for p in &submit {
+        md.push_str(&format!("{}\n", p.line()));
     }
+    let etcd = load_points(rt, "etcd", &base, None)?;
+    let mesh3: Vec<Point> = submit.iter().filter(|p| p.nodes == 3).cloned().collect();
+    let version = etcd::etcd_version()?;
+    let ratios: Vec<Ratio> = mesh3
+        .iter()
+        .zip(&etcd)
+        .map(|(m, e)| Ratio {
+            clients: m.clients,
+            throughput_ratio: m.ops_per_sec.median / e.ops_per_sec.median.max(f64::MIN_POSITIVE),
+            p99_ratio: m.p99_ms.median / e.p99_ms.median.max(f64::MIN_POSITIVE),
+        })
+        .collect();
+    md.push_str(&format!(
+        "\n## compare-etcd\n\n{}",
+        comparison_table(&mesh3, &etcd, &ratios, &version)
+    ));
+    std::fs::write(
+        out.join("latency-throughput.svg"),
+        plot::latency_throughput(&mesh3, &etcd),
+    )?;
+    let batch_args = LoadArgs {
+        nodes: vec![3],
+        clients: vec![4],
+        ..base.clone()
+    };
+    let batch = load_points(rt, "submit-batch", &batch_args, Some(1000))?;
+    let e2e_args = LoadArgs {
+        nodes: vec![3],
+        clients: vec![1, 16],
+        ..base.clone()
+    };
+    let e2e = load_points(rt, "end-to-end", &e2e_args, None)?;
+    md.push_str(&format!(
+        "\n## submit-batch (1000 tasks per request) and end-to-end\n\n{TABLE_HEAD}\n"
+    ));
+    for p in batch.iter().chain(&e2e) {
+        md.push_str(&format!("{}\n", p.line()));
+    }
+    let failover = timed(rt, "failover", 3, runs.max(5))?;
+    let reassign = timed(rt, "reassign", 3, runs.max(5))?;
+    md.push_str(&format!(
+        "\n## failover and reassign (3 nodes, ms over {} runs)\n\n| scenario | median | min | max |\n|---|---|---|---|\n| failover | {:.0} | {:.0} | {:.0} |\n| reassign | {:.0} | {:.0} | {:.0} |\n",
+        failover.1.len(),
+        failover.0.median, failover.0.min, failover.0.max,
+        reassign.0.median, reassign.0.min, reassign.0.max
+    ));
+    let join = scenarios::join(rt, tasks)?;
+    let footprint = scenarios::footprint(rt, tasks)?;
+    md.push_str(&format!(
+        "\n## join and footprint ({tasks} tasks)\n\n- join: ready after {:.0} ms, caught up after {:.0} ms (state {:.1} MiB)\n- memory per task {:.0} B, disk per task {:.0} B ({:.0} MiB per million tasks, {} B of input each)\n",
+        join.ready_ms,
+        join.caught_up_ms,
+        join.state_bytes as f64 / 1048576.0,
+        footprint.memory_per_task,
+        footprint.disk_per_task,
+        footprint.disk_per_million_mib,
+        footprint.payload_bytes
+    ));
+    results.insert("submit".into(), serde_json::to_value(&submit)?);
+    results.insert("etcd".into(), serde_json::to_value(&etcd)?);
+    results.insert("etcd_version".into(), version.into());
+    results.insert("ratios".into(), serde_json::to_value(&ratios)?);
+    results.insert("submit_batch".into(), serde_json::to_value(&batch)?);
+    results.insert("end_to_end".into(), serde_json::to_value(&e2e)?);
+    results.insert("failover_ms".into(), serde_json::to_value(&failover)?);
+    results.insert("reassign_ms".into(), serde_json::to_value(&reassign)?);
+    results.insert("join".into(), serde_json::to_value(&join)?);
+    results.insert("footprint".into(), serde_json::to_value(&footprint)?);
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(out.join("tables.md"), &md)?;
+    println!("{md}");
+    println!(
+        "written: {}/{{results.json,tables.md,latency-throughput.svg}}",
+        out.display()
+    );
+    Ok(())
 }

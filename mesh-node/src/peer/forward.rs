@@ -13,7 +13,7 @@ use std::time::Duration;
 
 /// Tries before giving up on finding a leader that takes the write.
 const FORWARD_TRIES: usize = 20;
-/// Pause between tries while a leader is elected.
+/// Longest pause between tries while a leader is elected (a new leader ends it).
 const FORWARD_BACKOFF: Duration = Duration::from_millis(150);
 /// How long one forwarded write may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -112,7 +112,14 @@ impl Forwarder {
                 }
                 None => {}
             }
-            tokio::time::sleep(FORWARD_BACKOFF).await;
+            // Try again as soon as this node learns of another leader (an election
+            // ended), or after the backoff.
+            let mut metrics = self.raft.metrics();
+            let _ = tokio::time::timeout(
+                FORWARD_BACKOFF,
+                metrics.wait_for(|m| m.current_leader.is_some() && m.current_leader != leader),
+            )
+            .await;
         }
         Err(last)
     }

@@ -11,7 +11,8 @@ use mesh_core::{Command, Fingerprint, NodeId, Outcome};
 use mesh_proto::v1::mesh_server::Mesh;
 use mesh_proto::v1::raft_server::Raft as RaftService;
 use mesh_proto::v1::{
-    HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, Member, RaftPayload,
+    HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, Member, ProgressReply,
+    ProgressRequest, RaftPayload,
 };
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{Raft, Vote};
@@ -176,6 +177,32 @@ impl Mesh for PeerServer {
         self.liveness.heard_from(id);
         let leader = self.raft.metrics().borrow().current_leader.unwrap_or(0);
         Ok(Response::new(HeartbeatReply { leader_id: leader }))
+    }
+
+    async fn progress(
+        &self,
+        req: Request<ProgressRequest>,
+    ) -> Result<Response<ProgressReply>, Status> {
+        let (fp, id) = self.member(&req)?;
+        if req.get_ref().node_id != id.0 {
+            return Err(Status::permission_denied(format!(
+                "peer key {fp} belongs to node {id}, but the request asks for node {}",
+                req.get_ref().node_id
+            )));
+        }
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.state == openraft::ServerState::Leader;
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&id.0).copied().flatten())
+            .filter(|_| leader);
+        Ok(Response::new(ProgressReply {
+            leader,
+            term: m.current_term,
+            has_matched: matched.is_some(),
+            matched_index: matched.map_or(0, |l| l.index),
+        }))
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {

@@ -4,7 +4,9 @@
 
 use crate::service::{Service, ServiceError};
 use mesh_core::access::{permits, sees_all_tasks, Action, Role};
-use mesh_core::api::{ErrorView, TaskView, EXIT_ERROR, EXIT_TASK_FAILED, EXIT_USAGE};
+use mesh_core::api::{
+    BatchItemReply, ErrorView, TaskView, EXIT_ERROR, EXIT_TASK_FAILED, EXIT_USAGE,
+};
 use mesh_core::{Fingerprint, TaskId, TaskSpec};
 use serde::Serialize;
 
@@ -23,6 +25,8 @@ pub enum Request {
     Tasks(Option<String>),
     /// `submit` (body on stdin)
     Submit,
+    /// `submit-batch` (a JSON array of task specs on stdin, proposed together)
+    SubmitBatch,
     /// `task ID`
     Task(TaskId),
     /// `wait ID`
@@ -80,7 +84,7 @@ impl Request {
             Request::Tasks(_) | Request::Task(_) | Request::Wait(_) | Request::Result { .. } => {
                 Action::ReadTasks
             }
-            Request::Submit => Action::Submit,
+            Request::Submit | Request::SubmitBatch => Action::Submit,
             Request::Cancel(_) => Action::Cancel,
             Request::Drain(..) => Action::Drain,
             Request::TokenCreate { .. }
@@ -102,6 +106,7 @@ impl Request {
             Request::Nodes => ("nodes", None),
             Request::Tasks(_) => ("tasks", None),
             Request::Submit => ("submit", None),
+            Request::SubmitBatch => ("submit-batch", None),
             Request::Task(id) => ("task", Some(id.to_string())),
             Request::Wait(id) => ("wait", Some(id.to_string())),
             Request::Result { id, .. } => ("result", Some(id.to_string())),
@@ -131,7 +136,7 @@ pub struct CommandLine {
     pub json: bool,
 }
 
-const USAGE: &str = "commands: status, nodes, tasks [--state S], submit (JSON task on stdin), task ID, wait ID, result ID [--raw] [--name OUTPUT], cancel ID, token create [--ttl 1h] [--uses N], token list, token revoke ID, remove NODE, drain NODE, undrain NODE, keys add --role R (key on stdin), keys remove FP, keys list, audit [--since D] [--actor FP], snapshot; add --json for JSON output";
+const USAGE: &str = "commands: status, nodes, tasks [--state S], submit (JSON task on stdin), submit-batch (JSON array of tasks on stdin), task ID, wait ID, result ID [--raw] [--name OUTPUT], cancel ID, token create [--ttl 1h] [--uses N], token list, token revoke ID, remove NODE, drain NODE, undrain NODE, keys add --role R (key on stdin), keys remove FP, keys list, audit [--since D] [--actor FP], snapshot; add --json for JSON output";
 
 /// Lifetime of a join token when `--ttl` is not given.
 const DEFAULT_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -195,6 +200,7 @@ impl CommandLine {
             Some("snapshot") => Request::Snapshot,
             Some("digest") => Request::Digest,
             Some("submit") => Request::Submit,
+            Some("submit-batch") => Request::SubmitBatch,
             Some("task") => Request::Task(id(&words)?),
             Some("wait") => Request::Wait(id(&words)?),
             Some("result") => Request::Result { id: id(&words)?, raw, name },
@@ -229,7 +235,24 @@ impl CommandLine {
 
     /// Whether the command reads a body from standard input.
     pub fn takes_body(&self) -> bool {
-        matches!(self.request, Request::Submit | Request::KeysAdd(_))
+        matches!(
+            self.request,
+            Request::Submit | Request::SubmitBatch | Request::KeysAdd(_)
+        )
+    }
+}
+
+/// One line of a `submit-batch` answer in text.
+fn batch_line(r: &BatchItemReply) -> String {
+    match r {
+        BatchItemReply::Submitted(r) if r.existing => {
+            format!(
+                "task {} (already submitted with this idempotency key)\n",
+                r.task
+            )
+        }
+        BatchItemReply::Submitted(r) => format!("task {} submitted\n", r.task),
+        BatchItemReply::Refused { error } => format!("refused: {error}\n"),
     }
 }
 
@@ -287,7 +310,7 @@ pub async fn run(
     body: &[u8],
     actor: &Fingerprint,
 ) -> Reply {
-    if cmd.request == Request::Submit {
+    if matches!(cmd.request, Request::Submit | Request::SubmitBatch) {
         if let Err(why) = limits.allow_submit(actor) {
             return Reply::error(&why, EXIT_ERROR, cmd.json);
         }
@@ -417,6 +440,19 @@ async fn dispatch(
                 ))
             } else {
                 Reply::text(format!("task {} submitted\n", r.task))
+            }
+        }
+        Request::SubmitBatch => {
+            let specs: Vec<TaskSpec> = serde_json::from_slice(body).map_err(|e| {
+                ServiceError::BadRequest(format!(
+                    "the batch on standard input is not a JSON array of task specs: {e}"
+                ))
+            })?;
+            let replies = service.submit_batch(specs, actor.clone()).await?;
+            if json {
+                Reply::json(&replies)
+            } else {
+                Reply::text(replies.iter().map(batch_line).collect())
             }
         }
         Request::Task(id) => task_reply(&service.task(*id)?, json),

@@ -1,0 +1,164 @@
+//! Mesh's side of the load: in-process SSH sessions (mesh-cli's own `Connection`), one
+//! per client and each with its own user key, sending `submit` or `submit-batch`
+//! exactly as `mesh-cli` does, minus a process start per request.
+
+use super::load::Op;
+use anyhow::{bail, Context, Result};
+use mesh_chaos::{Cluster, UserKey};
+use mesh_cli::connection::Connection;
+use mesh_cli::host_keys::HostKeyPolicy;
+use mesh_cli::identity::IdentityChoice;
+use mesh_cli::node_addr::NodeAddr;
+use mesh_core::api::{BatchItemReply, SubmitReply};
+use mesh_core::task::{KernelSpec, NamedBytes, TaskSpec};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Bytes of input per task: the payload size the etcd comparison puts.
+pub const PAYLOAD_BYTES: usize = 1024;
+
+/// A saxpy of `PAYLOAD_BYTES` of input (two vectors of 128 floats), keyed uniquely.
+pub fn tiny_spec(key: String) -> TaskSpec {
+    let n = PAYLOAD_BYTES / 8;
+    let vec = |seed: f32| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| (seed + i as f32).to_le_bytes())
+            .collect()
+    };
+    TaskSpec {
+        kernel: KernelSpec::Builtin {
+            name: "saxpy".into(),
+            params: BTreeMap::from([("a".into(), "2".into())]),
+        },
+        inputs: vec![
+            NamedBytes {
+                name: "x".into(),
+                data: vec(1.0).into(),
+            },
+            NamedBytes {
+                name: "y".into(),
+                data: vec(0.5).into(),
+            },
+        ],
+        outputs: Vec::new(),
+        requirements: Vec::new(),
+        prefer: Vec::new(),
+        shards: 1,
+        priority: 0,
+        timeout: mesh_core::task::DEFAULT_TIMEOUT,
+        max_attempts: mesh_core::task::DEFAULT_MAX_ATTEMPTS,
+        idempotency_key: Some(key),
+    }
+}
+
+/// One client's session.
+pub struct MeshClient {
+    /// The session.
+    pub conn: Connection,
+}
+
+/// Generate `n` user keys, register them as submitters (the per-key submit rate limit
+/// is per client, as for real users), and open one session per key to node `target`.
+pub async fn connect_clients(
+    cluster: &Cluster,
+    target: usize,
+    n: usize,
+) -> Result<Vec<Arc<MeshClient>>> {
+    let keys_dir = cluster.dir.join("bench-keys");
+    std::fs::create_dir_all(&keys_dir)?;
+    let mut keys = Vec::new();
+    let mut lines = String::new();
+    for i in 0..n {
+        let k = UserKey::generate(&keys_dir, &format!("client{i}"))?;
+        lines.push_str(&std::fs::read_to_string(&k.public)?);
+        keys.push(k);
+    }
+    let admin = open(cluster, target, &cluster.admin.private).await?;
+    let out = admin
+        .exec("keys add --role submitter --json", Some(lines.into_bytes()))
+        .await?;
+    if out.exit_status != Some(0) {
+        bail!("keys add failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    admin.close().await;
+    let mut clients = Vec::new();
+    for k in &keys {
+        clients.push(Arc::new(MeshClient {
+            conn: open(cluster, target, &k.private).await?,
+        }));
+    }
+    Ok(clients)
+}
+
+/// An authenticated session to node `i` with the private key `identity`.
+pub async fn open(cluster: &Cluster, i: usize, identity: &Path) -> Result<Connection> {
+    let cli = cluster.cli(i);
+    let addr: NodeAddr = cli.node.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let policy = HostKeyPolicy::load(&addr, &cli.known_hosts)?;
+    Connection::open(&addr, policy, &IdentityChoice::File(identity.to_path_buf()))
+        .await
+        .with_context(|| format!("cannot open an SSH session to node {}", i + 1))
+}
+
+/// Submit one task per request and wait for the commit acknowledgement.
+pub fn submit_op(run: &str) -> Op<MeshClient> {
+    let run = run.to_string();
+    Arc::new(move |c: Arc<MeshClient>, i, seq| {
+        let key = format!("{run}-{i}-{seq}");
+        Box::pin(async move {
+            let body = serde_json::to_vec(&tiny_spec(key))?;
+            let out = c.conn.exec("submit --json", Some(body)).await?;
+            if out.exit_status != Some(0) {
+                bail!("submit failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let _: SubmitReply = serde_json::from_slice(&out.stdout)?;
+            Ok(1)
+        })
+    })
+}
+
+/// Submit `batch` tasks per request with `submit-batch`.
+pub fn batch_op(run: &str, batch: usize) -> Op<MeshClient> {
+    let run = run.to_string();
+    Arc::new(move |c: Arc<MeshClient>, i, seq| {
+        let specs: Vec<TaskSpec> = (0..batch)
+            .map(|k| tiny_spec(format!("{run}-{i}-{seq}-{k}")))
+            .collect();
+        Box::pin(async move {
+            let body = serde_json::to_vec(&specs)?;
+            let out = c.conn.exec("submit-batch --json", Some(body)).await?;
+            if out.exit_status != Some(0) {
+                bail!(
+                    "submit-batch failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let replies: Vec<BatchItemReply> = serde_json::from_slice(&out.stdout)?;
+            let ok = replies
+                .iter()
+                .filter(|r| matches!(r, BatchItemReply::Submitted(_)))
+                .count();
+            if let Some(BatchItemReply::Refused { error }) = replies
+                .iter()
+                .find(|r| matches!(r, BatchItemReply::Refused { .. }))
+            {
+                bail!("{} of {batch} tasks refused: {error}", batch - ok);
+            }
+            Ok(ok as u64)
+        })
+    })
+}
+
+/// A read that involves no Raft round (`status`): the floor the SSH protocol sets.
+pub fn status_op() -> Op<MeshClient> {
+    Arc::new(|c: Arc<MeshClient>, _, _| {
+        Box::pin(async move {
+            let out = c.conn.exec("status --json", None).await?;
+            if out.exit_status != Some(0) {
+                bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(1)
+        })
+    })
+}

@@ -1,0 +1,880 @@
+//! GPU kernel throughput of the built-in kernels, measured three ways to show what
+//! Mesh's execution path costs on top of the GPU work itself:
+//!
+//! 1. **bare wgpu**: the kernel plan's WGSL, bindings and workgroups dispatched with
+//!    wgpu directly in this process. The device and the pipeline are made once; every
+//!    run creates its buffers, uploads the inputs, dispatches, copies the output to a
+//!    staging buffer, maps and reads it: the least any executor has to do.
+//! 2. **executor**: [`Executor::run`] in this process (on every run it also checks the
+//!    plan against the adapter's limits, compiles the pipeline and wraps each stage in
+//!    error scopes).
+//! 3. **worker**: a [`Supervisor`] running the job in a `mesh-node gpu-worker` child
+//!    process, as a node does: the job and its outputs also cross a pipe.
+//!
+//! Each path gets one warm-up run, then `MESH_BENCH_GPU_RUNS` timed runs (wall clock
+//! per run), interleaved: each round runs every path once. The first table gives each
+//! path's median (min-max) ms, the bare path's effective bandwidth, (input + output
+//! bytes) / median, and the overhead of paths 2 and 3 over path 1; the target is an
+//! executor within 10 % of bare wgpu. The second table explains the difference: what
+//! creating the pipeline costs alone and within a run (the bare path making a new
+//! pipeline every run, as the executor does; some drivers, llvmpipe among them,
+//! compile at the first dispatch), and sets the kernel alone (resident buffers, no
+//! upload or read-back) against the adapter's memory bandwidth, measured with a
+//! buffer-to-buffer copy because wgpu reports none.
+//!
+//! Every path's output must equal the CPU reference bit for bit (`reduce-sum`, whose
+//! driver may sum in another order: the bare path's bytes, and the CPU sum within
+//! 1e-3 of the sum of magnitudes); a mismatch panics. Without a usable adapter the
+//! bench exits 1: it never passes silently.
+//!
+//! Run: `cargo bench -p mesh-node --bench gpu`. Settings (environment):
+//! - `MESH_BENCH_GPU_ELEMENTS`: f32 elements per input of the vector kernels (default
+//!   2097152, the most a two-input task may carry; larger values are lowered to fit);
+//! - `MESH_BENCH_GPU_RUNS`: timed runs per path (default 5);
+//! - `MESH_BENCH_GPU_MATMUL`: the side of the square matmul (default 256).
+//!
+//! The worker column needs `target/<profile>/mesh-node`, which cargo builds with the
+//! bench. Without cargo bench's `--bench` argument (`cargo test --benches`) the bench
+//! runs once on tiny sizes, as a smoke test.
+
+use mesh_core::builtin::{cpu_reference, f32_bytes, f32s};
+use mesh_core::kernel::{self, BindingPlan, KernelPlan};
+use mesh_core::limits::{MAX_TASK_INPUT_BYTES, MAX_TASK_OUTPUT_BYTES};
+use mesh_core::task::{KernelSpec, NamedBytes};
+use mesh_core::{AdapterInfo, Bytes};
+use mesh_node::gpu::{Executor, Supervisor, WorkerCommand};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use wgpu::util::DeviceExt as _;
+
+/// f32 elements per input of the vector kernels unless `MESH_BENCH_GPU_ELEMENTS`.
+const DEFAULT_ELEMENTS: u64 = 1 << 21;
+/// Timed runs per path unless `MESH_BENCH_GPU_RUNS`.
+const DEFAULT_RUNS: u64 = 5;
+/// Side of the square matmul unless `MESH_BENCH_GPU_MATMUL`.
+const DEFAULT_MATMUL_SIDE: u64 = 256;
+/// Sizes of the smoke run (no `--bench` argument).
+const SMOKE: Settings = Settings {
+    elements: 4096,
+    runs: 1,
+    matmul_side: 32,
+    smoke: true,
+};
+/// Bytes copied to measure the adapter's memory bandwidth.
+const COPY_BYTES: u64 = 64 << 20;
+/// Bound on one worker job; lavapipe on two cores is slow, but not this slow.
+const WORKER_TIMEOUT: Duration = Duration::from_secs(300);
+/// The executor's overhead over bare wgpu that the issue aims for, percent.
+const TARGET_OVERHEAD_PCT: f64 = 10.0;
+
+fn main() {
+    let settings = Settings::from_env();
+    let executor = match Executor::open_best() {
+        Ok(executor) => executor,
+        Err(e) => {
+            eprintln!("error: the GPU bench needs a wgpu adapter and found none usable: {e}");
+            std::process::exit(1);
+        }
+    };
+    let info = executor.info().clone();
+    let bare = Bare::open(&info);
+    let worker = Worker::start();
+    print_header(&info, &settings);
+    let copy = bare.copy_bandwidth(settings.runs);
+    let rows: Vec<Row> = cases(&settings)
+        .iter()
+        .map(|case| bench_case(case, settings.runs, &bare, &executor, worker.as_ref()))
+        .collect();
+    print_throughput(&rows);
+    print_breakdown(&rows, &copy);
+    if let Some(worker) = worker {
+        worker.stop();
+    }
+}
+
+/// What to run, from the environment.
+struct Settings {
+    elements: u64,
+    runs: usize,
+    matmul_side: u64,
+    smoke: bool,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        if !std::env::args().any(|a| a == "--bench") {
+            return SMOKE;
+        }
+        Settings {
+            elements: env_or("MESH_BENCH_GPU_ELEMENTS", DEFAULT_ELEMENTS),
+            runs: env_or("MESH_BENCH_GPU_RUNS", DEFAULT_RUNS) as usize,
+            matmul_side: env_or("MESH_BENCH_GPU_MATMUL", DEFAULT_MATMUL_SIDE),
+            smoke: false,
+        }
+    }
+}
+
+/// A positive whole number from the environment, or `default` when unset.
+fn env_or(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Err(_) => default,
+        Ok(v) => v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| panic!("{name}={v}: expected a positive whole number")),
+    }
+}
+
+/// One built-in kernel with its inputs, plan and expected output.
+struct Case {
+    name: &'static str,
+    /// The "elements" column.
+    size: String,
+    inputs: Vec<NamedBytes>,
+    plan: KernelPlan,
+    /// The CPU reference output.
+    reference: Vec<u8>,
+    /// Input plus output bytes of one run.
+    bytes: u64,
+}
+
+impl Case {
+    fn new(
+        name: &'static str,
+        size: String,
+        params: &[(&str, String)],
+        inputs: Vec<NamedBytes>,
+    ) -> Case {
+        let params: BTreeMap<String, String> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let spec = KernelSpec::Builtin {
+            name: name.into(),
+            params: params.clone(),
+        };
+        let plan = kernel::plan(&spec, &inputs, &[])
+            .unwrap_or_else(|e| panic!("{name} ({size}) does not plan: {e}"));
+        let reference = cpu_reference(name, &params, &inputs);
+        let bytes = inputs.iter().map(|i| i.data.len() as u64).sum::<u64>()
+            + plan.outputs.iter().map(|o| o.size).sum::<u64>();
+        Case {
+            name,
+            size,
+            inputs,
+            plan,
+            reference,
+            bytes,
+        }
+    }
+
+    /// The input bytes in the plan's input order.
+    fn input_bytes(&self) -> Vec<Bytes> {
+        self.inputs.iter().map(|i| i.data.clone()).collect()
+    }
+
+    /// Drivers may sum `reduce-sum` in another order than the CPU reference.
+    fn exact(&self) -> bool {
+        self.name != "reduce-sum"
+    }
+
+    /// The bare path's output: the CPU reference's bytes, or its sum within rounding.
+    fn check_bare(&self, outputs: &[Vec<u8>]) {
+        if self.exact() {
+            self.check("bare wgpu", outputs, &self.reference);
+            return;
+        }
+        let got = f32s(one_output(self.name, "bare wgpu", outputs))[0];
+        let want = f32s(&self.reference)[0];
+        let magnitude: f32 = f32s(&self.inputs[0].data).iter().map(|x| x.abs()).sum();
+        assert!(
+            (got - want).abs() <= 1e-3 * magnitude.max(1.0),
+            "{}: bare wgpu summed {got}, the CPU {want}",
+            self.name
+        );
+    }
+
+    /// The output of another path: exactly the CPU reference, or the bare path's bytes.
+    fn check_path(&self, path: &str, outputs: &[Vec<u8>], bare: &[Vec<u8>]) {
+        let want = if self.exact() {
+            &self.reference
+        } else {
+            &bare[0]
+        };
+        self.check(path, outputs, want);
+    }
+
+    fn check(&self, path: &str, outputs: &[Vec<u8>], want: &[u8]) {
+        let got = one_output(self.name, path, outputs);
+        if got == want {
+            return;
+        }
+        let (got, want) = (f32s(got), f32s(want));
+        match got
+            .iter()
+            .zip(&want)
+            .position(|(g, w)| g.to_bits() != w.to_bits())
+        {
+            Some(i) => panic!(
+                "{} via {path}: output differs at element {i}: got {}, expected {}",
+                self.name, got[i], want[i]
+            ),
+            None => panic!(
+                "{} via {path}: {} output elements, expected {}",
+                self.name,
+                got.len(),
+                want.len()
+            ),
+        }
+    }
+}
+
+/// The single output of a built-in kernel.
+fn one_output<'a>(name: &str, path: &str, outputs: &'a [Vec<u8>]) -> &'a [u8] {
+    match outputs {
+        [one] => one,
+        _ => panic!("{name} via {path}: {} outputs, expected 1", outputs.len()),
+    }
+}
+
+/// The benchmarked kernels at the configured sizes.
+fn cases(settings: &Settings) -> Vec<Case> {
+    let pair = task_elements(settings.elements, 2);
+    let single = task_elements(settings.elements, 1);
+    let side = settings.matmul_side;
+    let square = (side * side) as usize;
+    vec![
+        Case::new(
+            "saxpy",
+            pair.to_string(),
+            &[("a", "1.5".into())],
+            vec![input("x", 1, pair as usize), input("y", 2, pair as usize)],
+        ),
+        Case::new(
+            "vector-add",
+            pair.to_string(),
+            &[],
+            vec![input("x", 3, pair as usize), input("y", 4, pair as usize)],
+        ),
+        Case::new(
+            "reduce-sum",
+            single.to_string(),
+            &[],
+            vec![input("x", 5, single as usize)],
+        ),
+        Case::new(
+            "matmul",
+            format!("{side}x{side}x{side}"),
+            &[
+                ("m", side.to_string()),
+                ("n", side.to_string()),
+                ("k", side.to_string()),
+            ],
+            vec![input("a", 6, square), input("b", 7, square)],
+        ),
+    ]
+}
+
+/// `requested` f32 elements per input, lowered (with a note) to what one task may
+/// carry with `buffers` such inputs and an output of that length.
+fn task_elements(requested: u64, buffers: u64) -> u64 {
+    let most = (MAX_TASK_INPUT_BYTES / 4 / buffers).min(MAX_TASK_OUTPUT_BYTES / 4);
+    if requested > most {
+        eprintln!(
+            "note: {requested} elements x {buffers} input(s) is over a task's {MAX_TASK_INPUT_BYTES}-byte input limit; using {most}"
+        );
+    }
+    requested.min(most)
+}
+
+/// A named input of `n` deterministic pseudo-random f32s in [-1, 1) (Knuth's MMIX
+/// LCG, top 24 bits).
+fn input(name: &str, seed: u64, n: usize) -> NamedBytes {
+    let mut state = seed;
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    NamedBytes {
+        name: name.into(),
+        data: Bytes::from(f32_bytes(&values)),
+    }
+}
+
+/// Wall time of the timed runs, milliseconds.
+#[derive(Debug, Clone, Copy)]
+struct Stats {
+    min: f64,
+    median: f64,
+    max: f64,
+}
+
+impl Stats {
+    fn of(mut times: Vec<Duration>) -> Stats {
+        assert!(!times.is_empty(), "at least one timed run");
+        times.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mid = times.len() / 2;
+        let median = if times.len() % 2 == 1 {
+            ms(times[mid])
+        } else {
+            (ms(times[mid - 1]) + ms(times[mid])) / 2.0
+        };
+        Stats {
+            min: ms(times[0]),
+            median,
+            max: ms(times[times.len() - 1]),
+        }
+    }
+
+    /// `bytes` per median run, in GB/s.
+    fn gb_per_s(&self, bytes: u64) -> f64 {
+        bytes as f64 / (self.median / 1e3) / 1e9
+    }
+
+    /// How much slower than `base` this is, percent of `base`'s median.
+    fn overhead_pct(&self, base: &Stats) -> f64 {
+        (self.median / base.median - 1.0) * 100.0
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2} ({:.2}-{:.2})", self.median, self.min, self.max)
+    }
+}
+
+/// One warm-up run, then `runs` timed ones; returns their times and the last output.
+fn measure<T>(runs: usize, mut run: impl FnMut() -> T) -> (Stats, T) {
+    let mut last = run();
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        let output = run();
+        times.push(started.elapsed());
+        last = output;
+    }
+    (Stats::of(times), last)
+}
+
+/// One full run of a kernel by one path, returning its outputs.
+type PathRun<'a> = &'a mut dyn FnMut() -> Vec<Vec<u8>>;
+
+/// One warm-up run of each path, then `runs` rounds that run every path once in turn,
+/// so that a change in the machine's speed (lavapipe's timings drift and jump) hits
+/// every path alike. Returns each path's times and last output.
+fn measure_paths(runs: usize, paths: &mut [PathRun<'_>]) -> Vec<(Stats, Vec<Vec<u8>>)> {
+    let mut last: Vec<Vec<Vec<u8>>> = paths.iter_mut().map(|run| run()).collect();
+    let mut times = vec![Vec::with_capacity(runs); paths.len()];
+    for _ in 0..runs {
+        for (i, run) in paths.iter_mut().enumerate() {
+            let started = Instant::now();
+            let output = run();
+            times[i].push(started.elapsed());
+            last[i] = output;
+        }
+    }
+    times.into_iter().map(Stats::of).zip(last).collect()
+}
+
+/// The least a dispatch needs: a wgpu device of its own on the executor's adapter.
+struct Bare {
+    // Field order is drop order: the device goes before its adapter and instance.
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    _adapter: wgpu::Adapter,
+    _instance: wgpu::Instance,
+}
+
+/// What the bare path builds once per kernel.
+struct Pipeline {
+    layout: wgpu::BindGroupLayout,
+    pipeline: wgpu::ComputePipeline,
+}
+
+/// The result of a buffer-to-buffer copy measurement.
+struct CopyBandwidth {
+    bytes: u64,
+    stats: Stats,
+}
+
+impl Bare {
+    /// Open the adapter the executor opened (same name and backend), with its limits.
+    fn open(info: &AdapterInfo) -> Bare {
+        let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle();
+        descriptor.backends = wgpu::Backends::PRIMARY;
+        let instance = wgpu::Instance::new(descriptor.with_env());
+        let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+            .into_iter()
+            .find(|a| {
+                let i = a.get_info();
+                i.name == info.name && i.backend.to_str() == info.backend
+            })
+            .unwrap_or_else(|| panic!("wgpu does not list the executor's adapter {}", info.name));
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("bench bare wgpu"),
+            required_features: wgpu::Features::empty(),
+            required_limits: adapter.limits(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .unwrap_or_else(|e| panic!("cannot open a device on {}: {e}", info.name));
+        Bare {
+            device,
+            queue,
+            _adapter: adapter,
+            _instance: instance,
+        }
+    }
+
+    /// Shader module, bind group layout (explicit, as the executor's) and pipeline.
+    fn compile(&self, plan: &KernelPlan) -> Pipeline {
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some("bench kernel"),
+                source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(&plan.source)),
+            });
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = plan
+            .bindings
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: match b {
+                        BindingPlan::Input(_) => {
+                            wgpu::BufferBindingType::Storage { read_only: true }
+                        }
+                        BindingPlan::Uniform(_) => wgpu::BufferBindingType::Uniform,
+                        BindingPlan::Output(_) => {
+                            wgpu::BufferBindingType::Storage { read_only: false }
+                        }
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            })
+            .collect();
+        let layout = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("bench kernel"),
+                entries: &entries,
+            });
+        let pipeline_layout = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some("bench kernel"),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("bench kernel"),
+                layout: Some(&pipeline_layout),
+                module: &module,
+                entry_point: Some(&plan.entry),
+                compilation_options: wgpu::PipelineCompilationOptions::default(),
+                cache: None,
+            });
+        Pipeline { layout, pipeline }
+    }
+
+    /// One buffer per binding, inputs and uniforms uploaded, and their bind group.
+    fn bind(
+        &self,
+        plan: &KernelPlan,
+        pipeline: &Pipeline,
+        inputs: &[Bytes],
+    ) -> (Vec<wgpu::Buffer>, wgpu::BindGroup) {
+        let buffers: Vec<wgpu::Buffer> = plan
+            .bindings
+            .iter()
+            .map(|b| match b {
+                BindingPlan::Input(i) => self.upload(&inputs[*i], wgpu::BufferUsages::STORAGE),
+                BindingPlan::Uniform(bytes) => self.upload(bytes, wgpu::BufferUsages::UNIFORM),
+                BindingPlan::Output(o) => self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("bench output"),
+                    size: plan.outputs[*o].size,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                }),
+            })
+            .collect();
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, buffer)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: buffer.as_entire_binding(),
+            })
+            .collect();
+        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("bench kernel"),
+            layout: &pipeline.layout,
+            entries: &entries,
+        });
+        (buffers, group)
+    }
+
+    fn upload(&self, bytes: &[u8], usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("bench input"),
+                contents: bytes,
+                usage,
+            })
+    }
+
+    /// A command encoder with the plan's dispatch recorded.
+    fn encode_dispatch(
+        &self,
+        plan: &KernelPlan,
+        pipeline: &Pipeline,
+        group: &wgpu::BindGroup,
+    ) -> wgpu::CommandEncoder {
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("bench kernel"),
+            });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("bench kernel"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline.pipeline);
+            pass.set_bind_group(0, group, &[]);
+            let [x, y, z] = plan.workgroups;
+            pass.dispatch_workgroups(x, y, z);
+        }
+        encoder
+    }
+
+    /// One full run: buffers, upload, dispatch, copy back, map, read.
+    fn run(&self, plan: &KernelPlan, pipeline: &Pipeline, inputs: &[Bytes]) -> Vec<Vec<u8>> {
+        let (buffers, group) = self.bind(plan, pipeline, inputs);
+        let mut encoder = self.encode_dispatch(plan, pipeline, &group);
+        let mut staged: Vec<(usize, wgpu::Buffer)> = plan
+            .bindings
+            .iter()
+            .zip(&buffers)
+            .filter_map(|(b, buffer)| match b {
+                BindingPlan::Output(o) => Some((*o, buffer)),
+                _ => None,
+            })
+            .map(|(o, buffer)| {
+                let size = plan.outputs[o].size;
+                let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("bench readback"),
+                    size,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+                (o, staging)
+            })
+            .collect();
+        staged.sort_by_key(|(o, _)| *o);
+        let submission = self.queue.submit(Some(encoder.finish()));
+        self.read_back(&staged, submission)
+    }
+
+    /// Map the staging buffers once `submission` is done and copy them out.
+    fn read_back(
+        &self,
+        staged: &[(usize, wgpu::Buffer)],
+        submission: wgpu::SubmissionIndex,
+    ) -> Vec<Vec<u8>> {
+        let (tx, rx) = mpsc::channel();
+        for (_, staging) in staged {
+            let tx = tx.clone();
+            staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+        }
+        self.wait(submission);
+        for _ in staged {
+            rx.recv()
+                .expect("map callback")
+                .unwrap_or_else(|e| panic!("mapping an output: {e}"));
+        }
+        staged
+            .iter()
+            .map(|(_, staging)| {
+                let out = staging
+                    .slice(..)
+                    .get_mapped_range()
+                    .unwrap_or_else(|e| panic!("reading an output: {e}"))
+                    .to_vec();
+                staging.unmap();
+                out
+            })
+            .collect()
+    }
+
+    fn wait(&self, submission: wgpu::SubmissionIndex) {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(submission),
+                timeout: None,
+            })
+            .unwrap_or_else(|e| panic!("waiting for the GPU: {e}"));
+    }
+
+    /// The dispatch alone, on buffers uploaded once and never read back.
+    fn kernel_only(
+        &self,
+        plan: &KernelPlan,
+        pipeline: &Pipeline,
+        inputs: &[Bytes],
+        runs: usize,
+    ) -> Stats {
+        let (_buffers, group) = self.bind(plan, pipeline, inputs);
+        let (stats, ()) = measure(runs, || {
+            let encoder = self.encode_dispatch(plan, pipeline, &group);
+            self.wait(self.queue.submit(Some(encoder.finish())));
+        });
+        stats
+    }
+
+    /// Copy a large resident buffer to another: the adapter's memory bandwidth.
+    fn copy_bandwidth(&self, runs: usize) -> CopyBandwidth {
+        let bytes = COPY_BYTES.min(self.device.limits().max_buffer_size) / 4 * 4;
+        let buffer = |usage| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("bench copy"),
+                size: bytes,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let src = buffer(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC);
+        let dst = buffer(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST);
+        let (stats, ()) = measure(runs, || {
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("bench copy"),
+                });
+            encoder.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+            self.wait(self.queue.submit(Some(encoder.finish())));
+        });
+        CopyBandwidth { bytes, stats }
+    }
+}
+
+/// A one-slot supervisor with a `mesh-node gpu-worker` process, and its runtime.
+struct Worker {
+    runtime: tokio::runtime::Runtime,
+    supervisor: Supervisor,
+}
+
+impl Worker {
+    /// `None`, with a note, when the `mesh-node` binary is missing.
+    fn start() -> Option<Worker> {
+        let Some(program) = worker_program() else {
+            eprintln!(
+                "note: no mesh-node binary beside this bench; the worker column is n/a. \
+                 Run `cargo build --release -p mesh-node` first."
+            );
+            return None;
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let supervisor = runtime
+            .block_on(Supervisor::start(WorkerCommand::new(&program), 1))
+            .unwrap_or_else(|e| panic!("the GPU worker {} did not start: {e}", program.display()));
+        Some(Worker {
+            runtime,
+            supervisor,
+        })
+    }
+
+    fn run(&self, plan: &KernelPlan, inputs: Vec<Bytes>) -> Vec<Vec<u8>> {
+        self.runtime
+            .block_on(self.supervisor.run(
+                plan.clone(),
+                inputs,
+                WORKER_TIMEOUT,
+                CancellationToken::new(),
+            ))
+            .unwrap_or_else(|e| panic!("the GPU worker failed: {e}"))
+    }
+
+    fn stop(self) {
+        self.runtime.block_on(self.supervisor.shutdown());
+    }
+}
+
+/// The `mesh-node` binary cargo built with this bench, else the one in the bench's
+/// target directory (`target/<profile>/deps/gpu-*` -> `target/<profile>/mesh-node`).
+fn worker_program() -> Option<PathBuf> {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_mesh-node"));
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("mesh-node")));
+    [Some(built), beside]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
+}
+
+/// One kernel's measurements.
+struct Row {
+    name: &'static str,
+    size: String,
+    bytes: u64,
+    bare: Stats,
+    /// The bare path with a new pipeline every run, as the executor makes.
+    fresh: Stats,
+    executor: Stats,
+    worker: Option<Stats>,
+    compile: Stats,
+    kernel: Stats,
+}
+
+/// Run one kernel on every path, checking every path's output.
+fn bench_case(
+    case: &Case,
+    runs: usize,
+    bare: &Bare,
+    executor: &Executor,
+    worker: Option<&Worker>,
+) -> Row {
+    eprintln!("{} ({}): {runs} rounds", case.name, case.size);
+    let inputs = &case.input_bytes();
+    let (compile, pipeline) = measure(runs, || bare.compile(&case.plan));
+    let kernel = bare.kernel_only(&case.plan, &pipeline, inputs, runs);
+
+    let mut bare_run = || bare.run(&case.plan, &pipeline, inputs);
+    let mut fresh_run = || bare.run(&case.plan, &bare.compile(&case.plan), inputs);
+    let mut executor_run = || {
+        executor
+            .run(&case.plan, inputs)
+            .unwrap_or_else(|e| panic!("{} via the executor: {e}", case.name))
+    };
+    let mut worker_run = worker.map(|w| move || w.run(&case.plan, inputs.clone()));
+    let mut paths: Vec<PathRun<'_>> = vec![&mut bare_run, &mut fresh_run, &mut executor_run];
+    if let Some(run) = worker_run.as_mut() {
+        paths.push(run);
+    }
+    let mut measured = measure_paths(runs, &mut paths).into_iter();
+
+    let (bare_stats, bare_out) = measured.next().expect("the bare path ran");
+    case.check_bare(&bare_out);
+    let (fresh, out) = measured
+        .next()
+        .expect("the bare path with new pipelines ran");
+    case.check_path("bare wgpu, new pipeline", &out, &bare_out);
+    let (executor_stats, out) = measured.next().expect("the executor ran");
+    case.check_path("executor", &out, &bare_out);
+    let worker = measured.next().map(|(stats, out)| {
+        case.check_path("worker", &out, &bare_out);
+        stats
+    });
+    Row {
+        name: case.name,
+        size: case.size.clone(),
+        bytes: case.bytes,
+        bare: bare_stats,
+        fresh,
+        executor: executor_stats,
+        worker,
+        compile,
+        kernel,
+    }
+}
+
+fn print_header(info: &AdapterInfo, settings: &Settings) {
+    println!("# GPU kernel throughput (mesh-node/benches/gpu.rs)\n");
+    println!(
+        "adapter: {} | backend: {} | type: {} | driver: {}",
+        info.name, info.backend, info.device_type, info.driver
+    );
+    println!(
+        "runs: {} rounds (each path in turn) after 1 warm-up each; times are wall ms per run, median (min-max){}\n",
+        settings.runs,
+        if settings.smoke {
+            "; SMOKE RUN (no --bench argument): tiny sizes, numbers mean nothing"
+        } else {
+            ""
+        }
+    );
+}
+
+fn print_throughput(rows: &[Row]) {
+    println!("| kernel | elements | bare wgpu ms | executor ms | worker ms | GB/s bare | overhead executor % | overhead worker % |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let (worker_ms, worker_pct) = match &r.worker {
+            Some(w) => (w.to_string(), format!("{:+.1}", w.overhead_pct(&r.bare))),
+            None => ("n/a".into(), "n/a".into()),
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {:.2} | {:+.1} | {} |",
+            r.name,
+            r.size,
+            r.bare,
+            r.executor,
+            worker_ms,
+            r.bare.gb_per_s(r.bytes),
+            r.executor.overhead_pct(&r.bare),
+            worker_pct
+        );
+    }
+    let over: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.executor.overhead_pct(&r.bare) > TARGET_OVERHEAD_PCT)
+        .map(|r| r.name)
+        .collect();
+    if over.is_empty() {
+        println!("\ntarget met: executor overhead within {TARGET_OVERHEAD_PCT}% of bare wgpu for every kernel\n");
+    } else {
+        println!(
+            "\ntarget NOT met: executor overhead over {TARGET_OVERHEAD_PCT}% of bare wgpu for: {}\n",
+            over.join(", ")
+        );
+    }
+}
+
+fn print_breakdown(rows: &[Row], copy: &CopyBandwidth) {
+    let copy_gbs = copy.stats.gb_per_s(2 * copy.bytes);
+    println!(
+        "adapter memory bandwidth: {copy_gbs:.2} GB/s (copy_buffer_to_buffer of {} MiB, read + write, {} ms)\n",
+        copy.bytes >> 20,
+        copy.stats
+    );
+    println!("| kernel | pipeline create ms | bare, new pipeline per run ms | overhead new pipeline % | kernel only ms | GB/s kernel only | % of copy bandwidth |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows {
+        let gbs = r.kernel.gb_per_s(r.bytes);
+        println!(
+            "| {} | {} | {} | {:+.1} | {} | {:.2} | {:.0} |",
+            r.name,
+            r.compile,
+            r.fresh,
+            r.fresh.overhead_pct(&r.bare),
+            r.kernel,
+            gbs,
+            gbs / copy_gbs * 100.0
+        );
+    }
+}
