@@ -98,6 +98,31 @@ pub struct Node {
     child: Option<Child>,
     /// Stopped with SIGSTOP and not continued since.
     paused: AtomicBool,
+    /// The network namespace the node runs in and its address there (`mesh-chaos
+    /// --netns`); `None`: the host's loopback.
+    net: Option<NodeNet>,
+}
+
+/// Where a node runs in a [`crate::netns::NetnsLab`]: its namespace and address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeNet {
+    /// Namespace name (`ip netns exec` takes it).
+    pub namespace: String,
+    /// The node's address inside the lab.
+    pub addr: std::net::IpAddr,
+}
+
+/// A command for `program`, run inside the namespace of whichever lab node owns
+/// `host` (the address part of a node address) or, for anything else, as it is.
+fn command_for_host(program: impl AsRef<std::ffi::OsStr>, host: &str) -> Command {
+    match host.parse().ok().and_then(crate::netns::namespace_of) {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &ns]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
 }
 
 impl Node {
@@ -118,6 +143,7 @@ impl Node {
             program: None,
             child: None,
             paused: AtomicBool::new(false),
+            net: None,
         };
         node.spawn()?;
         Ok(node)
@@ -150,9 +176,16 @@ impl Node {
         }
     }
 
-    /// `127.0.0.1:RAFT_PORT`, the node-to-node address.
+    /// `HOST:RAFT_PORT`, the node-to-node address.
     pub fn raft_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.raft_port)
+        format!("{}:{}", self.host(), self.raft_port)
+    }
+
+    /// The address the node listens on: its lab address, or 127.0.0.1.
+    pub fn host(&self) -> String {
+        self.net
+            .as_ref()
+            .map_or("127.0.0.1".into(), |n| n.addr.to_string())
     }
 
     /// The process id, while running.
@@ -205,9 +238,9 @@ impl Node {
             .ok()
     }
 
-    /// `127.0.0.1:SSH_PORT`.
+    /// `HOST:SSH_PORT`.
     pub fn ssh_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.ssh_port)
+        format!("{}:{}", self.host(), self.ssh_port)
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -216,13 +249,19 @@ impl Node {
             .create(true)
             .append(true)
             .open(self.data_dir.join("node.log"))?;
-        let mut cmd = Command::new(self.program.clone().unwrap_or_else(|| bin("mesh-node")));
+        let program = self.program.clone().unwrap_or_else(|| bin("mesh-node"));
+        // In a lab, `ip netns exec` execs mesh-node in the node's namespace: the
+        // child's pid stays the node's, so signals reach it.
+        let mut cmd = command_for_host(program, &self.host());
         cmd.arg("run")
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--ssh-listen", &self.ssh_addr()])
-            .args(["--http-listen", &format!("127.0.0.1:{}", self.http_port)])
-            .args(["--listen", &format!("127.0.0.1:{}", self.raft_port)]);
+            .args([
+                "--http-listen",
+                &format!("{}:{}", self.host(), self.http_port),
+            ])
+            .args(["--listen", &self.raft_addr()]);
         for k in &self.admin_keys {
             cmd.arg("--admin-key").arg(k);
         }
@@ -390,9 +429,16 @@ impl CliOutput {
 }
 
 impl Cli {
+    /// The host part of `node`.
+    fn host(&self) -> &str {
+        self.node
+            .rsplit_once(':')
+            .map_or(self.node.as_str(), |(h, _)| h)
+    }
+
     /// Run `mesh-cli` with these global options and `args`.
     pub fn run(&self, args: &[&str]) -> CliOutput {
-        let out: Output = Command::new(bin("mesh-cli"))
+        let out: Output = command_for_host(bin("mesh-cli"), self.host())
             .arg("--node")
             .arg(&self.node)
             .arg("--identity")
@@ -414,7 +460,7 @@ impl Cli {
     /// [`Cli::run`], killed after `limit`: a node that is paused or cut off can keep an
     /// SSH session open forever. A run that was killed has code -1 and says so on stderr.
     pub fn run_within(&self, args: &[&str], limit: Duration) -> CliOutput {
-        let mut child = Command::new(bin("mesh-cli"))
+        let mut child = command_for_host(bin("mesh-cli"), self.host())
             .arg("--node")
             .arg(&self.node)
             .arg("--identity")
@@ -889,6 +935,18 @@ impl Node {
         admin_keys: &[&Path],
         extra_args: &[String],
     ) -> Result<Node> {
+        Node::start_on_net(program, data_dir, ports, admin_keys, extra_args, None)
+    }
+
+    /// [`Node::start_on`] inside a lab namespace (`net`), or on loopback (`None`).
+    pub fn start_on_net(
+        program: Option<&Path>,
+        data_dir: &Path,
+        ports: NodePorts,
+        admin_keys: &[&Path],
+        extra_args: &[String],
+        net: Option<NodeNet>,
+    ) -> Result<Node> {
         let mut node = Node {
             data_dir: data_dir.into(),
             ssh_port: ports.ssh,
@@ -899,6 +957,7 @@ impl Node {
             program: program.map(Path::to_path_buf),
             child: None,
             paused: AtomicBool::new(false),
+            net,
         };
         node.spawn()?;
         Ok(node)
@@ -937,7 +996,20 @@ impl Cluster {
         ports: &[NodePorts],
         per_node: &[Vec<String>],
     ) -> Result<Cluster> {
+        Cluster::start_on_nets(dir, program, ports, per_node, &[])
+    }
+
+    /// [`Cluster::start_on`] with node `i + 1` in the lab namespace `nets[i]` (an
+    /// empty `nets`: every node on loopback).
+    pub fn start_on_nets(
+        dir: &Path,
+        program: Option<&Path>,
+        ports: &[NodePorts],
+        per_node: &[Vec<String>],
+        nets: &[NodeNet],
+    ) -> Result<Cluster> {
         let n = per_node.len();
+        let net = |i: usize| nets.get(i).cloned();
         if n == 0 || ports.len() != n {
             bail!(
                 "start_on needs one set of ports per node ({} ports for {n} nodes)",
@@ -945,12 +1017,13 @@ impl Cluster {
             );
         }
         let admin = UserKey::generate(dir, "admin")?;
-        let first = Node::start_on(
+        let first = Node::start_on_net(
             program,
             &dir.join("node1"),
             ports[0],
             &[&admin.public],
             &per_node[0],
+            net(0),
         )?;
         let mut cluster = Cluster {
             nodes: vec![first],
@@ -962,12 +1035,13 @@ impl Cluster {
             for (i, extra) in per_node.iter().enumerate().skip(1) {
                 let mut args = extra.clone();
                 args.extend(["--join".to_string(), token.clone()]);
-                let node = Node::start_on(
+                let node = Node::start_on_net(
                     program,
                     &dir.join(format!("node{}", i + 1)),
                     ports[i],
                     &[&cluster.admin.public],
                     &args,
+                    net(i),
                 )?;
                 cluster.nodes.push(node);
             }
@@ -1003,7 +1077,7 @@ impl Cli {
             .node
             .rsplit_once(':')
             .unwrap_or((self.node.as_str(), "7722"));
-        let mut cmd = Command::new("ssh");
+        let mut cmd = command_for_host("ssh", host);
         cmd.arg("-p")
             .arg(port)
             .arg("-i")

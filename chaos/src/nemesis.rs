@@ -64,6 +64,8 @@ pub struct Nemesis<'a> {
     pub targets: Arc<Targets>,
     /// The node whose data directory was copied aside, the copy, and when.
     saved: Option<(usize, PathBuf, u64)>,
+    /// With `--netns`: partitions are nftables drops in this lab, not the proxy's.
+    pub lab: Option<&'a crate::netns::NetnsLab>,
 }
 
 impl<'a> Nemesis<'a> {
@@ -80,6 +82,7 @@ impl<'a> Nemesis<'a> {
             history,
             targets,
             saved: None,
+            lab: None,
         }
     }
 
@@ -445,6 +448,9 @@ impl<'a> Nemesis<'a> {
     /// Partition the directed links `cuts` for `hold`, then heal; the effect is the
     /// traffic those links refused, cut or dropped meanwhile.
     fn partition(&mut self, cuts: Vec<(usize, usize)>, hold: Duration, target: String) -> Outcome {
+        if let Some(lab) = self.lab {
+            return partition_netns(lab, &cuts, hold, target);
+        }
         let before: Vec<LinkStats> = cuts.iter().map(|(f, t)| self.links.stats(*f, *t)).collect();
         for (f, t) in &cuts {
             self.links.set(*f, *t, LinkFault::Partition);
@@ -875,6 +881,11 @@ impl<'a> Nemesis<'a> {
     pub fn heal_all(&mut self) -> Vec<String> {
         self.links.heal_all();
         let mut failures = Vec::new();
+        if let Some(lab) = self.lab {
+            if let Err(e) = lab.heal() {
+                failures.push(format!("nftables heal: {e:#}"));
+            }
+        }
         for i in 0..self.cluster.nodes.len() {
             if self.cluster.nodes[i].is_paused() {
                 if let Err(e) = self.cluster.nodes[i].signal("CONT") {
@@ -935,6 +946,42 @@ fn sum(stats: impl Iterator<Item = LinkStats>) -> LinkStats {
         acc.chunks_delayed += s.chunks_delayed;
         acc
     })
+}
+
+/// [`Nemesis::partition`] in a network namespace lab: nftables drops in the nodes'
+/// namespaces; the effect is the packets the rules dropped while held.
+fn partition_netns(
+    lab: &crate::netns::NetnsLab,
+    cuts: &[(usize, usize)],
+    hold: Duration,
+    target: String,
+) -> Outcome {
+    let arrows: Vec<String> = cuts
+        .iter()
+        .map(|(f, t)| format!("{}->{}", f + 1, t + 1))
+        .collect();
+    let mut out = Outcome {
+        target: format!("{target}; links {} (nftables)", arrows.join(" ")),
+        ..Outcome::default()
+    };
+    let before: u64 = cuts.iter().map(|(f, t)| lab.dropped_packets(*f, *t)).sum();
+    for (f, t) in cuts {
+        if let Err(e) = lab.partition(*f, *t) {
+            out.error = Some(format!("nftables: {e:#}"));
+        }
+    }
+    std::thread::sleep(hold);
+    let dropped = cuts
+        .iter()
+        .map(|(f, t)| lab.dropped_packets(*f, *t))
+        .sum::<u64>()
+        .saturating_sub(before);
+    if let Err(e) = lab.heal() {
+        out.error = Some(format!("nftables heal: {e:#}"));
+    }
+    out.effect =
+        (dropped > 0).then(|| format!("nftables: {dropped} packets dropped on the cut links"));
+    out
 }
 
 /// Remove everything in `dir` but the names in `keep`.

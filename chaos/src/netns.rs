@@ -27,7 +27,7 @@
 //! proxy ([`crate::proxy`]); a lab can run nodes with the proxy on top as well.
 
 use anyhow::{bail, Context, Result};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
@@ -47,6 +47,16 @@ const TABLE: &str = "mesh_chaos";
 
 /// Labs made by this process, to keep their namespace names apart.
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// Lab addresses whose processes run in a namespace: node address -> namespace.
+/// Filled by [`NetnsLab::host_nodes`]; the launcher wraps commands for these hosts in
+/// `ip netns exec` ([`namespace_of`]).
+static HOSTED: Mutex<BTreeMap<IpAddr, String>> = Mutex::new(BTreeMap::new());
+
+/// The namespace a lab node with address `addr` runs in, if one does.
+pub fn namespace_of(addr: IpAddr) -> Option<String> {
+    HOSTED.lock().ok()?.get(&addr).cloned()
+}
 
 /// Whether this process can build a lab: `Ok` or why not (not root, no `ip` or `nft`,
 /// namespaces or veth refused by the kernel). The answer is found once, by building and
@@ -252,6 +262,24 @@ impl NetnsLab {
         self.n == 0
     }
 
+    /// Run the mesh's nodes in this lab: node `i` in its namespace at its address
+    /// (for [`crate::Cluster::start_on_nets`]). From now on every command the
+    /// launcher runs for a node address of this lab (the node, `mesh-cli`, `ssh`)
+    /// runs in that node's namespace, until the lab is dropped. One lab at a time.
+    pub fn host_nodes(&self) -> Vec<crate::NodeNet> {
+        let nets: Vec<crate::NodeNet> = (0..self.n)
+            .map(|i| crate::NodeNet {
+                namespace: self.namespace(i),
+                addr: self.addr(i),
+            })
+            .collect();
+        let mut hosted = HOSTED.lock().unwrap_or_else(|e| e.into_inner());
+        for n in &nets {
+            hosted.insert(n.addr, n.namespace.clone());
+        }
+        nets
+    }
+
     /// The name of node `i`'s namespace (`ip netns exec NAME ...`).
     pub fn namespace(&self, i: usize) -> String {
         self.check(i);
@@ -363,6 +391,10 @@ fn counter_name(peer: usize) -> String {
 
 impl Drop for NetnsLab {
     fn drop(&mut self) {
+        HOSTED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, ns| !ns.starts_with(&format!("{}-", self.prefix)));
         // Deleting a namespace deletes its interfaces (both ends of each veth), the
         // bridge and the nftables table with it.
         for name in self.created.iter().rev() {

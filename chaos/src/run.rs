@@ -54,6 +54,8 @@ pub struct RunOptions {
     pub node_bin: Option<PathBuf>,
     /// Keep the cluster's data directories (their path is printed).
     pub keep: bool,
+    /// Nodes in network namespaces, partitions by nftables (root only).
+    pub netns: bool,
 }
 
 impl RunOptions {
@@ -88,6 +90,9 @@ impl RunOptions {
         );
         if let Some(b) = &self.node_bin {
             s += &format!(" --node-bin {}", b.display());
+        }
+        if self.netns {
+            s += " --netns";
         }
         s
     }
@@ -147,7 +152,24 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
     // any node starts.
     let ports = NodePorts::allocate(n)?;
     let addrs: Vec<String> = ports.iter().map(NodePorts::raft_addr).collect();
+    // With --netns the nodes talk directly over the lab's bridge; the proxy still
+    // runs (its links stay idle) so that the rest of the harness is the same.
     let links = Links::start(&addrs, opts.seed).context("start the proxy")?;
+    let lab = if opts.netns {
+        if opts.scenario.needs_proxy() {
+            bail!(
+                "scenario {} injects latency or loss, which only the proxy can (the kernel here has no netem); run it without --netns",
+                opts.scenario.name
+            );
+        }
+        Some(
+            crate::netns::NetnsLab::new(n)
+                .context("build the network namespaces (--netns needs root, ip and nft)")?,
+        )
+    } else {
+        None
+    };
+    let nets = lab.as_ref().map(|l| l.host_nodes()).unwrap_or_default();
     let per_node: Vec<Vec<String>> = (0..n)
         .map(|i| {
             let mut args: Vec<String> = [
@@ -160,13 +182,23 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
             ]
             .map(String::from)
             .to_vec();
-            args.extend(links.route_args(i));
+            if lab.is_none() {
+                args.extend(links.route_args(i));
+            }
             args
         })
         .collect();
-    crate::phase(&format!("starting {n} nodes behind the proxy"));
-    let mut cluster = Cluster::start_on(&dir, opts.node_bin.as_deref(), &ports, &per_node)
-        .context("start the cluster")?;
+    crate::phase(&format!(
+        "starting {n} nodes {}",
+        if lab.is_some() {
+            "in network namespaces (partitions by nftables)"
+        } else {
+            "behind the proxy"
+        }
+    ));
+    let mut cluster =
+        Cluster::start_on_nets(&dir, opts.node_bin.as_deref(), &ports, &per_node, &nets)
+            .context("start the cluster")?;
     let clis = (0..n).map(|i| cluster.cli(i)).collect();
     let targets = Arc::new(Targets::new(clis));
     let history = Arc::new(History::new());
@@ -200,6 +232,7 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
     let healed_ms;
     {
         let mut nemesis = Nemesis::new(&mut cluster, &links, history.clone(), targets.clone());
+        nemesis.lab = lab.as_ref();
         nemesis.run(&steps, window_start_ms, opts.duration);
         let end = window_start_ms + opts.duration.as_millis() as u64;
         while history.now_ms() < end {

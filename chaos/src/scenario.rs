@@ -140,6 +140,14 @@ pub fn names() -> String {
         .join(", ")
 }
 
+impl Scenario {
+    /// Whether the scenario injects latency or loss, which only the proxy can (the
+    /// kernel on these machines has no netem qdisc): not runnable with `--netns`.
+    pub fn needs_proxy(&self) -> bool {
+        matches!(self.name, "flaky-network" | "mixed")
+    }
+}
+
 impl FaultMenu for Scenario {
     fn next_fault(&self, i: usize, rng: &mut Rng) -> Option<Fault> {
         let pick = rng.next_u64();

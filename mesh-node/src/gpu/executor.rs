@@ -7,6 +7,7 @@ use mesh_core::capability::AdapterInfo;
 use mesh_core::kernel::{BindingPlan, KernelPlan};
 use mesh_core::Bytes;
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +18,37 @@ const STORAGE_ALIGNMENT: u64 = 4;
 /// Uniform buffers are padded to this many bytes: WGSL uniform structs have 16-byte
 /// alignment, so their size is a multiple of 16 and a shorter buffer fails binding.
 const UNIFORM_ALIGNMENT: u64 = 16;
+
+/// Pipelines kept per executor (the cache is emptied when full: user WGSL kernels
+/// are many and distinct, the built-ins few and hot).
+const PIPELINE_CACHE_ENTRIES: usize = 64;
+
+/// What makes two plans share a pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PipelineKey {
+    source: String,
+    entry: String,
+    /// 0 input, 1 uniform, 2 output, per binding.
+    bindings: Vec<u8>,
+}
+
+impl PipelineKey {
+    fn of(plan: &KernelPlan) -> PipelineKey {
+        PipelineKey {
+            source: plan.source.clone(),
+            entry: plan.entry.clone(),
+            bindings: plan
+                .bindings
+                .iter()
+                .map(|b| match b {
+                    BindingPlan::Input(_) => 0,
+                    BindingPlan::Uniform(_) => 1,
+                    BindingPlan::Output(_) => 2,
+                })
+                .collect(),
+        }
+    }
+}
 
 /// How long to wait for map callbacks once our submission is done. They normally
 /// fire inside our own poll; a concurrent run's poll on another thread may have taken
@@ -51,6 +83,9 @@ pub struct Executor {
     info: AdapterInfo,
     /// Set by the device-lost callback; once set, every run fails with `DeviceLost`.
     lost: Arc<Mutex<Option<String>>>,
+    /// Compiled pipelines by kernel: a worker runs the same built-ins again and again,
+    /// and building a pipeline costs as much as a small kernel's whole run.
+    pipelines: Mutex<HashMap<PipelineKey, (wgpu::BindGroupLayout, wgpu::ComputePipeline)>>,
     _adapter: wgpu::Adapter,
     _instance: wgpu::Instance,
 }
@@ -134,6 +169,7 @@ impl Executor {
             limits,
             info,
             lost,
+            pipelines: Mutex::default(),
             _adapter: adapter,
             _instance: instance,
         })
@@ -173,7 +209,26 @@ impl Executor {
 
     /// Shader module, bind group layout and pipeline: everything that depends only
     /// on the source and the binding kinds. Validation errors are `Compile`.
+    /// The pipeline for `plan`, compiled once per distinct kernel (source, entry point
+    /// and binding kinds) and then taken from the cache.
     fn compile(
+        &self,
+        plan: &KernelPlan,
+    ) -> Result<(wgpu::BindGroupLayout, wgpu::ComputePipeline), GpuError> {
+        let key = PipelineKey::of(plan);
+        if let Some(hit) = self.pipelines.lock().expect("not poisoned").get(&key) {
+            return Ok(hit.clone());
+        }
+        let compiled = self.compile_uncached(plan)?;
+        let mut cache = self.pipelines.lock().expect("not poisoned");
+        if cache.len() >= PIPELINE_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key, compiled.clone());
+        Ok(compiled)
+    }
+
+    fn compile_uncached(
         &self,
         plan: &KernelPlan,
     ) -> Result<(wgpu::BindGroupLayout, wgpu::ComputePipeline), GpuError> {
