@@ -51,20 +51,22 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
 /// The only gRPC method an unpinned key may call.
 const JOIN_METHOD: &[&str] = &["/mesh.v1.Mesh/Join"];
 
-/// Raft timing: heartbeats every 50 ms, elections after 150-300 ms of silence.
+/// Raft timing: heartbeats every 50 ms, elections after 200-400 ms of silence.
 /// openraft's voters honour the old leader's lease for `election_timeout_max`, so a
-/// failover takes about two timeouts (~540 ms here). Shorter timeouts fail over
+/// failover takes about two timeouts (~0.7 s here). Shorter timeouts fail over
 /// faster but, on a saturated 2-core machine, let late heartbeats start spurious
-/// elections (docs/benchmarks.md counts them: 120-240 ms gave 4 in a saturated
-/// 20 s run, 150-300 ms none). Small append batches because one entry may carry
-/// megabytes of task inputs.
+/// elections (docs/benchmarks.md counts them: 120-240 ms gave 4 in a saturated 20 s
+/// run, 150-300 ms 2 at 16 clients, 200-400 ms none). openraft 0.9 gives an
+/// AppendEntries the heartbeat interval as its timeout, so one RPC must stay small:
+/// at most 2 entries of at most 1 MiB of batched commands each
+/// (`proposer::MAX_BATCH_BYTES`; a single task of up to 16 MiB of inputs goes alone).
 fn raft_config() -> anyhow::Result<Arc<openraft::Config>> {
     let config = openraft::Config {
         cluster_name: "mesh".into(),
         heartbeat_interval: 50,
-        election_timeout_min: 150,
-        election_timeout_max: 300,
-        max_payload_entries: 32,
+        election_timeout_min: 200,
+        election_timeout_max: 400,
+        max_payload_entries: 2,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
         max_in_snapshot_log_to_keep: 1000,
         ..Default::default()

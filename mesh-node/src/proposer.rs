@@ -19,8 +19,11 @@ const QUEUE_CAPACITY: usize = 4096;
 /// Most commands in one entry: bounds apply latency per entry.
 const MAX_BATCH_COMMANDS: usize = 1024;
 /// Most payload bytes in one entry (inputs and outputs travel in the log); a single
-/// larger command still goes alone.
-const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+/// larger command still goes alone. Small enough that an AppendEntries of
+/// `max_payload_entries` such entries finishes within openraft 0.9's append timeout,
+/// which is the heartbeat interval (mesh-node/src/node.rs): larger RPCs time out and
+/// are sent again forever.
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Entries proposed but not yet applied: lets a new batch form while others commit.
 const MAX_IN_FLIGHT_ENTRIES: usize = 4;
 

@@ -19,11 +19,16 @@ use std::sync::Arc;
 pub const PAYLOAD_BYTES: usize = 1024;
 
 /// A saxpy of `PAYLOAD_BYTES` of input (two vectors of 128 floats), keyed uniquely.
+/// The inputs differ per key, as real tasks' do: the state machine stores equal
+/// inputs once, and equal payloads would flatter the memory and disk figures.
 pub fn tiny_spec(key: String) -> TaskSpec {
     let n = PAYLOAD_BYTES / 8;
+    let salt = key
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
     let vec = |seed: f32| -> Vec<u8> {
         (0..n)
-            .flat_map(|i| (seed + i as f32).to_le_bytes())
+            .flat_map(|i| (seed + (salt % 100_000) as f32 + i as f32).to_le_bytes())
             .collect()
     };
     TaskSpec {

@@ -36,6 +36,9 @@ pub struct PeerServer {
     pub join_limit: std::sync::Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
 }
 
+/// How long a join waits for this node's copy of the state to show its token.
+const TOKEN_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Join attempts an address may make per minute (a burst of as many).
 pub const JOINS_PER_MINUTE: u32 = 10;
 
@@ -61,6 +64,25 @@ impl PeerServer {
             }
             Some(_) => Ok(()),
         })
+    }
+
+    /// [`PeerServer::precheck_token`], given a moment for a token this node has not
+    /// applied yet: a follower that is catching up (a large backlog, a fresh
+    /// snapshot) may not hold a token the leader committed a moment ago.
+    async fn precheck_token_settled(&self, id: &str, secret: &str) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + TOKEN_SETTLE;
+        let mut changes = self.state.changes();
+        loop {
+            match self.precheck_token(id, secret) {
+                Err(why) if why.ends_with("does not exist") => {
+                    let changed = tokio::time::timeout_at(deadline, changes.changed()).await;
+                    if !matches!(changed, Ok(Ok(()))) {
+                        return Err(why);
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The pinned peer behind a request, and the node id its key belongs to.
@@ -228,7 +250,7 @@ impl Mesh for PeerServer {
         }
         // Check the token against the replicated state before anything reaches the
         // log: an unpinned key must not be able to grow the log with failed joins.
-        if let Err(why) = self.precheck_token(&j.token_id, &j.secret) {
+        if let Err(why) = self.precheck_token_settled(&j.token_id, &j.secret).await {
             metrics::counter!("mesh_join_events_total", "outcome" => "refused").increment(1);
             warn!(%fp, reason = %why, "join refused before proposal");
             return Err(Status::permission_denied(format!("join refused: {why}")));
