@@ -604,7 +604,8 @@ pub struct SubmitArgs {
 
     /// A batch file: many tasks, each a [[task]] table in the task-file format (paths
     /// relative to the batch file). Every task is checked before the first is sent; they
-    /// go one after another over one connection. The policy flags apply to each.
+    /// go in chunks (the node's submit-batch) over one connection. The policy flags
+    /// apply to each.
     #[arg(long, value_name = "FILE")]
     pub batch: Option<PathBuf>,
 

@@ -1553,26 +1553,27 @@ idempotency_key = \"m3\"
 
     #[tokio::test]
     async fn a_batch_is_checked_whole_then_sent_over_one_connection() {
+        use mesh_core::api::BatchItemReply;
         let dir = tempfile::tempdir().unwrap();
         let submitted = |id: u64, existing: bool| {
-            Reply::ok(json(&SubmitReply {
+            BatchItemReply::Submitted(SubmitReply {
                 task: TaskId(id),
                 existing,
-            }))
+            })
         };
         let node = fake_node::start(
             44,
             45,
             vec![(
-                "submit --json",
-                Reply::sequence(vec![
+                "submit-batch --json",
+                Reply::ok(json(&vec![
                     submitted(1, false),
-                    Reply::error(
-                        1,
-                        "no registered node could ever run task: needs device=discrete",
-                    ),
+                    BatchItemReply::Refused {
+                        error: "no registered node could ever run task: needs device=discrete"
+                            .into(),
+                    },
                     submitted(3, true),
-                ]),
+                ])),
             )],
         )
         .await;
@@ -1590,15 +1591,9 @@ idempotency_key = \"m3\"
             format!("1 of the 3 task(s) in {jobs} were not submitted")
         );
         let received = node.received.lock().unwrap().clone();
-        assert_eq!(
-            received.len(),
-            3,
-            "the refused task does not stop the others"
-        );
-        let specs: Vec<TaskSpec> = received
-            .iter()
-            .map(|(_, body)| serde_json::from_slice(body).unwrap())
-            .collect();
+        assert_eq!(received.len(), 1, "one submit-batch for the whole file");
+        let specs: Vec<TaskSpec> = serde_json::from_slice(&received[0].1).unwrap();
+        assert_eq!(specs.len(), 3, "every task of the file in the batch");
         assert_eq!(
             specs
                 .iter()
@@ -1622,7 +1617,7 @@ idempotency_key = \"m3\"
             format!("{e:#}"),
             format!("the batch was not sent: batch file {jobs}: task #2 (line 5): 5 shards for 4 rows: shards must be between 1 and 4")
         );
-        assert_eq!(node.received.lock().unwrap().len(), 3);
+        assert_eq!(node.received.lock().unwrap().len(), 1);
         assert_eq!(
             node.connections.load(std::sync::atomic::Ordering::SeqCst),
             1,
@@ -1634,10 +1629,10 @@ idempotency_key = \"m3\"
     async fn a_batch_with_wait_follows_every_task_to_its_end() {
         let dir = tempfile::tempdir().unwrap();
         let submitted = |id: u64| {
-            Reply::ok(json(&SubmitReply {
+            mesh_core::api::BatchItemReply::Submitted(SubmitReply {
                 task: TaskId(id),
                 existing: false,
-            }))
+            })
         };
         let at = |id: u64, state: &str| view(id, "mandelbrot", &[], state, None);
         let node = fake_node::start(
@@ -1645,8 +1640,8 @@ idempotency_key = \"m3\"
             47,
             vec![
                 (
-                    "submit --json",
-                    Reply::sequence(vec![submitted(11), submitted(12), submitted(13)]),
+                    "submit-batch --json",
+                    Reply::ok(json(&vec![submitted(11), submitted(12), submitted(13)])),
                 ),
                 (
                     "tasks --json",
@@ -1691,9 +1686,7 @@ idempotency_key = \"m3\"
         assert_eq!(
             received.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
             [
-                "submit --json",
-                "submit --json",
-                "submit --json",
+                "submit-batch --json",
                 "tasks --json",
                 "task 13 --json",
                 "tasks --json",

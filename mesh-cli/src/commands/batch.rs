@@ -1,6 +1,7 @@
 //! `submit --batch FILE`: every `[[task]]` of a batch file (`batch_file.rs`), all
-//! checked before the first is sent, then submitted one after another over one
-//! connection with a progress bar on stderr; `--wait` follows them to the end.
+//! checked before the first is sent, then submitted in chunks with the node's
+//! `submit-batch` over one connection (each chunk's tasks share few Raft entries),
+//! with a progress bar on stderr; `--wait` follows them to the end.
 
 use super::watch::{poll_tasks, Progress, POLL_INTERVAL};
 use super::{parse_reply, print_json, remote_error, Context};
@@ -10,7 +11,7 @@ use crate::connection::Connection;
 use crate::exit_code::{one_line, ExitError};
 use crate::{render, task_spec};
 use anyhow::Context as _;
-use mesh_core::api::{SubmitReply, TaskView, EXIT_OK};
+use mesh_core::api::{BatchItemReply, TaskView, EXIT_OK, MAX_BATCH_TASKS};
 use mesh_core::TaskId;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -34,13 +35,16 @@ struct BatchItem {
     state: Option<String>,
 }
 
-/// What became of one submission.
+/// Most JSON bytes in one `submit-batch` call: bounds what the client and the node
+/// hold at once (a chunk ends early at this size or at `MAX_BATCH_TASKS` tasks).
+const CHUNK_BYTES: usize = 8 * 1024 * 1024;
+
+/// What became of one chunk.
 enum Sent {
-    /// The node took it.
-    Submitted(SubmitReply),
-    /// This task was refused (by the node, or a file changed since the check).
-    Refused(String),
-    /// The connection failed: nothing more can be sent on it.
+    /// The node answered for every task of the chunk, in order.
+    Answered(Vec<BatchItemReply>),
+    /// The connection failed or the node refused the whole chunk: nothing of it is
+    /// known to be submitted, and nothing more is sent.
     Broken(String),
 }
 
@@ -76,21 +80,32 @@ fn prepare(batch: &Batch, entry: &BatchEntry, args: &SubmitArgs) -> anyhow::Resu
     serde_json::to_vec(&spec).context("cannot encode the task")
 }
 
-async fn send(conn: &Connection, batch: &Batch, entry: &BatchEntry, args: &SubmitArgs) -> Sent {
-    let command = "submit --json";
-    let body = match prepare(batch, entry, args) {
-        Ok(body) => body,
-        Err(e) => return Sent::Refused(one_line(&format!("{e:#}"))),
-    };
+/// Send the already built task bodies of one chunk as one `submit-batch`.
+async fn send(conn: &Connection, bodies: &[Vec<u8>]) -> Sent {
+    let command = "submit-batch --json";
+    let mut body = Vec::with_capacity(bodies.iter().map(|b| b.len() + 1).sum::<usize>() + 2);
+    body.push(b'[');
+    for (i, b) in bodies.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(b);
+    }
+    body.push(b']');
     match conn.exec(command, Some(body)).await {
         Err(e) => Sent::Broken(one_line(&format!("{e:#}"))),
         Ok(out) if out.exit_status == Some(EXIT_OK) => {
-            match parse_reply::<SubmitReply>(out.stdout, command) {
-                Ok(r) => Sent::Submitted(r.value),
-                Err(e) => Sent::Refused(one_line(&format!("{e:#}"))),
+            match parse_reply::<Vec<BatchItemReply>>(out.stdout, command) {
+                Ok(r) if r.value.len() == bodies.len() => Sent::Answered(r.value),
+                Ok(r) => Sent::Broken(format!(
+                    "the node answered for {} task(s) of a chunk of {}",
+                    r.value.len(),
+                    bodies.len()
+                )),
+                Err(e) => Sent::Broken(one_line(&format!("{e:#}"))),
             }
         }
-        Ok(out) => Sent::Refused(one_line(&remote_error(&out, command).to_string())),
+        Ok(out) => Sent::Broken(one_line(&remote_error(&out, command).to_string())),
     }
 }
 
@@ -136,34 +151,72 @@ async fn run(
     let mut items: Vec<BatchItem> = Vec::with_capacity(total);
     let mut broken: Option<String> = None;
     let mut unsent = 0usize;
-    for entry in &batch.entries {
-        let mut item = BatchItem {
-            index: entry.index,
-            ..BatchItem::default()
-        };
-        if let Some(why) = &broken {
-            item.error = Some(format!("not sent: an earlier submission failed: {why}"));
-            unsent += 1;
-            items.push(item);
+    let mut chunk: Vec<(&BatchEntry, Vec<u8>)> = Vec::new();
+    let mut chunk_bytes = 0usize;
+    let mut entries = batch.entries.iter().peekable();
+    while let Some(entry) = entries.next() {
+        // Built again here (checked before the first chunk went), so that only one
+        // chunk of inputs is in memory at a time.
+        match prepare(batch, entry, args) {
+            Ok(body) => {
+                chunk_bytes += body.len();
+                chunk.push((entry, body));
+            }
+            Err(e) => {
+                let item = BatchItem {
+                    index: entry.index,
+                    error: Some(one_line(&format!("{e:#}"))),
+                    ..BatchItem::default()
+                };
+                if !ctx.json {
+                    progress.print(&submitted_line(entry, &item))?;
+                }
+                progress.inc();
+                items.push(item);
+            }
+        }
+        let full = chunk.len() >= MAX_BATCH_TASKS || chunk_bytes >= CHUNK_BYTES;
+        if chunk.is_empty() || !(full || entries.peek().is_none()) {
             continue;
         }
-        match send(conn, batch, entry, args).await {
-            Sent::Submitted(reply) => {
-                item.task = Some(reply.task);
-                item.existing = Some(reply.existing);
-            }
-            Sent::Refused(why) => item.error = Some(why),
+        let sent = if let Some(why) = &broken {
+            Sent::Broken(format!("not sent: an earlier submission failed: {why}"))
+        } else {
+            let bodies: Vec<Vec<u8>> = chunk.iter().map(|(_, b)| b.clone()).collect();
+            send(conn, &bodies).await
+        };
+        let (replies, chunk_error): (Vec<Option<BatchItemReply>>, Option<String>) = match sent {
+            Sent::Answered(r) => (r.into_iter().map(Some).collect(), None),
             Sent::Broken(why) => {
-                item.error = Some(why.clone());
-                broken = Some(why);
+                if broken.is_some() {
+                    unsent += chunk.len();
+                }
+                broken.get_or_insert(why.clone());
+                (vec![None; chunk.len()], Some(why))
             }
+        };
+        for ((entry, _), reply) in chunk.drain(..).zip(replies) {
+            let mut item = BatchItem {
+                index: entry.index,
+                ..BatchItem::default()
+            };
+            match reply {
+                Some(BatchItemReply::Submitted(r)) => {
+                    item.task = Some(r.task);
+                    item.existing = Some(r.existing);
+                }
+                Some(BatchItemReply::Refused { error }) => item.error = Some(error),
+                None => item.error = chunk_error.clone(),
+            }
+            if !ctx.json {
+                progress.print(&submitted_line(entry, &item))?;
+            }
+            progress.inc();
+            items.push(item);
         }
-        if !ctx.json {
-            progress.print(&submitted_line(entry, &item))?;
-        }
-        progress.inc();
-        items.push(item);
+        chunk_bytes = 0;
     }
+    items.sort_by_key(|i| i.index);
     if !ctx.json {
         if unsent > 0 {
             progress.print(&format!(
