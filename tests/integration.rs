@@ -2,6 +2,7 @@
 //! SSH over loopback TCP, real sled files, real wgpu dispatches on the local adapter
 //! (Mesa's lavapipe on machines without a GPU). One test binary; files by theme.
 
+mod support;
 mod t10_single_node;
 mod t15_durability;
 mod t20_bad_input;

@@ -4,12 +4,14 @@
 //! `--wait` succeeds, and the fetched result equals a CPU computation bit for bit.
 //! Method: spawn the binaries, drive them only through their command lines.
 
+use crate::support::{eventually, json, saxpy_reference};
 use mesh_chaos::{lcg_f32, phase, Cli, Node, UserKey};
 use mesh_core::builtin::{cpu_reference, f32_bytes};
 use mesh_core::task::NamedBytes;
 use mesh_core::Bytes;
 use std::collections::BTreeMap;
 use std::process::Command;
+use std::time::Duration;
 
 /// Starts a node with one admin key and returns a pinned client.
 pub fn pinned_node(dir: &std::path::Path) -> (Node, Cli, UserKey) {
@@ -93,21 +95,7 @@ fn saxpy_of_a_million_elements_matches_the_cpu_bit_for_bit() {
     cli.run(&["result", &id, "--output", result.to_str().unwrap()])
         .ok();
     let got = std::fs::read(&result).unwrap();
-    let inputs = [
-        NamedBytes {
-            name: "x".into(),
-            data: Bytes::from(f32_bytes(&x)),
-        },
-        NamedBytes {
-            name: "y".into(),
-            data: Bytes::from(f32_bytes(&y)),
-        },
-    ];
-    let want = cpu_reference(
-        "saxpy",
-        &BTreeMap::from([("a".to_string(), "2.5".to_string())]),
-        &inputs,
-    );
+    let want = saxpy_reference("2.5", &x, &y);
     assert_eq!(got.len(), n * 4);
     assert!(got == want, "GPU output differs from the CPU reference");
 
@@ -392,31 +380,22 @@ fn submit_batch_commits_the_valid_tasks_and_refuses_the_bad_one() {
         (b.task, lcg_f32(5, 256), lcg_f32(6, 256)),
     ] {
         let id = id.to_string();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        while cli.run(&["--json", "task", &id]).ok().json()["state"] != "succeeded" {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "task {id} did not succeed"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        eventually(
+            &format!("task {id} succeeds"),
+            Duration::from_secs(120),
+            || {
+                let t = json(&cli, &["task", &id])?;
+                (t["state"] == "succeeded")
+                    .then_some(())
+                    .ok_or(t.to_string())
+            },
+        );
         let path = dir.path().join(format!("out-{id}"));
         cli.run(&["result", &id, "--output", path.to_str().unwrap()])
             .ok();
-        let inputs = [
-            NamedBytes {
-                name: "x".into(),
-                data: Bytes::from(f32_bytes(&x)),
-            },
-            NamedBytes {
-                name: "y".into(),
-                data: Bytes::from(f32_bytes(&y)),
-            },
-        ];
-        let params = BTreeMap::from([("a".to_string(), "3".to_string())]);
         assert_eq!(
             std::fs::read(&path).unwrap(),
-            cpu_reference("saxpy", &params, &inputs),
+            saxpy_reference("3", &x, &y),
             "task {id}"
         );
     }

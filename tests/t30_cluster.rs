@@ -14,24 +14,23 @@
 //! task, and shown to have taken effect (leader changed, node marked down or removed)
 //! before results are judged. Waits poll for a state, they never assert a duration.
 
+use crate::support::saxpy_reference;
+pub use crate::support::{eventually, json, CLI_LIMIT};
 use crate::t10_single_node::task_id;
 use mesh_chaos::{lcg_f32, phase, Cli, Cluster};
 use mesh_core::builtin::{cpu_reference, f32_bytes};
-use mesh_core::task::NamedBytes;
-use mesh_core::{Bytes, Digest};
+use mesh_core::Digest;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Generous bound for a cluster to converge (elections, autopilot, catch-up). Waits
 /// end as soon as the state is reached; this only turns a hang into a failure.
 pub const CONVERGE: Duration = Duration::from_secs(60);
 /// Bound for a workload to finish, failures and retries included.
 pub const FINISH: Duration = Duration::from_secs(180);
-/// How long one CLI call may take before it counts as no answer.
-pub const CLI_LIMIT: Duration = Duration::from_secs(30);
 
 /// The slow task: on lavapipe about one core-second, so that several are still
 /// running or pending when a fault lands. Large Mandelbrots are too slow for the
@@ -80,41 +79,6 @@ impl Drop for Mesh {
             eprintln!("{}", self.0.log_tails(80));
         }
     }
-}
-
-/// Poll `probe` until it returns `Ok`; panic with its last `Err` after `timeout`.
-pub fn eventually<T>(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> Result<T, String>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match probe() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() > deadline => {
-                panic!("{what}: not reached within {timeout:?}; last seen: {last}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-}
-
-/// Run a CLI command on `cli`; its JSON answer, or its error as text.
-pub fn json(cli: &Cli, args: &[&str]) -> Result<Value, String> {
-    let mut full = vec!["--json"];
-    full.extend_from_slice(args);
-    let out = cli.run_within(&full, CLI_LIMIT);
-    if out.code != 0 {
-        return Err(format!(
-            "{args:?} on {} failed ({}): {}",
-            cli.node,
-            out.code,
-            out.stderr.trim()
-        ));
-    }
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("{args:?}: no JSON ({e}): {}", out.text()))
 }
 
 /// `nodes --json` as seen by any serving node.
@@ -214,21 +178,7 @@ pub fn submit_workload(
         );
         std::fs::write(&xf, f32_bytes(&x)).unwrap();
         std::fs::write(&yf, f32_bytes(&y)).unwrap();
-        let inputs = [
-            NamedBytes {
-                name: "x".into(),
-                data: Bytes::from(f32_bytes(&x)),
-            },
-            NamedBytes {
-                name: "y".into(),
-                data: Bytes::from(f32_bytes(&y)),
-            },
-        ];
-        let want = cpu_reference(
-            "saxpy",
-            &BTreeMap::from([("a".to_string(), "1.5".to_string())]),
-            &inputs,
-        );
+        let want = saxpy_reference("1.5", &x, &y);
         let args = vec![
             "--kernel".into(),
             "saxpy".into(),
@@ -637,21 +587,7 @@ fn three_nodes_join_by_token_and_a_follower_forwards_a_submit() {
         );
         let view = out.json();
         assert_eq!(view["state"], "succeeded", "{view}");
-        let inputs = [
-            NamedBytes {
-                name: "x".into(),
-                data: Bytes::from(f32_bytes(&x)),
-            },
-            NamedBytes {
-                name: "y".into(),
-                data: Bytes::from(f32_bytes(&y)),
-            },
-        ];
-        let want = cpu_reference(
-            "saxpy",
-            &BTreeMap::from([("a".to_string(), "-3.25".to_string())]),
-            &inputs,
-        );
+        let want = saxpy_reference("-3.25", &x, &y);
         vec![Submitted {
             id: view["id"].as_u64().unwrap(),
             args,

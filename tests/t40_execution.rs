@@ -19,16 +19,18 @@
 //! duration. The infinite kernel is the one of `mesh-node/tests/supervisor.rs`: it
 //! needs atomics and a huge grid to hang on lavapipe.
 
+use crate::support::saxpy_reference;
+pub use crate::support::{eventually, json, CLI_LIMIT, FOREVER};
 use crate::t10_single_node::task_id;
 use mesh_chaos::{lcg_f32, phase, process_exists, strip_ansi, Cli, Cluster};
-use mesh_core::builtin::{cpu_reference, f32_bytes};
+use mesh_core::builtin::f32_bytes;
 use mesh_core::task::{KernelSpec, NamedBytes, OutputDecl, TaskSpec};
 use mesh_core::Bytes;
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Bound for a workload to finish or a cluster to settle (elections, a node marked
 /// down, a task moved). Waits end as soon as the state is reached; this only turns a
@@ -38,8 +40,6 @@ pub const SETTLE: Duration = Duration::from_secs(120);
 /// kernel: were the cancelled kernel still holding the only slot, the next task would
 /// wait for that timeout and miss this deadline.
 pub const PROMPTLY: Duration = Duration::from_secs(25);
-/// How long one CLI call may take before it counts as no answer.
-pub const CLI_LIMIT: Duration = Duration::from_secs(30);
 
 /// A Mandelbrot heavy enough that each of its 8 shards takes a noticeable time here
 /// (about 2.5 s on lavapipe alone, most of it in the middle rows), so that a fault can
@@ -65,22 +65,6 @@ pub const QUICK: [&str; 8] = [
     "--param",
     "max_iter=16",
 ];
-
-/// A kernel that never ends (see `mesh-node/tests/supervisor.rs`): each invocation
-/// loops until x[0] < -1 or y[1] != 0, which never happens; lavapipe folds
-/// side-effect-free loops (hence the atomics) and caps each invocation at 65535
-/// iterations (hence 65535 x 1024 workgroups of 64).
-pub const FOREVER: &str = r#"
-@group(0) @binding(0) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read_write> y: array<atomic<u32>>;
-@compute @workgroup_size(64)
-fn main() {
-    loop {
-        if (x[0] < -1.0 || atomicLoad(&y[1]) != 0u) { break; }
-        atomicAdd(&y[0], 1u);
-    }
-}
-"#;
 
 /// A cluster that, when the test fails, prints every node's log tail and keeps its
 /// directory (logs, data) for a post-mortem.
@@ -135,7 +119,7 @@ impl Fixture {
     /// The process ids of node `i`'s GPU workers, once it has `want` of them (a
     /// replaced worker takes a moment to start).
     pub fn workers(&self, i: usize, want: usize) -> Vec<u32> {
-        until(
+        eventually(
             &format!("node {} runs {want} GPU worker process(es)", i + 1),
             SETTLE,
             || {
@@ -207,37 +191,6 @@ impl Drop for Fixture {
     }
 }
 
-/// Poll `probe` until it returns `Ok`; panic with its last `Err` after `timeout`.
-pub fn until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match probe() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() > deadline => {
-                panic!("{what}: not reached within {timeout:?}; last seen: {last}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
-/// A CLI command's JSON answer, or its error as text.
-pub fn json(cli: &Cli, args: &[&str]) -> Result<Value, String> {
-    let mut full = vec!["--json"];
-    full.extend_from_slice(args);
-    let out = cli.run_within(&full, CLI_LIMIT);
-    if out.code != 0 {
-        return Err(format!(
-            "{args:?} on {} failed ({}): {}",
-            cli.node,
-            out.code,
-            out.stderr.trim()
-        ));
-    }
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("{args:?}: no JSON ({e}): {}", out.text()))
-}
-
 /// Submit (`mesh-cli submit ARGS`); the new task's id.
 pub fn submit(cli: &Cli, args: &[&str]) -> u64 {
     let mut full = vec!["--json", "submit"];
@@ -263,7 +216,7 @@ pub fn wait_task(
     timeout: Duration,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    until(&format!("task {id} {what}"), timeout, || {
+    eventually(&format!("task {id} {what}"), timeout, || {
         let t = task(cli, id)?;
         if pred(&t) {
             Ok(t)
@@ -362,21 +315,7 @@ pub fn saxpy(dir: &Path, tag: &str, n: usize) -> (Vec<String>, Vec<u8>) {
     );
     std::fs::write(&xf, f32_bytes(&x)).unwrap();
     std::fs::write(&yf, f32_bytes(&y)).unwrap();
-    let inputs = [
-        NamedBytes {
-            name: "x".into(),
-            data: Bytes::from(f32_bytes(&x)),
-        },
-        NamedBytes {
-            name: "y".into(),
-            data: Bytes::from(f32_bytes(&y)),
-        },
-    ];
-    let want = cpu_reference(
-        "saxpy",
-        &BTreeMap::from([("a".to_string(), "-1.75".to_string())]),
-        &inputs,
-    );
+    let want = saxpy_reference("-1.75", &x, &y);
     let args = [
         "--kernel",
         "saxpy",
@@ -458,7 +397,7 @@ fn a_kernel_that_never_ends_is_killed_at_its_timeout_and_the_node_keeps_serving(
     );
 
     phase("its GPU worker process was killed and replaced");
-    until("the hung worker is gone", SETTLE, || {
+    eventually("the hung worker is gone", SETTLE, || {
         if process_exists(before[0]) {
             Err(format!("pid {} exists", before[0]))
         } else {
@@ -667,7 +606,7 @@ fn a_sharded_task_resumes_from_its_checkpoints_after_its_node_is_killed() {
     .unwrap_or_else(|e| panic!("node {victim} was never marked down: {e:#}"));
 
     phase("the task moves under a new attempt and succeeds; shards done never go back");
-    let fin = until(
+    let fin = eventually(
         &format!("task {sharded} succeeds after the move"),
         SETTLE,
         || {
@@ -768,7 +707,7 @@ fn drain_hands_a_sharded_task_back_at_a_shard_boundary_and_keeps_new_work_off() 
     assert_eq!(view["drained"], true, "{view}");
 
     phase(&format!("the task is handed back and finishes on node {y}"));
-    let fin = until(&format!("task {sharded} succeeds"), SETTLE, || {
+    let fin = eventually(&format!("task {sharded} succeeds"), SETTLE, || {
         let t = task(&cli, sharded)?;
         seen.push(t["shards_done"].as_u64().unwrap_or(0));
         if ["succeeded", "failed", "cancelled"].contains(&state(&t)) {
@@ -878,7 +817,7 @@ fn cancel_kills_a_running_kernel_and_frees_its_slot_promptly() {
     );
 
     phase("its worker process is killed and the slot serves a saxpy long before the 60s timeout");
-    until("the cancelled kernel's worker is gone", PROMPTLY, || {
+    eventually("the cancelled kernel's worker is gone", PROMPTLY, || {
         if process_exists(worker) {
             Err(format!("pid {worker} exists"))
         } else {
@@ -905,7 +844,7 @@ fn a_sigkilled_node_leaves_no_gpu_worker_behind() {
         "SIGKILL the node; its GPU worker {workers:?} must not outlive it"
     ));
     fx.kill9(0);
-    until("the killed node's GPU worker is gone", PROMPTLY, || {
+    eventually("the killed node's GPU worker is gone", PROMPTLY, || {
         let alive: Vec<u32> = workers
             .iter()
             .copied()

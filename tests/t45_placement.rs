@@ -13,7 +13,7 @@
 //! waiting task is submitted. Waits poll for a state under a generous deadline.
 
 use crate::t40_execution::{
-    brief, errors, forever_args, json, node_of, state, strs, submit, task, until, wait_task,
+    brief, errors, eventually, forever_args, json, node_of, state, strs, submit, task, wait_task,
     wait_terminal, Fixture, QUICK, SETTLE,
 };
 use mesh_chaos::{phase, Cli};
@@ -129,7 +129,7 @@ fn requirements_place_tasks_only_where_they_hold_and_explain_waits() {
 
     phase("SIGKILL node 2 (zone=b) and wait until it is marked down");
     fx.kill9(1);
-    until("node 2 is down", SETTLE, || {
+    eventually("node 2 is down", SETTLE, || {
         let v = json(&cli, &["nodes"])?;
         let h = v
             .as_array()

@@ -19,6 +19,7 @@
 //! fault is shown to have taken effect (a write that is not committed, 503, closed
 //! connections, the node's own log line) before the recovery is trusted.
 
+use crate::support::{eventually, json, CLI_LIMIT, FOREVER};
 use crate::t10_single_node::{pinned_node, task_id};
 use mesh_chaos::{bin, phase, strip_ansi, Cli, Cluster, Node, UserKey};
 use serde_json::Value;
@@ -28,8 +29,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long one CLI or ssh call may take before it counts as no answer.
-const CALL_LIMIT: Duration = Duration::from_secs(30);
 /// Bound for anything that converges (a task finishing, a gauge refreshing, an election).
 const CONVERGE: Duration = Duration::from_secs(60);
 
@@ -53,39 +52,9 @@ impl Drop for DumpLogs {
     }
 }
 
-/// Poll `probe` until it returns `Ok`; panic with its last `Err` after `timeout`.
-fn eventually<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match probe() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() > deadline => {
-                panic!("{what}: not reached within {timeout:?}; last seen: {last}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
-/// `mesh-cli --json ARGS`: the JSON answer, or the error as text.
-fn json(cli: &Cli, args: &[&str]) -> Result<Value, String> {
-    let mut full = vec!["--json"];
-    full.extend_from_slice(args);
-    let out = cli.run_within(&full, CALL_LIMIT);
-    if out.code != 0 {
-        return Err(format!(
-            "{args:?} failed ({}): {}",
-            out.code,
-            out.stderr.trim()
-        ));
-    }
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("{args:?}: no JSON ({e}): {}", out.text()))
-}
-
 /// `mesh-cli ARGS` that must be refused: its stderr, which must name `reason`.
 fn refused(cli: &Cli, args: &[&str], reason: &str) -> String {
-    let out = cli.run_within(args, CALL_LIMIT);
+    let out = cli.run_within(args, CLI_LIMIT);
     assert_ne!(
         out.code,
         0,
@@ -192,19 +161,6 @@ fn submit_small(cli: &Cli, tag: u32) -> u64 {
     .unwrap_or_else(|e| panic!("submit: {e}"));
     task_id(&v).parse().unwrap()
 }
-
-/// A kernel that never ends (until its timeout, or a cancel).
-const FOREVER: &str = r#"
-@group(0) @binding(0) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read_write> y: array<atomic<u32>>;
-@compute @workgroup_size(64)
-fn main() {
-    loop {
-        if (x[0] < -1.0 || atomicLoad(&y[1]) != 0u) { break; }
-        atomicAdd(&y[0], 1u);
-    }
-}
-"#;
 
 /// Submit [`FOREVER`] as `cli` with a long timeout; its id.
 fn submit_forever(cli: &Cli, dir: &Path) -> u64 {
@@ -339,7 +295,7 @@ fn openssh(
         .arg("x@127.0.0.1")
         .arg(command)
         .env_remove("SSH_AUTH_SOCK");
-    run_limited(cmd, stdin, CALL_LIMIT)
+    run_limited(cmd, stdin, CLI_LIMIT)
 }
 
 /// `GET path` on `127.0.0.1:port` over a plain TCP stream: (status code, body).
@@ -567,7 +523,7 @@ fn roles_bound_every_key_and_every_refusal_is_audited() {
 
     phase("a removed key loses access at once");
     json(&admin, &["keys", "remove", &b_fp]).unwrap();
-    let out = b.run_within(&["--json", "tasks"], CALL_LIMIT);
+    let out = b.run_within(&["--json", "tasks"], CLI_LIMIT);
     assert_ne!(
         out.code,
         0,
@@ -587,7 +543,7 @@ fn roles_bound_every_key_and_every_refusal_is_audited() {
     phase("an unknown key gets nothing: authentication fails, nothing is audited under it");
     let stranger_key = UserKey::generate(dir.path(), "stranger").unwrap();
     let stranger_fp = fingerprint(&stranger_key);
-    let out = as_key(&admin, &stranger_key).run_within(&["--json", "status"], CALL_LIMIT);
+    let out = as_key(&admin, &stranger_key).run_within(&["--json", "status"], CLI_LIMIT);
     assert_ne!(out.code, 0, "an unknown key ran status: {}", out.text());
     assert!(
         !out.text().contains("\"role\""),
@@ -953,7 +909,7 @@ fn a_flood_of_bad_logins_shuts_its_address_out_while_a_good_client_keeps_working
         std::thread::spawn(move || {
             let mut results = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let out = admin.run_within(&["--json", "status"], CALL_LIMIT);
+                let out = admin.run_within(&["--json", "status"], CLI_LIMIT);
                 results.push((out.code, out.stderr));
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -1099,7 +1055,7 @@ fn a_snapshot_restores_tasks_results_keys_and_audit_into_a_new_mesh() {
                 "--output",
                 result_file.to_str().unwrap(),
             ],
-            CALL_LIMIT,
+            CLI_LIMIT,
         )
         .ok();
 
@@ -1164,7 +1120,7 @@ fn a_snapshot_restores_tasks_results_keys_and_audit_into_a_new_mesh() {
                 &restored.ssh_addr(),
                 &restored.fingerprint().unwrap(),
             ],
-            CALL_LIMIT,
+            CLI_LIMIT,
         )
         .ok();
 
@@ -1202,7 +1158,7 @@ fn a_snapshot_restores_tasks_results_keys_and_audit_into_a_new_mesh() {
                 "--output",
                 result_after.to_str().unwrap(),
             ],
-            CALL_LIMIT,
+            CLI_LIMIT,
         )
         .ok();
     assert_eq!(
@@ -1414,7 +1370,7 @@ fn config_check_names_unknown_keys_and_a_node_honours_its_file_with_flags_first(
     };
     cli.run_within(
         &["pin", &node.ssh_addr(), &node.fingerprint().unwrap()],
-        CALL_LIMIT,
+        CLI_LIMIT,
     )
     .ok();
     let nodes = json(&cli, &["nodes"]).unwrap();

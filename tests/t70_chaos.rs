@@ -11,24 +11,31 @@ use mesh_chaos::{bin, phase};
 use serde_json::Value;
 use std::process::Command;
 
+/// `mesh-chaos run smoke ARGS --duration 20s --report REPORT`.
+fn run_smoke(args: &[&str], report: &std::path::Path) -> std::process::Output {
+    phase(&format!(
+        "mesh-chaos run smoke {} --duration 20s",
+        args.join(" ")
+    ));
+    Command::new(bin("mesh-chaos"))
+        .args(["run", "smoke"])
+        .args(args)
+        .args(["--duration", "20s", "--report"])
+        .arg(report)
+        .output()
+        .expect("run mesh-chaos")
+}
+
+/// A run's report.json.
+fn report_json(report: &std::path::Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap()).unwrap()
+}
+
 #[test]
 fn smoke_scenario_holds_every_invariant_and_reports_its_seed() {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("report");
-    phase("mesh-chaos run smoke --seed 1 --duration 20s");
-    let out = Command::new(bin("mesh-chaos"))
-        .args([
-            "run",
-            "smoke",
-            "--seed",
-            "1",
-            "--duration",
-            "20s",
-            "--report",
-        ])
-        .arg(&report)
-        .output()
-        .expect("run mesh-chaos");
+    let out = run_smoke(&["--seed", "1"], &report);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let md = std::fs::read_to_string(report.join("report.md")).unwrap_or_default();
     assert_eq!(
@@ -54,9 +61,7 @@ fn smoke_scenario_holds_every_invariant_and_reports_its_seed() {
         md.contains("seed 1") && md.contains("PASS"),
         "report.md: {md}"
     );
-    let json: Value =
-        serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
-            .unwrap();
+    let json = report_json(&report);
     assert_eq!(
         (
             json["scenario"].as_str(),
@@ -154,21 +159,7 @@ fn smoke_with_nodes_in_network_namespaces_partitions_with_nftables() {
             "MESH_CHAOS_REQUIRE_NETNS is set but namespaces are not available: {why}"
         );
     }
-    phase("mesh-chaos run smoke --netns --seed 2 --duration 20s");
-    let out = Command::new(bin("mesh-chaos"))
-        .args([
-            "run",
-            "smoke",
-            "--netns",
-            "--seed",
-            "2",
-            "--duration",
-            "20s",
-            "--report",
-        ])
-        .arg(&report)
-        .output()
-        .expect("run mesh-chaos");
+    let out = run_smoke(&["--netns", "--seed", "2"], &report);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if let Err(why) = available {
@@ -183,9 +174,7 @@ fn smoke_with_nodes_in_network_namespaces_partitions_with_nftables() {
         Some(0),
         "mesh-chaos smoke --netns failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nreport:\n{md}"
     );
-    let json: Value =
-        serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
-            .unwrap();
+    let json = report_json(&report);
     let faults = json["faults"].as_array().unwrap();
     assert!(
         faults.iter().any(|f| f["effect"]

@@ -460,57 +460,15 @@ impl Cli {
     /// [`Cli::run`], killed after `limit`: a node that is paused or cut off can keep an
     /// SSH session open forever. A run that was killed has code -1 and says so on stderr.
     pub fn run_within(&self, args: &[&str], limit: Duration) -> CliOutput {
-        let mut child = command_for_host(bin("mesh-cli"), self.host())
-            .arg("--node")
+        let mut cmd = command_for_host(bin("mesh-cli"), self.host());
+        cmd.arg("--node")
             .arg(&self.node)
             .arg("--identity")
             .arg(&self.identity)
             .arg("--known-hosts")
             .arg(&self.known_hosts)
-            .args(args)
-            .env_remove("SSH_AUTH_SOCK")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run mesh-cli");
-        let drain = |mut r: Box<dyn std::io::Read + Send>| {
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let _ = r.read_to_end(&mut buf);
-                buf
-            })
-        };
-        let stdout = drain(Box::new(child.stdout.take().expect("piped")));
-        let stderr = drain(Box::new(child.stderr.take().expect("piped")));
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            match child.try_wait().expect("wait for mesh-cli") {
-                Some(status) => break Some(status),
-                None if Instant::now() > deadline => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break None;
-                }
-                None => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        let stdout = stdout.join().unwrap_or_default();
-        let mut stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
-        let code = match status {
-            Some(s) => s.code().unwrap_or(-1),
-            None => {
-                stderr.push_str(&format!(
-                    "mesh-cli {args:?} killed after {limit:?} without an answer\n"
-                ));
-                -1
-            }
-        };
-        CliOutput {
-            code,
-            stdout,
-            stderr,
-        }
+            .args(args);
+        output_within(cmd, limit, &format!("mesh-cli {}", args.join(" ")))
     }
 }
 
@@ -541,63 +499,7 @@ impl Cluster {
     /// Start `n` nodes with `extra` arguments each (e.g. `--voters 5`), joined with one
     /// token, and wait until every node is registered.
     pub fn start(dir: &Path, n: usize, extra: &[&str]) -> Result<Cluster> {
-        let admin = UserKey::generate(dir, "admin")?;
-        let first = Node::start_with(&dir.join("node1"), &[&admin.public], extra)?;
-        let mut cluster = Cluster {
-            nodes: vec![first],
-            admin,
-            dir: dir.into(),
-        };
-        if n > 1 {
-            let cli = cluster.cli(0);
-            let out = cli.run(&[
-                "--json",
-                "token",
-                "create",
-                "--uses",
-                &(n - 1).to_string(),
-                "--ttl",
-                "10m",
-            ]);
-            if out.code != 0 {
-                bail!("token create failed: {}", out.stderr);
-            }
-            let token = out.json()["token"]
-                .as_str()
-                .context("no token in reply")?
-                .to_string();
-            for i in 2..=n {
-                let mut args: Vec<&str> = extra.to_vec();
-                args.extend(["--join", token.as_str()]);
-                let node = Node::start_with(
-                    &dir.join(format!("node{i}")),
-                    &[&cluster.admin.public],
-                    &args,
-                )?;
-                cluster.nodes.push(node);
-            }
-        }
-        // Ready when every node is registered and the voter set has reached its size:
-        // the largest odd number up to min(n, --voters).
-        let target: usize = extra
-            .iter()
-            .position(|a| *a == "--voters")
-            .and_then(|i| extra.get(i + 1))
-            .map_or(3, |v| v.parse().unwrap_or(3));
-        let mut voters = n.min(target);
-        if voters.is_multiple_of(2) {
-            voters -= 1;
-        }
-        cluster.wait_for(Duration::from_secs(60), |nodes| {
-            nodes.as_array().is_some_and(|a| {
-                a.len() >= n
-                    && a.iter()
-                        .filter(|x| x["role"] == "leader" || x["role"] == "follower")
-                        .count()
-                        == voters
-            })
-        })?;
-        Ok(cluster)
+        Cluster::start_each(dir, &vec![extra; n])
     }
 
     /// A pinned client for node `i` (index into `nodes`).
@@ -801,50 +703,19 @@ impl Cluster {
     /// (labels, slots, budgets differ per node). The voter count is read from the first
     /// node's `--voters` (default 3).
     pub fn start_each(dir: &Path, per_node: &[&[&str]]) -> Result<Cluster> {
-        let n = per_node.len();
-        if n == 0 {
-            bail!("start_each needs at least one node");
-        }
-        let admin = UserKey::generate(dir, "admin")?;
-        let first = Node::start_with(&dir.join("node1"), &[&admin.public], per_node[0])?;
-        let mut cluster = Cluster {
-            nodes: vec![first],
-            admin,
-            dir: dir.into(),
-        };
-        if n > 1 {
-            let token = cluster.token(n as u32 - 1, "10m")?;
-            for (i, extra) in per_node.iter().enumerate().skip(1) {
-                let mut args: Vec<&str> = extra.to_vec();
-                args.extend(["--join", token.as_str()]);
-                let node = Node::start_with(
-                    &dir.join(format!("node{}", i + 1)),
-                    &[&cluster.admin.public],
-                    &args,
-                )?;
-                cluster.nodes.push(node);
-            }
-        }
-        let first = per_node[0];
-        let target: usize = first
+        let ports: Vec<NodePorts> = per_node
             .iter()
-            .position(|a| *a == "--voters")
-            .and_then(|i| first.get(i + 1))
-            .map_or(3, |v| v.parse().unwrap_or(3));
-        let mut voters = n.min(target);
-        if voters.is_multiple_of(2) {
-            voters -= 1;
-        }
-        cluster.wait_for(Duration::from_secs(60), |nodes| {
-            nodes.as_array().is_some_and(|a| {
-                a.len() >= n
-                    && a.iter()
-                        .filter(|x| x["role"] == "leader" || x["role"] == "follower")
-                        .count()
-                        == voters
+            .map(|_| NodePorts {
+                ssh: free_port(),
+                http: free_port(),
+                raft: free_port(),
             })
-        })?;
-        Ok(cluster)
+            .collect();
+        let per_node: Vec<Vec<String>> = per_node
+            .iter()
+            .map(|args| args.iter().map(|a| a.to_string()).collect())
+            .collect();
+        Cluster::start_on(dir, None, &ports, &per_node)
     }
 }
 

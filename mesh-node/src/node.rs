@@ -176,7 +176,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         mut state_machine,
     } = store;
     if let Membership::Existing(_) = membership {
-        let (local, peers) = local_progress(node, &mut log_store, &mut state_machine).await?;
+        let (local, peers) =
+            rollback_guard::read_local(node, &mut log_store, &mut state_machine).await?;
         let verdict =
             rollback_guard::check(node, local, &peers, &clients, rollback_guard::WAIT).await;
         rollback_guard::enforce(verdict, &config.data_dir)?;
@@ -381,58 +382,6 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         .await
         .map_err(|e| anyhow::anyhow!("raft shutdown: {e}"))?;
     Ok(())
-}
-
-/// What this node's storage holds (last log index, vote term) and its fellow members,
-/// read before Raft starts.
-async fn local_progress(
-    node: NodeId,
-    log: &mut crate::store::LogStore,
-    state_machine: &mut crate::store::StateMachineStore,
-) -> anyhow::Result<(rollback_guard::Local, Vec<(NodeId, MeshNode)>)> {
-    use openraft::storage::{RaftLogReader, RaftLogStorage, RaftStateMachine};
-    let state = log
-        .get_log_state()
-        .await
-        .context("cannot read the Raft log state")?;
-    let vote = log.read_vote().await.context("cannot read the Raft vote")?;
-    let (_, applied) = state_machine
-        .applied_state()
-        .await
-        .context("cannot read the applied membership")?;
-    // The newest membership: in the log (not applied yet: openraft applies it again
-    // when it starts) or else in the snapshot the state machine was loaded from.
-    let mut membership = applied.membership().clone();
-    let last = state.last_log_id.map_or(0, |l| l.index);
-    let first = state.last_purged_log_id.map_or(0, |l| l.index + 1);
-    let mut hi = last;
-    'scan: while hi >= first && hi > 0 {
-        let lo = hi.saturating_sub(63).max(first);
-        let entries = log
-            .try_get_log_entries(lo..hi + 1)
-            .await
-            .context("cannot read the Raft log")?;
-        for e in entries.iter().rev() {
-            if let openraft::EntryPayload::Membership(m) = &e.payload {
-                membership = m.clone();
-                break 'scan;
-            }
-        }
-        if lo == first {
-            break;
-        }
-        hi = lo - 1;
-    }
-    let peers = membership
-        .nodes()
-        .filter(|(id, _)| **id != node.0)
-        .map(|(id, n)| (NodeId(*id), n.clone()))
-        .collect();
-    let local = rollback_guard::Local {
-        last_index: state.last_log_id.map_or(0, |l| l.index),
-        term: vote.map_or(0, |v| v.leader_id().term),
-    };
-    Ok((local, peers))
 }
 
 /// Dial the seed named in the token, check its key against the token's pin, present

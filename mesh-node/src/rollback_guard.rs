@@ -13,8 +13,10 @@
 //! no leader to ask; the node then starts after the wait, with a warning.
 
 use crate::peer::clients::PeerClients;
+use anyhow::Context;
 use mesh_core::{MeshNode, NodeId};
 use mesh_proto::v1::ProgressRequest;
+use openraft::storage::{RaftLogReader, RaftLogStorage, RaftStateMachine};
 use std::time::Duration;
 use tracing::{debug, info, warn};
 
@@ -55,6 +57,57 @@ pub enum Verdict {
         /// The index this directory ends at.
         local: u64,
     },
+}
+
+/// What this node's storage holds (last log index, vote term) and its fellow members,
+/// read before Raft starts.
+pub async fn read_local(
+    node: NodeId,
+    log: &mut crate::store::LogStore,
+    state_machine: &mut crate::store::StateMachineStore,
+) -> anyhow::Result<(Local, Vec<(NodeId, MeshNode)>)> {
+    let state = log
+        .get_log_state()
+        .await
+        .context("cannot read the Raft log state")?;
+    let vote = log.read_vote().await.context("cannot read the Raft vote")?;
+    let (_, applied) = state_machine
+        .applied_state()
+        .await
+        .context("cannot read the applied membership")?;
+    // The newest membership: in the log (not applied yet: openraft applies it again
+    // when it starts) or else in the snapshot the state machine was loaded from.
+    let mut membership = applied.membership().clone();
+    let last = state.last_log_id.map_or(0, |l| l.index);
+    let first = state.last_purged_log_id.map_or(0, |l| l.index + 1);
+    let mut hi = last;
+    'scan: while hi >= first && hi > 0 {
+        let lo = hi.saturating_sub(63).max(first);
+        let entries = log
+            .try_get_log_entries(lo..hi + 1)
+            .await
+            .context("cannot read the Raft log")?;
+        for e in entries.iter().rev() {
+            if let openraft::EntryPayload::Membership(m) = &e.payload {
+                membership = m.clone();
+                break 'scan;
+            }
+        }
+        if lo == first {
+            break;
+        }
+        hi = lo - 1;
+    }
+    let peers = membership
+        .nodes()
+        .filter(|(id, _)| **id != node.0)
+        .map(|(id, n)| (NodeId(*id), n.clone()))
+        .collect();
+    let local = Local {
+        last_index: state.last_log_id.map_or(0, |l| l.index),
+        term: vote.map_or(0, |v| v.leader_id().term),
+    };
+    Ok((local, peers))
 }
 
 /// Ask `peers` (this node's fellow members) until the leader answers or `wait` ends.

@@ -19,7 +19,8 @@ pub mod pb {
     tonic::include_proto!("etcdserverpb");
 }
 
-/// Where Debian's `etcd-server` installs the daemon.
+/// The etcd daemon, from PATH (Debian's `etcd-server` installs it as /usr/bin/etcd;
+/// scripts/bench puts that binary in /usr/local/bin).
 const ETCD_BIN: &str = "etcd";
 /// Members of the cluster.
 pub const MEMBERS: usize = 3;

@@ -375,6 +375,18 @@ struct Ratio {
     p99_ratio: f64,
 }
 
+/// Mesh's figures over etcd's, point by point (same client counts, in order).
+fn ratios(mesh: &[Point], etcd: &[Point]) -> Vec<Ratio> {
+    mesh.iter()
+        .zip(etcd)
+        .map(|(m, e)| Ratio {
+            clients: m.clients,
+            throughput_ratio: m.ops_per_sec.median / e.ops_per_sec.median.max(f64::MIN_POSITIVE),
+            p99_ratio: m.p99_ms.median / e.p99_ms.median.max(f64::MIN_POSITIVE),
+        })
+        .collect()
+}
+
 fn compare_etcd(rt: &Runtime, a: &LoadArgs) -> Result<(Vec<Point>, Vec<Ratio>, String)> {
     let version = etcd::etcd_version()?;
     let mesh_args = LoadArgs {
@@ -383,15 +395,7 @@ fn compare_etcd(rt: &Runtime, a: &LoadArgs) -> Result<(Vec<Point>, Vec<Ratio>, S
     };
     let mesh = load_points(rt, "submit", &mesh_args, None)?;
     let etcd = load_points(rt, "etcd", a, None)?;
-    let ratios: Vec<Ratio> = mesh
-        .iter()
-        .zip(&etcd)
-        .map(|(m, e)| Ratio {
-            clients: m.clients,
-            throughput_ratio: m.ops_per_sec.median / e.ops_per_sec.median.max(f64::MIN_POSITIVE),
-            p99_ratio: m.p99_ms.median / e.p99_ms.median.max(f64::MIN_POSITIVE),
-        })
-        .collect();
+    let ratios = ratios(&mesh, &etcd);
     if a.json {
         println!(
             "{}",
@@ -448,15 +452,7 @@ fn all(
     let etcd = load_points(rt, "etcd", &base, None)?;
     let mesh3: Vec<Point> = submit.iter().filter(|p| p.nodes == 3).cloned().collect();
     let version = etcd::etcd_version()?;
-    let ratios: Vec<Ratio> = mesh3
-        .iter()
-        .zip(&etcd)
-        .map(|(m, e)| Ratio {
-            clients: m.clients,
-            throughput_ratio: m.ops_per_sec.median / e.ops_per_sec.median.max(f64::MIN_POSITIVE),
-            p99_ratio: m.p99_ms.median / e.p99_ms.median.max(f64::MIN_POSITIVE),
-        })
-        .collect();
+    let ratios = ratios(&mesh3, &etcd);
     md.push_str(&format!(
         "\n## compare-etcd\n\n{}",
         comparison_table(&mesh3, &etcd, &ratios, &version)
@@ -477,10 +473,11 @@ fn all(
         ..base.clone()
     };
     let e2e = load_points(rt, "end-to-end", &e2e_args, None)?;
+    let status = load_points(rt, "status", &e2e_args, None)?;
     md.push_str(&format!(
-        "\n## submit-batch (1000 tasks per request) and end-to-end\n\n{TABLE_HEAD}\n"
+        "\n## submit-batch (1000 tasks per request), end-to-end, status (the SSH floor)\n\n{TABLE_HEAD}\n"
     ));
-    for p in batch.iter().chain(&e2e) {
+    for p in batch.iter().chain(&e2e).chain(&status) {
         md.push_str(&format!("{}\n", p.line()));
     }
     let failover = timed(rt, "failover", 3, runs.max(5))?;
@@ -509,6 +506,7 @@ fn all(
     results.insert("ratios".into(), serde_json::to_value(&ratios)?);
     results.insert("submit_batch".into(), serde_json::to_value(&batch)?);
     results.insert("end_to_end".into(), serde_json::to_value(&e2e)?);
+    results.insert("status".into(), serde_json::to_value(&status)?);
     results.insert("failover_ms".into(), serde_json::to_value(&failover)?);
     results.insert("reassign_ms".into(), serde_json::to_value(&reassign)?);
     results.insert("join".into(), serde_json::to_value(&join)?);

@@ -57,19 +57,13 @@ pub fn tiny_spec(key: String) -> TaskSpec {
     }
 }
 
-/// One client's session.
-pub struct MeshClient {
-    /// The session.
-    pub conn: Connection,
-}
-
 /// Generate `n` user keys, register them as submitters (the per-key submit rate limit
 /// is per client, as for real users), and open one session per key to node `target`.
 pub async fn connect_clients(
     cluster: &Cluster,
     target: usize,
     n: usize,
-) -> Result<Vec<Arc<MeshClient>>> {
+) -> Result<Vec<Arc<Connection>>> {
     let keys_dir = cluster.dir.join("bench-keys");
     std::fs::create_dir_all(&keys_dir)?;
     let mut keys = Vec::new();
@@ -89,9 +83,7 @@ pub async fn connect_clients(
     admin.close().await;
     let mut clients = Vec::new();
     for k in &keys {
-        clients.push(Arc::new(MeshClient {
-            conn: open(cluster, target, &k.private).await?,
-        }));
+        clients.push(Arc::new(open(cluster, target, &k.private).await?));
     }
     Ok(clients)
 }
@@ -106,63 +98,76 @@ pub async fn open(cluster: &Cluster, i: usize, identity: &Path) -> Result<Connec
         .with_context(|| format!("cannot open an SSH session to node {}", i + 1))
 }
 
+/// Run one protocol command; its standard output, or an error naming `what` failed.
+async fn exec(conn: &Connection, command: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>> {
+    let out = conn.exec(command, body).await?;
+    if out.exit_status != Some(0) {
+        bail!("{command} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out.stdout)
+}
+
+/// Submit `tiny_spec(key)` and wait for the commit acknowledgement.
+pub async fn submit(conn: &Connection, key: String) -> Result<SubmitReply> {
+    let body = serde_json::to_vec(&tiny_spec(key))?;
+    Ok(serde_json::from_slice(
+        &exec(conn, "submit --json", Some(body)).await?,
+    )?)
+}
+
 /// Submit one task per request and wait for the commit acknowledgement.
-pub fn submit_op(run: &str) -> Op<MeshClient> {
+pub fn submit_op(run: &str) -> Op<Connection> {
     let run = run.to_string();
-    Arc::new(move |c: Arc<MeshClient>, i, seq| {
+    Arc::new(move |c: Arc<Connection>, i, seq| {
         let key = format!("{run}-{i}-{seq}");
         Box::pin(async move {
-            let body = serde_json::to_vec(&tiny_spec(key))?;
-            let out = c.conn.exec("submit --json", Some(body)).await?;
-            if out.exit_status != Some(0) {
-                bail!("submit failed: {}", String::from_utf8_lossy(&out.stderr));
-            }
-            let _: SubmitReply = serde_json::from_slice(&out.stdout)?;
+            submit(&c, key).await?;
+            Ok(1)
+        })
+    })
+}
+
+/// Submit one tiny task per request and `wait` until its result is recorded.
+pub fn end_to_end_op(run: &str) -> Op<Connection> {
+    let run = run.to_string();
+    Arc::new(move |c: Arc<Connection>, i, seq| {
+        let key = format!("{run}-{i}-{seq}");
+        Box::pin(async move {
+            let r = submit(&c, key).await?;
+            exec(&c, &format!("wait {} --json", r.task), None).await?;
             Ok(1)
         })
     })
 }
 
 /// Submit `batch` tasks per request with `submit-batch`.
-pub fn batch_op(run: &str, batch: usize) -> Op<MeshClient> {
+pub fn batch_op(run: &str, batch: usize) -> Op<Connection> {
     let run = run.to_string();
-    Arc::new(move |c: Arc<MeshClient>, i, seq| {
+    Arc::new(move |c: Arc<Connection>, i, seq| {
         let specs: Vec<TaskSpec> = (0..batch)
             .map(|k| tiny_spec(format!("{run}-{i}-{seq}-{k}")))
             .collect();
         Box::pin(async move {
             let body = serde_json::to_vec(&specs)?;
-            let out = c.conn.exec("submit-batch --json", Some(body)).await?;
-            if out.exit_status != Some(0) {
-                bail!(
-                    "submit-batch failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            let replies: Vec<BatchItemReply> = serde_json::from_slice(&out.stdout)?;
-            let ok = replies
+            let out = exec(&c, "submit-batch --json", Some(body)).await?;
+            let replies: Vec<BatchItemReply> = serde_json::from_slice(&out)?;
+            if let Some((k, BatchItemReply::Refused { error })) = replies
                 .iter()
-                .filter(|r| matches!(r, BatchItemReply::Submitted(_)))
-                .count();
-            if let Some(BatchItemReply::Refused { error }) = replies
-                .iter()
-                .find(|r| matches!(r, BatchItemReply::Refused { .. }))
+                .enumerate()
+                .find(|(_, r)| matches!(r, BatchItemReply::Refused { .. }))
             {
-                bail!("{} of {batch} tasks refused: {error}", batch - ok);
+                bail!("task {k} of the batch of {batch} was refused: {error}");
             }
-            Ok(ok as u64)
+            Ok(replies.len() as u64)
         })
     })
 }
 
 /// A read that involves no Raft round (`status`): the floor the SSH protocol sets.
-pub fn status_op() -> Op<MeshClient> {
-    Arc::new(|c: Arc<MeshClient>, _, _| {
+pub fn status_op() -> Op<Connection> {
+    Arc::new(|c: Arc<Connection>, _, _| {
         Box::pin(async move {
-            let out = c.conn.exec("status --json", None).await?;
-            if out.exit_status != Some(0) {
-                bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
-            }
+            exec(&c, "status --json", None).await?;
             Ok(1)
         })
     })

@@ -28,6 +28,22 @@ pub fn load_cluster(dir: &std::path::Path, nodes: usize) -> Result<(Cluster, usi
     Ok((cluster, leader))
 }
 
+/// `clients` sessions to node `target` (one user key each) running `op` for
+/// `duration` (after the warm-up).
+fn drive_mesh(
+    rt: &Runtime,
+    cluster: &Cluster,
+    target: usize,
+    clients: usize,
+    duration: Duration,
+    op: super::load::Op<mesh_cli::connection::Connection>,
+) -> Result<LoadStats> {
+    rt.block_on(async {
+        let sessions = connect_clients(cluster, target, clients).await?;
+        Ok(drive(sessions, duration, op).await)
+    })
+}
+
 /// Committed single submits from `clients` concurrent clients on a `nodes` mesh.
 pub fn submit(rt: &Runtime, nodes: usize, clients: usize, duration: Duration) -> Result<LoadStats> {
     let dir = tempfile::tempdir()?;
@@ -40,10 +56,7 @@ pub fn submit(rt: &Runtime, nodes: usize, clients: usize, duration: Duration) ->
         out.json()["term"].as_u64().context("no term in status")
     };
     let before = term(&cluster)?;
-    let mut stats = rt.block_on(async {
-        let sessions = connect_clients(&cluster, leader, clients).await?;
-        anyhow::Ok(drive(sessions, duration, submit_op("s")).await)
-    })?;
+    let mut stats = drive_mesh(rt, &cluster, leader, clients, duration, submit_op("s"))?;
     // A saturated leader must keep its followers' election timers quiet.
     stats.elections = Some(term(&cluster)? - before);
     Ok(stats)
@@ -56,10 +69,14 @@ pub fn status(rt: &Runtime, nodes: usize, clients: usize, duration: Duration) ->
     phase(&format!(
         "status: {clients} client(s) on {nodes} node(s) for {duration:?}"
     ));
-    rt.block_on(async {
-        let sessions = connect_clients(&cluster, leader, clients).await?;
-        Ok(drive(sessions, duration, mesh_load::status_op()).await)
-    })
+    drive_mesh(
+        rt,
+        &cluster,
+        leader,
+        clients,
+        duration,
+        mesh_load::status_op(),
+    )
 }
 
 /// Committed tasks per second when each request is a `submit-batch` of `batch` tasks.
@@ -75,10 +92,14 @@ pub fn submit_batch(
     phase(&format!(
         "submit-batch: {clients} client(s) x {batch} tasks on {nodes} node(s) for {duration:?}"
     ));
-    rt.block_on(async {
-        let sessions = connect_clients(&cluster, leader, clients).await?;
-        Ok(drive(sessions, duration, batch_op("b", batch)).await)
-    })
+    drive_mesh(
+        rt,
+        &cluster,
+        leader,
+        clients,
+        duration,
+        batch_op("b", batch),
+    )
 }
 
 /// etcd puts from `clients` concurrent clients on a 3-member cluster.
@@ -111,33 +132,14 @@ pub fn end_to_end(
     phase(&format!(
         "end-to-end: {clients} client(s) on {nodes} node(s) for {duration:?}"
     ));
-    rt.block_on(async {
-        let sessions = connect_clients(&cluster, leader, clients).await?;
-        let op: super::load::Op<mesh_load::MeshClient> =
-            std::sync::Arc::new(|c: std::sync::Arc<mesh_load::MeshClient>, i, seq| {
-                Box::pin(async move {
-                    let body = serde_json::to_vec(&mesh_load::tiny_spec(format!("e-{i}-{seq}")))?;
-                    let out = c.conn.exec("submit --json", Some(body)).await?;
-                    if out.exit_status != Some(0) {
-                        bail!("submit failed: {}", String::from_utf8_lossy(&out.stderr));
-                    }
-                    let r: mesh_core::api::SubmitReply = serde_json::from_slice(&out.stdout)?;
-                    let out = c
-                        .conn
-                        .exec(&format!("wait {} --json", r.task), None)
-                        .await?;
-                    if out.exit_status != Some(0) {
-                        bail!(
-                            "task {} did not succeed: {}",
-                            r.task,
-                            String::from_utf8_lossy(&out.stdout)
-                        );
-                    }
-                    Ok(1)
-                })
-            });
-        Ok(drive(sessions, duration, op).await)
-    })
+    drive_mesh(
+        rt,
+        &cluster,
+        leader,
+        clients,
+        duration,
+        mesh_load::end_to_end_op("e"),
+    )
 }
 
 /// What `join` measured.
@@ -293,27 +295,17 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 
 /// Kill the leader; time until a submit through a survivor is acknowledged
 /// (committed). The survivor is asked over one in-process SSH session, so the figure
-/// holds no process starts; the time at which the survivor first names a new leader
-/// is logged beside it.
+/// holds no process starts.
 pub fn failover(rt: &Runtime, mut cluster: Cluster) -> Result<f64> {
     let leader = cluster.leader().context("no leader")?;
-    let old = leader as u64 + 1;
     let survivor = (0..cluster.nodes.len())
         .find(|i| *i != leader)
         .expect("3+ nodes");
     let conn = rt.block_on(mesh_load::open(&cluster, survivor, &cluster.admin.private))?;
     let submit = |key: String| -> Result<()> {
-        let body = serde_json::to_vec(&mesh_load::tiny_spec(key))?;
-        let out = rt.block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                conn.exec("submit --json", Some(body)),
-            )
-            .await
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), mesh_load::submit(&conn, key)).await
         })??;
-        if out.exit_status != Some(0) {
-            bail!("{}", String::from_utf8_lossy(&out.stderr));
-        }
         Ok(())
     };
     if let Err(e) = submit("warm-up".into()) {
@@ -321,32 +313,16 @@ pub fn failover(rt: &Runtime, mut cluster: Cluster) -> Result<f64> {
     }
     let start = Instant::now();
     cluster.nodes[leader].kill9();
-    let mut elected = None;
-    let mut n = 0;
-    loop {
-        n += 1;
-        if elected.is_none() {
-            let status = rt.block_on(conn.exec("status --json", None))?;
-            let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_default();
-            if s["leader"].as_u64().is_some_and(|l| l != old) {
-                elected = Some(start.elapsed());
-            }
-        }
+    for n in 1.. {
         match submit(format!("after-{n}")) {
-            Ok(()) => {
-                let ms = start.elapsed().as_secs_f64() * 1000.0;
-                phase(&format!(
-                    "failover: new leader known to the survivor after {} ms, first commit after {ms:.0} ms",
-                    elected.map_or("?".into(), |d| format!("{:.0}", d.as_secs_f64() * 1000.0))
-                ));
-                return Ok(ms);
-            }
+            Ok(()) => break,
             Err(e) if start.elapsed() > Duration::from_secs(30) => {
                 bail!("no submit committed within 30 s of the leader kill; last error: {e}")
             }
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
+    Ok(start.elapsed().as_secs_f64() * 1000.0)
 }
 
 /// Kill a worker while it runs a task; time until that task runs on another node.

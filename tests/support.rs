@@ -1,0 +1,83 @@
+//! Helpers every integration test file shares: polling for a state, CLI calls that
+//! answer JSON, the kernel that never ends, and the CPU reference of a saxpy.
+
+use mesh_chaos::Cli;
+use mesh_core::builtin::{cpu_reference, f32_bytes};
+use mesh_core::task::NamedBytes;
+use mesh_core::Bytes;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// How long one CLI call may take before it counts as no answer.
+pub const CLI_LIMIT: Duration = Duration::from_secs(30);
+
+/// Poll `probe` until it returns `Ok`; panic with its last `Err` after `timeout`.
+pub fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() > deadline => {
+                panic!("{what}: not reached within {timeout:?}; last seen: {last}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// `mesh-cli --json ARGS` on `cli`: its JSON answer, or its error as text.
+pub fn json(cli: &Cli, args: &[&str]) -> Result<Value, String> {
+    let mut full = vec!["--json"];
+    full.extend_from_slice(args);
+    let out = cli.run_within(&full, CLI_LIMIT);
+    if out.code != 0 {
+        return Err(format!(
+            "{args:?} on {} failed ({}): {}",
+            cli.node,
+            out.code,
+            out.stderr.trim()
+        ));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("{args:?}: no JSON ({e}): {}", out.text()))
+}
+
+/// A kernel that never ends (until its timeout, or a cancel): each invocation
+/// loops until x[0] < -1 or y[1] != 0, which never happens; lavapipe folds
+/// side-effect-free loops (hence the atomics) and caps each invocation at 65535
+/// iterations (hence 65535 x 1024 workgroups of 64).
+pub const FOREVER: &str = r#"
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> y: array<atomic<u32>>;
+@compute @workgroup_size(64)
+fn main() {
+    loop {
+        if (x[0] < -1.0 || atomicLoad(&y[1]) != 0u) { break; }
+        atomicAdd(&y[0], 1u);
+    }
+}
+"#;
+
+/// The bytes `saxpy` with `a` must produce for `x` and `y` (mesh-core's CPU reference).
+pub fn saxpy_reference(a: &str, x: &[f32], y: &[f32]) -> Vec<u8> {
+    let inputs = [
+        NamedBytes {
+            name: "x".into(),
+            data: Bytes::from(f32_bytes(x)),
+        },
+        NamedBytes {
+            name: "y".into(),
+            data: Bytes::from(f32_bytes(y)),
+        },
+    ];
+    cpu_reference(
+        "saxpy",
+        &BTreeMap::from([("a".to_string(), a.to_string())]),
+        &inputs,
+    )
+}
