@@ -51,23 +51,27 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
 /// The only gRPC method an unpinned key may call.
 const JOIN_METHOD: &[&str] = &["/mesh.v1.Mesh/Join"];
 
-/// Raft timing: heartbeats every 50 ms, elections after 200-400 ms of silence.
-/// openraft's voters honour the old leader's lease for `election_timeout_max`, so a
-/// failover takes about two timeouts (~0.7 s here). Shorter timeouts fail over
-/// faster but, on a saturated 2-core machine, let late heartbeats start spurious
-/// elections (docs/benchmarks.md counts them: 120-240 ms gave 4 in a saturated 20 s
-/// run, 150-300 ms 2 at 16 clients, 200-400 ms none). openraft 0.9 gives an
+/// Raft timing: heartbeats every 50 ms, elections after 150-300 ms of silence.
+/// openraft 0.9's voters honour the old leader's lease for `election_timeout_max`
+/// before their own timeout starts, so a failover takes 450-600 ms (~0.55 s measured).
+/// Shorter timeouts fail over faster but let the stalls of a saturated 2-core machine
+/// start spurious elections (mesh-bench, saturated minute at 16 and 256 clients:
+/// 120-240 ms gave 1-2, 150-300 ms and 200-400 ms none). openraft 0.9 gives an
 /// AppendEntries the heartbeat interval as its timeout, so one RPC must stay small:
 /// at most 2 entries of at most 1 MiB of batched commands each
 /// (`proposer::MAX_BATCH_BYTES`; a single task of up to 16 MiB of inputs goes alone).
-fn raft_config() -> anyhow::Result<Arc<openraft::Config>> {
+///
+/// A snapshot encodes the whole state (O(tasks)); nodes take theirs at different log
+/// lengths (20,000 entries plus 1,000 per node id modulo 8), so that the members of a
+/// mesh do not all spend the same second encoding and writing one.
+fn raft_config(node: NodeId) -> anyhow::Result<Arc<openraft::Config>> {
     let config = openraft::Config {
         cluster_name: "mesh".into(),
         heartbeat_interval: 50,
-        election_timeout_min: 200,
-        election_timeout_max: 400,
+        election_timeout_min: 150,
+        election_timeout_max: 300,
         max_payload_entries: 2,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000 + node.0 % 8 * 1_000),
         max_in_snapshot_log_to_keep: 1000,
         ..Default::default()
     };
@@ -184,8 +188,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     }
     let raft = Raft::<TypeConfig>::new(
         node.0,
-        raft_config()?,
-        PeerNetwork::new(clients.clone()),
+        raft_config(node)?,
+        PeerNetwork::new(node.0, clients.clone()),
         log_store,
         state_machine,
     )

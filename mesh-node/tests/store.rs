@@ -1,4 +1,4 @@
-//! Proves the sled store: it passes openraft's storage suite, keeps log, vote, committed
+//! Proves the store (log files + sled): it passes openraft's storage suite, keeps log, vote, committed
 //! id and snapshot across a reopen (and rebuilds the state from them), reports corrupt
 //! records as errors instead of panicking, and tells state viewers about applies.
 
@@ -166,7 +166,7 @@ fn poke(dir: &Path, tree: &str, key: &[u8], value: &[u8]) {
 }
 
 #[tokio::test]
-async fn corrupt_log_record_is_an_error_not_a_panic() {
+async fn corrupt_log_record_fails_open_naming_the_file_and_offset() {
     let dir = tempfile::tempdir().unwrap();
     {
         let mut log = Store::open(dir.path()).unwrap().log;
@@ -174,26 +174,61 @@ async fn corrupt_log_record_is_an_error_not_a_panic() {
             .await
             .unwrap();
     }
-    poke(dir.path(), "log", &2u64.to_be_bytes(), b"\x01not an entry");
-    poke(
-        dir.path(),
-        "log",
-        &3u64.to_be_bytes(),
-        &mesh_core::codec::encode(&register(7, 2, "b")).unwrap(),
-    );
-    poke(dir.path(), "meta", b"vote", b"\x63");
+    let segment = dir.path().join("log").join(format!("{:020}.seg", 1));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    // The second record starts after the first record's 16-byte header and payload.
+    let first_len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+    let second = 16 + first_len;
+    bytes[second + 20] ^= 0x55;
+    std::fs::write(&segment, &bytes).unwrap();
+    match retry_lock(|| match Store::open(dir.path()) {
+        Err(StoreError::Open { path, source }) => Err(StoreError::Open { path, source }),
+        other => Ok(other),
+    }) {
+        Err(e @ StoreError::LogCorrupt { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&segment.display().to_string()), "{text}");
+            assert!(text.contains(&format!("at byte {second}")), "{text}");
+            assert!(text.contains("--join TOKEN"), "{text}");
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("a corrupt log record must not open"),
+    }
+}
 
+#[tokio::test]
+async fn corrupt_vote_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path()).unwrap());
+    poke(dir.path(), "meta", b"vote", b"\x63");
     let mut log = reopen(dir.path()).log;
-    let err = log.try_get_log_entries(..).await.unwrap_err().to_string();
-    assert!(err.contains("`log` at key index 2"), "{err}");
-    let err = log.try_get_log_entries(3..).await.unwrap_err().to_string();
-    assert!(err.contains("index 3: it holds entry"), "{err}");
-    assert_eq!(
-        log.try_get_log_entries(..2).await.unwrap(),
-        vec![membership(1)]
-    );
     let err = log.read_vote().await.unwrap_err().to_string();
     assert!(err.contains("`meta` at key vote"), "{err}");
+}
+
+/// A data directory written before the log had files of its own keeps its entries.
+#[tokio::test]
+async fn a_log_kept_in_sled_moves_into_the_log_files() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path()).unwrap());
+    let old = [membership(1), register(2, 1, "a"), register(3, 2, "b")];
+    for entry in &old {
+        poke(
+            dir.path(),
+            "log",
+            &entry.log_id.index.to_be_bytes(),
+            &mesh_core::codec::encode(entry).unwrap(),
+        );
+    }
+    let mut log = reopen(dir.path()).log;
+    assert_eq!(log.try_get_log_entries(..).await.unwrap(), old.to_vec());
+    drop(log);
+    let db = retry_lock(|| sled::open(dir.path()));
+    assert!(db.open_tree("log").unwrap().is_empty(), "moved, not copied");
+    drop(db);
+    // And they stay in the files.
+    let mut log = reopen(dir.path()).log;
+    assert_eq!(log.try_get_log_entries(..).await.unwrap(), old.to_vec());
 }
 
 #[tokio::test]

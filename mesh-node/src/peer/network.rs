@@ -8,9 +8,9 @@ use super::codec::{from_payload, to_payload};
 use mesh_core::raft_types::TypeConfig;
 use mesh_core::MeshNode;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
 };
-use openraft::network::RPCOption;
+use openraft::network::{Backoff, RPCOption, RPCTypes};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -18,23 +18,36 @@ use openraft::raft::{
 use openraft::{RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use std::future::Future;
+use std::time::Duration;
 use tonic::Status;
+
+/// Waits between tries to a peer that cannot be reached (connection refused, reset):
+/// short at first, so a blip costs less than an election timeout (openraft sends no
+/// heartbeats to the peer meanwhile), growing to half a second for a peer that is down.
+fn unreachable_backoff() -> Backoff {
+    Backoff::new(
+        (0..)
+            .map(|i: u32| Duration::from_millis(25u64 << i.min(4)).min(Duration::from_millis(500))),
+    )
+}
 
 /// Builds one link per target.
 #[derive(Clone)]
 pub struct PeerNetwork {
+    me: u64,
     clients: PeerClients,
 }
 
 impl PeerNetwork {
-    /// A network using these clients.
-    pub fn new(clients: PeerClients) -> PeerNetwork {
-        PeerNetwork { clients }
+    /// The network of node `me`, using these clients.
+    pub fn new(me: u64, clients: PeerClients) -> PeerNetwork {
+        PeerNetwork { me, clients }
     }
 }
 
 /// The link to one Raft peer.
 pub struct PeerLink {
+    me: u64,
     target: u64,
     node: MeshNode,
     clients: PeerClients,
@@ -44,6 +57,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerLink;
     async fn new_client(&mut self, target: u64, node: &MeshNode) -> PeerLink {
         PeerLink {
+            me: self.me,
             target,
             node: node.clone(),
             clients: self.clients.clone(),
@@ -58,7 +72,7 @@ struct Transport(String);
 type Rpc<R, E> = Result<R, RPCError<u64, MeshNode, RaftError<u64, E>>>;
 
 impl PeerLink {
-    async fn call<R, E, F, Fut>(&self, option: &RPCOption, f: F) -> Rpc<R, E>
+    async fn call<R, E, F, Fut>(&self, rpc: RPCTypes, option: &RPCOption, f: F) -> Rpc<R, E>
     where
         R: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
@@ -69,11 +83,25 @@ impl PeerLink {
             .clients
             .raft(&self.node)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&Transport(e.to_string()))))?;
-        let reply = match tokio::time::timeout(option.hard_ttl(), f(client)).await {
+        let started = std::time::Instant::now();
+        let reply = tokio::time::timeout(option.hard_ttl(), f(client)).await;
+        let label = match rpc {
+            RPCTypes::Vote => "vote",
+            RPCTypes::AppendEntries => "append_entries",
+            RPCTypes::InstallSnapshot => "install_snapshot",
+        };
+        metrics::histogram!("mesh_raft_rpc_seconds", "rpc" => label)
+            .record(started.elapsed().as_secs_f64());
+        let reply = match reply {
+            // A slow answer is not an unreachable peer: openraft retries a timed-out RPC
+            // on its next tick, while `Unreachable` stops heartbeats for a backoff.
             Err(_) => {
-                return Err(RPCError::Unreachable(Unreachable::new(&Transport(
-                    "timed out".into(),
-                ))))
+                return Err(RPCError::Timeout(Timeout {
+                    action: rpc,
+                    id: self.me,
+                    target: self.target,
+                    timeout: option.hard_ttl(),
+                }))
             }
             Ok(Err(status)) => {
                 return Err(match status.code() {
@@ -104,16 +132,19 @@ fn encode<T: serde::Serialize, E: std::error::Error>(v: &T) -> Rpc<mesh_proto::v
 }
 
 impl RaftNetwork<TypeConfig> for PeerLink {
+    fn backoff(&self) -> Backoff {
+        unreachable_backoff()
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Rpc<AppendEntriesResponse<u64>, openraft::error::Infallible> {
         let payload = encode(&(self.target, &rpc))?;
-        self.call(
-            &option,
-            |mut c| async move { c.append_entries(payload).await },
-        )
+        self.call(RPCTypes::AppendEntries, &option, |mut c| async move {
+            c.append_entries(payload).await
+        })
         .await
     }
 
@@ -123,10 +154,9 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         option: RPCOption,
     ) -> Rpc<InstallSnapshotResponse<u64>, InstallSnapshotError> {
         let payload = encode(&(self.target, &rpc))?;
-        self.call(
-            &option,
-            |mut c| async move { c.install_snapshot(payload).await },
-        )
+        self.call(RPCTypes::InstallSnapshot, &option, |mut c| async move {
+            c.install_snapshot(payload).await
+        })
         .await
     }
 
@@ -136,7 +166,9 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         option: RPCOption,
     ) -> Rpc<VoteResponse<u64>, openraft::error::Infallible> {
         let payload = encode(&(self.target, &rpc))?;
-        self.call(&option, |mut c| async move { c.vote(payload).await })
-            .await
+        self.call(RPCTypes::Vote, &option, |mut c| async move {
+            c.vote(payload).await
+        })
+        .await
     }
 }

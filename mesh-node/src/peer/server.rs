@@ -142,9 +142,11 @@ impl RaftService for PeerServer {
         let (target, rpc): (u64, AppendEntriesRequest<TypeConfig>) = from_payload(req.get_ref())?;
         self.check_claim(id, &fp, &rpc.vote)?;
         self.check_target(target)?;
-        Ok(Response::new(to_payload(
-            &self.raft.append_entries(rpc).await,
-        )?))
+        let started = std::time::Instant::now();
+        let result = self.raft.append_entries(rpc).await;
+        metrics::histogram!("mesh_raft_append_handle_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(Response::new(to_payload(&result)?))
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

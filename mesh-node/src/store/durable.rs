@@ -88,9 +88,12 @@ impl Durable {
     /// Returns once every write made before the call is on stable storage.
     pub(crate) async fn barrier(&self) -> Result<(), StoreError> {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.sync())
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || inner.sync())
             .await
-            .map_err(StoreError::SyncTask)?
+            .map_err(StoreError::SyncTask)?;
+        metrics::histogram!("mesh_store_barrier_seconds").record(started.elapsed().as_secs_f64());
+        result
     }
 }
 

@@ -41,8 +41,8 @@ pub enum StoreError {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// The tokio task running the disk sync died.
-    #[error("the disk sync task failed: {0}")]
+    /// A store task on a blocking thread (a disk sync, a snapshot encoding) died.
+    #[error("a store task on a blocking thread failed: {0}")]
     SyncTask(#[source] tokio::task::JoinError),
     /// A record on disk does not decode.
     #[error("corrupt record in sled tree `{tree}` at key {key}: {source}")]
@@ -80,6 +80,26 @@ pub enum StoreError {
         /// What is wrong.
         problem: String,
     },
+    /// Reading, writing or removing a Raft log file failed.
+    #[error("cannot {doing} {path}: {source}")]
+    LogIo {
+        /// What the store was doing.
+        doing: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A Raft log file holds bytes that are not the records the store wrote.
+    #[error("corrupt Raft log file {path} at byte {offset}: {problem} (the node cannot trust this data directory: restore it from a backup, or wipe it and rejoin with `mesh-node run --join TOKEN`)")]
+    LogCorrupt {
+        /// The log file.
+        path: PathBuf,
+        /// Where the bad record starts.
+        offset: u64,
+        /// What is wrong.
+        problem: String,
+    },
     /// The in-memory state lock was poisoned by a panic during an earlier apply.
     #[error("the state machine lock is poisoned: an earlier apply panicked")]
     Poisoned,
@@ -88,6 +108,18 @@ pub enum StoreError {
 impl StoreError {
     pub(crate) fn sled(doing: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
         move |source| StoreError::Sled { doing, source }
+    }
+
+    pub(crate) fn log_io(
+        doing: &'static str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> StoreError {
+        let path = path.to_path_buf();
+        move |source| StoreError::LogIo {
+            doing,
+            path,
+            source,
+        }
     }
 
     pub(crate) fn encode(what: &'static str) -> impl FnOnce(CodecError) -> StoreError {

@@ -1,7 +1,9 @@
-//! The Raft log half of the store: entries, vote, committed and purged log ids.
+//! The Raft log half of the store: entries in the log files of `log_file.rs`; vote,
+//! committed and purged log ids in sled's `meta` tree.
 
 use super::durable::Durable;
 use super::error::{self, RaftStorageError, StoreError};
+use super::log_file::LogFiles;
 use super::{LOG_TREE, META_TREE};
 use mesh_core::codec::{decode, encode};
 use mesh_core::raft_types::{Entry, LogId, TypeConfig, Vote};
@@ -10,42 +12,71 @@ use openraft::{LogState, OptionalSend, RaftLogReader};
 use serde::{de::DeserializeOwned, Serialize};
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 /// Stored before the entries are deleted, so a crash mid-purge still knows where the log starts.
 const PURGED: &str = "purged";
 
-/// The Raft log in sled: tree `log` keyed by the big-endian index (so key order is index
-/// order), tree `meta` for the vote and the committed and purged log ids.
+/// The Raft log: entries in their own files, the vote and the committed and purged log
+/// ids in sled's `meta` tree.
 ///
-/// Cloning shares the same trees; openraft uses a clone as its log reader.
+/// Cloning shares the same files; openraft uses a clone as its log reader.
 #[derive(Clone)]
 pub struct LogStore {
-    log: sled::Tree,
+    files: Arc<Mutex<LogFiles>>,
     meta: sled::Tree,
     durable: Durable,
 }
 
 impl LogStore {
-    pub(crate) fn new(log: sled::Tree, meta: sled::Tree, durable: Durable) -> LogStore {
-        LogStore { log, meta, durable }
+    /// Opens the log files in `dir`. Entries an older version kept in sled's `log` tree
+    /// move into the files first (once: the tree is emptied afterwards).
+    pub(crate) fn open(
+        dir: &Path,
+        old_log: sled::Tree,
+        meta: sled::Tree,
+        durable: Durable,
+    ) -> Result<LogStore, StoreError> {
+        let purged: Option<LogId> = read_meta(&meta, PURGED)?;
+        let mut files = LogFiles::open(dir, purged.map(|p| p.index))?;
+        if !old_log.is_empty() {
+            let mut moved = Vec::new();
+            for kv in old_log.iter() {
+                let (key, value) = kv.map_err(StoreError::sled("reading the old log tree"))?;
+                let entry = decode_entry(&key, &value)?;
+                if purged.is_none_or(|p| entry.log_id.index > p.index) {
+                    moved.push((entry.log_id.index, value.to_vec()));
+                }
+            }
+            let count = moved.len();
+            files.append(moved)?.sync()?;
+            old_log
+                .clear()
+                .map_err(StoreError::sled("clearing the old log tree"))?;
+            tracing::info!(
+                entries = count,
+                "moved the Raft log out of sled into its own files"
+            );
+        }
+        Ok(LogStore {
+            files: Arc::new(Mutex::new(files)),
+            meta,
+            durable,
+        })
+    }
+
+    fn files(&self) -> MutexGuard<'_, LogFiles> {
+        // Every mutation leaves the index consistent with the files or returns an error
+        // before touching it, so a panic elsewhere does not invalidate it.
+        self.files.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn read_meta<T: DeserializeOwned>(&self, key: &'static str) -> Result<Option<T>, StoreError> {
-        let Some(bytes) = self
-            .meta
-            .get(key)
-            .map_err(StoreError::sled("reading the meta tree"))?
-        else {
-            return Ok(None);
-        };
-        let value = decode(&bytes).map_err(|source| StoreError::Corrupt {
-            tree: META_TREE,
-            key: key.into(),
-            source,
-        })?;
-        Ok(Some(value))
+        read_meta(&self.meta, key)
     }
 
     fn write_meta<T: Serialize>(&self, key: &'static str, value: &T) -> Result<(), StoreError> {
@@ -57,40 +88,43 @@ impl LogStore {
     }
 
     fn entries(&self, range: (Bound<&u64>, Bound<&u64>)) -> Result<Vec<Entry>, StoreError> {
-        let empty = match range {
-            (Bound::Included(a), Bound::Included(b)) => a > b,
-            (Bound::Included(a), Bound::Excluded(b)) | (Bound::Excluded(a), Bound::Included(b)) => {
-                a >= b
-            }
-            (Bound::Excluded(a), Bound::Excluded(b)) => a.saturating_add(1) >= *b,
-            _ => false,
+        let lo = match range.0 {
+            Bound::Included(a) => *a,
+            Bound::Excluded(a) => a.saturating_add(1),
+            Bound::Unbounded => 0,
         };
-        if empty {
+        let hi = match range.1 {
+            Bound::Included(b) => b.saturating_add(1),
+            Bound::Excluded(b) => *b,
+            Bound::Unbounded => u64::MAX,
+        };
+        if lo >= hi {
             return Ok(Vec::new());
         }
-        let keys = (
-            range.0.map(|i| i.to_be_bytes()),
-            range.1.map(|i| i.to_be_bytes()),
-        );
-        self.log
-            .range(keys)
-            .map(|kv| {
-                let (key, value) = kv.map_err(StoreError::sled("reading the log"))?;
-                decode_entry(&key, &value)
-            })
+        let records = self.files().read(lo, hi)?;
+        records
+            .into_iter()
+            .map(|(index, bytes)| decode_entry(&index.to_be_bytes(), &bytes))
             .collect()
     }
+}
 
-    /// Removes every entry in `range`, in one atomic sled batch.
-    fn remove(&self, range: impl RangeBounds<[u8; 8]>) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for key in self.log.range(range).keys() {
-            batch.remove(key.map_err(StoreError::sled("listing log keys"))?);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(StoreError::sled("deleting log entries"))
-    }
+fn read_meta<T: DeserializeOwned>(
+    meta: &sled::Tree,
+    key: &'static str,
+) -> Result<Option<T>, StoreError> {
+    let Some(bytes) = meta
+        .get(key)
+        .map_err(StoreError::sled("reading the meta tree"))?
+    else {
+        return Ok(None);
+    };
+    let value = decode(&bytes).map_err(|source| StoreError::Corrupt {
+        tree: META_TREE,
+        key: key.into(),
+        source,
+    })?;
+    Ok(Some(value))
 }
 
 /// Decodes a log record and checks that it sits under its own index.
@@ -132,17 +166,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
         let purged: Option<LogId> = self.read_meta(PURGED).map_err(error::read_logs)?;
-        let last = match self
-            .log
+        let last = self
+            .files()
             .last()
-            .map_err(StoreError::sled("reading the last log entry"))
-            .map_err(error::read_logs)?
-        {
-            Some((key, value)) => {
-                Some(decode_entry(&key, &value).map_err(error::read_logs)?.log_id)
-            }
-            None => None,
-        };
+            .and_then(|last| match last {
+                Some((index, bytes)) => {
+                    Ok(Some(decode_entry(&index.to_be_bytes(), &bytes)?.log_id))
+                }
+                None => Ok(None),
+            })
+            .map_err(error::read_logs)?;
         // After a crash mid-purge entries at or below `purged` may remain; they do not count.
         Ok(LogState {
             last_purged_log_id: purged,
@@ -188,19 +221,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        let mut records = Vec::new();
         for entry in entries {
             let bytes = encode(&entry)
                 .map_err(StoreError::encode("a log entry"))
                 .map_err(error::write_logs)?;
-            batch.insert(&entry.log_id.index.to_be_bytes()[..], bytes);
+            records.push((entry.log_id.index, bytes));
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(StoreError::sled("appending to the log"))
-            .map_err(error::write_logs)?;
-        // openraft treats the entries as persisted once the callback fires: only after the barrier.
-        match self.durable.barrier().await {
+        let unsynced = self.files().append(records).map_err(error::write_logs)?;
+        // openraft treats the entries as persisted once the callback fires: only after the sync.
+        let started = Instant::now();
+        let synced = tokio::task::spawn_blocking(move || unsynced.sync())
+            .await
+            .map_err(StoreError::SyncTask)
+            .and_then(|r| r);
+        metrics::histogram!("mesh_raft_log_sync_seconds").record(started.elapsed().as_secs_f64());
+        match synced {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
@@ -213,16 +249,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
-        self.remove(log_id.index.to_be_bytes()..)
-            .map_err(error::write_logs)?;
-        self.durable.barrier().await.map_err(error::write_logs)
+        self.files()
+            .truncate(log_id.index)
+            .map_err(error::write_logs)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
+        // The purge point is durable before any file goes, so a reopen skips what remains.
         self.write_meta(PURGED, &log_id)
             .map_err(error::write_logs)?;
-        self.remove(..=log_id.index.to_be_bytes())
-            .map_err(error::write_logs)?;
-        self.durable.barrier().await.map_err(error::write_logs)
+        self.durable.barrier().await.map_err(error::write_logs)?;
+        self.files().purge(log_id.index).map_err(error::write_logs)
     }
 }

@@ -1,11 +1,14 @@
-//! The sled store: Raft log, vote, state machine and snapshots, in one `sled::Db`.
+//! The store: the Raft log in files of its own (`log_file.rs`); vote, state machine
+//! and snapshots in one `sled::Db`.
 //!
-//! Nothing is acknowledged to openraft before it is on stable storage: every write path
-//! ends in the barrier in `durable.rs`, once per batch.
+//! Nothing is acknowledged to openraft before it is on stable storage: a log append
+//! ends in one `fdatasync` of its log file, every sled write path in the barrier in
+//! `durable.rs`, once per batch.
 
 mod durable;
 mod error;
 mod log;
+mod log_file;
 mod state_machine;
 
 pub use error::StoreError;
@@ -14,8 +17,11 @@ pub use state_machine::{StateMachineStore, StateView};
 
 use std::path::Path;
 
-/// Raft log entries, keyed by big-endian index.
+/// Where versions before the log files kept Raft log entries (big-endian index keys);
+/// moved into the files on open. Also names the log in corruption errors.
 const LOG_TREE: &str = "log";
+/// The Raft log's segment files, inside the store directory.
+const LOG_DIR: &str = "log";
 /// Vote, committed and purged log ids.
 const META_TREE: &str = "meta";
 /// The last snapshot: its meta, its payload and the snapshot sequence number.
@@ -51,7 +57,7 @@ impl Store {
         let (log, meta, snapshots) = (tree(LOG_TREE)?, tree(META_TREE)?, tree(SNAPSHOT_TREE)?);
         let durable = durable::Durable::open(db.clone(), dir)?;
         Ok(Store {
-            log: LogStore::new(log, meta, durable.clone()),
+            log: LogStore::open(&dir.join(LOG_DIR), log, meta, durable.clone())?,
             state_machine: StateMachineStore::open(snapshots, durable)?,
         })
     }
