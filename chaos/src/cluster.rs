@@ -133,11 +133,14 @@ impl Node {
 
     /// Start a node with extra `mesh-node run` arguments (e.g. `--join TOKEN`).
     pub fn start_with(data_dir: &Path, admin_keys: &[&Path], extra_args: &[&str]) -> Result<Node> {
+        // Distinct ports, below the ephemeral range where possible: three separate
+        // `free_port` calls once handed a new node's HTTP port that its seed was using.
+        let ports = NodePorts::allocate(1)?.remove(0);
         let mut node = Node {
             data_dir: data_dir.into(),
-            ssh_port: free_port(),
-            http_port: free_port(),
-            raft_port: free_port(),
+            ssh_port: ports.ssh,
+            http_port: ports.http,
+            raft_port: ports.raft,
             admin_keys: admin_keys.iter().map(|p| p.to_path_buf()).collect(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             program: None,
@@ -703,14 +706,7 @@ impl Cluster {
     /// (labels, slots, budgets differ per node). The voter count is read from the first
     /// node's `--voters` (default 3).
     pub fn start_each(dir: &Path, per_node: &[&[&str]]) -> Result<Cluster> {
-        let ports: Vec<NodePorts> = per_node
-            .iter()
-            .map(|_| NodePorts {
-                ssh: free_port(),
-                http: free_port(),
-                raft: free_port(),
-            })
-            .collect();
+        let ports = NodePorts::allocate(per_node.len())?;
         let per_node: Vec<Vec<String>> = per_node
             .iter()
             .map(|args| args.iter().map(|a| a.to_string()).collect())
