@@ -44,39 +44,47 @@ fn drive_mesh(
     })
 }
 
-/// Committed single submits from `clients` concurrent clients on a `nodes` mesh.
-pub fn submit(rt: &Runtime, nodes: usize, clients: usize, duration: Duration) -> Result<LoadStats> {
+/// Runs `f` on a fresh drained `nodes` mesh (and its leader) after logging `what`.
+fn on_loaded_cluster<T>(
+    nodes: usize,
+    what: String,
+    f: impl FnOnce(&Cluster, usize) -> Result<T>,
+) -> Result<T> {
     let dir = tempfile::tempdir()?;
     let (cluster, leader) = load_cluster(dir.path(), nodes)?;
-    phase(&format!(
-        "submit: {clients} client(s) on {nodes} node(s) for {duration:?}"
-    ));
-    let term = |c: &Cluster| -> Result<u64> {
-        let out = c.cli(leader).run(&["--json", "status"]);
-        out.json()["term"].as_u64().context("no term in status")
-    };
-    let before = term(&cluster)?;
-    let mut stats = drive_mesh(rt, &cluster, leader, clients, duration, submit_op("s"))?;
-    // A saturated leader must keep its followers' election timers quiet.
-    stats.elections = Some(term(&cluster)? - before);
-    Ok(stats)
+    phase(&what);
+    f(&cluster, leader)
+}
+
+/// Committed single submits from `clients` concurrent clients on a `nodes` mesh.
+pub fn submit(rt: &Runtime, nodes: usize, clients: usize, duration: Duration) -> Result<LoadStats> {
+    let what = format!("submit: {clients} client(s) on {nodes} node(s) for {duration:?}");
+    on_loaded_cluster(nodes, what, |cluster, leader| {
+        let term = || -> Result<u64> {
+            let out = cluster.cli(leader).run(&["--json", "status"]);
+            out.json()["term"].as_u64().context("no term in status")
+        };
+        let before = term()?;
+        let mut stats = drive_mesh(rt, cluster, leader, clients, duration, submit_op("s"))?;
+        // A saturated leader must keep its followers' election timers quiet.
+        stats.elections = Some(term()? - before);
+        Ok(stats)
+    })
 }
 
 /// `status` requests (no Raft round): what the SSH protocol costs on its own.
 pub fn status(rt: &Runtime, nodes: usize, clients: usize, duration: Duration) -> Result<LoadStats> {
-    let dir = tempfile::tempdir()?;
-    let (cluster, leader) = load_cluster(dir.path(), nodes)?;
-    phase(&format!(
-        "status: {clients} client(s) on {nodes} node(s) for {duration:?}"
-    ));
-    drive_mesh(
-        rt,
-        &cluster,
-        leader,
-        clients,
-        duration,
-        mesh_load::status_op(),
-    )
+    let what = format!("status: {clients} client(s) on {nodes} node(s) for {duration:?}");
+    on_loaded_cluster(nodes, what, |cluster, leader| {
+        drive_mesh(
+            rt,
+            cluster,
+            leader,
+            clients,
+            duration,
+            mesh_load::status_op(),
+        )
+    })
 }
 
 /// Committed tasks per second when each request is a `submit-batch` of `batch` tasks.
@@ -87,19 +95,12 @@ pub fn submit_batch(
     batch: usize,
     duration: Duration,
 ) -> Result<LoadStats> {
-    let dir = tempfile::tempdir()?;
-    let (cluster, leader) = load_cluster(dir.path(), nodes)?;
-    phase(&format!(
+    let what = format!(
         "submit-batch: {clients} client(s) x {batch} tasks on {nodes} node(s) for {duration:?}"
-    ));
-    drive_mesh(
-        rt,
-        &cluster,
-        leader,
-        clients,
-        duration,
-        batch_op("b", batch),
-    )
+    );
+    on_loaded_cluster(nodes, what, |cluster, leader| {
+        drive_mesh(rt, cluster, leader, clients, duration, batch_op("b", batch))
+    })
 }
 
 /// etcd puts from `clients` concurrent clients on a 3-member cluster.

@@ -11,7 +11,7 @@
 //! - Values too big for a segment slot (about 128 KiB at the default 512 KiB segments)
 //!   are written to their own file `<dir>/blobs/<lsn>` with `create_new` + `write_all`
 //!   and are never synced, nor is the `blobs` directory that names them
-//!   (`pagecache/blob_io.rs`). Large snapshots and large task inputs land there.
+//!   (`pagecache/blob_io.rs`). Large snapshots land there (the Raft log has files of its own, `log_file.rs`).
 //! - sled writes `<dir>/conf` without a sync, and renames its recovery snapshots
 //!   (`<dir>/snap.*`) without syncing `<dir>`.
 //!
@@ -20,7 +20,7 @@
 //! descriptor neither takes nor releases): every blob file that is new or has grown since
 //! the last barrier, the `blobs` directory when its listing changed, `db` itself
 //! (`fdatasync`), and `<dir>` when its listing changed. Callers run it once per batch of
-//! writes (one `append`, one vote), never once per entry.
+//! writes (a vote, a purge point, a stored snapshot), never once per record.
 //!
 //! What it cannot close: sled decides internally when a segment's old contents may be
 //! overwritten using `sync_file_range` as its notion of "stable". A power loss in the

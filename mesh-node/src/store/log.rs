@@ -47,7 +47,18 @@ impl LogStore {
             let mut moved = Vec::new();
             for kv in old_log.iter() {
                 let (key, value) = kv.map_err(StoreError::sled("reading the old log tree"))?;
-                let entry = decode_entry(&key, &value)?;
+                let inconsistent = |key: String, problem: String| StoreError::Inconsistent {
+                    tree: LOG_TREE,
+                    key,
+                    problem,
+                };
+                let index = <[u8; 8]>::try_from(&key[..])
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| {
+                        inconsistent(format!("{key:02x?}"), "a log key must be 8 bytes".into())
+                    })?;
+                let entry = decode_entry(index, &value)
+                    .map_err(|problem| inconsistent(format!("index {index}"), problem))?;
                 if purged.is_none_or(|p| entry.log_id.index > p.index) {
                     moved.push((entry.log_id.index, value.to_vec()));
                 }
@@ -101,10 +112,13 @@ impl LogStore {
         if lo >= hi {
             return Ok(Vec::new());
         }
-        let records = self.files().read(lo, hi)?;
-        records
+        let files = self.files();
+        files
+            .read(lo, hi)?
             .into_iter()
-            .map(|(index, bytes)| decode_entry(&index.to_be_bytes(), &bytes))
+            .map(|(index, bytes)| {
+                decode_entry(index, &bytes).map_err(|problem| files.corrupt(index, problem))
+            })
             .collect()
     }
 }
@@ -127,26 +141,12 @@ fn read_meta<T: DeserializeOwned>(
     Ok(Some(value))
 }
 
-/// Decodes a log record and checks that it sits under its own index.
-fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, StoreError> {
-    let index = <[u8; 8]>::try_from(key)
-        .map(u64::from_be_bytes)
-        .map_err(|_| StoreError::Inconsistent {
-            tree: LOG_TREE,
-            key: format!("{key:02x?}"),
-            problem: "a log key must be 8 bytes".into(),
-        })?;
-    let entry: Entry = decode(value).map_err(|source| StoreError::Corrupt {
-        tree: LOG_TREE,
-        key: format!("index {index}"),
-        source,
-    })?;
+/// Decodes the entry stored for `index` and checks that it is that index's entry;
+/// the error says what is wrong, the caller says where.
+fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, String> {
+    let entry: Entry = decode(bytes).map_err(|e| format!("the entry does not decode: {e}"))?;
     if entry.log_id.index != index {
-        return Err(StoreError::Inconsistent {
-            tree: LOG_TREE,
-            key: format!("index {index}"),
-            problem: format!("it holds entry {}", entry.log_id),
-        });
+        return Err(format!("index {index} holds entry {}", entry.log_id));
     }
     Ok(entry)
 }
@@ -166,16 +166,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
         let purged: Option<LogId> = self.read_meta(PURGED).map_err(error::read_logs)?;
-        let last = self
-            .files()
-            .last()
-            .and_then(|last| match last {
-                Some((index, bytes)) => {
-                    Ok(Some(decode_entry(&index.to_be_bytes(), &bytes)?.log_id))
-                }
-                None => Ok(None),
-            })
-            .map_err(error::read_logs)?;
+        let last = {
+            let files = self.files();
+            match files.last().map_err(error::read_logs)? {
+                Some((index, bytes)) => Some(
+                    decode_entry(index, &bytes)
+                        .map_err(|problem| error::read_logs(files.corrupt(index, problem)))?
+                        .log_id,
+                ),
+                None => None,
+            }
+        };
         // After a crash mid-purge entries at or below `purged` may remain; they do not count.
         Ok(LogState {
             last_purged_log_id: purged,
@@ -260,5 +261,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(error::write_logs)?;
         self.durable.barrier().await.map_err(error::write_logs)?;
         self.files().purge(log_id.index).map_err(error::write_logs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Store, LOG_DIR};
+    use super::*;
+
+    #[tokio::test]
+    async fn an_entry_that_does_not_decode_is_reported_with_its_file_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        // A record whose frame and checksum are sound but whose payload is no entry.
+        let mut files = LogFiles::open(&dir.path().join(LOG_DIR), None).unwrap();
+        files
+            .append([(1, b"\x01not an entry".to_vec())])
+            .unwrap()
+            .sync()
+            .unwrap();
+        drop(files);
+        let mut log = Store::open(dir.path()).unwrap().log;
+        let err = log.try_get_log_entries(..).await.unwrap_err().to_string();
+        assert!(err.contains(&format!("{:020}.seg at byte 0", 1)), "{err}");
+        assert!(err.contains("the entry does not decode"), "{err}");
+        let err = log.get_log_state().await.unwrap_err().to_string();
+        assert!(err.contains("the entry does not decode"), "{err}");
     }
 }

@@ -361,6 +361,20 @@ impl LogFiles {
         Ok(())
     }
 
+    /// The error for a live record whose payload is not what the log stored: names its
+    /// file and offset.
+    pub(crate) fn corrupt(&self, index: u64, problem: String) -> StoreError {
+        let (path, offset) = match self.positions.get(&index) {
+            Some(pos) => (self.segment(pos.segment).path.clone(), pos.offset),
+            None => (self.dir.clone(), 0),
+        };
+        StoreError::LogCorrupt {
+            path,
+            offset,
+            problem,
+        }
+    }
+
     fn segment(&self, first: u64) -> &Segment {
         let at = self
             .segments

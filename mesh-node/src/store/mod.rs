@@ -18,7 +18,7 @@ pub use state_machine::{StateMachineStore, StateView};
 use std::path::Path;
 
 /// Where versions before the log files kept Raft log entries (big-endian index keys);
-/// moved into the files on open. Also names the log in corruption errors.
+/// moved into the files on open.
 const LOG_TREE: &str = "log";
 /// The Raft log's segment files, inside the store directory.
 const LOG_DIR: &str = "log";
