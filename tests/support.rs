@@ -1,7 +1,7 @@
 //! Helpers every integration test file shares: polling for a state, CLI calls that
 //! answer JSON, the kernel that never ends, and the CPU reference of a saxpy.
 
-use mesh_chaos::Cli;
+use mesh_chaos::{Cli, Node};
 use mesh_core::builtin::{cpu_reference, f32_bytes};
 use mesh_core::task::NamedBytes;
 use mesh_core::Bytes;
@@ -80,4 +80,56 @@ pub fn saxpy_reference(a: &str, x: &[f32], y: &[f32]) -> Vec<u8> {
         &BTreeMap::from([("a".to_string(), a.to_string())]),
         &inputs,
     )
+}
+
+/// `GET path` on `127.0.0.1:port` over a plain TCP stream: (status code, body).
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
+    let addr = ([127, 0, 0, 1], port).into();
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {port}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("GET {path}: no HTTP answer: {text:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("GET {path}: bad status line: {head}"))?;
+    Ok((code, body.to_string()))
+}
+
+/// Sum of the samples of `name` whose labels include every `labels` pair, in a
+/// Prometheus text exposition (0 when absent: counters appear on first increment).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}
+
+/// `/metrics` of a node.
+pub fn scrape(node: &Node) -> String {
+    let (code, body) = http_get(node.http_port, "/metrics").unwrap();
+    assert_eq!(code, 200, "{body}");
+    body
 }

@@ -6,7 +6,9 @@
 //! acknowledged task ends `succeeded` with exactly one result that matches the CPU
 //! (bit for bit for saxpy and a small Mandelbrot; the large Mandelbrots agree with each
 //! other); a learner replaces a voter that stays down; a killed or paused node comes
-//! back as an up follower.
+//! back as an up follower. The survivors of a killed leader see its port refuse
+//! connections (`mesh_raft_leader_gone_total`) and campaign early; a paused leader's
+//! open port is never taken for a dead one.
 //! Method: `mesh_chaos::Cluster` starts `mesh-node` processes on loopback (node 1
 //! bootstraps, the others `--join` with a token); faults are SIGKILL, SIGSTOP/SIGCONT
 //! and `mesh-cli remove`; every check goes through `mesh-cli --json` on a node that
@@ -14,8 +16,8 @@
 //! task, and shown to have taken effect (leader changed, node marked down or removed)
 //! before results are judged. Waits poll for a state, they never assert a duration.
 
-use crate::support::saxpy_reference;
 pub use crate::support::{eventually, json, CLI_LIMIT};
+use crate::support::{metric, saxpy_reference, scrape};
 use crate::t10_single_node::task_id;
 use mesh_chaos::{lcg_f32, phase, Cli, Cluster};
 use mesh_core::builtin::{cpu_reference, f32_bytes};
@@ -648,6 +650,16 @@ fn leader_sigkill_while_tasks_run_loses_nothing_and_the_old_leader_rejoins() {
     phase("a new leader is elected among the survivors, and the old one is marked down");
     let new = mesh.wait_leader(CONVERGE, |l| l != leader).unwrap();
     assert_ne!(new, leader);
+    // The survivors found the dead leader's port refusing connections and campaigned
+    // at the end of its lease (mesh-node/src/leader_watch.rs).
+    let gone: f64 = (0..3)
+        .filter(|i| *i != leader)
+        .map(|i| metric(&scrape(&mesh.nodes[i]), "mesh_raft_leader_gone_total", &[]))
+        .sum();
+    assert!(
+        gone >= 1.0,
+        "no survivor saw the killed leader's port refuse connections"
+    );
     eventually("the killed leader is marked down", CONVERGE, || {
         let n = nodes(&mut mesh)?;
         (role_health(&n, old).1 == "down")
@@ -711,6 +723,16 @@ fn leader_sigstop_longer_than_an_election_then_sigcont_returns_as_follower() {
             .ok_or(format!("{:?}", role_health(&n, old)))
     });
     let during = mesh.status(new).unwrap();
+    // A paused process still has its port open: the fast path must not take it for dead.
+    for i in (0..3).filter(|i| *i != leader) {
+        let gone = metric(&scrape(&mesh.nodes[i]), "mesh_raft_leader_gone_total", &[]);
+        assert_eq!(
+            gone,
+            0.0,
+            "node {} took a paused leader for a dead one",
+            i + 1
+        );
+    }
 
     phase("SIGCONT: the old leader steps down and comes back as an up follower");
     mesh.nodes[leader].signal("CONT").unwrap();

@@ -19,12 +19,11 @@
 //! fault is shown to have taken effect (a write that is not committed, 503, closed
 //! connections, the node's own log line) before the recovery is trusted.
 
-use crate::support::{eventually, json, CLI_LIMIT, FOREVER};
+use crate::support::{eventually, http_get, json, metric, scrape, CLI_LIMIT, FOREVER};
 use crate::t10_single_node::{pinned_node, task_id};
 use mesh_chaos::{bin, phase, strip_ansi, Cli, Cluster, Node, UserKey};
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -296,57 +295,6 @@ fn openssh(
         .arg(command)
         .env_remove("SSH_AUTH_SOCK");
     run_limited(cmd, stdin, CLI_LIMIT)
-}
-
-/// `GET path` on `127.0.0.1:port` over a plain TCP stream: (status code, body).
-fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
-    let addr = ([127, 0, 0, 1], port).into();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| format!("connect {port}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .map_err(|e| format!("GET {path}: {e}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("GET {path}: no HTTP answer: {text:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("GET {path}: bad status line: {head}"))?;
-    Ok((code, body.to_string()))
-}
-
-/// Sum of the samples of `name` whose labels include every `labels` pair, in a
-/// Prometheus text exposition (0 when absent: counters appear on first increment).
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(series, _)| {
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|(_, v)| v.parse::<f64>().ok())
-        .sum()
-}
-
-/// `/metrics` of a node.
-fn scrape(node: &Node) -> String {
-    let (code, body) = http_get(node.http_port, "/metrics").unwrap();
-    assert_eq!(code, 200, "{body}");
-    body
 }
 
 /// Read the first line a server sends on a TCP connection from `source` (a loopback

@@ -17,10 +17,10 @@
 //! look at the YAML). The structural and cross-file checks run in every case. Each
 //! check prints (stderr, `--nocapture`) which path it took.
 
+use crate::support::{http_get, scrape};
 use mesh_chaos::{bin, phase, Node, UserKey};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -685,7 +685,7 @@ fn key_shape(key: &str) -> Option<&'static str> {
     Some(match key {
         "data_dir" | "host_key" | "join" | "log_format" | "restore" => "string",
         "listen" | "ssh_listen" | "http_listen" => "address",
-        "node_timeout" | "voter_replace_after" => "duration",
+        "node_timeout" | "voter_replace_after" | "election_timeout" => "duration",
         "admin_keys" => "strings",
         "labels" => "table",
         "slots" | "voters" | "gpu_memory_budget" => "integer",
@@ -840,6 +840,13 @@ fn check_set(set: &[Example], voters: u64) {
             e.name()
         );
     }
+    // Timing every node must share: a node with a shorter election timeout would
+    // campaign against a leader the others still follow.
+    let timeouts: BTreeSet<Option<&str>> = set.iter().map(|e| e.str("election_timeout")).collect();
+    assert!(
+        timeouts.len() == 1,
+        "election_timeout differs between the nodes of a set: {timeouts:?}"
+    );
     assert!(seed.parse::<SocketAddr>().is_ok());
 }
 
@@ -1267,22 +1274,6 @@ fn local_mesh_script_is_executable_bash_that_parses() {
     );
 }
 
-/// GET a path from a node's HTTP endpoint; the body.
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the HTTP endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).expect("read the reply");
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
-    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-    body.to_string()
-}
-
 #[test]
 fn bootstrap_example_starts_a_node_whose_metrics_feed_the_alerts() {
     let dir = tempfile::tempdir().unwrap();
@@ -1320,7 +1311,10 @@ fn bootstrap_example_starts_a_node_whose_metrics_feed_the_alerts() {
     }
 
     phase("the gauges the alerts use appear on /metrics");
-    assert_eq!(http_get(node.http_port, "/health/live").trim(), "live");
+    assert_eq!(
+        http_get(node.http_port, "/health/live").unwrap(),
+        (200, "live\n".to_string())
+    );
     let alerts = read(&deploy("prometheus/alerts.yml"));
     let gauges: Vec<&str> = [
         "mesh_raft_term",
@@ -1334,7 +1328,7 @@ fn bootstrap_example_starts_a_node_whose_metrics_feed_the_alerts() {
     .collect();
     let deadline = Instant::now() + GAUGE_WAIT;
     let metrics = loop {
-        let body = http_get(node.http_port, "/metrics");
+        let body = scrape(&node);
         if gauges
             .iter()
             .all(|g| body.lines().any(|l| l.starts_with(g)))

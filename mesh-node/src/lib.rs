@@ -10,6 +10,7 @@ pub mod config;
 pub mod gpu;
 pub mod host_key;
 pub mod http;
+pub mod leader_watch;
 pub mod liveness;
 pub mod node;
 pub mod peer;

@@ -7,6 +7,7 @@ use crate::capabilities::Publisher;
 use crate::config::NodeConfig;
 use crate::gpu::{Supervisor, WorkerCommand};
 use crate::host_key::HostKey;
+use crate::leader_watch::{LeaderContact, LeaderWatch};
 use crate::liveness::{FailureDetector, Heartbeats, Liveness, LivenessConfig};
 use crate::peer::clients::PeerClients;
 use crate::peer::directory::Directory;
@@ -46,12 +47,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub const FIRST_NODE_ID: NodeId = NodeId(1);
 /// File in the data directory holding this node's id once it is a member.
 const NODE_ID_FILE: &str = "node.id";
-/// Heartbeat period; the node timeout is several of these.
+/// Raft heartbeat interval. openraft 0.9 also gives every AppendEntries this long to
+/// answer, so it is not a setting: shorter times out large appends under load.
+const RAFT_HEARTBEAT: Duration = Duration::from_millis(50);
+/// Liveness heartbeat period; the node timeout is several of these.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
 /// The only gRPC method an unpinned key may call.
 const JOIN_METHOD: &[&str] = &["/mesh.v1.Mesh/Join"];
 
-/// Raft timing: heartbeats every 50 ms, elections after 150-300 ms of silence.
+/// Raft timing: heartbeats every 50 ms, elections after `election_timeout` to twice
+/// that of silence (`--election-timeout`, default 150 ms: 150-300 ms).
 /// openraft 0.9's voters honour the old leader's lease for `election_timeout_max`
 /// before their own timeout starts, so a failover takes 450-600 ms (~0.55 s measured).
 /// Shorter timeouts fail over faster but let the stalls of a saturated 2-core machine
@@ -64,12 +69,13 @@ const JOIN_METHOD: &[&str] = &["/mesh.v1.Mesh/Join"];
 /// A snapshot encodes the whole state (O(tasks)); nodes take theirs at different log
 /// lengths (20,000 entries plus 1,000 per node id modulo 8), so that the members of a
 /// mesh do not all spend the same second encoding and writing one.
-fn raft_config(node: NodeId) -> anyhow::Result<Arc<openraft::Config>> {
+fn raft_config(node: NodeId, election_timeout: Duration) -> anyhow::Result<Arc<openraft::Config>> {
+    let min = election_timeout.as_millis() as u64;
     let config = openraft::Config {
         cluster_name: "mesh".into(),
-        heartbeat_interval: 50,
-        election_timeout_min: 150,
-        election_timeout_max: 300,
+        heartbeat_interval: RAFT_HEARTBEAT.as_millis() as u64,
+        election_timeout_min: min,
+        election_timeout_max: 2 * min,
         max_payload_entries: 2,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000 + node.0 % 8 * 1_000),
         max_in_snapshot_log_to_keep: 1000,
@@ -186,9 +192,12 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             rollback_guard::check(node, local, &peers, &clients, rollback_guard::WAIT).await;
         rollback_guard::enforce(verdict, &config.data_dir)?;
     }
+    let raft_config = raft_config(node, config.election_timeout)?;
+    // openraft 0.9's voters honour a leader's lease for `election_timeout_max`.
+    let lease = Duration::from_millis(raft_config.election_timeout_max);
     let raft = Raft::<TypeConfig>::new(
         node.0,
-        raft_config(node)?,
+        raft_config,
         PeerNetwork::new(node.0, clients.clone()),
         log_store,
         state_machine,
@@ -239,7 +248,19 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         pins: directory.pins().clone(),
         unpinned_methods: JOIN_METHOD,
     };
+    let contact = LeaderContact::default();
+    tracker.spawn(
+        LeaderWatch {
+            me: node.0,
+            raft: raft.clone(),
+            contact: contact.clone(),
+            clients: clients.clone(),
+            lease,
+        }
+        .run(shutdown.clone()),
+    );
     let peer = PeerServer {
+        contact,
         raft: raft.clone(),
         directory: directory.clone(),
         proposer: proposer.clone(),

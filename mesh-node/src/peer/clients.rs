@@ -43,9 +43,8 @@ impl PeerClients {
         if let Some(c) = self.channels.lock().expect("not poisoned").get(&key) {
             return Ok(c.clone());
         }
-        let dial = self.routes.get(&node.addr).unwrap_or(&node.addr);
         let channel = tls::connect_lazy(
-            dial,
+            self.dial_addr(node),
             &self.identity,
             ServerExpectation::Exactly(node.fingerprint.clone()),
         )?;
@@ -54,6 +53,11 @@ impl PeerClients {
             .expect("not poisoned")
             .insert(key, channel.clone());
         Ok(channel)
+    }
+
+    /// The address this node dials to reach `node` (its own, or the route to it).
+    pub fn dial_addr<'a>(&'a self, node: &'a MeshNode) -> &'a str {
+        self.routes.get(&node.addr).unwrap_or(&node.addr)
     }
 
     /// A Raft client for `node`.

@@ -14,7 +14,9 @@ use mesh_proto::v1::{
     HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, Member, ProgressReply,
     ProgressRequest, RaftPayload,
 };
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
+};
 use openraft::{Raft, Vote};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -32,6 +34,8 @@ pub struct PeerServer {
     pub liveness: Liveness,
     /// The replicated state (token pre-checks).
     pub state: crate::store::StateView,
+    /// When a leader was last heard (the fast-failover watch reads it).
+    pub contact: crate::leader_watch::LeaderContact,
     /// Join attempts per source address.
     pub join_limit: std::sync::Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
 }
@@ -146,6 +150,9 @@ impl RaftService for PeerServer {
         let result = self.raft.append_entries(rpc).await;
         metrics::histogram!("mesh_raft_append_handle_seconds")
             .record(started.elapsed().as_secs_f64());
+        if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.contact.heard(id.0);
+        }
         Ok(Response::new(to_payload(&result)?))
     }
 
