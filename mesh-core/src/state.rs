@@ -72,13 +72,18 @@ pub struct MeshState {
     index: TaskIndex,
 }
 
-/// Task ids by the states that placement and the workers look for. Rebuilt from
-/// `tasks` after a decode (`valid` is false then) and kept up to date by `apply`.
+/// Task ids by the states that placement and the workers look for, and how many
+/// tasks ended in each terminal state (for `status` and the gauges, without a scan of
+/// every task). Rebuilt from `tasks` after a decode (`valid` is false then) and kept up
+/// to date by `apply`.
 #[derive(Debug, Clone, Default)]
 struct TaskIndex {
     valid: bool,
     pending: BTreeSet<TaskId>,
     active: BTreeSet<TaskId>,
+    /// Tasks succeeded, failed, cancelled: a terminal state is final, so each task is
+    /// counted once, when it leaves `pending` or `active` for one.
+    terminal: BTreeMap<&'static str, usize>,
 }
 
 // The index is derived from `tasks`: two states with equal tasks are equal.
@@ -134,15 +139,19 @@ impl MeshState {
             Some(TaskState::Assigned { .. } | TaskState::Running { .. }) => (false, true),
             _ => (false, false),
         };
+        let mut was_open = false;
         for (set, member) in [
             (&mut self.index.pending, pending),
             (&mut self.index.active, active),
         ] {
             if member {
-                set.insert(id);
+                was_open |= !set.insert(id);
             } else {
-                set.remove(&id);
+                was_open |= set.remove(&id);
             }
+        }
+        if let Some(state) = state.filter(|s| s.is_terminal() && was_open) {
+            *self.index.terminal.entry(state.name()).or_insert(0) += 1;
         }
     }
 
@@ -159,7 +168,7 @@ impl MeshState {
                 TaskState::Assigned { .. } | TaskState::Running { .. } => {
                     index.active.insert(*id);
                 }
-                _ => {}
+                ref terminal => *index.terminal.entry(terminal.name()).or_insert(0) += 1,
             }
         }
         self.index = index;
@@ -863,7 +872,17 @@ impl MeshState {
     /// Number of tasks in each state, by state name.
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
         let mut c = BTreeMap::new();
-        for t in self.tasks.values() {
+        if !self.index.valid {
+            for t in self.tasks.values() {
+                *c.entry(t.state.name()).or_insert(0) += 1;
+            }
+            return c;
+        }
+        c.clone_from(&self.index.terminal);
+        if !self.index.pending.is_empty() {
+            c.insert("pending", self.index.pending.len());
+        }
+        for t in self.active_tasks() {
             *c.entry(t.state.name()).or_insert(0) += 1;
         }
         c
@@ -944,6 +963,14 @@ mod tests {
     }
 
     /// The ids the index yields, and the ids a scan of every task finds.
+    fn scanned_counts(s: &MeshState) -> BTreeMap<&'static str, usize> {
+        let mut c = BTreeMap::new();
+        for t in s.tasks.values() {
+            *c.entry(t.state.name()).or_insert(0) += 1;
+        }
+        c
+    }
+
     fn indexed_and_scanned(s: &MeshState) -> [(Vec<TaskId>, Vec<TaskId>); 2] {
         let ids = |it: Box<dyn Iterator<Item = &Task> + '_>| it.map(|t| t.id).collect::<Vec<_>>();
         let scan = |f: fn(&Task) -> bool| s.tasks.values().filter(|t| f(t)).map(|t| t.id).collect();
@@ -992,12 +1019,24 @@ mod tests {
         }
         assert_eq!(s.active_tasks().count(), 2);
         assert_eq!(s.pending_tasks().count(), 1);
+        assert_eq!(s.counts(), scanned_counts(&s));
+        assert_eq!(s.counts()["cancelled"], 1);
+        // Cancelling a cancelled task again is refused and counts nothing twice.
+        s.apply(
+            Timestamp(5),
+            &Command::Cancel {
+                task: TaskId(2),
+                actor: fp('u'),
+            },
+        );
+        assert_eq!(s.counts(), scanned_counts(&s));
 
         // A node marked down moves its tasks back to pending all at once.
         s.apply(Timestamp(6), &Command::MarkDown { node: NodeId(1) });
         for (indexed, scanned) in indexed_and_scanned(&s) {
             assert_eq!(indexed, scanned);
         }
+        assert_eq!(s.counts(), scanned_counts(&s));
         assert_eq!(s.active_tasks().count(), 0);
 
         // A decoded state has no index yet: it scans, then indexes on its next apply.
@@ -1009,11 +1048,13 @@ mod tests {
             indexed_and_scanned(&decoded)[0].0,
             indexed_and_scanned(&s)[0].0
         );
+        assert_eq!(decoded.counts(), scanned_counts(&decoded));
         decoded.apply(Timestamp(7), &assign(3));
         assert!(decoded.index.valid);
         for (indexed, scanned) in indexed_and_scanned(&decoded) {
             assert_eq!(indexed, scanned);
         }
+        assert_eq!(decoded.counts(), scanned_counts(&decoded));
     }
 
     #[test]

@@ -7,6 +7,12 @@ use mesh_node::host_key::HostKey;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of glibc's malloc: a submit allocates and frees many small
+/// objects (decoded specs, commands, log and RPC buffers) across tokio's threads,
+/// which glibc's per-thread arenas serve slowly (docs/benchmarks.md, batched submits).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The Mesh daemon: one per machine. Nodes form a Raft group that schedules WGSL
 /// compute tasks onto their GPUs. Operators talk to it over SSH with `mesh-cli` or
 /// plain OpenSSH.
