@@ -58,10 +58,12 @@ const JOIN_METHOD: &[&str] = &["/mesh.v1.Mesh/Join"];
 /// Raft timing: heartbeats every 50 ms, elections after `election_timeout` to twice
 /// that of silence (`--election-timeout`, default 150 ms: 150-300 ms).
 /// openraft 0.9's voters honour the old leader's lease for `election_timeout_max`
-/// before their own timeout starts, so a failover takes 450-600 ms (~0.55 s measured).
+/// before their own timeout starts, so losing a leader that is silent takes 450-600
+/// ms; one whose process is gone (its port refuses) ~0.35 s (`leader_watch`).
 /// Shorter timeouts fail over faster but let the stalls of a saturated 2-core machine
-/// start spurious elections (mesh-bench, saturated minute at 16 and 256 clients:
-/// 120-240 ms gave 1-2, 150-300 ms and 200-400 ms none). openraft 0.9 gives an
+/// start spurious elections (mesh-bench, saturated minutes: 120-240 ms gave 1-2 at
+/// 16 and 256 clients; 150-300 ms 0-2 at 16 clients, none at 256; docs/benchmarks.md).
+/// openraft 0.9 gives an
 /// AppendEntries the heartbeat interval as its timeout, so one RPC must stay small:
 /// at most 2 entries of at most 1 MiB of batched commands each
 /// (`proposer::MAX_BATCH_BYTES`; a single task of up to 16 MiB of inputs goes alone).
