@@ -59,7 +59,9 @@ pub struct MeshState {
     /// if a snapshot still holds it (`Arc::make_mut`).
     pub tasks: BTreeMap<TaskId, Arc<Task>>,
     /// (submitter, idempotency key) -> task.
-    pub idempotency: BTreeMap<(Fingerprint, String), TaskId>,
+    /// Keys shared (`Arc`) for the same reason as `tasks`: a snapshot's clone copies
+    /// pointers, not two strings per task.
+    pub idempotency: BTreeMap<Arc<(Fingerprint, String)>, TaskId>,
     /// Input and output bytes by digest.
     pub blobs: BTreeMap<Digest, Bytes>,
     /// The id the next submitted task gets.
@@ -633,7 +635,7 @@ impl MeshState {
             .collect();
         if let Some(key) = &spec.idempotency_key {
             self.idempotency
-                .insert((submitter.clone(), key.clone()), id);
+                .insert(Arc::new((submitter.clone(), key.clone())), id);
         }
         self.tasks.insert(
             id,

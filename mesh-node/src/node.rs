@@ -386,6 +386,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         shutdown.clone(),
     ));
     tracker.spawn(telemetry::refresh_gauges(service.clone(), shutdown.clone()));
+    tracker.spawn(telemetry::probe_runtime_lag(shutdown.clone()));
     tracker.close();
 
     // The line scripts and tests wait for.

@@ -57,3 +57,29 @@ pub async fn refresh_gauges(service: Service, shutdown: CancellationToken) {
         }
     }
 }
+
+/// How often the runtime-lag probe wakes.
+const LAG_PROBE: Duration = Duration::from_millis(10);
+/// Lag worth a log line: a third of the shortest election timeout.
+const LAG_WARN: Duration = Duration::from_millis(50);
+
+/// Measure how late the async runtime wakes a timer (`mesh_runtime_lag_seconds`): a
+/// runtime whose workers are all blocked (a sync lock held long, CPU starvation) runs
+/// no Raft heartbeats either, and shows here first. Long lags are logged.
+pub async fn probe_runtime_lag(shutdown: CancellationToken) {
+    loop {
+        let due = tokio::time::Instant::now() + LAG_PROBE;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(due) => {}
+        }
+        let lag = due.elapsed();
+        metrics::histogram!("mesh_runtime_lag_seconds").record(lag.as_secs_f64());
+        if lag > LAG_WARN {
+            tracing::warn!(
+                lag_ms = lag.as_millis() as u64,
+                "the async runtime woke a timer late"
+            );
+        }
+    }
+}

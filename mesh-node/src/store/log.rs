@@ -229,7 +229,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map_err(error::write_logs)?;
             records.push((entry.log_id.index, bytes));
         }
+        let written = Instant::now();
         let unsynced = self.files().append(records).map_err(error::write_logs)?;
+        metrics::histogram!("mesh_raft_log_write_seconds").record(written.elapsed().as_secs_f64());
         // openraft treats the entries as persisted once the callback fires: only after the sync.
         let started = Instant::now();
         let synced = tokio::task::spawn_blocking(move || unsynced.sync())
