@@ -465,23 +465,30 @@ mod tests {
         assert_eq!(c.election_timeout, DEFAULT_ELECTION_TIMEOUT);
     }
 
+    /// `flags` validated over a config file holding `text`.
+    fn with_file(text: &str, flags: RunArgs) -> Result<NodeConfig, ConfigError> {
+        let (_d, p) = file(text);
+        RunArgs {
+            config: Some(p),
+            ..flags
+        }
+        .validate()
+    }
+
+    fn error_of(text: &str) -> String {
+        with_file(text, RunArgs::default()).unwrap_err().to_string()
+    }
+
     #[test]
     fn election_timeout_comes_from_file_or_flag_and_is_bounded() {
-        let (_d, p) = file("election_timeout = \"400ms\"\n");
-        let c = RunArgs {
-            config: Some(p.clone()),
-            ..RunArgs::default()
-        }
-        .validate()
-        .unwrap();
+        let text = "election_timeout = \"400ms\"\n";
+        let c = with_file(text, RunArgs::default()).unwrap();
         assert_eq!(c.election_timeout, Duration::from_millis(400));
-        let c = RunArgs {
-            config: Some(p),
+        let flag = RunArgs {
             election_timeout: Some(Duration::from_millis(250)),
             ..RunArgs::default()
-        }
-        .validate()
-        .unwrap();
+        };
+        let c = with_file(text, flag).unwrap();
         assert_eq!(
             c.election_timeout,
             Duration::from_millis(250),
@@ -501,40 +508,14 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_errors() {
-        let (_d, p) = file("slots = 1\nsloots = 2\n");
-        let e = RunArgs {
-            config: Some(p),
-            ..RunArgs::default()
-        }
-        .validate()
-        .unwrap_err()
-        .to_string();
+        let e = error_of("slots = 1\nsloots = 2\n");
         assert!(e.contains("unknown field `sloots`"), "{e}");
-        let (_d, p) = file("voters = 4\n");
-        let e = RunArgs {
-            config: Some(p),
-            ..RunArgs::default()
-        }
-        .validate()
-        .unwrap_err()
-        .to_string();
+        let e = error_of("voters = 4\n");
         assert!(e.contains("voters"), "{e}");
-        let (_d, p) = file("node_timeout = \"soon\"\n");
-        let e = RunArgs {
-            config: Some(p),
-            ..RunArgs::default()
-        }
-        .validate()
-        .unwrap_err()
-        .to_string();
+        let e = error_of("node_timeout = \"soon\"\n");
         assert!(e.contains("node_timeout"), "{e}");
-        let (_d, p) = file("await_join = true\nrestore = \"x\"\n");
         assert!(matches!(
-            RunArgs {
-                config: Some(p),
-                ..RunArgs::default()
-            }
-            .validate(),
+            with_file("await_join = true\nrestore = \"x\"\n", RunArgs::default()),
             Err(ConfigError::Conflict)
         ));
     }

@@ -60,7 +60,7 @@ pub async fn refresh_gauges(service: Service, shutdown: CancellationToken) {
 
 /// How often the runtime-lag probe wakes.
 const LAG_PROBE: Duration = Duration::from_millis(10);
-/// Lag worth a log line: a third of the shortest election timeout.
+/// Lag worth a log line: a third of the default shortest election timeout (150 ms).
 const LAG_WARN: Duration = Duration::from_millis(50);
 
 /// Measure how late the async runtime wakes a timer (`mesh_runtime_lag_seconds`): a

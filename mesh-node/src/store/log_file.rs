@@ -485,6 +485,14 @@ mod tests {
             .unwrap();
     }
 
+    /// A fresh log directory holding the records of `range`, synced.
+    fn log_of(range: std::ops::Range<u64>) -> (tempfile::TempDir, LogFiles) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = LogFiles::open(dir.path(), None).unwrap();
+        append(&mut log, range);
+        (dir, log)
+    }
+
     fn indexes(log: &LogFiles) -> Vec<u64> {
         log.read(0, u64::MAX)
             .unwrap()
@@ -507,9 +515,7 @@ mod tests {
 
     #[test]
     fn records_survive_a_reopen_and_reads_clamp_to_the_live_range() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = LogFiles::open(dir.path(), None).unwrap();
-        append(&mut log, 0..10);
+        let (dir, log) = log_of(0..10);
         drop(log);
         let log = LogFiles::open(dir.path(), None).unwrap();
         assert_eq!(indexes(&log), (0..10).collect::<Vec<_>>());
@@ -520,9 +526,7 @@ mod tests {
 
     #[test]
     fn an_append_out_of_sequence_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = LogFiles::open(dir.path(), None).unwrap();
-        append(&mut log, 5..8);
+        let (_dir, mut log) = log_of(5..8);
         let err = log.append([(7, payload(7))]).err().unwrap().to_string();
         assert!(err.contains("the log already reaches index 7"), "{err}");
         log.purge(10).unwrap();
@@ -534,9 +538,7 @@ mod tests {
 
     #[test]
     fn truncate_then_append_rewrites_the_tail_durably() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = LogFiles::open(dir.path(), None).unwrap();
-        append(&mut log, 1..10);
+        let (dir, mut log) = log_of(1..10);
         log.truncate(6).unwrap();
         assert_eq!(indexes(&log), (1..6).collect::<Vec<_>>());
         append(&mut log, 6..8);
@@ -547,9 +549,7 @@ mod tests {
 
     #[test]
     fn purge_deletes_whole_segments_and_reopen_skips_purged_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = LogFiles::open(dir.path(), None).unwrap();
-        append(&mut log, 0..5);
+        let (dir, mut log) = log_of(0..5);
         // Purging everything leaves no segment; the next append starts a new one.
         log.purge(4).unwrap();
         assert!(segment_files(dir.path()).is_empty());
@@ -572,9 +572,7 @@ mod tests {
 
     #[test]
     fn a_torn_tail_is_cut_back_and_the_log_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = LogFiles::open(dir.path(), None).unwrap();
-        append(&mut log, 0..4);
+        let (dir, log) = log_of(0..4);
         drop(log);
         let path = dir.path().join(segment_name(0));
         let whole = fs::read(&path).unwrap();
@@ -599,9 +597,7 @@ mod tests {
 
     #[test]
     fn a_bad_record_before_the_tail_is_corruption() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = LogFiles::open(dir.path(), None).unwrap();
-        append(&mut log, 0..4);
+        let (dir, log) = log_of(0..4);
         drop(log);
         let path = dir.path().join(segment_name(0));
         let mut bytes = fs::read(&path).unwrap();
@@ -617,9 +613,7 @@ mod tests {
 
     #[test]
     fn a_truncated_and_purged_log_reopens_to_the_same_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = LogFiles::open(dir.path(), None).unwrap();
-        append(&mut log, 0..3);
+        let (dir, mut log) = log_of(0..3);
         log.truncate(1).unwrap();
         append(&mut log, 1..3);
         log.purge(2).unwrap();
