@@ -1,4 +1,4 @@
-//! Proves the store (log files + sled): it passes openraft's storage suite, keeps log, vote, committed
+//! Proves the store (log files, snapshot file, sled): it passes openraft's storage suite, keeps log, vote, committed
 //! id and snapshot across a reopen (and rebuilds the state from them), reports corrupt
 //! records as errors instead of panicking, and tells state viewers about applies.
 
@@ -84,7 +84,8 @@ fn reopen(dir: &Path) -> Store {
 #[tokio::test]
 async fn reopen_restores_log_vote_committed_and_snapshot() {
     let dir = tempfile::tempdir().unwrap();
-    // Over sled's ~128 KiB inline limit, so this entry goes through sled's blob files.
+    // Over sled's ~128 KiB inline limit: were the snapshot in sled, it would go through
+    // sled's blob files.
     let big_addr = "x".repeat(300 * 1024);
     let entries = vec![
         membership(0),
@@ -111,11 +112,11 @@ async fn reopen_restores_log_vote_committed_and_snapshot() {
         log.save_committed(Some(log_id(4))).await.unwrap();
         snapshot.meta
     };
+    let payloads = snapshot_files(dir.path());
+    assert_eq!(payloads.len(), 1, "one payload file: {payloads:?}");
+    assert!(std::fs::metadata(&payloads[0]).unwrap().len() > big_addr.len() as u64);
     let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
-    assert!(
-        blobs > 0,
-        "the big entry should have exercised sled's blob files"
-    );
+    assert_eq!(blobs, 0, "nothing large goes into sled");
 
     let Store {
         mut log,
@@ -231,31 +232,138 @@ async fn a_log_kept_in_sled_moves_into_the_log_files() {
     assert_eq!(log.try_get_log_entries(..).await.unwrap(), old.to_vec());
 }
 
+/// The snapshot payload files in a store directory, sorted.
+fn snapshot_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("snapshot"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+/// A store holding a membership entry applied and snapshotted; returns the payload.
+async fn snapshotted(dir: &Path) -> Vec<u8> {
+    let mut sm = Store::open(dir).unwrap().state_machine;
+    sm.apply([membership(1), register(2, 1, "a")])
+        .await
+        .unwrap();
+    let snapshot = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    snapshot.snapshot.into_inner()
+}
+
+/// Opens a store that is expected to fail for reasons other than sled's lock.
+fn open_err(dir: &Path) -> StoreError {
+    match retry_lock(|| match Store::open(dir) {
+        Err(StoreError::Open { path, source }) => Err(StoreError::Open { path, source }),
+        other => Ok(other),
+    }) {
+        Err(e) => e,
+        Ok(_) => panic!("a store with a damaged snapshot must not open"),
+    }
+}
+
 #[tokio::test]
-async fn corrupt_snapshot_fails_open_naming_the_record() {
+async fn a_damaged_or_missing_snapshot_file_fails_open_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let mut sm = Store::open(dir.path()).unwrap().state_machine;
-        sm.apply([membership(1)]).await.unwrap();
+    snapshotted(dir.path()).await;
+    let file = snapshot_files(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    match open_err(dir.path()) {
+        e @ StoreError::SnapshotCorrupt { .. } => {
+            let shown = e.to_string();
+            assert!(shown.contains(&file.display().to_string()), "{shown}");
+            assert!(shown.contains("checksum"), "{shown}");
+        }
+        e => panic!("unexpected error: {e}"),
+    }
+    std::fs::remove_file(&file).unwrap();
+    match open_err(dir.path()) {
+        e @ StoreError::SnapshotCorrupt { .. } => assert!(e.to_string().contains("missing")),
+        e => panic!("unexpected error: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_file_record_fails_open_naming_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    snapshotted(dir.path()).await;
+    poke(dir.path(), "snapshot", b"file", b"\x01\xff\xff");
+    match open_err(dir.path()) {
+        e @ StoreError::Corrupt {
+            tree: "snapshot", ..
+        } => assert!(e.to_string().contains("key file"), "{e}"),
+        e => panic!("unexpected error: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn only_the_current_snapshot_file_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = Store::open(dir.path()).unwrap().state_machine;
+    sm.apply([membership(1)]).await.unwrap();
+    for index in 2..5 {
+        sm.apply([register(index, index, "a")]).await.unwrap();
         sm.get_snapshot_builder()
             .await
             .build_snapshot()
             .await
             .unwrap();
+        assert_eq!(snapshot_files(dir.path()).len(), 1, "older files removed");
     }
-    poke(dir.path(), "snapshot", b"data", b"\x01\xff\xff");
-    match retry_lock(|| match Store::open(dir.path()) {
-        Err(StoreError::Open { path, source }) => Err(StoreError::Open { path, source }),
-        other => Ok(other),
-    }) {
-        Err(
-            e @ StoreError::Inconsistent {
-                tree: "snapshot", ..
-            },
-        ) => assert!(e.to_string().contains("key data")),
-        Err(e) => panic!("unexpected error: {e}"),
-        Ok(_) => panic!("a corrupt snapshot must not open"),
+    let current = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta.last_log_id, Some(log_id(4)));
+    drop(sm);
+    // Leftovers of a crash: a torn .tmp and a file written but never named.
+    let snap = dir.path().join("snapshot");
+    std::fs::write(snap.join("00000000000000000099.snap.tmp"), b"torn").unwrap();
+    std::fs::write(snap.join("00000000000000000098.snap"), b"unnamed").unwrap();
+    let mut sm = reopen(dir.path()).state_machine;
+    assert_eq!(
+        snapshot_files(dir.path()).len(),
+        1,
+        "open removes what nobody names"
+    );
+    assert_eq!(sm.view().read(|s| s.nodes.len()), 3);
+    let again = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(again.meta, current.meta);
+}
+
+#[tokio::test]
+async fn a_payload_kept_in_sled_by_older_versions_moves_into_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let payload = snapshotted(dir.path()).await;
+    // Rewrite the store into the old layout: the payload under `data`, no file.
+    let db = retry_lock(|| sled::open(dir.path()));
+    let tree = db.open_tree("snapshot").unwrap();
+    tree.insert("data", payload.as_slice()).unwrap();
+    tree.remove("file").unwrap();
+    db.flush().unwrap();
+    drop((tree, db));
+    for file in snapshot_files(dir.path()) {
+        std::fs::remove_file(file).unwrap();
     }
+
+    let mut sm = reopen(dir.path()).state_machine;
+    assert_eq!(sm.view().read(|s| s.nodes.len()), 1, "state loaded");
+    let files = snapshot_files(dir.path());
+    assert_eq!(files.len(), 1);
+    assert_eq!(std::fs::read(&files[0]).unwrap(), payload);
+    let current = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.snapshot.into_inner(), payload);
+    drop(sm);
+    let db = retry_lock(|| sled::open(dir.path()));
+    let tree = db.open_tree("snapshot").unwrap();
+    assert!(tree.get("data").unwrap().is_none(), "moved, not copied");
+    assert!(tree.get("file").unwrap().is_some());
 }
 
 #[tokio::test]

@@ -11,7 +11,9 @@
 //! - Values too big for a segment slot (about 128 KiB at the default 512 KiB segments)
 //!   are written to their own file `<dir>/blobs/<lsn>` with `create_new` + `write_all`
 //!   and are never synced, nor is the `blobs` directory that names them
-//!   (`pagecache/blob_io.rs`). Large snapshots land there (the Raft log has files of its own, `log_file.rs`).
+//!   (`pagecache/blob_io.rs`). The Raft log and the snapshot payload have files of their
+//!   own (`log_file.rs`, `snapshot_file.rs`), so little lands there now, but the barrier
+//!   still covers it.
 //! - sled writes `<dir>/conf` without a sync, and renames its recovery snapshots
 //!   (`<dir>/snap.*`) without syncing `<dir>`.
 //!
@@ -83,6 +85,12 @@ impl Durable {
         Ok(Durable {
             inner: Arc::new(inner),
         })
+    }
+
+    /// [`Durable::barrier`] on the calling thread, for work that is already blocking
+    /// (opening the store).
+    pub(crate) fn barrier_blocking(&self) -> Result<(), StoreError> {
+        self.inner.sync()
     }
 
     /// Returns once every write made before the call is on stable storage.

@@ -80,9 +80,10 @@ pub enum StoreError {
         /// What is wrong.
         problem: String,
     },
-    /// Reading, writing or removing a Raft log file failed.
+    /// Reading, writing or removing one of the store's own files (a Raft log segment,
+    /// the snapshot file) failed.
     #[error("cannot {doing} {path}: {source}")]
-    LogIo {
+    FileIo {
         /// What the store was doing.
         doing: &'static str,
         /// The file or directory.
@@ -100,6 +101,14 @@ pub enum StoreError {
         /// What is wrong.
         problem: String,
     },
+    /// The snapshot file is missing or does not hold what the store recorded about it.
+    #[error("corrupt snapshot file {path}: {problem} (the node cannot trust this data directory: restore it from a backup, or wipe it and rejoin with `mesh-node run --join TOKEN`)")]
+    SnapshotCorrupt {
+        /// The snapshot file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
     /// The in-memory state lock was poisoned by a panic during an earlier apply.
     #[error("the state machine lock is poisoned: an earlier apply panicked")]
     Poisoned,
@@ -110,12 +119,12 @@ impl StoreError {
         move |source| StoreError::Sled { doing, source }
     }
 
-    pub(crate) fn log_io(
+    pub(crate) fn file_io(
         doing: &'static str,
         path: &std::path::Path,
     ) -> impl FnOnce(std::io::Error) -> StoreError {
         let path = path.to_path_buf();
-        move |source| StoreError::LogIo {
+        move |source| StoreError::FileIo {
             doing,
             path,
             source,

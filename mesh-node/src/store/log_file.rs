@@ -26,7 +26,7 @@
 //! id durable first, so records at or below it that survive (a deletion lost with the
 //! directory's metadata in a power loss) are skipped by the next `open`.
 
-use super::StoreError;
+use super::{sync_dir, StoreError};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -75,7 +75,7 @@ impl Unsynced {
     pub(crate) fn sync(self) -> Result<(), StoreError> {
         for (path, file) in self.0 {
             file.sync_data()
-                .map_err(StoreError::log_io("sync the Raft log file", &path))?;
+                .map_err(StoreError::file_io("sync the Raft log file", &path))?;
         }
         Ok(())
     }
@@ -83,12 +83,6 @@ impl Unsynced {
 
 fn segment_name(first: u64) -> String {
     format!("{first:020}{SUFFIX}")
-}
-
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(StoreError::log_io("sync the directory", dir))
 }
 
 fn checksum(index: &[u8], payload: &[u8]) -> u32 {
@@ -139,14 +133,14 @@ impl LogFiles {
     /// cuts back a torn tail left by a crash.
     pub(crate) fn open(dir: &Path, purged: Option<u64>) -> Result<LogFiles, StoreError> {
         if !dir.exists() {
-            fs::create_dir_all(dir).map_err(StoreError::log_io("create", dir))?;
+            fs::create_dir_all(dir).map_err(StoreError::file_io("create", dir))?;
             if let Some(parent) = dir.parent() {
                 sync_dir(parent)?;
             }
         }
         let mut names = Vec::new();
-        for entry in fs::read_dir(dir).map_err(StoreError::log_io("list", dir))? {
-            let entry = entry.map_err(StoreError::log_io("list", dir))?;
+        for entry in fs::read_dir(dir).map_err(StoreError::file_io("list", dir))? {
+            let entry = entry.map_err(StoreError::file_io("list", dir))?;
             let name = entry.file_name();
             let Some(first) = name
                 .to_str()
@@ -168,7 +162,7 @@ impl LogFiles {
         let count = names.len();
         for (n, (first, path)) in names.into_iter().enumerate() {
             let last_segment = n + 1 == count;
-            let bytes = fs::read(&path).map_err(StoreError::log_io("read", &path))?;
+            let bytes = fs::read(&path).map_err(StoreError::file_io("read", &path))?;
             let corrupt = |offset: usize, problem: String| StoreError::LogCorrupt {
                 path: path.clone(),
                 offset: offset as u64,
@@ -219,7 +213,7 @@ impl LogFiles {
                 .read(true)
                 .write(true)
                 .open(&path)
-                .map_err(StoreError::log_io("open", &path))?;
+                .map_err(StoreError::file_io("open", &path))?;
             if offset < bytes.len() {
                 tracing::warn!(
                     path = %path.display(),
@@ -229,7 +223,7 @@ impl LogFiles {
                 );
                 file.set_len(offset as u64)
                     .and_then(|()| file.sync_data())
-                    .map_err(StoreError::log_io("cut back", &path))?;
+                    .map_err(StoreError::file_io("cut back", &path))?;
             }
             log.segments.push(Segment {
                 first,
@@ -309,7 +303,7 @@ impl LogFiles {
         active
             .file
             .write_all_at(buf, active.len)
-            .map_err(StoreError::log_io("write the Raft log file", &active.path))?;
+            .map_err(StoreError::file_io("write the Raft log file", &active.path))?;
         active.len += buf.len() as u64;
         buf.clear();
         if !touched.iter().any(|(p, _)| *p == active.path) {
@@ -327,7 +321,7 @@ impl LogFiles {
             .is_some_and(|s| s.len == 0 && s.first >= first)
         {
             let s = self.segments.pop().expect("checked");
-            fs::remove_file(&s.path).map_err(StoreError::log_io("remove", &s.path))?;
+            fs::remove_file(&s.path).map_err(StoreError::file_io("remove", &s.path))?;
         }
         if let Some(last) = self.segments.last().filter(|s| s.first >= first) {
             return Err(StoreError::LogCorrupt {
@@ -338,10 +332,10 @@ impl LogFiles {
         }
         if let Some(previous) = self.segments.last() {
             // Everything before the new segment is synced before the new name can count.
-            previous
-                .file
-                .sync_data()
-                .map_err(StoreError::log_io("sync the Raft log file", &previous.path))?;
+            previous.file.sync_data().map_err(StoreError::file_io(
+                "sync the Raft log file",
+                &previous.path,
+            ))?;
         }
         let path = self.dir.join(segment_name(first));
         let file = OpenOptions::new()
@@ -349,7 +343,7 @@ impl LogFiles {
             .write(true)
             .create_new(true)
             .open(&path)
-            .map_err(StoreError::log_io("create", &path))?;
+            .map_err(StoreError::file_io("create", &path))?;
         sync_dir(&self.dir)?;
         self.segments.push(Segment {
             first,
@@ -395,7 +389,7 @@ impl LogFiles {
             segment
                 .file
                 .read_exact_at(&mut bytes, pos.offset)
-                .map_err(StoreError::log_io("read the Raft log file", &segment.path))?;
+                .map_err(StoreError::file_io("read the Raft log file", &segment.path))?;
             let corrupt = |problem: &str| StoreError::LogCorrupt {
                 path: segment.path.clone(),
                 offset: pos.offset,
@@ -422,7 +416,7 @@ impl LogFiles {
         let mut dropped = false;
         while self.segments.last().is_some_and(|s| s.first > cut.segment) {
             let s = self.segments.pop().expect("checked");
-            fs::remove_file(&s.path).map_err(StoreError::log_io("remove", &s.path))?;
+            fs::remove_file(&s.path).map_err(StoreError::file_io("remove", &s.path))?;
             dropped = true;
         }
         let before = self.positions.keys().next_back().copied();
@@ -433,7 +427,7 @@ impl LogFiles {
         s.file
             .set_len(cut.offset)
             .and_then(|()| s.file.sync_data())
-            .map_err(StoreError::log_io("truncate", &s.path))?;
+            .map_err(StoreError::file_io("truncate", &s.path))?;
         s.len = cut.offset;
         s.last = before.filter(|b| *b >= s.first);
         if dropped {
@@ -453,7 +447,7 @@ impl LogFiles {
             .is_some_and(|s| s.last.is_none_or(|l| l <= upto) && (s.len > 0 || s.first <= upto))
         {
             let s = self.segments.remove(0);
-            fs::remove_file(&s.path).map_err(StoreError::log_io("remove", &s.path))?;
+            fs::remove_file(&s.path).map_err(StoreError::file_io("remove", &s.path))?;
         }
         if self.segments.len() != before {
             sync_dir(&self.dir)?;

@@ -1,14 +1,16 @@
-//! The store: the Raft log in files of its own (`log_file.rs`); vote, state machine
-//! and snapshots in one `sled::Db`.
+//! The store: the Raft log in files of its own (`log_file.rs`), the last snapshot's
+//! payload in a file of its own (`snapshot_file.rs`); vote, committed and purged log
+//! ids and the snapshot's meta in one `sled::Db`.
 //!
 //! Nothing is acknowledged to openraft before it is on stable storage: a log append
-//! ends in one `fdatasync` of its log file, every sled write path in the barrier in
-//! `durable.rs`, once per batch.
+//! ends in one `fdatasync` of its log file, a snapshot payload in `fdatasync`s of its
+//! file, every sled write path in the barrier in `durable.rs`, once per batch.
 
 mod durable;
 mod error;
 mod log;
 mod log_file;
+mod snapshot_file;
 mod state_machine;
 
 pub use error::StoreError;
@@ -24,8 +26,11 @@ const LOG_TREE: &str = "log";
 const LOG_DIR: &str = "log";
 /// Vote, committed and purged log ids.
 const META_TREE: &str = "meta";
-/// The last snapshot: its meta, its payload and the snapshot sequence number.
+/// The last snapshot: its meta, which payload file holds it, and the snapshot sequence
+/// number. (Before the payload had a file of its own, the payload too.)
 const SNAPSHOT_TREE: &str = "snapshot";
+/// The snapshot payload files, inside the store directory.
+const SNAPSHOT_DIR: &str = "snapshot";
 
 /// The node's storage: both halves openraft needs, sharing one sled database.
 pub struct Store {
@@ -58,7 +63,18 @@ impl Store {
         let durable = durable::Durable::open(db.clone(), dir)?;
         Ok(Store {
             log: LogStore::open(&dir.join(LOG_DIR), log, meta, durable.clone())?,
-            state_machine: StateMachineStore::open(snapshots, durable)?,
+            state_machine: StateMachineStore::open(
+                snapshots,
+                snapshot_file::SnapshotFiles::open(&dir.join(SNAPSHOT_DIR))?,
+                durable,
+            )?,
         })
     }
+}
+
+/// Makes a directory's listing durable (new, renamed and removed names).
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::file_io("sync the directory", dir))
 }

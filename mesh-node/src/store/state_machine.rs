@@ -1,4 +1,5 @@
-//! The state machine half of the store: `MeshState` in memory, snapshots in sled.
+//! The state machine half of the store: `MeshState` in memory; the last snapshot's meta
+//! in sled, its payload in a file of its own (`snapshot_file.rs`).
 //!
 //! The state itself is not written on every apply. It is durable as the last snapshot
 //! plus the committed log: after a restart `Store::open` loads the snapshot and openraft
@@ -6,6 +7,7 @@
 
 use super::durable::Durable;
 use super::error::{self, RaftStorageError, StoreError};
+use super::snapshot_file::{PayloadFile, SnapshotFiles};
 use super::SNAPSHOT_TREE;
 use mesh_core::codec::{decode, encode};
 use mesh_core::raft_types::{Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig};
@@ -14,11 +16,15 @@ use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use tokio::sync::watch;
+use std::sync::{Arc, PoisonError, RwLock};
+use tokio::sync::{watch, Mutex};
 
 const SNAPSHOT_META: &str = "meta";
-const SNAPSHOT_DATA: &str = "data";
+/// The [`PayloadFile`] holding the payload of the snapshot `meta` describes.
+const SNAPSHOT_FILE: &str = "file";
+/// Where data directories written before the payload file kept the payload; moved into
+/// a file on open.
+const LEGACY_SNAPSHOT_DATA: &str = "data";
 /// The last snapshot sequence number, so snapshot ids stay unique across restarts.
 const SNAPSHOT_SEQ: &str = "seq";
 
@@ -64,32 +70,57 @@ impl StateView {
 pub struct StateMachineStore {
     view: StateView,
     snapshots: sled::Tree,
+    files: Arc<SnapshotFiles>,
     durable: Durable,
     seq: Arc<AtomicU64>,
-    /// Serializes snapshot reads and writes: the meta and data keys must be read as a
-    /// pair, and a slow build must not overwrite a newer installed snapshot.
+    /// Serializes snapshot reads and writes: the meta and its file must be read as a
+    /// pair, a slow build must not overwrite a newer installed snapshot, and a writer
+    /// removes the files older than its own. Async: a write holds it for the whole
+    /// payload (seconds for a large state) and waiters must not block a worker thread.
     snapshot_lock: Arc<Mutex<()>>,
 }
 
 impl StateMachineStore {
-    /// Loads the stored snapshot, if any, as the applied state.
+    /// Loads the stored snapshot, if any, as the applied state, after moving a payload
+    /// older versions kept in sled into its file and removing files nobody names.
     pub(crate) fn open(
         snapshots: sled::Tree,
+        files: SnapshotFiles,
         durable: Durable,
     ) -> Result<StateMachineStore, StoreError> {
-        let seq = match snapshots
+        let mut seq = match snapshots
             .get(SNAPSHOT_SEQ)
             .map_err(StoreError::sled("reading the snapshot tree"))?
         {
             Some(bytes) => decode(&bytes).map_err(|source| corrupt(SNAPSHOT_SEQ, source))?,
             None => 0,
         };
-        let applied = match read_snapshot(&snapshots)? {
-            Some((meta, data)) => {
-                let (last_applied, membership, state) =
-                    decode_payload(&data, &meta).map_err(|problem| StoreError::Inconsistent {
-                        tree: SNAPSHOT_TREE,
-                        key: SNAPSHOT_DATA.into(),
+        if let Some(data) = snapshots
+            .get(LEGACY_SNAPSHOT_DATA)
+            .map_err(StoreError::sled("reading the snapshot tree"))?
+        {
+            seq += 1;
+            let file = files.write(seq, &data)?;
+            let mut batch = sled::Batch::default();
+            batch.insert(SNAPSHOT_FILE, encode_file(&file)?);
+            batch.insert(
+                SNAPSHOT_SEQ,
+                encode(&seq).map_err(StoreError::encode("snapshot seq"))?,
+            );
+            batch.remove(LEGACY_SNAPSHOT_DATA);
+            snapshots.apply_batch(batch).map_err(StoreError::sled(
+                "moving the snapshot payload into its file",
+            ))?;
+            durable.barrier_blocking()?;
+            tracing::info!(file = %files.path(&file.name).display(), bytes = file.len, "moved the snapshot payload out of sled into its own file");
+        }
+        let stored = read_snapshot(&snapshots, &files)?;
+        files.remove_all_but(stored.as_ref().map(|s| s.file.name.as_str()))?;
+        let applied = match stored {
+            Some(stored) => {
+                let (last_applied, membership, state) = decode_payload(&stored.data, &stored.meta)
+                    .map_err(|problem| StoreError::SnapshotCorrupt {
+                        path: files.path(&stored.file.name),
                         problem,
                     })?;
                 Applied {
@@ -107,6 +138,7 @@ impl StateMachineStore {
                 changes: Arc::new(changes),
             },
             snapshots,
+            files: Arc::new(files),
             durable,
             seq: Arc::new(AtomicU64::new(seq)),
             snapshot_lock: Arc::default(),
@@ -118,36 +150,36 @@ impl StateMachineStore {
         self.view.clone()
     }
 
-    /// Writes a snapshot into sled unless a newer one is already stored.
+    /// Writes the payload file and names it in sled, unless a newer snapshot is already
+    /// stored; returns the file's name if it was stored. The caller holds `snapshot_lock`.
     fn write_snapshot(
         snapshots: &sled::Tree,
-        lock: &Mutex<()>,
-        seq: u64,
+        files: &SnapshotFiles,
+        seq: &AtomicU64,
         meta: &SnapshotMeta,
         data: &[u8],
-    ) -> Result<(), StoreError> {
-        {
-            let _guard = lock.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(stored) = read_meta(snapshots)? {
-                if stored.last_log_id > meta.last_log_id {
-                    return Ok(());
-                }
+    ) -> Result<Option<String>, StoreError> {
+        if let Some(stored) = read_meta(snapshots)? {
+            if stored.last_log_id > meta.last_log_id {
+                return Ok(None);
             }
-            let mut batch = sled::Batch::default();
-            batch.insert(
-                SNAPSHOT_META,
-                encode(meta).map_err(StoreError::encode("snapshot meta"))?,
-            );
-            batch.insert(SNAPSHOT_DATA, data);
-            batch.insert(
-                SNAPSHOT_SEQ,
-                encode(&seq).map_err(StoreError::encode("snapshot seq"))?,
-            );
-            snapshots
-                .apply_batch(batch)
-                .map_err(StoreError::sled("storing a snapshot"))?;
         }
-        Ok(())
+        let file = files.write(seq.fetch_add(1, Ordering::SeqCst) + 1, data)?;
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            SNAPSHOT_META,
+            encode(meta).map_err(StoreError::encode("snapshot meta"))?,
+        );
+        batch.insert(SNAPSHOT_FILE, encode_file(&file)?);
+        // The highest number handed out so far, ids of builds still running included.
+        batch.insert(
+            SNAPSHOT_SEQ,
+            encode(&seq.load(Ordering::SeqCst)).map_err(StoreError::encode("snapshot seq"))?,
+        );
+        snapshots
+            .apply_batch(batch)
+            .map_err(StoreError::sled("storing a snapshot"))?;
+        Ok(Some(file.name))
     }
 
     /// Stores a snapshot durably unless a newer one is already stored; hands `data` back.
@@ -156,19 +188,38 @@ impl StateMachineStore {
         meta: &SnapshotMeta,
         data: Vec<u8>,
     ) -> Result<Vec<u8>, StoreError> {
-        // Copying a large snapshot into sled (and its blob file) is blocking work.
-        let (snapshots, lock) = (self.snapshots.clone(), Arc::clone(&self.snapshot_lock));
-        let (seq, meta_owned) = (self.seq.load(Ordering::SeqCst), meta.clone());
+        let _guard = self.snapshot_lock.lock().await;
+        // Writing a large payload is blocking work, and so is removing the old file.
+        let (snapshots, files) = (self.snapshots.clone(), Arc::clone(&self.files));
+        let (seq, meta_owned) = (Arc::clone(&self.seq), meta.clone());
         let (written, data) = tokio::task::spawn_blocking(move || {
-            let written = Self::write_snapshot(&snapshots, &lock, seq, &meta_owned, &data);
+            let written = Self::write_snapshot(&snapshots, &files, &seq, &meta_owned, &data);
             (written, data)
         })
         .await
         .map_err(StoreError::SyncTask)?;
-        written?;
+        let Some(name) = written? else {
+            return Ok(data);
+        };
+        // The meta naming the new file is durable before the old file goes.
         self.durable.barrier().await?;
+        let files = Arc::clone(&self.files);
+        tokio::task::spawn_blocking(move || files.remove_all_but(Some(&name)))
+            .await
+            .map_err(StoreError::SyncTask)??;
         Ok(data)
     }
+}
+
+/// A stored snapshot: its meta, the file holding its payload, and the payload.
+struct Stored {
+    meta: SnapshotMeta,
+    file: PayloadFile,
+    data: Vec<u8>,
+}
+
+fn encode_file(file: &PayloadFile) -> Result<Vec<u8>, StoreError> {
+    encode(file).map_err(StoreError::encode("snapshot file record"))
 }
 
 fn corrupt(key: &str, source: mesh_core::codec::CodecError) -> StoreError {
@@ -191,21 +242,30 @@ fn read_meta(snapshots: &sled::Tree) -> Result<Option<SnapshotMeta>, StoreError>
     }
 }
 
-/// The stored snapshot's meta and payload. The caller holds `snapshot_lock` or has the
-/// tree to itself (at open).
-fn read_snapshot(snapshots: &sled::Tree) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StoreError> {
+/// The stored snapshot, if any. The caller holds `snapshot_lock` or has the store to
+/// itself (at open).
+fn read_snapshot(
+    snapshots: &sled::Tree,
+    files: &SnapshotFiles,
+) -> Result<Option<Stored>, StoreError> {
     let Some(meta) = read_meta(snapshots)? else {
         return Ok(None);
     };
-    let data = snapshots
-        .get(SNAPSHOT_DATA)
+    let file: PayloadFile = match snapshots
+        .get(SNAPSHOT_FILE)
         .map_err(StoreError::sled("reading the snapshot tree"))?
-        .ok_or_else(|| StoreError::Inconsistent {
-            tree: SNAPSHOT_TREE,
-            key: SNAPSHOT_DATA.into(),
-            problem: format!("missing, but meta names snapshot {}", meta.snapshot_id),
-        })?;
-    Ok(Some((meta, data.to_vec())))
+    {
+        Some(bytes) => decode(&bytes).map_err(|source| corrupt(SNAPSHOT_FILE, source))?,
+        None => {
+            return Err(StoreError::Inconsistent {
+                tree: SNAPSHOT_TREE,
+                key: SNAPSHOT_FILE.into(),
+                problem: format!("missing, but meta names snapshot {}", meta.snapshot_id),
+            })
+        }
+    };
+    let data = files.read(&file)?;
+    Ok(Some(Stored { meta, file, data }))
 }
 
 /// Decodes a snapshot payload and checks it against its meta.
@@ -370,16 +430,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
-        let stored = {
-            let _guard = self
-                .snapshot_lock
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            read_snapshot(&self.snapshots).map_err(error::read_snapshot)?
-        };
-        Ok(stored.map(|(meta, data)| Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
+        let _guard = self.snapshot_lock.lock().await;
+        let (snapshots, files) = (self.snapshots.clone(), Arc::clone(&self.files));
+        let stored = tokio::task::spawn_blocking(move || read_snapshot(&snapshots, &files))
+            .await
+            .map_err(StoreError::SyncTask)
+            .and_then(|r| r)
+            .map_err(error::read_snapshot)?;
+        Ok(stored.map(|stored| Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
         }))
     }
 }
