@@ -3,8 +3,15 @@
 //! the same digest, after the process restarts on the same data directory.
 //! Method: submit tasks (some waited for, some only acknowledged), `kill -9`, restart,
 //! compare the task list before and after.
+//!
+//! Claim: with snapshots taken every few entries, each node keeps exactly one
+//! snapshot file, and a follower that was down while the leader's log moved on past
+//! it catches up from the leader's snapshot, then survives its own restart from that
+//! file, with the same tasks and results as the others.
 
+use crate::support::{eventually, metric, scrape};
 use crate::t10_single_node::{pinned_node, task_id};
+use crate::t30_cluster::{check_outcomes, submit_workload, tasks_on, voters, Mesh, CONVERGE};
 use mesh_chaos::phase;
 use std::collections::BTreeMap;
 
@@ -130,4 +137,84 @@ fn acknowledged_tasks_and_results_survive_kill_9() {
         acked[0],
         "an idempotency key must return the task submitted before the crash"
     );
+}
+
+/// The snapshot payload files of a node's data directory.
+fn snapshot_files(node: &mesh_chaos::Node) -> Vec<String> {
+    let dir = node.data_dir.join("raft").join("snapshot");
+    std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_follower_behind_the_leaders_snapshot_catches_up_from_it_and_restarts_from_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    // 20 entries (the least allowed) plus 1 per node id: the log keeps 1 entry after one.
+    let mut mesh = Mesh::start(dir.path(), 3, &["--snapshot-every", "20"]);
+    let leader = mesh.wait_leader(CONVERGE, |_| true).unwrap();
+    eventually("3 voters", CONVERGE, || {
+        let s = mesh.status(leader).map_err(|e| e.to_string())?;
+        (voters(&s).len() == 3).then_some(()).ok_or(s.to_string())
+    });
+    let behind = (0..3).find(|i| *i != leader).unwrap();
+    phase(&format!(
+        "SIGKILL follower {} and commit past it",
+        behind + 1
+    ));
+    mesh.nodes[behind].kill9();
+    // One Raft entry per submit at least: more than any node's snapshot interval.
+    let work = submit_workload(&mesh.cli(leader), dir.path(), "snap", 0, 40);
+
+    phase("the live nodes snapshot and keep one payload file each");
+    for i in (0..3).filter(|i| *i != behind) {
+        eventually("a snapshot built", CONVERGE, || {
+            let built = metric(&scrape(&mesh.nodes[i]), "mesh_snapshots_built_total", &[]);
+            let files = snapshot_files(&mesh.nodes[i]);
+            (built >= 1.0 && files.len() == 1 && files[0].ends_with(".snap"))
+                .then_some(())
+                .ok_or(format!("node {}: built {built}, files {files:?}", i + 1))
+        });
+    }
+
+    phase("restart the follower: the leader's log no longer reaches back to it");
+    mesh.nodes[behind].restart().unwrap();
+    eventually(
+        "the follower installs the leader's snapshot",
+        CONVERGE,
+        || {
+            let installed = metric(
+                &scrape(&mesh.nodes[behind]),
+                "mesh_snapshots_installed_total",
+                &[],
+            );
+            (installed >= 1.0)
+                .then_some(())
+                .ok_or(format!("installed {installed}"))
+        },
+    );
+    assert_eq!(snapshot_files(&mesh.nodes[behind]).len(), 1);
+    check_outcomes(&mut mesh, dir.path(), &work);
+
+    phase("SIGKILL and restart it again: it comes back from its own snapshot file");
+    mesh.nodes[behind].kill9();
+    mesh.nodes[behind].restart().unwrap();
+    let cli = mesh.cli(behind);
+    eventually("the restarted follower holds every task", CONVERGE, || {
+        let tasks = tasks_on(&cli)?;
+        let missing: Vec<u64> = work
+            .iter()
+            .map(|w| w.id)
+            .filter(|id| tasks.get(id).is_none_or(|t| t["state"] != "succeeded"))
+            .collect();
+        missing
+            .is_empty()
+            .then_some(())
+            .ok_or(format!("missing or unfinished: {missing:?}"))
+    });
+    check_outcomes(&mut mesh, dir.path(), &work);
 }

@@ -69,9 +69,15 @@ const JOIN_METHOD: &[&str] = &["/mesh.v1.Mesh/Join"];
 /// (`proposer::MAX_BATCH_BYTES`; a single task of up to 16 MiB of inputs goes alone).
 ///
 /// A snapshot encodes the whole state (O(tasks)); nodes take theirs at different log
-/// lengths (20,000 entries plus 1,000 per node id modulo 8), so that the members of a
-/// mesh do not all spend the same second encoding and writing one.
-fn raft_config(node: NodeId, election_timeout: Duration) -> anyhow::Result<Arc<openraft::Config>> {
+/// lengths (`--snapshot-every`, default 20,000 entries, plus 5 % of it per node id
+/// modulo 8), so that the members of a mesh do not all spend the same second encoding
+/// and writing one. After a snapshot the log keeps its last 5 % of that, so a follower
+/// that fell a little behind catches up from the log, not from a whole snapshot.
+fn raft_config(
+    node: NodeId,
+    election_timeout: Duration,
+    snapshot_every: u64,
+) -> anyhow::Result<Arc<openraft::Config>> {
     let min = election_timeout.as_millis() as u64;
     let config = openraft::Config {
         cluster_name: "mesh".into(),
@@ -79,8 +85,10 @@ fn raft_config(node: NodeId, election_timeout: Duration) -> anyhow::Result<Arc<o
         election_timeout_min: min,
         election_timeout_max: 2 * min,
         max_payload_entries: 2,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000 + node.0 % 8 * 1_000),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
+            snapshot_every + node.0 % 8 * (snapshot_every / 20),
+        ),
+        max_in_snapshot_log_to_keep: snapshot_every / 20,
         ..Default::default()
     };
     Ok(Arc::new(
@@ -194,7 +202,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             rollback_guard::check(node, local, &peers, &clients, rollback_guard::WAIT).await;
         rollback_guard::enforce(verdict, &config.data_dir)?;
     }
-    let raft_config = raft_config(node, config.election_timeout)?;
+    let raft_config = raft_config(node, config.election_timeout, config.snapshot_every)?;
     // openraft 0.9's voters honour a leader's lease for `election_timeout_max`.
     let lease = Duration::from_millis(raft_config.election_timeout_max);
     let raft = Raft::<TypeConfig>::new(

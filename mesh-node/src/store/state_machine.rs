@@ -326,6 +326,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             .store_snapshot(&meta, data)
             .await
             .map_err(error::write_snapshot)?;
+        metrics::counter!("mesh_snapshots_built_total").increment(1);
         tracing::info!(
             snapshot = %meta.snapshot_id,
             tasks,
@@ -400,6 +401,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), RaftStorageError> {
         let data = snapshot.into_inner();
+        let bytes = data.len();
         let (last_applied, membership, state) = decode_payload(&data, meta).map_err(|problem| {
             error::read_snapshot(StoreError::Snapshot {
                 id: meta.snapshot_id.clone(),
@@ -424,6 +426,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             };
         }
         self.view.changes.send_replace(index);
+        metrics::counter!("mesh_snapshots_installed_total").increment(1);
+        tracing::info!(snapshot = %meta.snapshot_id, bytes, "installed a snapshot from the leader");
         Ok(())
     }
 
