@@ -89,6 +89,12 @@ struct Common {
     /// or loss need the proxy and are refused (run-all skips them).
     #[arg(long)]
     netns: bool,
+    /// Raft log entries between two snapshots on every node (`mesh-node
+    /// --snapshot-every`). Small by default, so that every run builds snapshots and
+    /// nodes that fall behind (restarted, wiped, cut off) catch up by installing the
+    /// leader's, under the faults; the nodes' own default is 20000.
+    #[arg(long, default_value_t = 100, value_name = "ENTRIES")]
+    snapshot_every: u64,
 }
 
 fn seed_or_clock(seed: Option<u64>) -> u64 {
@@ -128,6 +134,7 @@ fn main() {
                 node_bin: common.node_bin,
                 keep: common.keep,
                 netns: common.netns,
+                snapshot_every: common.snapshot_every,
             };
             one(&opts)
         }
@@ -156,6 +163,7 @@ fn main() {
                     node_bin: common.node_bin.clone(),
                     keep: common.keep,
                     netns: common.netns,
+                    snapshot_every: common.snapshot_every,
                 };
                 let started = std::time::Instant::now();
                 let code = one(&opts);

@@ -56,6 +56,8 @@ pub struct RunOptions {
     pub keep: bool,
     /// Nodes in network namespaces, partitions by nftables (root only).
     pub netns: bool,
+    /// Every node's `--snapshot-every`: Raft log entries between snapshots.
+    pub snapshot_every: u64,
 }
 
 impl RunOptions {
@@ -179,6 +181,8 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
                 NODE_TIMEOUT,
                 "--slots",
                 "1",
+                "--snapshot-every",
+                &opts.snapshot_every.to_string(),
             ]
             .map(String::from)
             .to_vec();
@@ -262,6 +266,19 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
     fin.tasks = tasks;
     history.note("comparing replicas");
     fin.convergence = converge(&targets);
+    let count = |what: &str| -> usize {
+        cluster
+            .nodes
+            .iter()
+            .map(|n| n.log().matches(what).count())
+            .sum()
+    };
+    history.note(&format!(
+        "snapshots (--snapshot-every {}): {} built, {} installed from a leader (node logs; a wiped node's log went with its data)",
+        opts.snapshot_every,
+        count("built a snapshot"),
+        count("installed a snapshot from the leader"),
+    ));
     observer.stop();
     history.note("fetching results");
     fin.outputs = fetch_outputs(&targets, &fin.tasks, &dir.join("outputs"), listed_by);

@@ -254,6 +254,12 @@ fn load_points(
 ) -> Result<Vec<Point>> {
     let mut points = Vec::new();
     for &nodes in &a.nodes {
+        // etcd runs its own 3 members whatever --nodes says.
+        let nodes = if scenario == "etcd" {
+            etcd::MEMBERS
+        } else {
+            nodes
+        };
         for &clients in &a.clients {
             let mut runs = Vec::new();
             for _ in 0..a.runs {
@@ -278,15 +284,10 @@ fn load_points(
                 runs.push(s);
             }
             let system = if scenario == "etcd" { "etcd" } else { "mesh" };
-            let nodes = if scenario == "etcd" {
-                etcd::MEMBERS
-            } else {
-                nodes
-            };
             points.push(Point::of(system, scenario, nodes, clients, runs));
         }
         if scenario == "etcd" {
-            break; // etcd runs 3 members whatever --nodes says
+            break;
         }
     }
     Ok(points)
