@@ -55,6 +55,9 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
 /// The only gRPC method an unpinned key may call.
 const JOIN_METHOD: &[&str] = &["/mesh.v1.Mesh/Join"];
 
+/// Longest a snapshot chunk may take to send and, for the last one, to install.
+const SNAPSHOT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Raft timing: heartbeats every 50 ms, elections after `election_timeout` to twice
 /// that of silence (`--election-timeout`, default 150 ms: 150-300 ms).
 /// openraft 0.9's voters honour the old leader's lease for `election_timeout_max`
@@ -89,6 +92,11 @@ fn raft_config(
             snapshot_every + node.0 % 8 * (snapshot_every / 20),
         ),
         max_in_snapshot_log_to_keep: snapshot_every / 20,
+        // Sending a snapshot chunk (3 MiB) and, for the last, installing the whole
+        // snapshot on the follower (decode, payload file, syncs) takes longer than
+        // openraft's default 200 ms for any large state (the join benchmark's 94 MiB
+        // takes ~1.9 s); a timed-out send is cancelled and the transfer starts over.
+        install_snapshot_timeout: SNAPSHOT_SEND_TIMEOUT.as_millis() as u64,
         ..Default::default()
     };
     Ok(Arc::new(

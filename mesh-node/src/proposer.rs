@@ -10,7 +10,7 @@ use mesh_core::{Command, Outcome, Request, Timestamp};
 use openraft::error::ClientWriteError;
 use openraft::Raft;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +28,13 @@ const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// openraft 0.9 appends and replicates one entry after another, so more in flight only
 /// makes batches smaller (mesh-bench, 16 clients: 4 gave 2,260 submits/s, 2 gave 2,530).
 const MAX_IN_FLIGHT_ENTRIES: usize = 2;
+/// How long a write may stay unanswered once this node is no longer the leader of the
+/// term it was proposed in. openraft 0.9 answers a pending write when its entry is
+/// applied or truncated, but not when a snapshot from the new leader replaces the log
+/// under it (a deposed leader that falls behind the new leader's purged log): such a
+/// write, and the in-flight slot it holds, would wait forever (found by mesh-chaos
+/// with `--snapshot-every 100`: a restarted former leader never finished registering).
+const DEPOSED_GRACE: Duration = Duration::from_secs(3);
 
 /// Why a proposal did not produce an outcome.
 #[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
@@ -191,17 +198,35 @@ impl ProposerLoop {
                 commands,
             };
             let started = std::time::Instant::now();
+            let raft_metrics = self.raft.metrics();
+            let (me, term) = {
+                let m = raft_metrics.borrow();
+                (m.id, m.current_term)
+            };
             let receiver = self.raft.client_write_ff(request).await;
             tokio::spawn(async move {
                 let result = match receiver {
                     Ok(rx) => {
-                        let answer = rx.await;
-                        metrics::histogram!("mesh_raft_write_seconds")
-                            .record(started.elapsed().as_secs_f64());
+                        let answer = tokio::select! {
+                            answer = rx => Some(answer),
+                            () = deposed(raft_metrics, me, term) => None,
+                        };
                         match answer {
-                            Ok(Ok(resp)) => Ok(resp.data.outcomes),
-                            Ok(Err(e)) => Err(write_error(e)),
-                            Err(e) => Err(ProposeError::Unavailable(e.to_string())),
+                            Some(answer) => {
+                                metrics::histogram!("mesh_raft_write_seconds")
+                                    .record(started.elapsed().as_secs_f64());
+                                match answer {
+                                    Ok(Ok(resp)) => Ok(resp.data.outcomes),
+                                    Ok(Err(e)) => Err(write_error(e)),
+                                    Err(e) => Err(ProposeError::Unavailable(e.to_string())),
+                                }
+                            }
+                            None => {
+                                metrics::counter!("mesh_raft_writes_abandoned_total").increment(1);
+                                Err(ProposeError::Unavailable(
+                                    "this node stopped leading before the write was answered; it may or may not have committed".into(),
+                                ))
+                            }
                         }
                     }
                     Err(fatal) => Err(ProposeError::Unavailable(fatal.to_string())),
@@ -230,11 +255,63 @@ impl ProposerLoop {
     }
 }
 
+/// Returns [`DEPOSED_GRACE`] after node `me` stopped leading term `term` (or at once
+/// if it never did): a write proposed then that is still unanswered will not be.
+async fn deposed(
+    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, mesh_core::MeshNode>>,
+    me: u64,
+    term: u64,
+) {
+    // A closed channel means Raft stopped; the write's own answer reports that.
+    let _ = metrics
+        .wait_for(|m| m.current_term != term || m.current_leader != Some(me))
+        .await;
+    tokio::time::sleep(DEPOSED_GRACE).await;
+}
+
 fn write_error(e: ClientWriteError<u64, mesh_core::MeshNode>) -> ProposeError {
     match e {
         ClientWriteError::ForwardToLeader(f) => ProposeError::NotLeader {
             leader: f.leader_id,
         },
         other => ProposeError::Unavailable(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leading(term: u64) -> openraft::RaftMetrics<u64, mesh_core::MeshNode> {
+        let mut m = openraft::RaftMetrics::new_initial(1);
+        m.current_term = term;
+        m.current_leader = Some(1);
+        m
+    }
+
+    #[tokio::test]
+    async fn a_write_is_given_up_only_a_grace_after_its_leader_stops_leading() {
+        let (tx, rx) = tokio::sync::watch::channel(leading(2));
+        let give_up = tokio::spawn(deposed(rx, 1, 2));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tx.send_modify(|m| m.last_applied = None);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!give_up.is_finished(), "still the leader of its term");
+
+        let stepped_down = std::time::Instant::now();
+        tx.send_modify(|m| {
+            m.current_term = 3;
+            m.current_leader = Some(2);
+        });
+        give_up.await.unwrap();
+        assert!(stepped_down.elapsed() >= DEPOSED_GRACE);
+    }
+
+    #[tokio::test]
+    async fn a_new_term_led_by_the_same_node_also_deposes_the_old_terms_writes() {
+        let (tx, rx) = tokio::sync::watch::channel(leading(2));
+        let give_up = tokio::spawn(deposed(rx, 1, 2));
+        tx.send_modify(|m| m.current_term = 4);
+        give_up.await.unwrap();
     }
 }

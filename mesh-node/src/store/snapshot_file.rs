@@ -18,7 +18,7 @@
 use super::{sync_dir, StoreError};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Bytes written between two `fdatasync`s.
@@ -87,19 +87,34 @@ impl SnapshotFiles {
         })
     }
 
-    /// Reads a payload file back and checks it against what was recorded.
-    pub(crate) fn read(&self, file: &PayloadFile) -> Result<Vec<u8>, StoreError> {
+    /// Opens a payload file. An open handle still reads the file after a writer
+    /// removes it, so readers only need the record and this open to be consistent.
+    pub(crate) fn open_payload(&self, file: &PayloadFile) -> Result<fs::File, StoreError> {
         let path = self.path(&file.name);
+        match fs::File::open(&path) {
+            Ok(handle) => Ok(handle),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::SnapshotCorrupt {
+                path,
+                problem: "missing, but the store names it".into(),
+            }),
+            Err(source) => Err(StoreError::file_io("open", &path)(source)),
+        }
+    }
+
+    /// Reads an opened payload file whole and checks its length and checksum.
+    pub(crate) fn read_payload(
+        &self,
+        file: &PayloadFile,
+        mut handle: fs::File,
+    ) -> Result<Vec<u8>, StoreError> {
+        let path = self.path(&file.name);
+        let mut data = Vec::with_capacity(file.len as usize);
+        handle
+            .read_to_end(&mut data)
+            .map_err(StoreError::file_io("read", &path))?;
         let corrupt = |problem: String| StoreError::SnapshotCorrupt {
             path: path.clone(),
             problem,
-        };
-        let data = match fs::read(&path) {
-            Ok(data) => data,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(corrupt("missing, but the store names it".into()))
-            }
-            Err(source) => return Err(StoreError::file_io("read", &path)(source)),
         };
         if data.len() as u64 != file.len {
             return Err(corrupt(format!(
@@ -145,6 +160,13 @@ impl SnapshotFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl SnapshotFiles {
+        fn read(&self, file: &PayloadFile) -> Result<Vec<u8>, StoreError> {
+            let handle = self.open_payload(file)?;
+            self.read_payload(file, handle)
+        }
+    }
 
     fn names(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(dir)

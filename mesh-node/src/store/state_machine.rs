@@ -16,8 +16,8 @@ use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
-use tokio::sync::{watch, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use tokio::sync::watch;
 
 const SNAPSHOT_META: &str = "meta";
 /// The [`PayloadFile`] holding the payload of the snapshot `meta` describes.
@@ -73,11 +73,14 @@ pub struct StateMachineStore {
     files: Arc<SnapshotFiles>,
     durable: Durable,
     seq: Arc<AtomicU64>,
-    /// Serializes snapshot reads and writes: the meta and its file must be read as a
-    /// pair, a slow build must not overwrite a newer installed snapshot, and a writer
-    /// removes the files older than its own. Async: a write holds it for the whole
-    /// payload (seconds for a large state) and waiters must not block a worker thread.
-    snapshot_lock: Arc<Mutex<()>>,
+    /// Serializes snapshot stores (a build and an install may overlap): a slow build
+    /// must not overwrite a newer installed snapshot, and a store removes the files
+    /// older than its own. Held for the whole payload write (seconds for a large
+    /// state), so it is async and readers never take it.
+    store_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Pairs a change of the sled record (or a removal of old files) with readers'
+    /// read of the record and open of the file it names. Held for moments only.
+    record_lock: Arc<Mutex<()>>,
 }
 
 impl StateMachineStore {
@@ -114,7 +117,7 @@ impl StateMachineStore {
             durable.barrier_blocking()?;
             tracing::info!(file = %files.path(&file.name).display(), bytes = file.len, "moved the snapshot payload out of sled into its own file");
         }
-        let stored = read_snapshot(&snapshots, &files)?;
+        let stored = read_snapshot(&snapshots, &files, &Mutex::new(()))?;
         files.remove_all_but(stored.as_ref().map(|s| s.file.name.as_str()))?;
         let applied = match stored {
             Some(stored) => {
@@ -141,7 +144,8 @@ impl StateMachineStore {
             files: Arc::new(files),
             durable,
             seq: Arc::new(AtomicU64::new(seq)),
-            snapshot_lock: Arc::default(),
+            store_lock: Arc::default(),
+            record_lock: Arc::default(),
         })
     }
 
@@ -151,10 +155,11 @@ impl StateMachineStore {
     }
 
     /// Writes the payload file and names it in sled, unless a newer snapshot is already
-    /// stored; returns the file's name if it was stored. The caller holds `snapshot_lock`.
+    /// stored; returns the file's name if it was stored. The caller holds `store_lock`.
     fn write_snapshot(
         snapshots: &sled::Tree,
         files: &SnapshotFiles,
+        record_lock: &Mutex<()>,
         seq: &AtomicU64,
         meta: &SnapshotMeta,
         data: &[u8],
@@ -176,6 +181,7 @@ impl StateMachineStore {
             SNAPSHOT_SEQ,
             encode(&seq.load(Ordering::SeqCst)).map_err(StoreError::encode("snapshot seq"))?,
         );
+        let _record = record_lock.lock().unwrap_or_else(PoisonError::into_inner);
         snapshots
             .apply_batch(batch)
             .map_err(StoreError::sled("storing a snapshot"))?;
@@ -188,12 +194,14 @@ impl StateMachineStore {
         meta: &SnapshotMeta,
         data: Vec<u8>,
     ) -> Result<Vec<u8>, StoreError> {
-        let _guard = self.snapshot_lock.lock().await;
+        let _store = self.store_lock.lock().await;
         // Writing a large payload is blocking work, and so is removing the old file.
         let (snapshots, files) = (self.snapshots.clone(), Arc::clone(&self.files));
-        let (seq, meta_owned) = (Arc::clone(&self.seq), meta.clone());
+        let (record_lock, seq) = (Arc::clone(&self.record_lock), Arc::clone(&self.seq));
+        let meta_owned = meta.clone();
         let (written, data) = tokio::task::spawn_blocking(move || {
-            let written = Self::write_snapshot(&snapshots, &files, &seq, &meta_owned, &data);
+            let written =
+                Self::write_snapshot(&snapshots, &files, &record_lock, &seq, &meta_owned, &data);
             (written, data)
         })
         .await
@@ -203,10 +211,13 @@ impl StateMachineStore {
         };
         // The meta naming the new file is durable before the old file goes.
         self.durable.barrier().await?;
-        let files = Arc::clone(&self.files);
-        tokio::task::spawn_blocking(move || files.remove_all_but(Some(&name)))
-            .await
-            .map_err(StoreError::SyncTask)??;
+        let (files, record_lock) = (Arc::clone(&self.files), Arc::clone(&self.record_lock));
+        tokio::task::spawn_blocking(move || {
+            let _record = record_lock.lock().unwrap_or_else(PoisonError::into_inner);
+            files.remove_all_but(Some(&name))
+        })
+        .await
+        .map_err(StoreError::SyncTask)??;
         Ok(data)
     }
 }
@@ -242,12 +253,8 @@ fn read_meta(snapshots: &sled::Tree) -> Result<Option<SnapshotMeta>, StoreError>
     }
 }
 
-/// The stored snapshot, if any. The caller holds `snapshot_lock` or has the store to
-/// itself (at open).
-fn read_snapshot(
-    snapshots: &sled::Tree,
-    files: &SnapshotFiles,
-) -> Result<Option<Stored>, StoreError> {
+/// The stored snapshot's meta and the file record naming its payload, if any.
+fn read_record(snapshots: &sled::Tree) -> Result<Option<(SnapshotMeta, PayloadFile)>, StoreError> {
     let Some(meta) = read_meta(snapshots)? else {
         return Ok(None);
     };
@@ -264,7 +271,31 @@ fn read_snapshot(
             })
         }
     };
-    let data = files.read(&file)?;
+    Ok(Some((meta, file)))
+}
+
+/// The stored snapshot, if any. `record_lock` is held only while the record is read
+/// and its file opened: the open handle reads the payload even if a store removes the
+/// file meanwhile.
+fn read_snapshot(
+    snapshots: &sled::Tree,
+    files: &SnapshotFiles,
+    record_lock: &Mutex<()>,
+) -> Result<Option<Stored>, StoreError> {
+    let opened = {
+        let _record = record_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        match read_record(snapshots)? {
+            Some((meta, file)) => {
+                let handle = files.open_payload(&file)?;
+                Some((meta, file, handle))
+            }
+            None => None,
+        }
+    };
+    let Some((meta, file, handle)) = opened else {
+        return Ok(None);
+    };
+    let data = files.read_payload(&file, handle)?;
     Ok(Some(Stored { meta, file, data }))
 }
 
@@ -434,13 +465,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
-        let _guard = self.snapshot_lock.lock().await;
+        // Not behind `store_lock`: this runs on openraft's state machine worker, where
+        // waiting for a payload write would hold up every apply.
         let (snapshots, files) = (self.snapshots.clone(), Arc::clone(&self.files));
-        let stored = tokio::task::spawn_blocking(move || read_snapshot(&snapshots, &files))
-            .await
-            .map_err(StoreError::SyncTask)
-            .and_then(|r| r)
-            .map_err(error::read_snapshot)?;
+        let record_lock = Arc::clone(&self.record_lock);
+        let stored =
+            tokio::task::spawn_blocking(move || read_snapshot(&snapshots, &files, &record_lock))
+                .await
+                .map_err(StoreError::SyncTask)
+                .and_then(|r| r)
+                .map_err(error::read_snapshot)?;
         Ok(stored.map(|stored| Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
