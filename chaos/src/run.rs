@@ -273,7 +273,7 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
             .map(|n| n.log().matches(what).count())
             .sum()
     };
-    history.note(&format!(
+    history.note(format!(
         "snapshots (--snapshot-every {}): {} built, {} installed from a leader (node logs; a wiped node's log went with its data)",
         opts.snapshot_every,
         count("built a snapshot"),
