@@ -688,7 +688,7 @@ fn key_shape(key: &str) -> Option<&'static str> {
         "node_timeout" | "voter_replace_after" | "election_timeout" => "duration",
         "admin_keys" => "strings",
         "labels" => "table",
-        "slots" | "voters" | "gpu_memory_budget" => "integer",
+        "slots" | "voters" | "gpu_memory_budget" | "snapshot_every" => "integer",
         "await_join" => "bool",
         _ => return None,
     })
