@@ -6,8 +6,10 @@
 //!
 //! Claim: with snapshots taken every few entries, each node keeps exactly one
 //! snapshot file, and a follower that was down while the leader's log moved on past
-//! it catches up from the leader's snapshot, then survives its own restart from that
-//! file, with the same tasks and results as the others.
+//! it catches up from the leader's snapshot, then survives a SIGKILL and restart with
+//! that snapshot file in its data directory, with the same tasks and results as the
+//! others. (That a store reopens from its snapshot file is shown in
+//! mesh-node/tests/store.rs.)
 
 use crate::support::{eventually, metric, scrape};
 use crate::t10_single_node::{pinned_node, task_id};
@@ -152,7 +154,7 @@ fn snapshot_files(node: &mesh_chaos::Node) -> Vec<String> {
 }
 
 #[test]
-fn a_follower_behind_the_leaders_snapshot_catches_up_from_it_and_restarts_from_its_own() {
+fn a_follower_behind_the_leaders_snapshot_catches_up_from_it_and_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     // 20 entries (the least allowed) plus 1 per node id: the log keeps 1 entry after one.
     let mut mesh = Mesh::start(dir.path(), 3, &["--snapshot-every", "20"]);
@@ -200,7 +202,7 @@ fn a_follower_behind_the_leaders_snapshot_catches_up_from_it_and_restarts_from_i
     assert_eq!(snapshot_files(&mesh.nodes[behind]).len(), 1);
     check_outcomes(&mut mesh, dir.path(), &work);
 
-    phase("SIGKILL and restart it again: it comes back from its own snapshot file");
+    phase("SIGKILL and restart it again: it starts on its snapshot file and holds every task");
     mesh.nodes[behind].kill9();
     mesh.nodes[behind].restart().unwrap();
     let cli = mesh.cli(behind);

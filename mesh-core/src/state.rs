@@ -898,18 +898,23 @@ impl MeshState {
 
     /// Number of tasks in each state, by state name.
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
-        let mut c = BTreeMap::new();
         if !self.index.valid {
-            for t in self.tasks.values() {
-                *c.entry(t.state.name()).or_insert(0) += 1;
-            }
-            return c;
+            return self.counts_by_scan();
         }
-        c.clone_from(&self.index.terminal);
+        let mut c = self.index.terminal.clone();
         if !self.index.pending.is_empty() {
             c.insert("pending", self.index.pending.len());
         }
         for t in self.active_tasks() {
+            *c.entry(t.state.name()).or_insert(0) += 1;
+        }
+        c
+    }
+
+    /// [`MeshState::counts`] by a scan of every task (before the index is built).
+    fn counts_by_scan(&self) -> BTreeMap<&'static str, usize> {
+        let mut c = BTreeMap::new();
+        for t in self.tasks.values() {
             *c.entry(t.state.name()).or_insert(0) += 1;
         }
         c
@@ -990,14 +995,6 @@ mod tests {
     }
 
     /// The ids the index yields, and the ids a scan of every task finds.
-    fn scanned_counts(s: &MeshState) -> BTreeMap<&'static str, usize> {
-        let mut c = BTreeMap::new();
-        for t in s.tasks.values() {
-            *c.entry(t.state.name()).or_insert(0) += 1;
-        }
-        c
-    }
-
     fn indexed_and_scanned(s: &MeshState) -> [(Vec<TaskId>, Vec<TaskId>); 2] {
         let ids = |it: Box<dyn Iterator<Item = &Task> + '_>| it.map(|t| t.id).collect::<Vec<_>>();
         let scan = |f: fn(&Task) -> bool| s.tasks.values().filter(|t| f(t)).map(|t| t.id).collect();
@@ -1046,7 +1043,7 @@ mod tests {
         }
         assert_eq!(s.active_tasks().count(), 2);
         assert_eq!(s.pending_tasks().count(), 1);
-        assert_eq!(s.counts(), scanned_counts(&s));
+        assert_eq!(s.counts(), s.counts_by_scan());
         assert_eq!(s.counts()["cancelled"], 1);
         // Cancelling a cancelled task again is refused and counts nothing twice.
         s.apply(
@@ -1056,14 +1053,14 @@ mod tests {
                 actor: fp('u'),
             },
         );
-        assert_eq!(s.counts(), scanned_counts(&s));
+        assert_eq!(s.counts(), s.counts_by_scan());
 
         // A node marked down moves its tasks back to pending all at once.
         s.apply(Timestamp(6), &Command::MarkDown { node: NodeId(1) });
         for (indexed, scanned) in indexed_and_scanned(&s) {
             assert_eq!(indexed, scanned);
         }
-        assert_eq!(s.counts(), scanned_counts(&s));
+        assert_eq!(s.counts(), s.counts_by_scan());
         assert_eq!(s.active_tasks().count(), 0);
 
         // A decoded state has no index yet: it scans, then indexes on its next apply.
@@ -1075,13 +1072,13 @@ mod tests {
             indexed_and_scanned(&decoded)[0].0,
             indexed_and_scanned(&s)[0].0
         );
-        assert_eq!(decoded.counts(), scanned_counts(&decoded));
+        assert_eq!(decoded.counts(), decoded.counts_by_scan());
         decoded.apply(Timestamp(7), &assign(3));
         assert!(decoded.index.valid);
         for (indexed, scanned) in indexed_and_scanned(&decoded) {
             assert_eq!(indexed, scanned);
         }
-        assert_eq!(decoded.counts(), scanned_counts(&decoded));
+        assert_eq!(decoded.counts(), decoded.counts_by_scan());
     }
 
     #[test]

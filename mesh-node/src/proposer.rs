@@ -206,29 +206,23 @@ impl ProposerLoop {
             let receiver = self.raft.client_write_ff(request).await;
             tokio::spawn(async move {
                 let result = match receiver {
-                    Ok(rx) => {
-                        let answer = tokio::select! {
-                            answer = rx => Some(answer),
-                            () = deposed(raft_metrics, me, term) => None,
-                        };
-                        match answer {
-                            Some(answer) => {
-                                metrics::histogram!("mesh_raft_write_seconds")
-                                    .record(started.elapsed().as_secs_f64());
-                                match answer {
-                                    Ok(Ok(resp)) => Ok(resp.data.outcomes),
-                                    Ok(Err(e)) => Err(write_error(e)),
-                                    Err(e) => Err(ProposeError::Unavailable(e.to_string())),
-                                }
-                            }
-                            None => {
-                                metrics::counter!("mesh_raft_writes_abandoned_total").increment(1);
-                                Err(ProposeError::Unavailable(
-                                    "this node stopped leading before the write was answered; it may or may not have committed".into(),
-                                ))
+                    Ok(rx) => tokio::select! {
+                        answer = rx => {
+                            metrics::histogram!("mesh_raft_write_seconds")
+                                .record(started.elapsed().as_secs_f64());
+                            match answer {
+                                Ok(Ok(resp)) => Ok(resp.data.outcomes),
+                                Ok(Err(e)) => Err(write_error(e)),
+                                Err(e) => Err(ProposeError::Unavailable(e.to_string())),
                             }
                         }
-                    }
+                        () = deposed(raft_metrics, me, term) => {
+                            metrics::counter!("mesh_raft_writes_abandoned_total").increment(1);
+                            Err(ProposeError::Unavailable(
+                                "this node stopped leading before the write was answered; it may or may not have committed".into(),
+                            ))
+                        }
+                    },
                     Err(fatal) => Err(ProposeError::Unavailable(fatal.to_string())),
                 };
                 drop(permit);
@@ -255,8 +249,9 @@ impl ProposerLoop {
     }
 }
 
-/// Returns [`DEPOSED_GRACE`] after node `me` stopped leading term `term` (or at once
-/// if it never did): a write proposed then that is still unanswered will not be.
+/// Returns [`DEPOSED_GRACE`] after node `me` stops leading term `term` (counted from
+/// now if it is not leading it): a write proposed in that term and still unanswered
+/// by then will not be answered.
 async fn deposed(
     mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, mesh_core::MeshNode>>,
     me: u64,

@@ -26,7 +26,7 @@
 //! id durable first, so records at or below it that survive (a deletion lost with the
 //! directory's metadata in a power loss) are skipped by the next `open`.
 
-use super::{sync_dir, StoreError};
+use super::{create_dir_durably, sync_dir, StoreError};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -132,12 +132,7 @@ impl LogFiles {
     /// Opens (creating) the log in `dir`, skipping records at or below `purged`, and
     /// cuts back a torn tail left by a crash.
     pub(crate) fn open(dir: &Path, purged: Option<u64>) -> Result<LogFiles, StoreError> {
-        if !dir.exists() {
-            fs::create_dir_all(dir).map_err(StoreError::file_io("create", dir))?;
-            if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
-            }
-        }
+        create_dir_durably(dir)?;
         let mut names = Vec::new();
         for entry in fs::read_dir(dir).map_err(StoreError::file_io("list", dir))? {
             let entry = entry.map_err(StoreError::file_io("list", dir))?;
@@ -464,6 +459,7 @@ fn record_end(bytes: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::file_names as segment_files;
     use super::*;
 
     fn payload(index: u64) -> Vec<u8> {
@@ -496,15 +492,6 @@ mod tests {
                 i
             })
             .collect()
-    }
-
-    fn segment_files(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        names
     }
 
     #[test]

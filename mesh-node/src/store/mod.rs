@@ -72,9 +72,31 @@ impl Store {
     }
 }
 
+/// Creates `dir` if it is missing and makes its name durable in its parent.
+fn create_dir_durably(dir: &Path) -> Result<(), StoreError> {
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir).map_err(StoreError::file_io("create", dir))?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
 /// Makes a directory's listing durable (new, renamed and removed names).
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(StoreError::file_io("sync the directory", dir))
+}
+
+/// The names in `dir`, sorted (tests of the store's files).
+#[cfg(test)]
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
 }

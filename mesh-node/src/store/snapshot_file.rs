@@ -15,7 +15,7 @@
 //! written but not yet named, an older one not yet removed) are removed at the next
 //! open.
 
-use super::{sync_dir, StoreError};
+use super::{create_dir_durably, sync_dir, StoreError};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
@@ -45,12 +45,7 @@ pub(crate) struct SnapshotFiles {
 impl SnapshotFiles {
     /// Opens (creating if missing) the snapshot directory.
     pub(crate) fn open(dir: &Path) -> Result<SnapshotFiles, StoreError> {
-        if !dir.is_dir() {
-            fs::create_dir_all(dir).map_err(StoreError::file_io("create", dir))?;
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                sync_dir(parent)?;
-            }
-        }
+        create_dir_durably(dir)?;
         Ok(SnapshotFiles {
             dir: dir.to_path_buf(),
         })
@@ -159,6 +154,7 @@ impl SnapshotFiles {
 
 #[cfg(test)]
 mod tests {
+    use super::super::file_names as names;
     use super::*;
 
     impl SnapshotFiles {
@@ -166,15 +162,6 @@ mod tests {
             let handle = self.open_payload(file)?;
             self.read_payload(file, handle)
         }
-    }
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        names
     }
 
     #[test]

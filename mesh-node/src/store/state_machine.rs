@@ -104,12 +104,7 @@ impl StateMachineStore {
         {
             seq += 1;
             let file = files.write(seq, &data)?;
-            let mut batch = sled::Batch::default();
-            batch.insert(SNAPSHOT_FILE, encode_file(&file)?);
-            batch.insert(
-                SNAPSHOT_SEQ,
-                encode(&seq).map_err(StoreError::encode("snapshot seq"))?,
-            );
+            let mut batch = record(&file, seq)?;
             batch.remove(LEGACY_SNAPSHOT_DATA);
             snapshots.apply_batch(batch).map_err(StoreError::sled(
                 "moving the snapshot payload into its file",
@@ -117,7 +112,8 @@ impl StateMachineStore {
             durable.barrier_blocking()?;
             tracing::info!(file = %files.path(&file.name).display(), bytes = file.len, "moved the snapshot payload out of sled into its own file");
         }
-        let stored = read_snapshot(&snapshots, &files, &Mutex::new(()))?;
+        let record_lock = Arc::default();
+        let stored = read_snapshot(&snapshots, &files, &record_lock)?;
         files.remove_all_but(stored.as_ref().map(|s| s.file.name.as_str()))?;
         let applied = match stored {
             Some(stored) => {
@@ -145,7 +141,7 @@ impl StateMachineStore {
             durable,
             seq: Arc::new(AtomicU64::new(seq)),
             store_lock: Arc::default(),
-            record_lock: Arc::default(),
+            record_lock,
         })
     }
 
@@ -170,16 +166,11 @@ impl StateMachineStore {
             }
         }
         let file = files.write(seq.fetch_add(1, Ordering::SeqCst) + 1, data)?;
-        let mut batch = sled::Batch::default();
+        // The highest number handed out so far, ids of builds still running included.
+        let mut batch = record(&file, seq.load(Ordering::SeqCst))?;
         batch.insert(
             SNAPSHOT_META,
             encode(meta).map_err(StoreError::encode("snapshot meta"))?,
-        );
-        batch.insert(SNAPSHOT_FILE, encode_file(&file)?);
-        // The highest number handed out so far, ids of builds still running included.
-        batch.insert(
-            SNAPSHOT_SEQ,
-            encode(&seq.load(Ordering::SeqCst)).map_err(StoreError::encode("snapshot seq"))?,
         );
         let _record = record_lock.lock().unwrap_or_else(PoisonError::into_inner);
         snapshots
@@ -229,8 +220,18 @@ struct Stored {
     data: Vec<u8>,
 }
 
-fn encode_file(file: &PayloadFile) -> Result<Vec<u8>, StoreError> {
-    encode(file).map_err(StoreError::encode("snapshot file record"))
+/// A batch that names `file` as the payload and stores the sequence number `seq`.
+fn record(file: &PayloadFile, seq: u64) -> Result<sled::Batch, StoreError> {
+    let mut batch = sled::Batch::default();
+    batch.insert(
+        SNAPSHOT_FILE,
+        encode(file).map_err(StoreError::encode("snapshot file record"))?,
+    );
+    batch.insert(
+        SNAPSHOT_SEQ,
+        encode(&seq).map_err(StoreError::encode("snapshot seq"))?,
+    );
+    Ok(batch)
 }
 
 fn corrupt(key: &str, source: mesh_core::codec::CodecError) -> StoreError {
