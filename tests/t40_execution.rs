@@ -738,10 +738,19 @@ fn drain_hands_a_sharded_task_back_at_a_shard_boundary_and_keeps_new_work_off() 
             .contains("handing the task back at a shard boundary"),
         "node {x} did not log the hand-back"
     );
-    let (on_x, on_y) = (
-        checkpointed_in_log(&fx.log(x as usize - 1), sharded),
-        checkpointed_in_log(&fx.log(y as usize - 1), sharded),
-    );
+    // The worker logs a checkpoint after its commit returns, so the last shard's line
+    // may land a moment after the task shows as succeeded.
+    let (on_x, on_y) = eventually("every shard's checkpoint logged", SETTLE, || {
+        let (on_x, on_y) = (
+            checkpointed_in_log(&fx.log(x as usize - 1), sharded),
+            checkpointed_in_log(&fx.log(y as usize - 1), sharded),
+        );
+        if on_x.len() + on_y.len() >= 8 {
+            Ok((on_x, on_y))
+        } else {
+            Err(format!("node {x}: {on_x:?}, node {y}: {on_y:?}"))
+        }
+    });
     eprintln!("node {x} checkpointed {on_x:?}, node {y} {on_y:?}");
     assert!(
         !on_x.is_empty() && !on_y.is_empty(),
