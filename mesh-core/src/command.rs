@@ -107,7 +107,8 @@ pub enum Command {
         addr: String,
     },
     /// The leader saw no heartbeat from a node for the node timeout: its attempts
-    /// are taken back and the node gets no new work.
+    /// are taken back (each counts against its task's attempt budget, like a failed
+    /// run; a task whose last attempt it was fails) and the node gets no new work.
     MarkDown {
         /// The node.
         node: NodeId,

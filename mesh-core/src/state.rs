@@ -130,8 +130,9 @@ impl MeshState {
                 | Command::Cancel { task, .. },
                 _,
             ) => self.reindex(*task),
-            // Commands that may move many tasks at once (a node marked down or
-            // removed, a restore) are rare: rebuild.
+            // `requeue` reindexes the tasks it moves.
+            (Command::MarkDown { .. } | Command::RemoveNode { .. }, _) => {}
+            // Commands that may move many tasks at once (a restore) are rare: rebuild.
             _ => self.rebuild_index(),
         }
         self.audit_command(now, cmd, &outcome);
@@ -337,7 +338,7 @@ impl MeshState {
             Command::MarkDown { node } => match self.nodes.get_mut(node) {
                 Some(n) if !n.removed => {
                     n.down = true;
-                    self.requeue(*node, "was marked down (no heartbeat)");
+                    self.requeue(now, *node, "was marked down (no heartbeat)", true);
                     Outcome::NodeDown(*node)
                 }
                 _ => Outcome::Rejected(Rejection::UnknownNode(*node)),
@@ -353,7 +354,7 @@ impl MeshState {
                 Some(n) if !n.removed => {
                     n.removed = true;
                     n.down = true;
-                    self.requeue(*node, "was removed");
+                    self.requeue(now, *node, "was removed", false);
                     Outcome::NodeRemoved(*node)
                 }
                 _ => Outcome::Rejected(Rejection::UnknownNode(*node)),
@@ -552,7 +553,7 @@ impl MeshState {
                 n.removed = true;
                 n.down = true;
             }
-            self.requeue(id, "rejoined under a new node id");
+            self.requeue(now, id, "rejoined under a new node id", false);
         }
         let id = NodeId(self.nodes.keys().next_back().map_or(1, |n| n.0 + 1));
         self.nodes.insert(
@@ -574,19 +575,40 @@ impl MeshState {
 
     /// Take back every attempt held by `node`: the tasks go back to pending, so the
     /// next assignment carries a new attempt and the old node's reports are stale.
-    fn requeue(&mut self, node: NodeId, why: &str) {
-        for t in self.tasks.values_mut() {
-            if let Some((holder, attempt)) = t.state.assignment() {
-                if holder == node {
-                    let t = Arc::make_mut(t);
-                    t.errors.push(AttemptError {
-                        attempt,
-                        node,
-                        error: format!("node {node} {why}"),
-                    });
-                    t.state = TaskState::Pending;
-                }
+    /// When the node failed (`spent`), the attempt ends as a failed run does (`fail`):
+    /// a task whose last attempt it was fails for good, so a task that brings down
+    /// every node it runs on stops after `max_attempts` nodes. An operator's removal
+    /// (or a rejoin under a new id) always puts the task back to pending.
+    fn requeue(&mut self, now: Timestamp, node: NodeId, why: &str, spent: bool) {
+        let held: Vec<(TaskId, Attempt)> = self
+            .active_tasks()
+            .filter_map(|t| match t.state.assignment() {
+                Some((holder, attempt)) if holder == node => Some((t.id, attempt)),
+                _ => None,
+            })
+            .collect();
+        for (id, attempt) in held {
+            let t = Arc::make_mut(self.tasks.get_mut(&id).expect("an active task exists"));
+            let last = spent && attempt.0 >= t.max_attempts;
+            t.errors.push(AttemptError {
+                attempt,
+                node,
+                error: if last {
+                    format!(
+                        "node {node} {why}; that was the last of {} attempts",
+                        t.max_attempts
+                    )
+                } else {
+                    format!("node {node} {why}")
+                },
+            });
+            if last {
+                t.state = TaskState::Failed;
+                t.finished_at = Some(now);
+            } else {
+                t.state = TaskState::Pending;
             }
+            self.reindex(id);
         }
     }
 
@@ -1079,6 +1101,76 @@ mod tests {
             assert_eq!(indexed, scanned);
         }
         assert_eq!(decoded.counts(), decoded.counts_by_scan());
+    }
+
+    #[test]
+    fn a_node_lost_under_a_task_spends_an_attempt_and_the_last_one_fails_it() {
+        let mut s = with_node();
+        s.apply(
+            Timestamp(1),
+            &Command::RegisterNode {
+                node: NodeId(2),
+                fingerprint: fp('b'),
+                addr: "n2".into(),
+                capabilities: Default::default(),
+            },
+        );
+        submit(&mut s, None); // task 0, max_attempts 2
+        submit(&mut s, None); // task 1
+        let on = |s: &mut MeshState, task, node| {
+            let out = s.apply(
+                Timestamp(3),
+                &Command::Assign {
+                    task: TaskId(task),
+                    node: NodeId(node),
+                },
+            );
+            assert!(matches!(out, Outcome::Assigned { .. }), "{out:?}");
+        };
+        // First attempt lost with its node: back to pending, the loss recorded.
+        on(&mut s, 0, 1);
+        s.apply(Timestamp(4), &Command::MarkDown { node: NodeId(1) });
+        let t = &s.tasks[&TaskId(0)];
+        assert_eq!(t.state, TaskState::Pending);
+        assert_eq!(t.errors.len(), 1);
+        assert!(t.errors[0].error.contains("marked down"), "{:?}", t.errors);
+        // Its second (last) attempt lost too: it fails for good instead of moving on.
+        on(&mut s, 0, 2);
+        on(&mut s, 1, 2);
+        s.apply(Timestamp(5), &Command::MarkDown { node: NodeId(2) });
+        let t = &s.tasks[&TaskId(0)];
+        assert_eq!(t.state, TaskState::Failed);
+        assert_eq!(t.finished_at, Some(Timestamp(5)));
+        assert!(
+            t.errors[1].error.contains("the last of 2 attempts"),
+            "{:?}",
+            t.errors
+        );
+        // Task 1 had attempts left: pending again.
+        assert_eq!(s.tasks[&TaskId(1)].state, TaskState::Pending);
+        for (indexed, scanned) in indexed_and_scanned(&s) {
+            assert_eq!(indexed, scanned);
+        }
+        assert_eq!(s.counts(), s.counts_by_scan());
+        assert_eq!(s.counts()["failed"], 1);
+
+        // An operator's removal spends nothing: task 1's last attempt goes back.
+        s.apply(Timestamp(6), &Command::MarkUp { node: NodeId(1) });
+        on(&mut s, 1, 1);
+        s.apply(
+            Timestamp(7),
+            &Command::RemoveNode {
+                node: NodeId(1),
+                actor: fp('u'),
+            },
+        );
+        let t = &s.tasks[&TaskId(1)];
+        assert_eq!(
+            (t.state.clone(), t.attempt),
+            (TaskState::Pending, Attempt(2))
+        );
+        assert!(t.errors.last().unwrap().error.contains("was removed"));
+        assert_eq!(s.counts(), s.counts_by_scan());
     }
 
     #[test]
