@@ -8,8 +8,9 @@
 //! checkpoints, never re-running one, and ends byte for byte equal to the same task run
 //! whole; draining a node hands its sharded task back at a shard boundary, keeps new
 //! tasks off it, and undraining lets it work again; cancelling a running kernel kills
-//! its worker process and frees the slot long before the kernel's own timeout; a
-//! SIGKILLed node's GPU worker does not outlive it.
+//! its worker process and frees the slot long before the kernel's own timeout; a task
+//! whose node is SIGKILLed on its last attempt fails naming the lost node instead of
+//! moving on; a SIGKILLed node's GPU worker does not outlive it.
 //! Method: `mesh_chaos::Cluster` starts real `mesh-node` processes on loopback (Mesa's
 //! lavapipe without a GPU); everything is driven through `mesh-cli --json` (and plain
 //! OpenSSH where mesh-cli would refuse before sending). Faults are shown to have taken
@@ -801,6 +802,50 @@ fn drain_hands_a_sharded_task_back_at_a_shard_boundary_and_keeps_new_work_off() 
         brief(&q)
     );
     json(&cli, &["cancel", &forever.to_string()]).unwrap();
+}
+
+#[test]
+fn a_task_that_loses_its_node_on_its_last_attempt_fails_instead_of_moving_on() {
+    let mut fx = Fixture::start(3, &["--node-timeout", "1500ms"]);
+    let dir = fx.path().to_path_buf();
+    let cli = fx.cli(0);
+
+    phase("the infinite kernel runs with one attempt and a 10m timeout");
+    let id = submit(&cli, &strs(&forever_args(&dir, "10m")));
+    let t = wait_task(&cli, id, "runs", SETTLE, |t| state(t) == "running");
+    let victim = node_of(&t).expect("a running task has a node");
+
+    phase(&format!("SIGKILL node {victim}, which runs it"));
+    let v = victim as usize - 1;
+    fx.kill9(v);
+    let cli = fx.cli((0..3).find(|i| *i != v).unwrap());
+
+    phase("the node's loss spends the task's only attempt: it fails and runs nowhere else");
+    let fin = wait_terminal(&cli, id, SETTLE);
+    assert_eq!(state(&fin), "failed", "{}", brief(&fin));
+    assert_eq!(
+        fin["attempt"],
+        1,
+        "it was never assigned again: {}",
+        brief(&fin)
+    );
+    let errs = errors(&fin);
+    assert!(
+        matches!(&errs[..], [(1, n, e)] if *n == victim
+            && e.contains(&format!("node {victim} was marked down"))
+            && e.contains("that was the last of 1 attempts")),
+        "the one error must name the lost node and the spent budget: {errs:?}"
+    );
+    let nodes = json(&cli, &["nodes"]).unwrap();
+    assert!(
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"].as_u64() == Some(victim)
+                && n["health"].as_str().is_some_and(|h| h.starts_with("down"))),
+        "the fault took effect: node {victim} is down: {nodes}"
+    );
 }
 
 #[test]

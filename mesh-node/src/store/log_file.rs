@@ -26,7 +26,8 @@
 //!
 //! Recovery (`open`) reads every segment and checks every record. The tail of the last
 //! segment may hold a record a crash cut short (an incomplete header or payload, a zeroed
-//! header, or a checksum that fails on the file's very last record): the write was never
+//! header, or a checksum that fails on a record that is followed only by zeros or has a
+//! sector of zeros, see `torn`): the write was never
 //! acknowledged, so the file is cut back to the last whole record. Anything else that
 //! does not check out (a bad record with more data after it, an index that does not grow)
 //! is corruption, reported with the file and byte offset, never repaired silently.
@@ -48,6 +49,8 @@ const HEADER: usize = 16;
 const SEGMENT_BYTES: u64 = 64 << 20;
 /// The active segment's file grows in steps of this many zeroed bytes.
 const PREALLOCATE: u64 = 4 << 20;
+/// The unit a device writes whole, for telling a torn write from damage.
+const SECTOR: usize = 512;
 const SUFFIX: &str = ".seg";
 
 struct Segment {
@@ -207,13 +210,7 @@ impl LogFiles {
                         offset += HEADER + len as usize;
                     }
                     Parsed::Torn if last_segment => break,
-                    Parsed::BadChecksum
-                        if last_segment
-                            && record_end(rest)
-                                .is_some_and(|end| zeroed(&rest[end.min(rest.len())..])) =>
-                    {
-                        break
-                    }
+                    Parsed::BadChecksum if last_segment && torn(&bytes, offset) => break,
                     Parsed::Torn => {
                         return Err(corrupt(offset, "the segment ends mid-record".into()))
                     }
@@ -486,6 +483,21 @@ impl LogFiles {
     }
 }
 
+/// Whether the record at `offset` of the last segment, whose checksum fails, is a write
+/// a crash interrupted rather than damage to an acknowledged record: nothing but zeros
+/// follows it, or one of its sectors still reads as the preallocated zeros. A batch
+/// overwrites preallocated blocks in place, and a power loss may keep some of its
+/// sectors and not others (the sector test is etcd's WAL's). No append is written
+/// before the previous one's sync returns, so all that follows a torn record is
+/// unacknowledged too.
+fn torn(bytes: &[u8], offset: usize) -> bool {
+    let end = record_end(&bytes[offset..]).map_or(bytes.len(), |len| offset + len);
+    zeroed(&bytes[end.min(bytes.len())..])
+        || (offset.next_multiple_of(SECTOR)..end.min(bytes.len()))
+            .step_by(SECTOR)
+            .any(|at| bytes.get(at..at + SECTOR).is_some_and(zeroed))
+}
+
 fn zeroed(bytes: &[u8]) -> bool {
     bytes.iter().all(|b| *b == 0)
 }
@@ -698,6 +710,36 @@ mod tests {
         fs::write(&path, &zeroed).unwrap();
         let log = LogFiles::open(dir.path(), None).unwrap();
         assert_eq!(indexes(&log), (0..7).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_batch_torn_by_a_power_loss_is_cut_back_from_its_first_unwritten_sector() {
+        let (dir, log) = log_of(0..2);
+        drop(log);
+        let path = dir.path().join(segment_name(0));
+        let kept = encoded(0..2);
+        // A batch of two records, the first spanning several sectors, of which one
+        // sector never reached the disk while the second record did.
+        let mut batch = Vec::new();
+        encode_record(&mut batch, 2, &[7; 3000]);
+        encode_record(&mut batch, 3, &payload(3));
+        let mut file = fs::read(&path).unwrap();
+        file[kept.len()..kept.len() + batch.len()].copy_from_slice(&batch);
+        let hole = (kept.len() + HEADER).next_multiple_of(SECTOR);
+        file[hole..hole + SECTOR].fill(0);
+        fs::write(&path, &file).unwrap();
+        let mut log = LogFiles::open(dir.path(), None).unwrap();
+        assert_eq!(indexes(&log), vec![0, 1]);
+        assert_eq!(fs::read(&path).unwrap(), kept);
+        append(&mut log, 2..3);
+        // The same damage with no zeroed sector (a flipped byte) is corruption.
+        drop(log);
+        let mut file = fs::read(&path).unwrap();
+        file[kept.len()..kept.len() + batch.len()].copy_from_slice(&batch);
+        file[kept.len() + HEADER + 100] ^= 0xff;
+        fs::write(&path, &file).unwrap();
+        let err = LogFiles::open(dir.path(), None).err().unwrap().to_string();
+        assert!(err.contains("the record's checksum fails"), "{err}");
     }
 
     #[test]
