@@ -21,13 +21,20 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// node can hold an SSH session open forever, and a poll must not hang with it.
 const POLL_CLI_LIMIT: Duration = Duration::from_secs(20);
 
-/// Path of a workspace binary.
+/// Where [`bin`] looks instead of next to the running executable (scripts/bench-ab
+/// runs two builds of mesh-node under the same bench this way).
+pub const BIN_DIR_ENV: &str = "MESH_BIN_DIR";
+
+/// Path of a workspace binary: next to the running executable, or in `$MESH_BIN_DIR`.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("executable path");
     // target/debug/deps/integration-xxxx or target/debug/mesh-bench -> target/debug/
-    let mut dir = exe.parent().expect("target dir");
+    let mut dir = exe.parent().expect("target dir").to_path_buf();
     if dir.ends_with("deps") {
-        dir = dir.parent().expect("target dir");
+        dir = dir.parent().expect("target dir").to_path_buf();
+    }
+    if let Some(chosen) = std::env::var_os(BIN_DIR_ENV) {
+        dir = PathBuf::from(chosen);
     }
     let path = dir.join(name);
     assert!(
