@@ -589,18 +589,15 @@ impl MeshState {
             .collect();
         for (id, attempt) in held {
             let t = Arc::make_mut(self.tasks.get_mut(&id).expect("an active task exists"));
-            let last = spent && attempt.0 >= t.max_attempts;
+            let last = spent && !t.may_retry_after(attempt);
+            let mut error = format!("node {node} {why}");
+            if last {
+                error += &format!("; that was the last of {} attempts", t.max_attempts);
+            }
             t.errors.push(AttemptError {
                 attempt,
                 node,
-                error: if last {
-                    format!(
-                        "node {node} {why}; that was the last of {} attempts",
-                        t.max_attempts
-                    )
-                } else {
-                    format!("node {node} {why}")
-                },
+                error,
             });
             if last {
                 t.state = TaskState::Failed;
@@ -832,7 +829,7 @@ impl MeshState {
             node,
             error: error.into(),
         });
-        let retry = retryable && attempt.0 < task.max_attempts;
+        let retry = retryable && task.may_retry_after(attempt);
         if retry {
             task.state = TaskState::Pending;
             task.not_before = Some(now.plus(retry_backoff(attempt)));

@@ -292,3 +292,11 @@ pub struct Task {
     /// Failed attempts.
     pub errors: Vec<AttemptError>,
 }
+
+impl Task {
+    /// The attempt budget: whether the task may run again after `attempt` ended in a
+    /// failure (a failed run, or its node lost).
+    pub fn may_retry_after(&self, attempt: Attempt) -> bool {
+        attempt.0 < self.max_attempts
+    }
+}
