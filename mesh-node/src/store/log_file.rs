@@ -623,6 +623,14 @@ mod tests {
         out
     }
 
+    /// Puts `bytes` into the file at `at` (over its preallocated zeros), as a write a
+    /// crash interrupted leaves them.
+    fn write_at(path: &Path, at: usize, bytes: &[u8]) {
+        let mut file = fs::read(path).unwrap();
+        file[at..at + bytes.len()].copy_from_slice(bytes);
+        fs::write(path, &file).unwrap();
+    }
+
     #[test]
     fn the_active_segment_is_preallocated_with_zeros_that_reopen_as_no_records() {
         let (dir, mut log) = log_of(0..4);
@@ -687,9 +695,7 @@ mod tests {
         // Half of a fifth record written over the preallocated zeros, as a crash
         // mid-write leaves it.
         let half = &encoded(4..5)[..encoded(4..5).len() / 2];
-        let mut torn = fs::read(&path).unwrap();
-        torn[whole.len()..whole.len() + half.len()].copy_from_slice(half);
-        fs::write(&path, &torn).unwrap();
+        write_at(&path, whole.len(), half);
         let mut log = LogFiles::open(dir.path(), None).unwrap();
         assert_eq!(indexes(&log), (0..4).collect::<Vec<_>>());
         assert_eq!(fs::read(&path).unwrap(), whole);
@@ -723,21 +729,19 @@ mod tests {
         let mut batch = Vec::new();
         encode_record(&mut batch, 2, &[7; 3000]);
         encode_record(&mut batch, 3, &payload(3));
-        let mut file = fs::read(&path).unwrap();
-        file[kept.len()..kept.len() + batch.len()].copy_from_slice(&batch);
-        let hole = (kept.len() + HEADER).next_multiple_of(SECTOR);
-        file[hole..hole + SECTOR].fill(0);
-        fs::write(&path, &file).unwrap();
+        let mut torn = batch.clone();
+        let hole = (kept.len() + HEADER).next_multiple_of(SECTOR) - kept.len();
+        torn[hole..hole + SECTOR].fill(0);
+        write_at(&path, kept.len(), &torn);
         let mut log = LogFiles::open(dir.path(), None).unwrap();
         assert_eq!(indexes(&log), vec![0, 1]);
         assert_eq!(fs::read(&path).unwrap(), kept);
         append(&mut log, 2..3);
         // The same damage with no zeroed sector (a flipped byte) is corruption.
         drop(log);
-        let mut file = fs::read(&path).unwrap();
-        file[kept.len()..kept.len() + batch.len()].copy_from_slice(&batch);
-        file[kept.len() + HEADER + 100] ^= 0xff;
-        fs::write(&path, &file).unwrap();
+        let mut flipped = batch;
+        flipped[HEADER + 100] ^= 0xff;
+        write_at(&path, kept.len(), &flipped);
         let err = LogFiles::open(dir.path(), None).err().unwrap().to_string();
         assert!(err.contains("the record's checksum fails"), "{err}");
     }
