@@ -136,6 +136,25 @@ fn client_config() -> Arc<client::Config> {
     })
 }
 
+/// Bytes read from the node's socket at a time. russh reads each packet with two
+/// `read_exact` calls (length, then body); through this buffer the packets the node
+/// sent together cost one `recvfrom` instead of two each.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// `russh::client::connect` with the socket's reads buffered.
+async fn connect_buffered(
+    node: &NodeAddr,
+    handler: ClientHandler,
+) -> Result<Handle<ClientHandler>, SessionError> {
+    let socket = tokio::net::TcpStream::connect((node.host.as_str(), node.port))
+        .await
+        .map_err(|e| SessionError::Ssh(russh::Error::IO(e)))?;
+    // Requests are small and answered one by one: Nagle's delay would hold them back.
+    let _ = socket.set_nodelay(true);
+    let stream = tokio::io::BufReader::with_capacity(READ_BUFFER, socket);
+    client::connect_stream(client_config(), stream, handler).await
+}
+
 /// Connect and run the key exchange; also returns the host key the node presented,
 /// whatever the verdict.
 async fn connect_handle(
@@ -147,11 +166,7 @@ async fn connect_handle(
         mode,
         presented: presented.clone(),
     };
-    let result = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        client::connect(client_config(), (node.host.as_str(), node.port), handler),
-    )
-    .await;
+    let result = tokio::time::timeout(CONNECT_TIMEOUT, connect_buffered(node, handler)).await;
     let seen = presented.lock().expect("host key slot poisoned").clone();
     let result = match result {
         Err(_) => Err(anyhow::anyhow!(
