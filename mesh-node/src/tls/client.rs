@@ -2,6 +2,7 @@
 //! TLS handshake that presents our identity and verifies the server's key.
 
 use super::cert::CERT_NAME;
+use super::coalesce::Coalesced;
 use super::failure::{self, HandshakeFailure, Side};
 use super::pins::Pins;
 use super::verifier::{KeyRule, PeerVerifier};
@@ -117,7 +118,7 @@ fn connector(
 ) -> Result<
     impl tower::Service<
             Uri,
-            Response = TokioIo<TlsStream<TcpStream>>,
+            Response = TokioIo<Coalesced<TlsStream<TcpStream>>>,
             Error = io::Error,
             Future: Send,
         > + Send
@@ -128,7 +129,7 @@ fn connector(
     Ok(tower::service_fn(move |uri: Uri| dial(tls.clone(), uri)))
 }
 
-async fn dial(tls: TlsConnector, uri: Uri) -> io::Result<TokioIo<TlsStream<TcpStream>>> {
+async fn dial(tls: TlsConnector, uri: Uri) -> io::Result<TokioIo<Coalesced<TlsStream<TcpStream>>>> {
     let authority = uri
         .authority()
         .ok_or_else(|| {
@@ -152,7 +153,7 @@ async fn dial(tls: TlsConnector, uri: Uri) -> io::Result<TokioIo<TlsStream<TcpSt
     let name = ServerName::try_from(CERT_NAME).expect("CERT_NAME is a valid DNS name");
     let (reason, detail, kind) =
         match tokio::time::timeout_at(deadline, tls.connect(name, tcp)).await {
-            Ok(Ok(stream)) => return Ok(TokioIo::new(stream)),
+            Ok(Ok(stream)) => return Ok(TokioIo::new(Coalesced::new(stream))),
             Ok(Err(e)) => (HandshakeFailure::of_io(&e), failure::describe(&e), e.kind()),
             Err(_) => (
                 HandshakeFailure::Timeout,

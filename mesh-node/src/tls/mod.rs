@@ -25,6 +25,7 @@
 
 mod cert;
 mod client;
+mod coalesce;
 mod failure;
 mod guard;
 mod pins;

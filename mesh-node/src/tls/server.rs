@@ -2,6 +2,7 @@
 //! own tokio task and yields finished TLS connections to tonic's
 //! `serve_with_incoming`, and the pre-guarded tonic server builder to serve them with.
 
+use super::coalesce::Coalesced;
 use super::failure::{self, HandshakeFailure, Side};
 use super::guard::RequirePinnedLayer;
 use super::pins::Pins;
@@ -256,9 +257,11 @@ pub struct TlsIncoming {
 }
 
 impl Stream for TlsIncoming {
-    type Item = Result<TlsStream<TcpStream>, io::Error>;
+    type Item = Result<Coalesced<TlsStream<TcpStream>>, io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.ready.poll_recv(cx).map(|conn| conn.map(Ok))
+        self.ready
+            .poll_recv(cx)
+            .map(|conn| conn.map(|tls| Ok(Coalesced::new(tls))))
     }
 }
