@@ -290,41 +290,11 @@ fn plain_openssh_runs_status_with_an_ssh_keygen_key() {
 /// and its result equals the CPU; an oversized batch is refused whole.
 #[test]
 fn submit_batch_commits_the_valid_tasks_and_refuses_the_bad_one() {
-    use mesh_cli::connection::Connection;
-    use mesh_cli::host_keys::HostKeyPolicy;
-    use mesh_cli::identity::IdentityChoice;
     use mesh_core::api::{BatchItemReply, MAX_BATCH_TASKS};
-    use mesh_core::task::{KernelSpec, TaskSpec};
 
     let dir = tempfile::tempdir().unwrap();
     let (_node, cli, user) = pinned_node(dir.path());
-    let spec = |key: &str, x: Vec<f32>, y: Vec<f32>| -> serde_json::Value {
-        let t = TaskSpec {
-            kernel: KernelSpec::Builtin {
-                name: "saxpy".into(),
-                params: BTreeMap::from([("a".into(), "3".into())]),
-            },
-            inputs: vec![
-                NamedBytes {
-                    name: "x".into(),
-                    data: f32_bytes(&x).into(),
-                },
-                NamedBytes {
-                    name: "y".into(),
-                    data: f32_bytes(&y).into(),
-                },
-            ],
-            outputs: vec![],
-            requirements: vec![],
-            prefer: vec![],
-            shards: 1,
-            priority: 0,
-            timeout: mesh_core::task::DEFAULT_TIMEOUT,
-            max_attempts: 3,
-            idempotency_key: Some(key.into()),
-        };
-        serde_json::to_value(t).unwrap()
-    };
+    let spec = |key: &str, x: Vec<f32>, y: Vec<f32>| saxpy_spec(key, &x, &y, 0);
     let batch = serde_json::json!([
         spec("b-1", lcg_f32(1, 64), lcg_f32(2, 64)),
         spec("b-bad", lcg_f32(3, 64), lcg_f32(4, 63)),
@@ -332,13 +302,7 @@ fn submit_batch_commits_the_valid_tasks_and_refuses_the_bad_one() {
         spec("b-2", lcg_f32(5, 256), lcg_f32(6, 256)),
     ]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let conn = rt.block_on(async {
-        let addr = cli.node.parse().unwrap();
-        let policy = HostKeyPolicy::load(&addr, &cli.known_hosts).unwrap();
-        Connection::open(&addr, policy, &IdentityChoice::File(user.private.clone()))
-            .await
-            .unwrap()
-    });
+    let conn = rt.block_on(session(&cli, &user));
     let exec = |body: Vec<u8>| {
         rt.block_on(conn.exec("submit-batch --json", Some(body)))
             .unwrap()
@@ -409,4 +373,201 @@ fn submit_batch_commits_the_valid_tasks_and_refuses_the_bad_one() {
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("at most 10000 tasks"), "{err}");
     rt.block_on(conn.close());
+}
+
+/// A saxpy (a = 3) task spec as JSON, with an idempotency key and a priority.
+fn saxpy_spec(key: &str, x: &[f32], y: &[f32], priority: i32) -> serde_json::Value {
+    use mesh_core::task::{KernelSpec, TaskSpec};
+    let t = TaskSpec {
+        kernel: KernelSpec::Builtin {
+            name: "saxpy".into(),
+            params: BTreeMap::from([("a".into(), "3".into())]),
+        },
+        inputs: vec![
+            NamedBytes {
+                name: "x".into(),
+                data: f32_bytes(x).into(),
+            },
+            NamedBytes {
+                name: "y".into(),
+                data: f32_bytes(y).into(),
+            },
+        ],
+        outputs: vec![],
+        requirements: vec![],
+        prefer: vec![],
+        shards: 1,
+        priority,
+        timeout: mesh_core::task::DEFAULT_TIMEOUT,
+        max_attempts: 3,
+        idempotency_key: Some(key.into()),
+    };
+    serde_json::to_value(t).unwrap()
+}
+
+/// An SSH session of mesh-cli's own with `user`'s key, to the node `cli` is pinned to.
+async fn session(cli: &Cli, user: &UserKey) -> mesh_cli::connection::Connection {
+    use mesh_cli::host_keys::HostKeyPolicy;
+    use mesh_cli::identity::IdentityChoice;
+    let addr = cli.node.parse().unwrap();
+    let policy = HostKeyPolicy::load(&addr, &cli.known_hosts).unwrap();
+    mesh_cli::connection::Connection::open(
+        &addr,
+        policy,
+        &IdentityChoice::File(user.private.clone()),
+    )
+    .await
+    .unwrap()
+}
+
+/// Claim: `submit-stream` takes one task spec per line on a channel that stays open
+/// and answers each with one line once it is committed, in input order, also when
+/// many lines are in flight; a bad line is refused with its reason and the stream goes
+/// on; an idempotency key sent twice names one task; the task runs and its result
+/// equals the CPU; at EOF the exit status says a line was refused.
+#[test]
+fn submit_stream_answers_each_line_in_order_and_goes_on_after_a_bad_one() {
+    use mesh_core::api::BatchItemReply;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, cli, user) = pinned_node(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let conn = rt.block_on(session(&cli, &user));
+    let mut stream = rt
+        .block_on(conn.open_lines("submit-stream --json"))
+        .unwrap();
+    let mut ask = |line: Vec<u8>| -> BatchItemReply {
+        rt.block_on(async {
+            stream.send(&line).await.unwrap();
+            let answer = stream.next_line().await.unwrap().expect("an answer line");
+            serde_json::from_slice(&answer).unwrap()
+        })
+    };
+    let (x, y) = (lcg_f32(11, 128), lcg_f32(12, 128));
+
+    phase("one task, answered once committed");
+    let BatchItemReply::Submitted(first) =
+        ask(saxpy_spec("s-1", &x, &y, 0).to_string().into_bytes())
+    else {
+        panic!("the first line must be submitted")
+    };
+    assert!(!first.existing);
+
+    phase("a line that is not a task spec, and one whose inputs do not match: refused, the stream goes on");
+    match ask(b"{not json".to_vec()) {
+        BatchItemReply::Refused { error } => assert!(error.contains("not valid JSON"), "{error}"),
+        other => panic!("{other:?}"),
+    }
+    match ask(saxpy_spec("s-bad", &x, &y[..100], 0)
+        .to_string()
+        .into_bytes())
+    {
+        BatchItemReply::Refused { error } => assert!(error.contains("same length"), "{error}"),
+        other => panic!("{other:?}"),
+    }
+
+    phase("the same idempotency key again names the same task");
+    match ask(saxpy_spec("s-1", &x, &y, 0).to_string().into_bytes()) {
+        BatchItemReply::Submitted(again) => {
+            assert_eq!(again.task, first.task);
+            assert!(again.existing);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    phase("40 lines sent before any answer is read come back in input order");
+    let answers: Vec<BatchItemReply> = rt.block_on(async {
+        for i in 0..40 {
+            let line = saxpy_spec(&format!("p-{i}"), &[1.0], &[2.0], i).to_string();
+            stream.send(line.as_bytes()).await.unwrap();
+        }
+        let mut answers = Vec::new();
+        for _ in 0..40 {
+            let line = stream.next_line().await.unwrap().expect("an answer line");
+            answers.push(serde_json::from_slice(&line).unwrap());
+        }
+        answers
+    });
+    for (i, a) in answers.iter().enumerate() {
+        let BatchItemReply::Submitted(r) = a else {
+            panic!("line {i}: {a:?}")
+        };
+        let task = json(&cli, &["task", &r.task.to_string()]).unwrap();
+        assert_eq!(
+            task["priority"], i as i64,
+            "answer {i} names the task of line {i}: {task}"
+        );
+    }
+
+    phase("at EOF: no more output, exit status 1 for the refused lines");
+    let end = rt.block_on(stream.finish()).unwrap();
+    assert_eq!(end.exit_status, Some(1));
+    assert!(
+        end.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&end.stdout)
+    );
+
+    phase("the first task runs and its result equals the CPU");
+    let id = first.task.to_string();
+    eventually(
+        &format!("task {id} succeeds"),
+        Duration::from_secs(120),
+        || {
+            let t = json(&cli, &["task", &id])?;
+            (t["state"] == "succeeded")
+                .then_some(())
+                .ok_or(t.to_string())
+        },
+    );
+    let path = dir.path().join("out");
+    cli.run(&["result", &id, "--output", path.to_str().unwrap()])
+        .ok();
+    assert_eq!(std::fs::read(&path).unwrap(), saxpy_reference("3", &x, &y));
+    rt.block_on(conn.close());
+}
+
+/// Claim: plain OpenSSH can feed `submit-stream` from a file: one answer line per task
+/// line, exit status 0 when every line went in.
+#[test]
+fn plain_openssh_streams_task_lines_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, cli, user) = pinned_node(dir.path());
+    let lines: String = (0..3)
+        .map(|i| saxpy_spec(&format!("o-{i}"), &[1.0, 2.0], &[3.0, 4.0], 0).to_string() + "\n")
+        .collect();
+    let file = dir.path().join("tasks.jsonl");
+    std::fs::write(&file, lines).unwrap();
+    let out = Command::new("ssh")
+        .args(["-p", &node.ssh_port.to_string()])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", cli.known_hosts.display()))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-i",
+        ])
+        .arg(&user.private)
+        .args(["mesh@127.0.0.1", "submit-stream"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ssh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answered: Vec<&str> = text.lines().collect();
+    assert_eq!(answered.len(), 3, "{text}");
+    assert!(
+        answered
+            .iter()
+            .all(|l| l.starts_with("task ") && l.ends_with(" submitted")),
+        "{text}"
+    );
 }

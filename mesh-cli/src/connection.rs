@@ -352,6 +352,31 @@ impl Connection {
         Ok(out)
     }
 
+    /// Start a command that exchanges lines while it runs (`submit-stream`): each
+    /// [`LineStream::send`] line is answered by one line, read with
+    /// [`LineStream::next_line`], on one channel.
+    pub async fn open_lines(&self, command: &str) -> anyhow::Result<LineStream> {
+        let node = &self.node;
+        let channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .with_context(|| format!("node {node} refused to open a session channel"))?;
+        channel
+            .exec(true, command.as_bytes())
+            .await
+            .with_context(|| format!("cannot send the command '{command}' to node {node}"))?;
+        let (reader, writer) = channel.split();
+        Ok(LineStream {
+            reader,
+            writer,
+            received: Vec::new(),
+            out: ExecOutput::default(),
+            node: node.to_string(),
+            command: command.to_string(),
+        })
+    }
+
     /// End the session politely.
     pub async fn close(self) {
         let _ = self
@@ -369,6 +394,87 @@ fn append(buf: &mut Vec<u8>, data: &[u8], command: &str, max: usize) -> anyhow::
     }
     buf.extend_from_slice(data);
     Ok(())
+}
+
+/// A running command whose standard input and output are lines (see
+/// [`Connection::open_lines`]).
+pub struct LineStream {
+    reader: russh::ChannelReadHalf,
+    writer: russh::ChannelWriteHalf<client::Msg>,
+    /// Standard output received and not yet returned as a line.
+    received: Vec<u8>,
+    /// Standard error, exit status.
+    out: ExecOutput,
+    node: String,
+    command: String,
+}
+
+impl LineStream {
+    /// Send one line (a newline is added).
+    pub async fn send(&self, line: &[u8]) -> anyhow::Result<()> {
+        let mut framed = Vec::with_capacity(line.len() + 1);
+        framed.extend_from_slice(line);
+        framed.push(b'\n');
+        self.writer.data(&framed[..]).await.with_context(|| {
+            format!(
+                "cannot send a line of '{}' to node {}",
+                self.command, self.node
+            )
+        })
+    }
+
+    /// The next line of standard output, without its newline; `None` once the command
+    /// has ended (then [`LineStream::finish`] tells how).
+    pub async fn next_line(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(end) = self.received.iter().position(|b| *b == b'\n') {
+                let mut line: Vec<u8> = self.received.drain(..=end).collect();
+                line.pop();
+                return Ok(Some(line));
+            }
+            let Some(msg) = self.reader.wait().await else {
+                return Ok(None);
+            };
+            match msg {
+                ChannelMsg::Data { data } => {
+                    append(&mut self.received, &data, &self.command, MAX_REPLY_BYTES)?
+                }
+                ChannelMsg::ExtendedData { data, ext: 1 } => {
+                    append(&mut self.out.stderr, &data, &self.command, MAX_REPLY_BYTES)?
+                }
+                ChannelMsg::ExitStatus { exit_status } => self.out.exit_status = Some(exit_status),
+                ChannelMsg::Failure => anyhow::bail!(
+                    "node {} refused to run '{}'; is it a mesh-node of the same version?",
+                    self.node,
+                    self.command
+                ),
+                ChannelMsg::Close => return Ok(None),
+                _ => {}
+            }
+        }
+    }
+
+    /// Close standard input, read what is left, and return the command's standard
+    /// error, exit status and the output no line was read for.
+    pub async fn finish(mut self) -> anyhow::Result<ExecOutput> {
+        self.writer.eof().await.ok();
+        let mut rest = Vec::new();
+        while let Some(line) = self.next_line().await? {
+            rest.extend_from_slice(&line);
+            rest.push(b'\n');
+        }
+        rest.append(&mut self.received);
+        let mut out = std::mem::take(&mut self.out);
+        out.stdout = rest;
+        if out.exit_status.is_none() {
+            anyhow::bail!(
+                "node {} closed the session during '{}' without an exit status",
+                self.node,
+                self.command
+            );
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use load::LoadStats;
 use mesh_chaos::{phase, Cluster};
+use scenarios::SubmitVia;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -99,6 +100,7 @@ enum Cmd {
 
 const SCENARIOS: &[(&str, &str)] = &[
     ("submit", "committed single submits (1 KiB of input each): throughput and p50/p99/p999 latency"),
+    ("submit-stream", "the same submits as lines of one long-lived submit-stream channel per client"),
     ("submit-batch", "committed tasks per second when each request is a submit-batch of --size tasks (default 1000)"),
     ("status", "`status` requests, no Raft round: the floor the SSH protocol sets for a request"),
     ("end-to-end", "a tiny kernel from submit to its result recorded: latency and tasks per second"),
@@ -264,7 +266,10 @@ fn load_points(
             let mut runs = Vec::new();
             for _ in 0..a.runs {
                 let s = match scenario {
-                    "submit" => scenarios::submit(rt, nodes, clients, a.duration)?,
+                    "submit" => scenarios::submit(rt, nodes, clients, a.duration, SubmitVia::Exec)?,
+                    "submit-stream" => {
+                        scenarios::submit(rt, nodes, clients, a.duration, SubmitVia::Stream)?
+                    }
                     "submit-batch" => scenarios::submit_batch(
                         rt,
                         nodes,
@@ -307,7 +312,7 @@ fn print_points(points: &[Point], json: bool) -> Result<()> {
 
 fn run(rt: &Runtime, scenario: &str, a: &LoadArgs, size: Option<u64>) -> Result<()> {
     match scenario {
-        "submit" | "submit-batch" | "end-to-end" | "etcd" | "status" => {
+        "submit" | "submit-stream" | "submit-batch" | "end-to-end" | "etcd" | "status" => {
             let mut a = a.clone();
             if scenario == "end-to-end" && a.clients == [1, 16, 256] {
                 a.clients = vec![1, 16];
@@ -371,6 +376,8 @@ fn timed(rt: &Runtime, scenario: &str, nodes: usize, runs: usize) -> Result<(Spr
 /// The ratios compare-etcd reports for one client count.
 #[derive(Debug, Serialize)]
 struct Ratio {
+    /// How Mesh's clients submitted: `submit` or `submit-stream`.
+    mesh: String,
     clients: usize,
     throughput_ratio: f64,
     p99_ratio: f64,
@@ -381,6 +388,7 @@ fn ratios(mesh: &[Point], etcd: &[Point]) -> Vec<Ratio> {
     mesh.iter()
         .zip(etcd)
         .map(|(m, e)| Ratio {
+            mesh: m.scenario.clone(),
             clients: m.clients,
             throughput_ratio: m.ops_per_sec.median / e.ops_per_sec.median.max(f64::MIN_POSITIVE),
             p99_ratio: m.p99_ms.median / e.p99_ms.median.max(f64::MIN_POSITIVE),
@@ -394,9 +402,12 @@ fn compare_etcd(rt: &Runtime, a: &LoadArgs) -> Result<(Vec<Point>, Vec<Ratio>, S
         nodes: vec![3],
         ..a.clone()
     };
-    let mesh = load_points(rt, "submit", &mesh_args, None)?;
+    let mut mesh = load_points(rt, "submit", &mesh_args, None)?;
+    let stream = load_points(rt, "submit-stream", &mesh_args, None)?;
     let etcd = load_points(rt, "etcd", a, None)?;
-    let ratios = ratios(&mesh, &etcd);
+    let mut ratios = ratios(&mesh, &etcd);
+    ratios.extend(self::ratios(&stream, &etcd));
+    mesh.extend(stream);
     if a.json {
         println!(
             "{}",
@@ -417,12 +428,12 @@ fn comparison_table(mesh: &[Point], etcd: &[Point], ratios: &[Ratio], version: &
         s.push('\n');
     }
     s.push_str(&format!(
-        "\nMesh / etcd ({version}), 3 nodes each, medians:\n\n| clients | committed submits/s ÷ puts/s | p99 Mesh ÷ p99 etcd |\n|---|---|---|\n"
+        "\nMesh / etcd ({version}), 3 nodes each, medians:\n\n| Mesh clients send | clients | committed submits/s ÷ puts/s | p99 Mesh ÷ p99 etcd |\n|---|---|---|---|\n"
     ));
     for r in ratios {
         s.push_str(&format!(
-            "| {} | {:.2} | {:.2} |\n",
-            r.clients, r.throughput_ratio, r.p99_ratio
+            "| {} | {} | {:.2} | {:.2} |\n",
+            r.mesh, r.clients, r.throughput_ratio, r.p99_ratio
         ));
     }
     s
@@ -450,17 +461,24 @@ fn all(
     for p in &submit {
         md.push_str(&format!("{}\n", p.line()));
     }
+    let stream_args = LoadArgs {
+        nodes: vec![3],
+        ..base.clone()
+    };
+    let stream = load_points(rt, "submit-stream", &stream_args, None)?;
     let etcd = load_points(rt, "etcd", &base, None)?;
     let mesh3: Vec<Point> = submit.iter().filter(|p| p.nodes == 3).cloned().collect();
     let version = etcd::etcd_version()?;
-    let ratios = ratios(&mesh3, &etcd);
+    let mut ratios = ratios(&mesh3, &etcd);
+    ratios.extend(self::ratios(&stream, &etcd));
+    let both: Vec<Point> = mesh3.iter().chain(&stream).cloned().collect();
     md.push_str(&format!(
         "\n## compare-etcd\n\n{}",
-        comparison_table(&mesh3, &etcd, &ratios, &version)
+        comparison_table(&both, &etcd, &ratios, &version)
     ));
     std::fs::write(
         out.join("latency-throughput.svg"),
-        plot::latency_throughput(&mesh3, &etcd),
+        plot::latency_throughput(&mesh3, &stream, &etcd),
     )?;
     let batch_args = LoadArgs {
         nodes: vec![3],
@@ -502,6 +520,7 @@ fn all(
         footprint.payload_bytes
     ));
     results.insert("submit".into(), serde_json::to_value(&submit)?);
+    results.insert("submit_stream".into(), serde_json::to_value(&stream)?);
     results.insert("etcd".into(), serde_json::to_value(&etcd)?);
     results.insert("etcd_version".into(), version.into());
     results.insert("ratios".into(), serde_json::to_value(&ratios)?);

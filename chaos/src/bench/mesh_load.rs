@@ -5,7 +5,7 @@
 use super::load::Op;
 use anyhow::{bail, Context, Result};
 use mesh_chaos::{Cluster, UserKey};
-use mesh_cli::connection::Connection;
+use mesh_cli::connection::{Connection, LineStream};
 use mesh_cli::host_keys::HostKeyPolicy;
 use mesh_cli::identity::IdentityChoice;
 use mesh_cli::node_addr::NodeAddr;
@@ -14,6 +14,7 @@ use mesh_core::task::{KernelSpec, NamedBytes, TaskSpec};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use tokio::sync::Mutex;
 
 /// Bytes of input per task: the payload size the etcd comparison puts.
 pub const PAYLOAD_BYTES: usize = 1024;
@@ -123,6 +124,41 @@ pub fn submit_op(run: &str) -> Op<Connection> {
         Box::pin(async move {
             submit(&c, key).await?;
             Ok(1)
+        })
+    })
+}
+
+/// One `submit-stream --json` per session: each client's submits then go as lines
+/// on one channel that stays open (no channel set-up per task). The sessions must
+/// outlive the streams.
+pub async fn open_streams(sessions: &[Arc<Connection>]) -> Result<Vec<Arc<Mutex<LineStream>>>> {
+    let mut streams = Vec::new();
+    for s in sessions {
+        streams.push(Arc::new(Mutex::new(
+            s.open_lines("submit-stream --json").await?,
+        )));
+    }
+    Ok(streams)
+}
+
+/// Submit one task as a line of the client's `submit-stream` and wait for its answer
+/// line (the commit acknowledgement).
+pub fn stream_op(run: &str) -> Op<Mutex<LineStream>> {
+    let run = run.to_string();
+    Arc::new(move |c: Arc<Mutex<LineStream>>, i, seq| {
+        let key = format!("{run}-{i}-{seq}");
+        Box::pin(async move {
+            let line = serde_json::to_vec(&tiny_spec(key))?;
+            let mut stream = c.lock().await;
+            stream.send(&line).await?;
+            let answer = stream
+                .next_line()
+                .await?
+                .context("the node ended submit-stream before answering")?;
+            match serde_json::from_slice(&answer)? {
+                BatchItemReply::Submitted(_) => Ok(1),
+                BatchItemReply::Refused { error } => bail!("submit-stream refused a task: {error}"),
+            }
         })
     })
 }

@@ -17,9 +17,9 @@ fn decades(lo: f64, hi: f64) -> (f64, f64) {
     (lo, hi)
 }
 
-/// The chart for Mesh's and etcd's points.
-pub fn latency_throughput(mesh: &[Point], etcd: &[Point]) -> String {
-    let all: Vec<&Point> = mesh.iter().chain(etcd).collect();
+/// The chart for Mesh's points (per-exec submits and `submit-stream`) and etcd's.
+pub fn latency_throughput(mesh: &[Point], stream: &[Point], etcd: &[Point]) -> String {
+    let all: Vec<&Point> = mesh.iter().chain(stream).chain(etcd).collect();
     let (x0, x1) = decades(
         all.iter()
             .map(|p| p.ops_per_sec.median)
@@ -66,8 +66,10 @@ pub fn latency_throughput(mesh: &[Point], etcd: &[Point]) -> String {
         (TOP + H - BOTTOM) / 2.0
     ));
     let series = [
-        ("Mesh p50", mesh, "#1f77b4", false),
-        ("Mesh p99", mesh, "#1f77b4", true),
+        ("Mesh submit p50", mesh, "#1f77b4", false),
+        ("Mesh submit p99", mesh, "#1f77b4", true),
+        ("Mesh submit-stream p50", stream, "#2ca02c", false),
+        ("Mesh submit-stream p99", stream, "#2ca02c", true),
         ("etcd p50", etcd, "#d62728", false),
         ("etcd p99", etcd, "#d62728", true),
     ];

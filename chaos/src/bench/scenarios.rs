@@ -56,16 +56,43 @@ fn on_loaded_cluster<T>(
     f(&cluster, leader)
 }
 
+/// How a client sends its submits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitVia {
+    /// One `submit` exec per task, each on a channel of its own (what `mesh-cli
+    /// submit` does).
+    Exec,
+    /// Lines of one long-lived `submit-stream` per client.
+    Stream,
+}
+
 /// Committed single submits from `clients` concurrent clients on a `nodes` mesh.
-pub fn submit(rt: &Runtime, nodes: usize, clients: usize, duration: Duration) -> Result<LoadStats> {
-    let what = format!("submit: {clients} client(s) on {nodes} node(s) for {duration:?}");
+pub fn submit(
+    rt: &Runtime,
+    nodes: usize,
+    clients: usize,
+    duration: Duration,
+    via: SubmitVia,
+) -> Result<LoadStats> {
+    let name = match via {
+        SubmitVia::Exec => "submit",
+        SubmitVia::Stream => "submit-stream",
+    };
+    let what = format!("{name}: {clients} client(s) on {nodes} node(s) for {duration:?}");
     on_loaded_cluster(nodes, what, |cluster, leader| {
         let term = || -> Result<u64> {
             let out = cluster.cli(leader).run(&["--json", "status"]);
             out.json()["term"].as_u64().context("no term in status")
         };
         let before = term()?;
-        let mut stats = drive_mesh(rt, cluster, leader, clients, duration, submit_op("s"))?;
+        let mut stats = match via {
+            SubmitVia::Exec => drive_mesh(rt, cluster, leader, clients, duration, submit_op("s"))?,
+            SubmitVia::Stream => rt.block_on(async {
+                let sessions = connect_clients(cluster, leader, clients).await?;
+                let streams = mesh_load::open_streams(&sessions).await?;
+                Ok::<_, anyhow::Error>(drive(streams, duration, mesh_load::stream_op("s")).await)
+            })?,
+        };
         // A saturated leader must keep its followers' election timers quiet.
         stats.elections = Some(term()? - before);
         Ok(stats)

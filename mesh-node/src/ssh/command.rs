@@ -27,6 +27,9 @@ pub enum Request {
     Submit,
     /// `submit-batch` (a JSON array of task specs on stdin, proposed together)
     SubmitBatch,
+    /// `submit-stream` (one JSON task spec per line on stdin, each answered by a line
+    /// once committed, while the channel stays open)
+    SubmitStream,
     /// `task ID`
     Task(TaskId),
     /// `wait ID`
@@ -84,7 +87,7 @@ impl Request {
             Request::Tasks(_) | Request::Task(_) | Request::Wait(_) | Request::Result { .. } => {
                 Action::ReadTasks
             }
-            Request::Submit | Request::SubmitBatch => Action::Submit,
+            Request::Submit | Request::SubmitBatch | Request::SubmitStream => Action::Submit,
             Request::Cancel(_) => Action::Cancel,
             Request::Drain(..) => Action::Drain,
             Request::TokenCreate { .. }
@@ -107,6 +110,7 @@ impl Request {
             Request::Tasks(_) => ("tasks", None),
             Request::Submit => ("submit", None),
             Request::SubmitBatch => ("submit-batch", None),
+            Request::SubmitStream => ("submit-stream", None),
             Request::Task(id) => ("task", Some(id.to_string())),
             Request::Wait(id) => ("wait", Some(id.to_string())),
             Request::Result { id, .. } => ("result", Some(id.to_string())),
@@ -136,7 +140,7 @@ pub struct CommandLine {
     pub json: bool,
 }
 
-const USAGE: &str = "commands: status, nodes, tasks [--state S], submit (JSON task on stdin), submit-batch (JSON array of tasks on stdin), task ID, wait ID, result ID [--raw] [--name OUTPUT], cancel ID, token create [--ttl 1h] [--uses N], token list, token revoke ID, remove NODE, drain NODE, undrain NODE, keys add --role R (key on stdin), keys remove FP, keys list, audit [--since D] [--actor FP], snapshot; add --json for JSON output";
+const USAGE: &str = "commands: status, nodes, tasks [--state S], submit (JSON task on stdin), submit-batch (JSON array of tasks on stdin), submit-stream (one JSON task per line on stdin, one answer line each), task ID, wait ID, result ID [--raw] [--name OUTPUT], cancel ID, token create [--ttl 1h] [--uses N], token list, token revoke ID, remove NODE, drain NODE, undrain NODE, keys add --role R (key on stdin), keys remove FP, keys list, audit [--since D] [--actor FP], snapshot; add --json for JSON output";
 
 /// Lifetime of a join token when `--ttl` is not given.
 const DEFAULT_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -201,6 +205,7 @@ impl CommandLine {
             Some("digest") => Request::Digest,
             Some("submit") => Request::Submit,
             Some("submit-batch") => Request::SubmitBatch,
+            Some("submit-stream") => Request::SubmitStream,
             Some("task") => Request::Task(id(&words)?),
             Some("wait") => Request::Wait(id(&words)?),
             Some("result") => Request::Result { id: id(&words)?, raw, name },
@@ -242,7 +247,7 @@ impl CommandLine {
     }
 }
 
-/// One line of a `submit-batch` answer in text.
+/// One line of a `submit-batch` or `submit-stream` answer in text.
 fn batch_line(r: &BatchItemReply) -> String {
     match r {
         BatchItemReply::Submitted(r) if r.existing => {
@@ -324,6 +329,51 @@ pub async fn run(
         Ok(reply) => reply,
         Err(e) => Reply::error(&e.to_string(), EXIT_ERROR, cmd.json),
     }
+}
+
+/// One line of `submit-stream`: submit the task spec on it (rate limit and role
+/// checked per line, as for `submit`), and answer with one line, a compact
+/// `BatchItemReply` in JSON mode. The flag is whether the task went in.
+pub async fn submit_line(
+    service: &Service,
+    limits: &super::limits::Limits,
+    actor: &Fingerprint,
+    line: &[u8],
+    json: bool,
+) -> (Vec<u8>, bool) {
+    let item = match submit_one(service, limits, actor, line).await {
+        Ok(r) => BatchItemReply::Submitted(r),
+        Err(error) => BatchItemReply::Refused { error },
+    };
+    let out = if json {
+        let mut out = serde_json::to_vec(&item).expect("API views serialize");
+        out.push(b'\n');
+        out
+    } else {
+        batch_line(&item).into_bytes()
+    };
+    (out, matches!(item, BatchItemReply::Submitted(_)))
+}
+
+async fn submit_one(
+    service: &Service,
+    limits: &super::limits::Limits,
+    actor: &Fingerprint,
+    line: &[u8],
+) -> Result<mesh_core::api::SubmitReply, String> {
+    limits.allow_submit(actor)?;
+    if let Err(why) = authorize(service, &Request::SubmitStream, actor) {
+        service
+            .audit_refusal(actor, "submit-stream", None, &why)
+            .await;
+        return Err(why);
+    }
+    let spec: TaskSpec = serde_json::from_slice(line)
+        .map_err(|e| format!("the line is not valid JSON for a task spec: {e}"))?;
+    service
+        .submit(spec, actor.clone())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// The role check, and for a submitter, ownership of the task it names.
@@ -442,6 +492,12 @@ async fn dispatch(
                 Reply::text(format!("task {} submitted\n", r.task))
             }
         }
+        // Served line by line by the SSH server (`submit_line`), never as one body.
+        Request::SubmitStream => Reply::error(
+            "submit-stream is answered line by line, not as one request",
+            EXIT_ERROR,
+            json,
+        ),
         Request::SubmitBatch => {
             let specs: Vec<TaskSpec> = serde_json::from_slice(body).map_err(|e| {
                 ServiceError::BadRequest(format!(
@@ -709,6 +765,10 @@ mod tests {
             Request::Tasks(Some("running".into()))
         );
         assert!(CommandLine::parse("submit").unwrap().takes_body());
+        let stream = CommandLine::parse("submit-stream --json").unwrap();
+        assert_eq!(stream.request, Request::SubmitStream);
+        // Its standard input is read line by line while it runs, not as one body.
+        assert!(!stream.takes_body());
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The russh server: key authentication against the admin keys, one tokio task per
 //! exec request, bounded connections and request bodies.
 
-use super::command::{self, CommandLine, Reply, MAX_BODY_BYTES};
+use super::command::{self, CommandLine, Reply, Request, MAX_BODY_BYTES};
 use super::limits::Limits;
 use crate::host_key::{fingerprint_of, HostKey};
 use crate::service::Service;
+use futures::stream::{FuturesOrdered, StreamExt};
 use mesh_core::Fingerprint;
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet};
@@ -27,6 +28,8 @@ const INACTIVITY_TIMEOUT: Duration = Duration::from_secs(300);
 /// `read_exact` calls (length, then body); through this buffer the packets a client
 /// sent together cost one `recvfrom` instead of two each.
 const READ_BUFFER: usize = 16 * 1024;
+/// Lines of one `submit-stream` being submitted at once.
+const STREAM_IN_FLIGHT: usize = 256;
 /// How often the rate limiters forget idle addresses and keys.
 const LIMITS_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// Delay before answering a rejected authentication (slows down key guessing).
@@ -255,6 +258,9 @@ async fn serve_exec(
     };
     let reply = match CommandLine::parse(&line) {
         Err(e) => command::usage_error(&e, line.split_whitespace().any(|w| w == "--json")),
+        Ok(cmd) if cmd.request == Request::SubmitStream => {
+            submit_stream(&service, &limits, &user, cmd.json, &mut read, &write).await
+        }
         Ok(cmd) => {
             let body = if cmd.takes_body() {
                 read_body(&mut read).await
@@ -294,6 +300,75 @@ async fn send(
         debug!(error = %e, "client went away before the reply was sent");
     }
     drain.abort();
+}
+
+/// `submit-stream`: each line of standard input is a task spec, submitted as it
+/// arrives and answered by one line as soon as it is committed (or refused), in input
+/// order, while the channel stays open. Up to [`STREAM_IN_FLIGHT`] lines are in
+/// flight at once, so a fast producer's tasks share Raft entries; a client that waits
+/// for each answer gets one round trip per task and no channel set-up. Ends at EOF
+/// once every answer is out; exit status 1 if any line was refused.
+async fn submit_stream(
+    service: &Service,
+    limits: &Limits,
+    user: &Fingerprint,
+    json: bool,
+    read: &mut russh::ChannelReadHalf,
+    write: &russh::ChannelWriteHalf<Msg>,
+) -> Reply {
+    let mut partial: Vec<u8> = Vec::new();
+    let mut in_flight = FuturesOrdered::new();
+    let (mut input_open, mut refused, mut too_long) = (true, 0usize, false);
+    let submit = |line: Vec<u8>| async move {
+        command::submit_line(service, limits, user, &line, json).await
+    };
+    loop {
+        tokio::select! {
+            msg = read.wait(), if input_open && in_flight.len() < STREAM_IN_FLIGHT => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    partial.extend_from_slice(&data);
+                    while let Some(end) = partial.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = partial.drain(..=end).collect();
+                        if !line.trim_ascii().is_empty() {
+                            in_flight.push_back(submit(line));
+                        }
+                    }
+                    if partial.len() > MAX_BODY_BYTES {
+                        (input_open, too_long) = (false, true);
+                    }
+                }
+                Some(ChannelMsg::Eof | ChannelMsg::Close) | None => {
+                    input_open = false;
+                    if !partial.trim_ascii().is_empty() {
+                        in_flight.push_back(submit(std::mem::take(&mut partial)));
+                    }
+                }
+                Some(_) => {}
+            },
+            Some((out, ok)) = in_flight.next() => {
+                refused += usize::from(!ok);
+                if write.data(&out[..]).await.is_err() {
+                    return Reply::default();
+                }
+            }
+            else => break,
+        }
+    }
+    if too_long {
+        return Reply::error(
+            &format!("a line of submit-stream is longer than {MAX_BODY_BYTES} bytes; the stream was cut there"),
+            mesh_core::api::EXIT_ERROR,
+            false,
+        );
+    }
+    Reply {
+        status: if refused == 0 {
+            0
+        } else {
+            mesh_core::api::EXIT_ERROR
+        },
+        ..Reply::default()
+    }
 }
 
 async fn read_body(read: &mut russh::ChannelReadHalf) -> Result<Vec<u8>, String> {
