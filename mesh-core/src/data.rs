@@ -109,8 +109,31 @@ impl<'de> Deserialize<'de> for Bytes {
 /// A SHA-256 digest. Data is referred to by digest inside the state machine, so that
 /// large payloads can later move to content-addressed blobs with only the digest in
 /// the log.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Digest(pub [u8; 32]);
+
+/// Byte order (as the derived `Ord` of the array), compared a 64-bit word at a time:
+/// the state's blob map searches by digest on every submit on every node, and the
+/// array's `Ord` called `memcmp` for each key it passed (7 % of all CPU in `perf`
+/// at 256 streaming clients, with the B-tree search). Random digests nearly always
+/// differ in the first word.
+impl Ord for Digest {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let word = |d: &[u8; 32], i: usize| {
+            u64::from_be_bytes(d[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+        };
+        (0..4)
+            .map(|i| word(&self.0, i).cmp(&word(&other.0, i)))
+            .find(|o| o.is_ne())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    }
+}
+
+impl PartialOrd for Digest {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl Digest {
     /// SHA-256 of `data`.
@@ -171,6 +194,23 @@ impl<'de> Deserialize<'de> for Digest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digests_order_as_their_bytes() {
+        let mut digests: Vec<Digest> = (0u32..200).map(|i| Digest::of(&i.to_le_bytes())).collect();
+        // Pairs that differ only in a later word, or only in the last byte.
+        for at in [8, 16, 24, 31] {
+            let mut d = digests[0];
+            d.0[at] ^= 0x80;
+            digests.push(d);
+        }
+        digests.push(digests[0]);
+        for a in &digests {
+            for b in &digests {
+                assert_eq!(a.cmp(b), a.0.cmp(&b.0), "{a:?} against {b:?}");
+            }
+        }
+    }
 
     #[test]
     fn bytes_round_trip_in_json_and_bincode() {
