@@ -15,7 +15,7 @@ use crate::task::{
 };
 use crate::token::TokenRecord;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{btree_map, BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// A node as the mesh knows it.
@@ -637,25 +637,30 @@ impl MeshState {
         outputs: &[OutputDecl],
         submitter: &Fingerprint,
     ) -> Outcome {
+        let id = TaskId(self.next_task);
         if let Some(key) = &spec.idempotency_key {
-            if let Some(&task) = self.idempotency.get(&(submitter.clone(), key.clone())) {
-                return Outcome::Submitted {
-                    task,
-                    existing: true,
-                };
+            // One search of the key map for both the lookup and the insert.
+            match self
+                .idempotency
+                .entry(Arc::new((submitter.clone(), key.clone())))
+            {
+                btree_map::Entry::Occupied(e) => {
+                    return Outcome::Submitted {
+                        task: *e.get(),
+                        existing: true,
+                    }
+                }
+                btree_map::Entry::Vacant(e) => {
+                    e.insert(id);
+                }
             }
         }
-        let id = TaskId(self.next_task);
         self.next_task += 1;
         let inputs = spec
             .inputs
             .iter()
             .map(|i| self.store_blob(&i.name, &i.data))
             .collect();
-        if let Some(key) = &spec.idempotency_key {
-            self.idempotency
-                .insert(Arc::new((submitter.clone(), key.clone())), id);
-        }
         self.tasks.insert(
             id,
             Arc::new(Task {
@@ -1296,7 +1301,8 @@ mod tests {
                     task: TaskId(0),
                     node: NodeId(1),
                 },
-            ],
+            ]
+            .into(),
         });
         assert_eq!(resp.outcomes.len(), 3);
         assert!(matches!(
