@@ -68,7 +68,8 @@ mod tests {
             commands: vec![Command::Assign {
                 task: TaskId(1),
                 node: NodeId(2),
-            }],
+            }]
+            .into(),
         };
         let bytes = encode(&req).unwrap();
         assert_eq!(bytes[0], FORMAT_VERSION);

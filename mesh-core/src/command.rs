@@ -8,6 +8,7 @@ use crate::ids::{Attempt, NodeId, TaskId, Timestamp};
 use crate::task::{OutputDecl, TaskSpec};
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
 /// One state transition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -427,8 +428,10 @@ impl fmt::Display for Outcome {
 pub struct Request {
     /// Proposer's wall clock when the entry was formed.
     pub now: Timestamp,
-    /// Commands, applied in order.
-    pub commands: Vec<Command>,
+    /// Commands, applied in order. Shared: the log store keeps recent entries decoded
+    /// and hands out clones to replication and apply, so a clone must not copy the
+    /// commands (encoded exactly as a `Vec`).
+    pub commands: Arc<[Command]>,
 }
 
 /// The result of applying one entry: one outcome per command.

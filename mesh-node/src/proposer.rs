@@ -195,7 +195,7 @@ impl ProposerLoop {
             let retained = forwarder.as_ref().map(|_| commands.clone());
             let request = Request {
                 now: now(),
-                commands,
+                commands: commands.into(),
             };
             let started = std::time::Instant::now();
             let raft_metrics = self.raft.metrics();

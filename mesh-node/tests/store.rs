@@ -53,7 +53,7 @@ fn register(index: u64, node: u64, addr: &str) -> Entry {
     };
     let request = Request {
         now: Timestamp(index),
-        commands: vec![command],
+        commands: vec![command].into(),
     };
     Entry {
         log_id: log_id(index),

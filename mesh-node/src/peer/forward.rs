@@ -65,7 +65,7 @@ impl Forwarder {
                     // Became leader meanwhile: propose here directly.
                     let req = mesh_core::Request {
                         now: crate::proposer::now(),
-                        commands: commands.clone(),
+                        commands: commands.clone().into(),
                     };
                     return match self.raft.client_write(req).await {
                         Ok(r) => Ok(r.data.outcomes),

@@ -4,6 +4,7 @@
 use super::durable::Durable;
 use super::error::{self, RaftStorageError, StoreError};
 use super::log_file::LogFiles;
+use super::recent::Recent;
 use super::{LOG_TREE, META_TREE};
 use mesh_core::codec::{decode, encode};
 use mesh_core::raft_types::{Entry, LogId, TypeConfig, Vote};
@@ -27,9 +28,15 @@ const PURGED: &str = "purged";
 /// Cloning shares the same files; openraft uses a clone as its log reader.
 #[derive(Clone)]
 pub struct LogStore {
-    files: Arc<Mutex<LogFiles>>,
+    log: Arc<Mutex<Log>>,
     meta: sled::Tree,
     durable: Durable,
+}
+
+/// The files and the recent entries kept decoded, changed together.
+struct Log {
+    files: LogFiles,
+    recent: Recent,
 }
 
 impl LogStore {
@@ -74,16 +81,19 @@ impl LogStore {
             );
         }
         Ok(LogStore {
-            files: Arc::new(Mutex::new(files)),
+            log: Arc::new(Mutex::new(Log {
+                files,
+                recent: Recent::default(),
+            })),
             meta,
             durable,
         })
     }
 
-    fn files(&self) -> MutexGuard<'_, LogFiles> {
+    fn log(&self) -> MutexGuard<'_, Log> {
         // Every mutation leaves the index consistent with the files or returns an error
         // before touching it, so a panic elsewhere does not invalidate it.
-        self.files.lock().unwrap_or_else(PoisonError::into_inner)
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn read_meta<T: DeserializeOwned>(&self, key: &'static str) -> Result<Option<T>, StoreError> {
@@ -112,7 +122,11 @@ impl LogStore {
         if lo >= hi {
             return Ok(Vec::new());
         }
-        let files = self.files();
+        let log = self.log();
+        if let Some(entries) = log.recent.get(lo, hi) {
+            return Ok(entries);
+        }
+        let files = &log.files;
         files
             .read(lo, hi)?
             .into_iter()
@@ -167,7 +181,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
         let purged: Option<LogId> = self.read_meta(PURGED).map_err(error::read_logs)?;
         let last = {
-            let files = self.files();
+            let log = self.log();
+            let files = &log.files;
             match files.last().map_err(error::read_logs)? {
                 Some((index, bytes)) => Some(
                     decode_entry(index, &bytes)
@@ -223,14 +238,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut records = Vec::new();
+        let mut decoded = Vec::new();
         for entry in entries {
             let bytes = encode(&entry)
                 .map_err(StoreError::encode("a log entry"))
                 .map_err(error::write_logs)?;
-            records.push((entry.log_id.index, bytes));
+            decoded.push((entry, bytes.len()));
+            records.push((decoded.last().expect("pushed").0.log_id.index, bytes));
         }
         let written = Instant::now();
-        let unsynced = self.files().append(records).map_err(error::write_logs)?;
+        let unsynced = {
+            let mut log = self.log();
+            match log.files.append(records) {
+                Ok(unsynced) => {
+                    for (entry, size) in decoded {
+                        log.recent.push(entry, size);
+                    }
+                    unsynced
+                }
+                Err(e) => {
+                    log.recent.clear();
+                    return Err(error::write_logs(e));
+                }
+            }
+        };
         metrics::histogram!("mesh_raft_log_write_seconds").record(written.elapsed().as_secs_f64());
         // openraft treats the entries as persisted once the callback fires: only after the sync.
         let started = Instant::now();
@@ -252,9 +283,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
-        self.files()
-            .truncate(log_id.index)
-            .map_err(error::write_logs)
+        let mut log = self.log();
+        log.recent.truncate(log_id.index);
+        log.files.truncate(log_id.index).map_err(error::write_logs)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
@@ -262,7 +293,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.write_meta(PURGED, &log_id)
             .map_err(error::write_logs)?;
         self.durable.barrier().await.map_err(error::write_logs)?;
-        self.files().purge(log_id.index).map_err(error::write_logs)
+        let mut log = self.log();
+        log.recent.purge(log_id.index);
+        log.files.purge(log_id.index).map_err(error::write_logs)
     }
 }
 

@@ -10,6 +10,7 @@ mod durable;
 mod error;
 mod log;
 mod log_file;
+mod recent;
 mod snapshot_file;
 mod state_machine;
 
