@@ -113,10 +113,9 @@ impl<'de> Deserialize<'de> for Bytes {
 pub struct Digest(pub [u8; 32]);
 
 /// Byte order (as the derived `Ord` of the array), compared a 64-bit word at a time:
-/// the state's blob map searches by digest on every submit on every node, and the
-/// array's `Ord` called `memcmp` for each key it passed (7 % of all CPU in `perf`
-/// at 256 streaming clients, with the B-tree search). Random digests nearly always
-/// differ in the first word.
+/// the state's blob map searches by digest for every input of every submit on every
+/// node, and the array's `Ord` called `memcmp` for each key the search passed. Random
+/// digests nearly always differ in the first word.
 impl Ord for Digest {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         let word = |d: &[u8; 32], i: usize| {
