@@ -8,7 +8,7 @@ use crate::node_addr::NodeAddr;
 use anyhow::Context as _;
 use russh::client::{self, Handle};
 use russh::keys::{PublicKey, PublicKeyOrCertificate};
-use russh::ChannelMsg;
+use russh::{Channel, ChannelMsg};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt as _;
@@ -267,16 +267,7 @@ impl Connection {
         max_reply_bytes: usize,
     ) -> anyhow::Result<ExecOutput> {
         let node = &self.node;
-        let channel = self
-            .handle
-            .channel_open_session()
-            .await
-            .with_context(|| format!("node {node} refused to open a session channel"))?;
-        channel
-            .exec(true, command.as_bytes())
-            .await
-            .with_context(|| format!("cannot send the command '{shown}' to node {node}"))?;
-        let (mut reader, writer) = channel.split();
+        let (mut reader, writer) = self.start(command, shown).await?.split();
 
         // Write standard input on its own tokio task: a large body must flow while the
         // answer is read, or both sides could wait on each other's window.
@@ -356,6 +347,20 @@ impl Connection {
     /// [`LineStream::send`] line is answered by one line, read with
     /// [`LineStream::next_line`], on one channel.
     pub async fn open_lines(&self, command: &str) -> anyhow::Result<LineStream> {
+        let (reader, writer) = self.start(command, command).await?.split();
+        Ok(LineStream {
+            reader,
+            writer,
+            received: Vec::new(),
+            out: ExecOutput::default(),
+            node: self.node.to_string(),
+            command: command.to_string(),
+        })
+    }
+
+    /// Open a session channel and send the exec request (`shown` names the command in
+    /// errors).
+    async fn start(&self, command: &str, shown: &str) -> anyhow::Result<Channel<client::Msg>> {
         let node = &self.node;
         let channel = self
             .handle
@@ -365,16 +370,8 @@ impl Connection {
         channel
             .exec(true, command.as_bytes())
             .await
-            .with_context(|| format!("cannot send the command '{command}' to node {node}"))?;
-        let (reader, writer) = channel.split();
-        Ok(LineStream {
-            reader,
-            writer,
-            received: Vec::new(),
-            out: ExecOutput::default(),
-            node: node.to_string(),
-            command: command.to_string(),
-        })
+            .with_context(|| format!("cannot send the command '{shown}' to node {node}"))?;
+        Ok(channel)
     }
 
     /// End the session politely.
