@@ -11,10 +11,13 @@
 use mesh_core::raft_types::Entry;
 use std::collections::VecDeque;
 
-/// Entries kept at most.
-const MAX_ENTRIES: usize = 1024;
-/// Encoded bytes kept at most (entries are up to 1 MiB each).
-const MAX_BYTES: usize = 64 << 20;
+/// Entries kept at most. Replication and apply read what was appended moments ago
+/// (the proposer keeps two entries in flight), so a few hundred cover a follower that
+/// lags a little; one further behind reads the files.
+const MAX_ENTRIES: usize = 256;
+/// Encoded bytes kept at most (entries are up to 1 MiB each): bounds the memory the
+/// copy holds beyond the state (it shares the inputs with the state, not the specs).
+const MAX_BYTES: usize = 8 << 20;
 
 /// Contiguous entries, the last of which is the last entry of the log (when any).
 #[derive(Default)]
