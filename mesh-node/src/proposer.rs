@@ -284,7 +284,8 @@ mod tests {
         m
     }
 
-    #[tokio::test]
+    // Paused time: the 3 s grace passes without waiting for it.
+    #[tokio::test(start_paused = true)]
     async fn a_write_is_given_up_only_a_grace_after_its_leader_stops_leading() {
         let (tx, rx) = tokio::sync::watch::channel(leading(2));
         let give_up = tokio::spawn(deposed(rx, 1, 2));
@@ -293,7 +294,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!give_up.is_finished(), "still the leader of its term");
 
-        let stepped_down = std::time::Instant::now();
+        let stepped_down = tokio::time::Instant::now();
         tx.send_modify(|m| {
             m.current_term = 3;
             m.current_leader = Some(2);
@@ -302,7 +303,7 @@ mod tests {
         assert!(stepped_down.elapsed() >= DEPOSED_GRACE);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_new_term_led_by_the_same_node_also_deposes_the_old_terms_writes() {
         let (tx, rx) = tokio::sync::watch::channel(leading(2));
         let give_up = tokio::spawn(deposed(rx, 1, 2));
