@@ -326,12 +326,8 @@ async fn submit_stream(
         tokio::select! {
             msg = read.wait(), if input_open && in_flight.len() < STREAM_IN_FLIGHT => match msg {
                 Some(ChannelMsg::Data { data }) => {
-                    partial.extend_from_slice(&data);
-                    while let Some(end) = partial.iter().position(|b| *b == b'\n') {
-                        let line: Vec<u8> = partial.drain(..=end).collect();
-                        if !line.trim_ascii().is_empty() {
-                            in_flight.push_back(submit(line));
-                        }
+                    for line in take_lines(&mut partial, &data) {
+                        in_flight.push_back(submit(line));
                     }
                     if partial.len() > MAX_BODY_BYTES {
                         (input_open, too_long) = (false, true);
@@ -371,6 +367,25 @@ async fn submit_stream(
     }
 }
 
+/// Appends `data` to `partial` and takes out every whole line (without its newline;
+/// blank lines dropped); `partial` keeps the start of the next line. Only the new bytes
+/// are searched (what was kept holds no newline), so a long line costs its length once.
+fn take_lines(partial: &mut Vec<u8>, data: &[u8]) -> Vec<Vec<u8>> {
+    let mut lines = Vec::new();
+    let (mut start, mut search) = (0, partial.len());
+    partial.extend_from_slice(data);
+    while let Some(at) = partial[search..].iter().position(|b| *b == b'\n') {
+        let line = &partial[start..search + at];
+        if !line.trim_ascii().is_empty() {
+            lines.push(line.to_vec());
+        }
+        start = search + at + 1;
+        search = start;
+    }
+    partial.drain(..start);
+    lines
+}
+
 async fn read_body(read: &mut russh::ChannelReadHalf) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
     while let Some(msg) = read.wait().await {
@@ -389,4 +404,25 @@ async fn read_body(read: &mut russh::ChannelReadHalf) -> Result<Vec<u8>, String>
         }
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_taken_whole_across_chunks() {
+        let mut partial = Vec::new();
+        assert!(take_lines(&mut partial, b"{\"a\":").is_empty());
+        assert_eq!(
+            take_lines(&mut partial, b"1}\n\n  \n{\"b\""),
+            vec![b"{\"a\":1}".to_vec()]
+        );
+        assert_eq!(partial, b"{\"b\"");
+        assert_eq!(
+            take_lines(&mut partial, b":2}\n{\"c\":3}\n"),
+            vec![b"{\"b\":2}".to_vec(), b"{\"c\":3}".to_vec()]
+        );
+        assert!(partial.is_empty());
+    }
 }
