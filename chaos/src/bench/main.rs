@@ -75,7 +75,8 @@ enum Cmd {
         size: Option<u64>,
     },
     /// etcd (3 members, Debian's etcd-server) and a 3-node mesh at the same client
-    /// counts and payload: both systems' figures and the ratios.
+    /// counts and payload: both systems' figures and the ratios, with Mesh's clients
+    /// sending one `submit` exec per task and, again, lines of one `submit-stream`.
     CompareEtcd {
         #[command(flatten)]
         load: LoadArgs,
