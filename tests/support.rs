@@ -9,6 +9,37 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// Plain OpenSSH to a node on loopback, as an operator would run it: no user config,
+/// the host key checked strictly against `known_hosts`, only `key` offered, no agent.
+/// The caller adds any further options, then the destination (`x@127.0.0.1`) and the
+/// command.
+pub fn openssh_command(
+    port: u16,
+    known_hosts: &std::path::Path,
+    key: &std::path::Path,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.args(["-F", "/dev/null", "-p", &port.to_string()])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+        ])
+        .arg(key)
+        .env_remove("SSH_AUTH_SOCK");
+    cmd
+}
+
 /// How long one CLI call may take before it counts as no answer.
 pub const CLI_LIMIT: Duration = Duration::from_secs(30);
 

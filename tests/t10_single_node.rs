@@ -4,7 +4,7 @@
 //! `--wait` succeeds, and the fetched result equals a CPU computation bit for bit.
 //! Method: spawn the binaries, drive them only through their command lines.
 
-use crate::support::{eventually, json, saxpy_reference};
+use crate::support::{eventually, json, openssh_command, saxpy_reference};
 use mesh_chaos::{lcg_f32, phase, Cli, Node, UserKey};
 use mesh_core::builtin::{cpu_reference, f32_bytes};
 use mesh_core::task::NamedBytes;
@@ -257,20 +257,7 @@ fn builtins_custom_wgsl_png_and_cancel_through_the_cli() {
 fn plain_openssh_runs_status_with_an_ssh_keygen_key() {
     let dir = tempfile::tempdir().unwrap();
     let (node, cli, user) = pinned_node(dir.path());
-    let out = Command::new("ssh")
-        .args(["-p", &node.ssh_port.to_string()])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", cli.known_hosts.display()))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-i",
-        ])
-        .arg(&user.private)
+    let out = openssh_command(node.ssh_port, &cli.known_hosts, &user.private)
         .args(["mesh@127.0.0.1", "status"])
         .stdin(std::process::Stdio::null())
         .output()
@@ -538,20 +525,7 @@ fn plain_openssh_streams_task_lines_from_a_file() {
         .collect();
     let file = dir.path().join("tasks.jsonl");
     std::fs::write(&file, lines).unwrap();
-    let out = Command::new("ssh")
-        .args(["-p", &node.ssh_port.to_string()])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", cli.known_hosts.display()))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-i",
-        ])
-        .arg(&user.private)
+    let out = openssh_command(node.ssh_port, &cli.known_hosts, &user.private)
         .args(["mesh@127.0.0.1", "submit-stream"])
         .stdin(std::fs::File::open(&file).unwrap())
         .output()

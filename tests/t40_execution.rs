@@ -488,24 +488,12 @@ fn tasks_too_big_for_their_buffers_or_the_budget_are_refused_or_fail_clearly() {
     };
     let spec_file = dir.join("spec.json");
     std::fs::write(&spec_file, serde_json::to_vec(&spec).unwrap()).unwrap();
-    let ssh = std::process::Command::new("ssh")
-        .args(["-p", &fx.nodes[0].ssh_port.to_string()])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", cli.known_hosts.display()))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-i",
-        ])
-        .arg(&fx.admin.private)
-        .args(["mesh@127.0.0.1", "submit", "--json"])
-        .stdin(std::fs::File::open(&spec_file).unwrap())
-        .output()
-        .unwrap();
+    let ssh =
+        crate::support::openssh_command(fx.nodes[0].ssh_port, &cli.known_hosts, &fx.admin.private)
+            .args(["mesh@127.0.0.1", "submit", "--json"])
+            .stdin(std::fs::File::open(&spec_file).unwrap())
+            .output()
+            .unwrap();
     let stderr = String::from_utf8_lossy(&ssh.stderr);
     assert!(
         !ssh.status.success(),

@@ -274,26 +274,11 @@ fn openssh(
     command: &str,
     stdin: Option<&[u8]>,
 ) -> (Option<ExitStatus>, Vec<u8>, String, Duration) {
-    let mut cmd = Command::new("ssh");
-    cmd.args(["-F", "/dev/null", "-p", &port.to_string()]);
+    let mut cmd = crate::support::openssh_command(port, known_hosts, key);
     if let Some(b) = bind {
         cmd.args(["-b", b]);
     }
-    cmd.arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-        ])
-        .args(["-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", "-i"])
-        .arg(key)
-        .arg("x@127.0.0.1")
-        .arg(command)
-        .env_remove("SSH_AUTH_SOCK");
+    cmd.arg("x@127.0.0.1").arg(command);
     run_limited(cmd, stdin, CLI_LIMIT)
 }
 
