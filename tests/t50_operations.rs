@@ -579,6 +579,32 @@ fn plain_openssh_works_under_the_viewer_role_and_is_refused_a_submit() {
         "a refused submit created a task"
     );
 
+    phase("the viewer's `submit-stream` lines are each refused, audited, and the exit is 1");
+    let line: Vec<u8> = spec.iter().copied().filter(|b| *b != b'\n').collect();
+    let (status, stdout, stderr, _) = openssh(
+        node.ssh_port,
+        &admin.known_hosts,
+        &viewer_key.private,
+        None,
+        "submit-stream",
+        Some(&[&line[..], b"\n", &line[..], b"\n"].concat()),
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
+    let answers = String::from_utf8_lossy(&stdout);
+    let lines: Vec<&str> = answers.lines().collect();
+    assert_eq!(lines.len(), 2, "one answer per line: {answers}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.starts_with("refused: permission denied") && l.contains("role viewer")),
+        "{answers}"
+    );
+    refusal_audited(&admin, &viewer_fp, "submit-stream");
+    assert!(
+        ids(&json(&admin, &["tasks"]).unwrap()).is_empty(),
+        "a refused submit-stream line created a task"
+    );
+
     phase("the same body from the admin key over plain ssh is accepted and runs");
     let (status, stdout, stderr, _) = openssh(
         node.ssh_port,

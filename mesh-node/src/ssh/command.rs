@@ -315,14 +315,7 @@ pub async fn run(
     body: &[u8],
     actor: &Fingerprint,
 ) -> Reply {
-    if matches!(cmd.request, Request::Submit | Request::SubmitBatch) {
-        if let Err(why) = limits.allow_submit(actor) {
-            return Reply::error(&why, EXIT_ERROR, cmd.json);
-        }
-    }
-    if let Err(why) = authorize(service, &cmd.request, actor) {
-        let (action, target) = cmd.request.describe();
-        service.audit_refusal(actor, action, target, &why).await;
+    if let Err(why) = admit(service, limits, &cmd.request, actor).await {
         return Reply::error(&why, EXIT_ERROR, cmd.json);
     }
     match dispatch(service, cmd, body, actor).await {
@@ -361,19 +354,32 @@ async fn submit_one(
     actor: &Fingerprint,
     line: &[u8],
 ) -> Result<mesh_core::api::SubmitReply, String> {
-    limits.allow_submit(actor)?;
-    if let Err(why) = authorize(service, &Request::SubmitStream, actor) {
-        service
-            .audit_refusal(actor, "submit-stream", None, &why)
-            .await;
-        return Err(why);
-    }
+    admit(service, limits, &Request::SubmitStream, actor).await?;
     let spec: TaskSpec = serde_json::from_slice(line)
         .map_err(|e| format!("the line is not valid JSON for a task spec: {e}"))?;
     service
         .submit(spec, actor.clone())
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Whether `actor` may make `request` now: the submit rate limit (a submit of any kind,
+/// each `submit-stream` line), then the role check; a refused role is audited.
+async fn admit(
+    service: &Service,
+    limits: &super::limits::Limits,
+    request: &Request,
+    actor: &Fingerprint,
+) -> Result<(), String> {
+    if request.action() == Action::Submit {
+        limits.allow_submit(actor)?;
+    }
+    if let Err(why) = authorize(service, request, actor) {
+        let (action, target) = request.describe();
+        service.audit_refusal(actor, action, target, &why).await;
+        return Err(why);
+    }
+    Ok(())
 }
 
 /// The role check, and for a submitter, ownership of the task it names.
