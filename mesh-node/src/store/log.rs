@@ -238,20 +238,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut records = Vec::new();
-        let mut decoded = Vec::new();
+        let mut kept = Vec::new();
         for entry in entries {
             let bytes = encode(&entry)
                 .map_err(StoreError::encode("a log entry"))
                 .map_err(error::write_logs)?;
-            decoded.push((entry, bytes.len()));
-            records.push((decoded.last().expect("pushed").0.log_id.index, bytes));
+            let index = entry.log_id.index;
+            kept.push((entry, bytes.len()));
+            records.push((index, bytes));
         }
         let written = Instant::now();
         let unsynced = {
             let mut log = self.log();
             match log.files.append(records) {
                 Ok(unsynced) => {
-                    for (entry, size) in decoded {
+                    for (entry, size) in kept {
                         log.recent.push(entry, size);
                     }
                     unsynced
