@@ -384,10 +384,11 @@ struct Ratio {
     p99_ratio: f64,
 }
 
-/// Mesh's figures over etcd's, point by point (same client counts, in order).
+/// Mesh's figures over etcd's at the same client count, for each of Mesh's points
+/// (by `submit` and by `submit-stream` alike).
 fn ratios(mesh: &[Point], etcd: &[Point]) -> Vec<Ratio> {
     mesh.iter()
-        .zip(etcd)
+        .filter_map(|m| Some((m, etcd.iter().find(|e| e.clients == m.clients)?)))
         .map(|(m, e)| Ratio {
             mesh: m.scenario.clone(),
             clients: m.clients,
@@ -404,11 +405,9 @@ fn compare_etcd(rt: &Runtime, a: &LoadArgs) -> Result<(Vec<Point>, Vec<Ratio>, S
         ..a.clone()
     };
     let mut mesh = load_points(rt, "submit", &mesh_args, None)?;
-    let stream = load_points(rt, "submit-stream", &mesh_args, None)?;
+    mesh.extend(load_points(rt, "submit-stream", &mesh_args, None)?);
     let etcd = load_points(rt, "etcd", a, None)?;
-    let mut ratios = ratios(&mesh, &etcd);
-    ratios.extend(self::ratios(&stream, &etcd));
-    mesh.extend(stream);
+    let ratios = ratios(&mesh, &etcd);
     if a.json {
         println!(
             "{}",
@@ -470,9 +469,8 @@ fn all(
     let etcd = load_points(rt, "etcd", &base, None)?;
     let mesh3: Vec<Point> = submit.iter().filter(|p| p.nodes == 3).cloned().collect();
     let version = etcd::etcd_version()?;
-    let mut ratios = ratios(&mesh3, &etcd);
-    ratios.extend(self::ratios(&stream, &etcd));
     let both: Vec<Point> = mesh3.iter().chain(&stream).cloned().collect();
+    let ratios = ratios(&both, &etcd);
     md.push_str(&format!(
         "\n## compare-etcd\n\n{}",
         comparison_table(&both, &etcd, &ratios, &version)
