@@ -1,4 +1,5 @@
-//! Write coalescing above TLS: one TLS record and one system call per request.
+//! Write coalescing above TLS: a gRPC request's frames share TLS records and system
+//! calls.
 //!
 //! tokio-rustls seals and sends a record for every `poll_write`. hyper's h2 client
 //! sends a request's HEADERS from the caller's task and its body from a task of its
@@ -6,7 +7,9 @@
 //! AppendEntries went out as three records (HEADERS, DATA, the empty DATA that ends
 //! the stream) in three `writev` calls, each a wake-up of the peer. Here writes are
 //! buffered until a flush, and a flush first yields once, so that the tasks already
-//! woken (the body's) add their frames to the same record.
+//! woken (the body's) add their frames to the same record: a heartbeat is one record,
+//! an entry's request two (h2 flushes a payload over 256 bytes on its own before it
+//! takes the frame that ends the stream, and that flush spends the yield).
 //!
 //! h2 flushes whenever it has written what it has (`FramedWrite::flush`), so nothing
 //! waits in the buffer beyond the one yield.
