@@ -756,6 +756,40 @@ fn leader_sigstop_longer_than_an_election_then_sigcont_returns_as_follower() {
 }
 
 #[test]
+fn a_leader_paused_past_the_probe_and_then_killed_is_still_found_gone() {
+    // The leader watch dials a silent leader's port after two missed heartbeats. A
+    // paused process's port still accepts, so that first dial is "not refused"; the
+    // watch must dial again, or a leader that was slow and then died would be waited
+    // out by openraft's timers (the one-off CI failure of the SIGKILL test above).
+    // A 1 s election timeout: the lease is 2 s and openraft's own timer 3-4 s, so the
+    // pause and the kill both land well inside the lease on a loaded machine.
+    let dir = tempfile::tempdir().unwrap();
+    let mut mesh = Mesh::start(dir.path(), 3, &["--election-timeout", "1s"]);
+    let leader = mesh.wait_leader(CONVERGE, |_| true).unwrap();
+    eventually("3 voters", CONVERGE, || {
+        let s = mesh.status(leader).map_err(|e| e.to_string())?;
+        (voters(&s).len() == 3).then_some(()).ok_or(s.to_string())
+    });
+
+    phase("SIGSTOP the leader for 500 ms (the watch's first dial connects), then SIGKILL it");
+    mesh.nodes[leader].signal("STOP").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    mesh.nodes[leader].kill9();
+
+    phase("a survivor finds the port refused and campaigns at the end of the lease");
+    let new = mesh.wait_leader(CONVERGE, |l| l != leader).unwrap();
+    assert_ne!(new, leader);
+    let gone: f64 = (0..3)
+        .filter(|i| *i != leader)
+        .map(|i| metric(&scrape(&mesh.nodes[i]), "mesh_raft_leader_gone_total", &[]))
+        .sum();
+    assert!(
+        gone >= 1.0,
+        "no survivor dialled the killed leader again after the pause"
+    );
+}
+
+#[test]
 fn worker_sigkill_moves_its_tasks_to_other_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let mut mesh = Mesh::start(dir.path(), 3, &[]);

@@ -6,8 +6,9 @@
 //! timeout is what rides out a leader that is slow, paused or cut off. A leader whose
 //! process died leaves evidence that a slow one does not: its host refuses connections
 //! to its port. So a follower that has not heard from its leader for two heartbeats
-//! dials the leader's Raft address once; if the dial is refused, it campaigns as soon as
-//! the lease has run out (plus a margin for the other voters' leases), the surviving
+//! dials the leader's Raft address (again every two heartbeats while the dial is not
+//! refused: see `dial_again`); once a dial is refused, it campaigns as soon as the
+//! lease has run out (plus a margin for the other voters' leases), the surviving
 //! voters taking turns by id so that they do not split the vote.
 //!
 //! A leader that is paused, partitioned, overloaded, or on a machine that is down (no
@@ -84,6 +85,34 @@ enum Verdict {
     Refused { campaigned: bool },
 }
 
+/// The last dial of the leader of one contact.
+#[derive(Clone, Copy, Debug)]
+struct Dialled {
+    contact: Contact,
+    verdict: Verdict,
+    /// When the dial started.
+    at: Instant,
+}
+
+/// Whether the leader's port must be dialled (again) at `now`, still silent since
+/// `contact`. A refusal is final for its contact: a process that is gone stays gone,
+/// and a new process would have to win an election before it is heard from. A dial
+/// that was not refused is only true of its moment: the leader may have been alive
+/// but slow (a starved machine, a long pause) when it was dialled and killed just
+/// after, with no contact in between to start afresh. So it is checked again every
+/// `PROBE_AFTER` while the silence lasts; otherwise one slow moment would turn the
+/// fast path off until the next leader, and failover would wait for openraft's
+/// timers.
+fn dial_again(last: &Dialled, contact: Contact, now: Instant) -> bool {
+    if last.contact != contact {
+        return true;
+    }
+    match last.verdict {
+        Verdict::Refused { .. } => false,
+        Verdict::NotRefused => now.saturating_duration_since(last.at) >= PROBE_AFTER,
+    }
+}
+
 async fn dial(addr: &str) -> Verdict {
     match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -112,8 +141,9 @@ impl LeaderWatch {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        // The verdict on the leader of one contact: a new contact starts afresh.
-        let mut verdict: Option<(Contact, Verdict)> = None;
+        // The last dial's verdict on the leader of one contact: a new contact starts
+        // afresh, and a verdict of "not refused" is checked again (see `dial_again`).
+        let mut verdict: Option<Dialled> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -146,8 +176,9 @@ impl LeaderWatch {
                 continue;
             };
             let current = match verdict {
-                Some((seen, v)) if seen == contact => v,
+                Some(d) if !dial_again(&d, contact, Instant::now()) => d.verdict,
                 _ => {
+                    let at = Instant::now();
                     let v = dial(&addr).await;
                     if v != Verdict::NotRefused {
                         metrics::counter!("mesh_raft_leader_gone_total").increment(1);
@@ -158,14 +189,20 @@ impl LeaderWatch {
                             "the leader refuses connections: its process is gone; campaigning when its lease ends (turn {turn})"
                         );
                     }
-                    verdict = Some((contact, v));
+                    verdict = Some(Dialled {
+                        contact,
+                        verdict: v,
+                        at,
+                    });
                     v
                 }
             };
             if current == (Verdict::Refused { campaigned: false })
                 && contact.at.elapsed() >= campaign_after(self.lease, turn)
             {
-                verdict = Some((contact, Verdict::Refused { campaigned: true }));
+                if let Some(d) = verdict.as_mut() {
+                    d.verdict = Verdict::Refused { campaigned: true };
+                }
                 info!(
                     leader = contact.leader,
                     "campaigning: the leader is gone and its lease has run out"
@@ -198,6 +235,44 @@ mod tests {
         assert!(campaign_after(lease, 0) > lease);
         assert!(campaign_after(lease, 0) < lease + Duration::from_millis(100));
         assert_eq!(campaign_after(lease, 2) - campaign_after(lease, 1), TURN);
+    }
+
+    #[test]
+    fn a_refusal_is_final_for_its_contact_but_an_answer_is_checked_again() {
+        let start = Instant::now();
+        let contact = Contact {
+            leader: 2,
+            at: start,
+        };
+        let dialled = |verdict| Dialled {
+            contact,
+            verdict,
+            at: start + PROBE_AFTER,
+        };
+        let soon = start + PROBE_AFTER + PROBE_AFTER / 2;
+        let later = start + PROBE_AFTER * 2;
+
+        let answered = dialled(Verdict::NotRefused);
+        assert!(
+            !dial_again(&answered, contact, soon),
+            "not before PROBE_AFTER"
+        );
+        assert!(
+            dial_again(&answered, contact, later),
+            "a leader that answered once may be killed just after: dial it again"
+        );
+
+        let refused = dialled(Verdict::Refused { campaigned: false });
+        assert!(!dial_again(&refused, contact, later + PROBE_AFTER * 10));
+
+        let heard_again = Contact {
+            leader: 2,
+            at: start + PROBE_AFTER,
+        };
+        assert!(
+            dial_again(&refused, heard_again, soon),
+            "a new contact starts afresh"
+        );
     }
 
     #[tokio::test]
