@@ -545,3 +545,105 @@ fn plain_openssh_streams_task_lines_from_a_file() {
         "{text}"
     );
 }
+
+#[test]
+fn mesh_cli_submit_stream_answers_each_line_while_the_input_stays_open() {
+    use std::io::{BufRead, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, cli, _user) = pinned_node(dir.path());
+
+    phase("mesh-cli submit --stream -: a line is answered before the next is written");
+    let mut child = Command::new(mesh_chaos::cluster::bin("mesh-cli"))
+        .args(["--node", &cli.node, "--identity"])
+        .arg(&cli.identity)
+        .arg("--known-hosts")
+        .arg(&cli.known_hosts)
+        .args(["submit", "--stream", "-", "--priority", "7"])
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let answer = |what: &str| -> String {
+        rx.recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("no answer for {what} while the input is open: {e}"))
+    };
+    let spec = |key: &str| saxpy_spec(key, &[1.0, 2.0], &[3.0, 4.0], 0).to_string() + "\n";
+
+    stdin.write_all(spec("st-0").as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    let first = answer("line 1");
+    let id: u64 = first
+        .strip_prefix("line 1: task ")
+        .and_then(|r| r.strip_suffix(" submitted"))
+        .unwrap_or_else(|| panic!("{first}"))
+        .parse()
+        .unwrap();
+
+    stdin.write_all(b"{not json\n\n").unwrap();
+    stdin.flush().unwrap();
+    let bad = answer("line 2");
+    assert!(
+        bad.starts_with("line 2: not submitted: not a task spec"),
+        "{bad}"
+    );
+
+    // Line 3 was blank (skipped); line 4 repeats line 1's idempotency key.
+    stdin.write_all(spec("st-0").as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    assert_eq!(
+        answer("line 4"),
+        format!("line 4: task {id} already exists (same idempotency key)")
+    );
+    let wrong_param = saxpy_spec("st-1", &[1.0], &[2.0], 0)
+        .to_string()
+        .replace(r#""a":"3""#, r#""a":"three""#);
+    stdin
+        .write_all(format!("{wrong_param}\n").as_bytes())
+        .unwrap();
+    drop(stdin);
+    let refused = answer("line 5");
+    assert!(refused.starts_with("line 5: not submitted: "), "{refused}");
+    assert_eq!(
+        answer("the summary"),
+        "4 line(s): 2 submitted (1 already existed), 2 not submitted"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "a line was not submitted");
+
+    let view = cli.run(&["--json", "task", &id.to_string()]).ok().json();
+    assert_eq!(
+        view["priority"], 7,
+        "the policy flag applies to each line: {view}"
+    );
+
+    phase("--json from a file: one object per line, in input order");
+    let file = dir.path().join("tasks.jsonl");
+    let lines: String = (0..20).map(|i| spec(&format!("sf-{i}"))).collect();
+    std::fs::write(&file, lines).unwrap();
+    let out = cli
+        .run(&["--json", "submit", "--stream", file.to_str().unwrap()])
+        .ok();
+    let items: Vec<serde_json::Value> = out
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(items.len(), 20, "{}", out.text());
+    for (i, item) in items.iter().enumerate() {
+        assert_eq!(item["line"], i + 1, "{item}");
+        assert!(item["task"].as_u64().is_some(), "{item}");
+        assert_eq!(item["existing"], false, "{item}");
+    }
+}

@@ -48,7 +48,7 @@ Examples:
 Exit status:
   0  success
   1  error (one line on stderr: error: ...; with --json also {\"error\": ...} on stdout);
-     submit --batch: a task of the batch was not submitted
+     submit --batch, submit --stream: a task of the batch or a line was not submitted
   2  malformed command line (also a malformed join TOKEN, or a command the node does not know)
   3  submit --wait, submit --batch --wait, watch ID: a task ended failed or cancelled
 
@@ -581,6 +581,9 @@ the exit status is 1 if any was not submitted. With --json: an array of {\"index
 
   mesh-cli submit --batch jobs.toml --priority 5 --wait
 
+Streams: --stream FILE (or - for standard input) reads JSON Lines, one TaskSpec per line as the node's submit-stream takes it (docs/ssh-protocol.md; byte buffers base64), and sends each line as soon as it is read, so a producer can pipe tasks in as it makes them. Each line prints `line N: task ID submitted` (or `line N: not submitted: why`) as soon as it is committed, in input order; blank lines are skipped; the exit status is 1 if any line was not submitted. With --json: one {\"line\", \"task\", \"existing\", \"error\"} object per line (JSON Lines).
+  make-tasks | mesh-cli submit --stream - --priority 2
+
 With --wait, mesh-cli waits for the task (or every task of the batch) to finish and \
 exits 3 if one failed or was cancelled. With --json it prints the SubmitReply, or with \
 --wait the final TaskView. A task file's policy (timeout, attempts, priority, key, \
@@ -596,7 +599,7 @@ Examples:
 
 /// `submit`'s options.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("what").required(true).args(["task_file", "kernel", "wgsl", "batch"])))]
+#[command(group(ArgGroup::new("what").required(true).args(["task_file", "kernel", "wgsl", "batch", "stream"])))]
 pub struct SubmitArgs {
     /// A task file (TOML) describing the whole task; see docs/task-file.md.
     #[arg(value_name = "TASK_FILE")]
@@ -609,12 +612,20 @@ pub struct SubmitArgs {
     #[arg(long, value_name = "FILE")]
     pub batch: Option<PathBuf>,
 
+    /// JSON Lines of tasks, one TaskSpec per line in the node's wire format
+    /// (docs/ssh-protocol.md; byte buffers base64), from FILE or, with -, standard
+    /// input. Each line is checked and sent as soon as it is read, and answered as soon
+    /// as it is committed (up to 128 in flight), over one connection: for a producer
+    /// that makes tasks as it goes. The policy flags apply to each line.
+    #[arg(long, value_name = "FILE")]
+    pub stream: Option<PathBuf>,
+
     /// A built-in kernel: saxpy, vector-add, matmul, reduce-sum or mandelbrot.
     #[arg(long, value_name = "NAME", conflicts_with_all = ["task_file", "wgsl"])]
     pub kernel: Option<String>,
 
     /// A built-in kernel's parameter (repeat for each), e.g. a=2.
-    #[arg(long = "param", value_name = "K=V", value_parser = parse_param, conflicts_with_all = ["task_file", "wgsl", "batch"])]
+    #[arg(long = "param", value_name = "K=V", value_parser = parse_param, conflicts_with_all = ["task_file", "wgsl", "batch", "stream"])]
     pub params: Vec<(String, String)>,
 
     /// A WGSL compute shader file.
@@ -622,19 +633,19 @@ pub struct SubmitArgs {
     pub wgsl: Option<PathBuf>,
 
     /// The WGSL entry point [default: main].
-    #[arg(long, value_name = "NAME", conflicts_with_all = ["task_file", "kernel", "batch"])]
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["task_file", "kernel", "batch", "stream"])]
     pub entry: Option<String>,
 
     /// Workgroup counts of the WGSL dispatch: X, X,Y or X,Y,Z (missing counts are 1).
-    #[arg(long, value_name = "X,Y,Z", value_parser = parse_workgroups, conflicts_with_all = ["task_file", "kernel", "batch"])]
+    #[arg(long, value_name = "X,Y,Z", value_parser = parse_workgroups, conflicts_with_all = ["task_file", "kernel", "batch", "stream"])]
     pub workgroups: Option<[u32; 3]>,
 
     /// An input buffer read from a file (repeat for each, in binding order), e.g. x=@x.bin.
-    #[arg(long = "input", value_name = "NAME=@FILE", value_parser = parse_input, conflicts_with_all = ["task_file", "batch"])]
+    #[arg(long = "input", value_name = "NAME=@FILE", value_parser = parse_input, conflicts_with_all = ["task_file", "batch", "stream"])]
     pub inputs: Vec<InputArg>,
 
     /// An output buffer of a WGSL kernel with its size in bytes (repeat for each), e.g. y=4096.
-    #[arg(long = "output", value_name = "NAME=BYTES", value_parser = parse_output, conflicts_with_all = ["task_file", "kernel", "batch"])]
+    #[arg(long = "output", value_name = "NAME=BYTES", value_parser = parse_output, conflicts_with_all = ["task_file", "kernel", "batch", "stream"])]
     pub outputs: Vec<OutputDecl>,
 
     /// Time limit of one attempt: 500ms, 30s, 5m, 1h, 1m30s [default: 60s].
@@ -672,14 +683,15 @@ pub struct SubmitArgs {
     pub shards: Option<u32>,
 
     /// Submitting again with the same key returns the existing task instead of a new one.
-    /// Not with --batch (every task would be the same one): give each [[task]] its own
-    /// idempotency_key.
-    #[arg(long, value_name = "KEY", conflicts_with = "batch")]
+    /// Not with --batch or --stream (every task would be the same one): give each task
+    /// its own idempotency_key.
+    #[arg(long, value_name = "KEY", conflicts_with_all = ["batch", "stream"])]
     pub idempotency_key: Option<String>,
 
     /// Wait until the task finishes (with --batch: every task); exit 3 if one failed or
-    /// was cancelled.
-    #[arg(long)]
+    /// was cancelled. Not with --stream (it may never end): follow its tasks with
+    /// `mesh-cli watch`.
+    #[arg(long, conflicts_with = "stream")]
     pub wait: bool,
 }
 
@@ -1106,6 +1118,33 @@ mod tests {
             &["--idempotency-key", "k"],
         ] {
             assert!(batch(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_stream_takes_policy_flags_but_no_task_of_its_own_and_no_wait() {
+        let stream = |extra: &[&str]| {
+            let mut argv = vec!["mesh-cli", "submit", "--stream", "-"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+        };
+        let c = stream(&["--priority", "5", "--max-attempts", "2"]).unwrap();
+        let Command::Submit(s) = c.command else {
+            panic!()
+        };
+        assert_eq!(s.stream, Some(PathBuf::from("-")));
+        assert_eq!((s.priority, s.max_attempts), (Some(5), Some(2)));
+        for bad in [
+            &["t.toml"][..],
+            &["--batch", "jobs.toml"],
+            &["--kernel", "saxpy"],
+            &["--wgsl", "k.wgsl"],
+            &["--input", "x=@x.bin"],
+            &["--param", "a=2"],
+            &["--idempotency-key", "k"],
+            &["--wait"],
+        ] {
+            assert!(stream(bad).is_err(), "{bad:?}");
         }
     }
 

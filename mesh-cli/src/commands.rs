@@ -1,15 +1,17 @@
 //! What each command does: the protocol calls it makes (docs/ssh-protocol.md) and what
 //! it prints. With `--json` exactly one JSON document goes to stdout: the node's
 //! answer as it came, or for `pin`, `result --output/--png`, filtered `tasks`,
-//! `snapshot save` and `submit --batch` one of ours; `watch` alone prints JSON Lines.
+//! `snapshot save` and `submit --batch` one of ours; `watch` and `submit --stream`
+//! print JSON Lines.
 //! The cluster commands (join tokens, `join`, `remove`, `drain`, `undrain`) live in
 //! `commands/cluster.rs`, the admin commands (keys, audit, snapshots) in
-//! `commands/admin.rs`, `watch` in `commands/watch.rs` and batches in
-//! `commands/batch.rs`.
+//! `commands/admin.rs`, `watch` in `commands/watch.rs`, batches in
+//! `commands/batch.rs` and streams in `commands/stream.rs`.
 
 mod admin;
 mod batch;
 mod cluster;
+mod stream;
 mod watch;
 
 use crate::args::{Cli, Command, ResultArgs, SubmitArgs, TasksArgs};
@@ -105,6 +107,7 @@ pub async fn run(cli: Cli, ctx: &Context) -> anyhow::Result<()> {
         Command::Completions { shell } => completions(shell),
         Command::Pin { node, fingerprint } => pin(ctx, &node, &fingerprint).await,
         Command::Submit(args) if args.batch.is_some() => batch::submit(ctx, &args).await,
+        Command::Submit(args) if args.stream.is_some() => stream::submit(ctx, &args).await,
         Command::Keys {
             command: crate::args::KeysCommand::Add { file, role },
         } => {
