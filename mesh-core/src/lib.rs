@@ -14,6 +14,7 @@ pub mod codec;
 pub mod command;
 pub mod data;
 pub mod duration;
+pub mod idempotency;
 pub mod identity;
 pub mod ids;
 pub mod kernel;

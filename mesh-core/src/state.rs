@@ -8,6 +8,7 @@ use crate::audit::AuditLog;
 use crate::capability::NodeCapabilities;
 use crate::command::{Command, Outcome, Rejection, Request, Response};
 use crate::data::{Bytes, Digest};
+use crate::idempotency::{IdempotencyKey, IdempotencyMap};
 use crate::identity::fingerprint::Fingerprint;
 use crate::ids::{Attempt, NodeId, TaskId, Timestamp};
 use crate::task::{
@@ -15,7 +16,7 @@ use crate::task::{
 };
 use crate::token::TokenRecord;
 use serde::{Deserialize, Serialize};
-use std::collections::{btree_map, BTreeMap, BTreeSet};
+use std::collections::{hash_map, BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// A node as the mesh knows it.
@@ -58,12 +59,12 @@ pub struct MeshState {
     /// 120-300 ms and stalled a node's Raft heartbeats); a change copies one task
     /// if a snapshot still holds it (`Arc::make_mut`).
     pub tasks: BTreeMap<TaskId, Arc<Task>>,
-    /// (submitter, idempotency key) -> task.
-    /// Keys shared (`Arc`) for the same reason as `tasks`: a snapshot's clone copies
-    /// pointers, not two strings per task.
-    pub idempotency: BTreeMap<Arc<(Fingerprint, String)>, TaskId>,
-    /// Input and output bytes by digest.
-    pub blobs: BTreeMap<Digest, Bytes>,
+    /// (submitter, idempotency key) -> task: a hash map searched on every keyed submit
+    /// (`idempotency.rs` tells why and how).
+    pub idempotency: IdempotencyMap<TaskId>,
+    /// Input and output bytes by digest: a hash map, searched once per input of every
+    /// submit (a B-tree of 32-byte keys missed the cache at every level).
+    pub blobs: HashMap<Digest, Bytes>,
     /// The id the next submitted task gets.
     pub next_task: u64,
     /// Join tokens by id.
@@ -642,15 +643,15 @@ impl MeshState {
             // One search of the key map for both the lookup and the insert.
             match self
                 .idempotency
-                .entry(Arc::new((submitter.clone(), key.clone())))
+                .entry(IdempotencyKey::new(submitter.clone(), key.clone()))
             {
-                btree_map::Entry::Occupied(e) => {
+                hash_map::Entry::Occupied(e) => {
                     return Outcome::Submitted {
                         task: *e.get(),
                         existing: true,
                     }
                 }
-                btree_map::Entry::Vacant(e) => {
+                hash_map::Entry::Vacant(e) => {
                     e.insert(id);
                 }
             }

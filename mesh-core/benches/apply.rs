@@ -1,0 +1,92 @@
+//! What applying a submit to the state machine costs as the state grows: every node
+//! applies every committed submit, so this is paid three times per task on a 3-node
+//! mesh. Plain timing (no harness):
+//!
+//!     cargo bench -p mesh-core --bench apply
+//!
+//! Submits like mesh-bench's (saxpy, two 512-byte inputs, an idempotency key, 256
+//! submitters), applied 100 per entry; prints the mean time per submit up to each
+//! state size, with idempotency keys and without. Figures: docs/benchmarks.md.
+
+use mesh_core::task::{KernelSpec, NamedBytes, TaskSpec, DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT};
+use mesh_core::{Command, Fingerprint, MeshState, Request, Timestamp};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const PER_ENTRY: u64 = 100;
+const SIZES: [u64; 4] = [10_000, 100_000, 300_000, 600_000];
+
+fn spec(n: u64, keyed: bool) -> TaskSpec {
+    let input = |seed: f32| -> Vec<u8> {
+        (0..128)
+            .flat_map(|i| (seed + n as f32 + i as f32).to_le_bytes())
+            .collect()
+    };
+    TaskSpec {
+        kernel: KernelSpec::Builtin {
+            name: "saxpy".into(),
+            params: BTreeMap::from([("a".into(), "2".into())]),
+        },
+        inputs: vec![
+            NamedBytes {
+                name: "x".into(),
+                data: input(1.0).into(),
+            },
+            NamedBytes {
+                name: "y".into(),
+                data: input(0.5).into(),
+            },
+        ],
+        outputs: Vec::new(),
+        requirements: Vec::new(),
+        prefer: Vec::new(),
+        shards: 1,
+        priority: 0,
+        timeout: DEFAULT_TIMEOUT,
+        max_attempts: DEFAULT_MAX_ATTEMPTS,
+        idempotency_key: keyed.then(|| format!("bench-{}-{n}", n % 256)),
+    }
+}
+
+fn run(keyed: bool) {
+    // Valid fingerprints: 42 base64 digits and an 'A' (the last 2 bits must be zero).
+    let submitters: Vec<Fingerprint> = (0..256)
+        .map(|i| Fingerprint::parse(&format!("SHA256:{:0>42}A", i)).expect("a fingerprint"))
+        .collect();
+    let mut state = MeshState::default();
+    let mut n = 0u64;
+    let mut line = format!("idempotency keys {:>3}:", if keyed { "yes" } else { "no" });
+    for size in SIZES {
+        let (mut took, mut count) = (Duration::ZERO, 0u64);
+        while n < size {
+            let commands: Vec<Command> = (n..n + PER_ENTRY)
+                .map(|i| Command::Submit {
+                    spec: spec(i, keyed),
+                    outputs: Vec::new(),
+                    submitter: submitters[(i % 256) as usize].clone(),
+                })
+                .collect();
+            let request = Request {
+                now: Timestamp(1),
+                commands: commands.into(),
+            };
+            let started = Instant::now();
+            std::hint::black_box(state.apply_request(&request));
+            took += started.elapsed();
+            count += PER_ENTRY;
+            n += PER_ENTRY;
+        }
+        line.push_str(&format!(
+            "  to {}k tasks {:.2} us",
+            size / 1000,
+            took.as_secs_f64() * 1e6 / count as f64
+        ));
+    }
+    println!("{line}");
+}
+
+fn main() {
+    println!("mean time to apply one submit, by state size:");
+    run(true);
+    run(false);
+}
