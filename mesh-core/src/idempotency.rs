@@ -6,7 +6,9 @@
 //! tasks and ~7 µs at 600k (`cargo bench -p mesh-core --bench apply`). A hash map
 //! finds the key in one probe. The hash is computed once per key, with a key of the
 //! process's own (so no submitter can pick keys that collide), and kept beside the
-//! pair: growing the map moves entries without reading the strings again.
+//! pair: growing the map moves entries without reading the strings again. The seed
+//! changes only where entries sit in memory: lookups are exact, and the state is
+//! encoded in key order (`state.rs`, `in_key_order`), the same bytes on every node.
 
 use crate::identity::fingerprint::Fingerprint;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -55,6 +57,19 @@ impl PartialEq for IdempotencyKey {
 }
 
 impl Eq for IdempotencyKey {}
+
+/// By submitter, then key: the order the state is encoded in.
+impl Ord for IdempotencyKey {
+    fn cmp(&self, other: &IdempotencyKey) -> std::cmp::Ordering {
+        self.pair.cmp(&other.pair)
+    }
+}
+
+impl PartialOrd for IdempotencyKey {
+    fn partial_cmp(&self, other: &IdempotencyKey) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl Hash for IdempotencyKey {
     fn hash<H: Hasher>(&self, state: &mut H) {

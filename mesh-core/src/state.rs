@@ -60,10 +60,13 @@ pub struct MeshState {
     /// if a snapshot still holds it (`Arc::make_mut`).
     pub tasks: BTreeMap<TaskId, Arc<Task>>,
     /// (submitter, idempotency key) -> task: a hash map searched on every keyed submit
-    /// (`idempotency.rs` tells why and how).
+    /// (`idempotency.rs` tells why and how), encoded in key order.
+    #[serde(serialize_with = "in_key_order")]
     pub idempotency: IdempotencyMap<TaskId>,
     /// Input and output bytes by digest: a hash map, searched once per input of every
-    /// submit (a B-tree of 32-byte keys missed the cache at every level).
+    /// submit (a B-tree of 32-byte keys missed the cache at every level), encoded in
+    /// key order.
+    #[serde(serialize_with = "in_key_order")]
     pub blobs: HashMap<Digest, Bytes>,
     /// The id the next submitted task gets.
     pub next_task: u64,
@@ -77,6 +80,18 @@ pub struct MeshState {
     /// that placement and the workers do not scan every task on every commit.
     #[serde(skip)]
     index: TaskIndex,
+}
+
+/// Encode a hash map's entries in key order, as a `BTreeMap` encodes them: every node
+/// encodes the same state to the same bytes, whatever order its map holds them in (the
+/// order depends on the map's history and on the process's hash seed).
+fn in_key_order<K: Ord + Serialize, V: Serialize, H, S: serde::Serializer>(
+    map: &HashMap<K, V, H>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let mut entries: Vec<(&K, &V)> = map.iter().collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    serializer.collect_map(entries)
 }
 
 /// Task ids by the states that placement and the workers look for, and how many
@@ -965,6 +980,63 @@ fn wrong_state(task: &Task, action: &str) -> Rejection {
 mod tests {
     use super::*;
     use crate::task::{KernelSpec, NamedBytes, DEFAULT_TIMEOUT};
+
+    #[test]
+    fn hash_maps_encode_in_key_order_as_the_b_trees_did() {
+        let submitter = |i: u32| Fingerprint::parse(&format!("SHA256:{i:0>42}A")).unwrap();
+        let entries: Vec<(Fingerprint, String, TaskId, Bytes)> = (0..300u32)
+            .map(|i| {
+                let data: Bytes = i.to_le_bytes().to_vec().into();
+                (
+                    submitter(i % 7),
+                    format!("k{i}"),
+                    TaskId(u64::from(i)),
+                    data,
+                )
+            })
+            .collect();
+        let fill = |order: &mut dyn Iterator<Item = &(Fingerprint, String, TaskId, Bytes)>| {
+            let mut state = MeshState::default();
+            for (fp, key, task, data) in order {
+                state
+                    .idempotency
+                    .insert(IdempotencyKey::new(fp.clone(), key.clone()), *task);
+                state.blobs.insert(data.digest(), data.clone());
+            }
+            state
+        };
+        let forward = crate::codec::encode(&fill(&mut entries.iter())).unwrap();
+        let backward = crate::codec::encode(&fill(&mut entries.iter().rev())).unwrap();
+        assert!(
+            forward == backward,
+            "the same state must encode to the same bytes"
+        );
+
+        // The bytes the B-tree maps gave: old snapshots and logs read unchanged.
+        let state = fill(&mut entries.iter());
+        let ids: BTreeMap<Arc<(Fingerprint, String)>, TaskId> = state
+            .idempotency
+            .iter()
+            .map(|(k, v)| (Arc::new((k.submitter().clone(), k.key().to_string())), *v))
+            .collect();
+        let blobs: BTreeMap<Digest, Bytes> =
+            state.blobs.iter().map(|(k, v)| (*k, v.clone())).collect();
+        #[derive(Serialize)]
+        struct Maps {
+            #[serde(serialize_with = "in_key_order")]
+            idempotency: IdempotencyMap<TaskId>,
+            #[serde(serialize_with = "in_key_order")]
+            blobs: HashMap<Digest, Bytes>,
+        }
+        let now = crate::codec::encode(&Maps {
+            idempotency: state.idempotency.clone(),
+            blobs: state.blobs.clone(),
+        })
+        .unwrap();
+        assert!(now == crate::codec::encode(&(ids, blobs)).unwrap());
+        let back: MeshState = crate::codec::decode(&forward).unwrap();
+        assert_eq!(back, state);
+    }
 
     fn fp(c: char) -> Fingerprint {
         Fingerprint::of_key_blob(&[c as u8])
