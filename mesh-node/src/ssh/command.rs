@@ -640,9 +640,9 @@ async fn dispatch(
                 )
             }
         }
-        Request::Digest => Reply::json(&service.digest()?),
+        Request::Digest => Reply::json(&service.digest().await?),
         Request::Snapshot => Reply {
-            stdout: service.snapshot()?,
+            stdout: service.snapshot().await?,
             ..Reply::default()
         },
         Request::Drain(node, draining) => {

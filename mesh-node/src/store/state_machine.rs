@@ -57,6 +57,18 @@ impl StateView {
         f(&applied.state)
     }
 
+    /// A copy of the applied state and the index of the last entry applied to it, taken
+    /// under the read lock. Cheap next to encoding the state (tasks, idempotency keys
+    /// and blobs are shared, not copied), so a caller that encodes the copy holds up
+    /// neither applies nor other readers while it does.
+    pub fn copy(&self) -> (u64, MeshState) {
+        let applied = self.applied.read().unwrap_or_else(PoisonError::into_inner);
+        (
+            applied.last_applied.map_or(0, |id| id.index),
+            applied.state.clone(),
+        )
+    }
+
     /// Notified after each apply and snapshot install with the last applied log index
     /// (0 before any).
     pub fn changes(&self) -> watch::Receiver<u64> {
