@@ -49,9 +49,8 @@ fn spec(n: u64, keyed: bool) -> TaskSpec {
 }
 
 fn run(keyed: bool) {
-    // Valid fingerprints: 42 base64 digits and an 'A' (the last 2 bits must be zero).
-    let submitters: Vec<Fingerprint> = (0..256)
-        .map(|i| Fingerprint::parse(&format!("SHA256:{:0>42}A", i)).expect("a fingerprint"))
+    let submitters: Vec<Fingerprint> = (0..256u32)
+        .map(|i| Fingerprint::of_key_blob(&i.to_le_bytes()))
         .collect();
     let mut state = MeshState::default();
     let mut n = 0u64;

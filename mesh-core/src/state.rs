@@ -983,7 +983,7 @@ mod tests {
 
     #[test]
     fn hash_maps_encode_in_key_order_as_the_b_trees_did() {
-        let submitter = |i: u32| Fingerprint::parse(&format!("SHA256:{i:0>42}A")).unwrap();
+        let submitter = |i: u32| Fingerprint::of_key_blob(&i.to_le_bytes());
         let entries: Vec<(Fingerprint, String, TaskId, Bytes)> = (0..300u32)
             .map(|i| {
                 let data: Bytes = i.to_le_bytes().to_vec().into();
