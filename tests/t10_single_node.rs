@@ -628,9 +628,13 @@ fn mesh_cli_submit_stream_answers_each_line_while_the_input_stays_open() {
         "the policy flag applies to each line: {view}"
     );
 
-    phase("--json from a file: one object per line, in input order");
+    phase("--json from a file of 150 lines of 32 KiB inputs (more than the SSH window)");
     let file = dir.path().join("tasks.jsonl");
-    let lines: String = (0..20).map(|i| spec(&format!("sf-{i}"))).collect();
+    let big: Vec<f32> = (0..4096).map(|i| i as f32).collect();
+    let lines: String = (0..150)
+        .map(|i| saxpy_spec(&format!("sf-{i}"), &big, &big, 0).to_string() + "\n")
+        .collect();
+    assert!(lines.len() > 4 << 20, "{} bytes", lines.len());
     std::fs::write(&file, lines).unwrap();
     let out = cli
         .run(&["--json", "submit", "--stream", file.to_str().unwrap()])
@@ -640,7 +644,7 @@ fn mesh_cli_submit_stream_answers_each_line_while_the_input_stays_open() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(items.len(), 20, "{}", out.text());
+    assert_eq!(items.len(), 150, "{}", out.text());
     for (i, item) in items.iter().enumerate() {
         assert_eq!(item["line"], i + 1, "{item}");
         assert!(item["task"].as_u64().is_some(), "{item}");

@@ -615,7 +615,7 @@ pub struct SubmitArgs {
     /// JSON Lines of tasks, one TaskSpec per line in the node's wire format
     /// (docs/ssh-protocol.md; byte buffers base64), from FILE or, with -, standard
     /// input. Each line is checked and sent as soon as it is read, and answered as soon
-    /// as it is committed (up to 128 in flight), over one connection: for a producer
+    /// as it is committed (up to 64 in flight), over one connection: for a producer
     /// that makes tasks as it goes. The policy flags apply to each line.
     #[arg(long, value_name = "FILE")]
     pub stream: Option<PathBuf>,

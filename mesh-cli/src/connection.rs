@@ -394,7 +394,10 @@ fn append(buf: &mut Vec<u8>, data: &[u8], command: &str, max: usize) -> anyhow::
 }
 
 /// A running command whose standard input and output are lines (see
-/// [`Connection::open_lines`]).
+/// [`Connection::open_lines`]). A caller that sends ahead must keep fewer than 100
+/// answers unread (russh's per-channel buffer, `channel_buffer_size`): past that the
+/// session stops reading the connection, window adjustments included, and a `send`
+/// waiting for window would wait forever.
 pub struct LineStream {
     reader: russh::ChannelReadHalf,
     writer: russh::ChannelWriteHalf<client::Msg>,

@@ -17,10 +17,13 @@ use std::collections::VecDeque;
 use std::path::Path;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
-/// Lines sent and not yet answered, at most. Below the node's own limit (256), so that
-/// the node always reads the next line while it has answers to write: neither side
-/// can stop the other on a full channel window.
-const WINDOW: usize = 128;
+/// Lines sent whose answers are not yet read, at most. Below russh's per-channel buffer
+/// of 100 messages: the client's session task waits when it cannot hand an incoming
+/// message to the channel, and while it waits it also reads no window adjustment, so
+/// if this loop were blocked sending a large line while more than 100 answers sat
+/// unread, neither would ever move. And below the node's own limit of lines in flight
+/// (256), so the node always reads the next line.
+const WINDOW: usize = 64;
 
 /// The command on the node: one compact `BatchItemReply` per line.
 const COMMAND: &str = "submit-stream --json";
