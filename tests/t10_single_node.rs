@@ -364,30 +364,14 @@ fn submit_batch_commits_the_valid_tasks_and_refuses_the_bad_one() {
 
 /// A saxpy (a = 3) task spec as JSON, with an idempotency key and a priority.
 fn saxpy_spec(key: &str, x: &[f32], y: &[f32], priority: i32) -> serde_json::Value {
-    use mesh_core::task::{KernelSpec, TaskSpec};
-    let t = TaskSpec {
-        kernel: KernelSpec::Builtin {
-            name: "saxpy".into(),
-            params: BTreeMap::from([("a".into(), "3".into())]),
-        },
-        inputs: vec![
-            NamedBytes {
-                name: "x".into(),
-                data: f32_bytes(x).into(),
-            },
-            NamedBytes {
-                name: "y".into(),
-                data: f32_bytes(y).into(),
-            },
-        ],
-        outputs: vec![],
-        requirements: vec![],
-        prefer: vec![],
-        shards: 1,
+    let t = mesh_core::TaskSpec {
         priority,
-        timeout: mesh_core::task::DEFAULT_TIMEOUT,
-        max_attempts: 3,
         idempotency_key: Some(key.into()),
+        ..mesh_core::TaskSpec::builtin(
+            "saxpy",
+            &[("a", "3")],
+            [("x", f32_bytes(x).into()), ("y", f32_bytes(y).into())],
+        )
     };
     serde_json::to_value(t).unwrap()
 }

@@ -8,43 +8,26 @@
 //! submitters), applied 100 per entry; prints the mean time per submit up to each
 //! state size, with idempotency keys and without. Figures: docs/benchmarks.md.
 
-use mesh_core::task::{KernelSpec, NamedBytes, TaskSpec, DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT};
-use mesh_core::{Command, Fingerprint, MeshState, Request, Timestamp};
-use std::collections::BTreeMap;
+use mesh_core::{Bytes, Command, Fingerprint, MeshState, Request, TaskSpec, Timestamp};
 use std::time::{Duration, Instant};
 
 const PER_ENTRY: u64 = 100;
 const SIZES: [u64; 4] = [10_000, 100_000, 300_000, 600_000];
 
 fn spec(n: u64, keyed: bool) -> TaskSpec {
-    let input = |seed: f32| -> Vec<u8> {
-        (0..128)
+    let input = |seed: f32| -> Bytes {
+        let floats: Vec<u8> = (0..128)
             .flat_map(|i| (seed + n as f32 + i as f32).to_le_bytes())
-            .collect()
+            .collect();
+        floats.into()
     };
     TaskSpec {
-        kernel: KernelSpec::Builtin {
-            name: "saxpy".into(),
-            params: BTreeMap::from([("a".into(), "2".into())]),
-        },
-        inputs: vec![
-            NamedBytes {
-                name: "x".into(),
-                data: input(1.0).into(),
-            },
-            NamedBytes {
-                name: "y".into(),
-                data: input(0.5).into(),
-            },
-        ],
-        outputs: Vec::new(),
-        requirements: Vec::new(),
-        prefer: Vec::new(),
-        shards: 1,
-        priority: 0,
-        timeout: DEFAULT_TIMEOUT,
-        max_attempts: DEFAULT_MAX_ATTEMPTS,
         idempotency_key: keyed.then(|| format!("bench-{}-{n}", n % 256)),
+        ..TaskSpec::builtin(
+            "saxpy",
+            &[("a", "2")],
+            [("x", input(1.0)), ("y", input(0.5))],
+        )
     }
 }
 

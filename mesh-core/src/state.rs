@@ -979,7 +979,6 @@ fn wrong_state(task: &Task, action: &str) -> Rejection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::{KernelSpec, NamedBytes, DEFAULT_TIMEOUT};
 
     #[test]
     fn hash_maps_encode_in_key_order_as_the_b_trees_did() {
@@ -1044,22 +1043,9 @@ mod tests {
 
     fn spec(key: Option<&str>) -> TaskSpec {
         TaskSpec {
-            kernel: KernelSpec::Builtin {
-                name: "vector-add".into(),
-                params: Default::default(),
-            },
-            inputs: vec![NamedBytes {
-                name: "x".into(),
-                data: Bytes::from(vec![1, 2, 3, 4]),
-            }],
-            outputs: vec![],
-            requirements: vec![],
-            prefer: vec![],
-            shards: 1,
-            priority: 0,
-            timeout: DEFAULT_TIMEOUT,
             max_attempts: 2,
             idempotency_key: key.map(String::from),
+            ..TaskSpec::builtin("vector-add", &[], [("x", Bytes::from(vec![1, 2, 3, 4]))])
         }
     }
 

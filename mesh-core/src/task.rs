@@ -105,6 +105,44 @@ pub struct TaskSpec {
     pub idempotency_key: Option<String>,
 }
 
+impl TaskSpec {
+    /// The built-in kernel `name` with `params` over `inputs` (name, bytes), every
+    /// other field as a spec that leaves it out gets it: no outputs, requirements or
+    /// preferences, one shard, priority 0, [`DEFAULT_TIMEOUT`],
+    /// [`DEFAULT_MAX_ATTEMPTS`], no idempotency key. Set others with struct update
+    /// syntax: `TaskSpec { priority: 5, ..TaskSpec::builtin(...) }`.
+    pub fn builtin<'a>(
+        name: &str,
+        params: &[(&str, &str)],
+        inputs: impl IntoIterator<Item = (&'a str, Bytes)>,
+    ) -> TaskSpec {
+        TaskSpec {
+            kernel: KernelSpec::Builtin {
+                name: name.into(),
+                params: params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            },
+            inputs: inputs
+                .into_iter()
+                .map(|(name, data)| NamedBytes {
+                    name: name.into(),
+                    data,
+                })
+                .collect(),
+            outputs: Vec::new(),
+            requirements: Vec::new(),
+            prefer: Vec::new(),
+            shards: one(),
+            priority: 0,
+            timeout: DEFAULT_TIMEOUT,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            idempotency_key: None,
+        }
+    }
+}
+
 fn default_timeout() -> Duration {
     DEFAULT_TIMEOUT
 }
@@ -298,5 +336,21 @@ impl Task {
     /// failure (a failed run, or its node lost).
     pub fn may_retry_after(&self, attempt: Attempt) -> bool {
         attempt.0 < self.max_attempts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_builtin_spec_has_the_defaults_of_a_spec_that_leaves_the_fields_out() {
+        let made = TaskSpec::builtin("saxpy", &[("a", "2")], [("x", Bytes::from(vec![1, 2]))]);
+        let read: TaskSpec = serde_json::from_str(
+            r#"{"kernel": {"builtin": {"name": "saxpy", "params": {"a": "2"}}},
+                "inputs": [{"name": "x", "data": "AQI="}]}"#,
+        )
+        .unwrap();
+        assert_eq!(made, read);
     }
 }

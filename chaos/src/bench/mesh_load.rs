@@ -10,8 +10,8 @@ use mesh_cli::host_keys::HostKeyPolicy;
 use mesh_cli::identity::IdentityChoice;
 use mesh_cli::node_addr::NodeAddr;
 use mesh_core::api::{BatchItemReply, SubmitReply};
-use mesh_core::task::{KernelSpec, NamedBytes, TaskSpec};
-use std::collections::BTreeMap;
+use mesh_core::task::TaskSpec;
+use mesh_core::Bytes;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::Mutex;
@@ -27,34 +27,15 @@ pub fn tiny_spec(key: String) -> TaskSpec {
     let salt = key
         .bytes()
         .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-    let vec = |seed: f32| -> Vec<u8> {
-        (0..n)
+    let vec = |seed: f32| -> Bytes {
+        let floats: Vec<u8> = (0..n)
             .flat_map(|i| (seed + (salt % 100_000) as f32 + i as f32).to_le_bytes())
-            .collect()
+            .collect();
+        floats.into()
     };
     TaskSpec {
-        kernel: KernelSpec::Builtin {
-            name: "saxpy".into(),
-            params: BTreeMap::from([("a".into(), "2".into())]),
-        },
-        inputs: vec![
-            NamedBytes {
-                name: "x".into(),
-                data: vec(1.0).into(),
-            },
-            NamedBytes {
-                name: "y".into(),
-                data: vec(0.5).into(),
-            },
-        ],
-        outputs: Vec::new(),
-        requirements: Vec::new(),
-        prefer: Vec::new(),
-        shards: 1,
-        priority: 0,
-        timeout: mesh_core::task::DEFAULT_TIMEOUT,
-        max_attempts: mesh_core::task::DEFAULT_MAX_ATTEMPTS,
         idempotency_key: Some(key),
+        ..TaskSpec::builtin("saxpy", &[("a", "2")], [("x", vec(1.0)), ("y", vec(0.5))])
     }
 }
 
