@@ -61,6 +61,16 @@ pub fn eventually<T>(
     }
 }
 
+/// Poll task `id` through `cli` until it has succeeded; panic after `timeout`.
+pub fn wait_succeeded(cli: &Cli, id: &str, timeout: Duration) {
+    eventually(&format!("task {id} succeeds"), timeout, || {
+        let t = json(cli, &["task", id])?;
+        (t["state"] == "succeeded")
+            .then_some(())
+            .ok_or(t.to_string())
+    });
+}
+
 /// `mesh-cli --json ARGS` on `cli`: its JSON answer, or its error as text.
 pub fn json(cli: &Cli, args: &[&str]) -> Result<Value, String> {
     let mut full = vec!["--json"];

@@ -4,7 +4,7 @@
 //! `--wait` succeeds, and the fetched result equals a CPU computation bit for bit.
 //! Method: spawn the binaries, drive them only through their command lines.
 
-use crate::support::{eventually, json, openssh_command, saxpy_reference};
+use crate::support::{json, openssh_command, saxpy_reference, wait_succeeded};
 use mesh_chaos::{lcg_f32, phase, Cli, Node, UserKey};
 use mesh_core::builtin::{cpu_reference, f32_bytes};
 use mesh_core::task::NamedBytes;
@@ -331,16 +331,7 @@ fn submit_batch_commits_the_valid_tasks_and_refuses_the_bad_one() {
         (b.task, lcg_f32(5, 256), lcg_f32(6, 256)),
     ] {
         let id = id.to_string();
-        eventually(
-            &format!("task {id} succeeds"),
-            Duration::from_secs(120),
-            || {
-                let t = json(&cli, &["task", &id])?;
-                (t["state"] == "succeeded")
-                    .then_some(())
-                    .ok_or(t.to_string())
-            },
-        );
+        wait_succeeded(&cli, &id, Duration::from_secs(120));
         let path = dir.path().join(format!("out-{id}"));
         cli.run(&["result", &id, "--output", path.to_str().unwrap()])
             .ok();
@@ -481,16 +472,7 @@ fn submit_stream_answers_each_line_in_order_and_goes_on_after_a_bad_one() {
 
     phase("the first task runs and its result equals the CPU");
     let id = first.task.to_string();
-    eventually(
-        &format!("task {id} succeeds"),
-        Duration::from_secs(120),
-        || {
-            let t = json(&cli, &["task", &id])?;
-            (t["state"] == "succeeded")
-                .then_some(())
-                .ok_or(t.to_string())
-        },
-    );
+    wait_succeeded(&cli, &id, Duration::from_secs(120));
     let path = dir.path().join("out");
     cli.run(&["result", &id, "--output", path.to_str().unwrap()])
         .ok();

@@ -17,7 +17,7 @@
 //! before results are judged. Waits poll for a state, they never assert a duration.
 
 pub use crate::support::{eventually, json, CLI_LIMIT};
-use crate::support::{metric, saxpy_reference, scrape};
+use crate::support::{metric, saxpy_reference, scrape, wait_succeeded};
 use crate::t10_single_node::task_id;
 use mesh_chaos::{lcg_f32, phase, Cli, Cluster};
 use mesh_core::builtin::{cpu_reference, f32_bytes};
@@ -652,12 +652,8 @@ fn leader_sigkill_while_tasks_run_loses_nothing_and_the_old_leader_rejoins() {
     assert_ne!(new, leader);
     // The survivors found the dead leader's port refusing connections and campaigned
     // at the end of its lease (mesh-node/src/leader_watch.rs).
-    let gone: f64 = (0..3)
-        .filter(|i| *i != leader)
-        .map(|i| metric(&scrape(&mesh.nodes[i]), "mesh_raft_leader_gone_total", &[]))
-        .sum();
     assert!(
-        gone >= 1.0,
+        leader_gone_seen(&mesh, leader) >= 1.0,
         "no survivor saw the killed leader's port refuse connections"
     );
     eventually("the killed leader is marked down", CONVERGE, || {
@@ -779,12 +775,8 @@ fn a_leader_paused_past_the_probe_and_then_killed_is_still_found_gone() {
     phase("a survivor finds the port refused and campaigns at the end of the lease");
     let new = mesh.wait_leader(CONVERGE, |l| l != leader).unwrap();
     assert_ne!(new, leader);
-    let gone: f64 = (0..3)
-        .filter(|i| *i != leader)
-        .map(|i| metric(&scrape(&mesh.nodes[i]), "mesh_raft_leader_gone_total", &[]))
-        .sum();
     assert!(
-        gone >= 1.0,
+        leader_gone_seen(&mesh, leader) >= 1.0,
         "no survivor dialled the killed leader again after the pause"
     );
 }
@@ -1052,13 +1044,17 @@ fn a_node_restarted_on_an_older_copy_of_its_data_refuses_and_rejoins_after_a_wip
             .ok_or(format!("old {old}, new {new}"))
     });
     for id in &ids {
-        eventually(&format!("task {id} succeeds"), FINISH, || {
-            let t = json(&cli, &["task", id])?;
-            (t["state"] == "succeeded")
-                .then_some(())
-                .ok_or(t.to_string())
-        });
+        wait_succeeded(&cli, id, FINISH);
     }
+}
+
+/// How many times the nodes other than `leader` found its port refusing connections
+/// (`mesh_raft_leader_gone_total`, mesh-node/src/leader_watch.rs).
+fn leader_gone_seen(mesh: &Mesh, leader: usize) -> f64 {
+    (0..mesh.nodes.len())
+        .filter(|i| *i != leader)
+        .map(|i| metric(&scrape(&mesh.nodes[i]), "mesh_raft_leader_gone_total", &[]))
+        .sum()
 }
 
 /// Write `n` f32s (0, 1, 2, ...) to `dir/name` for `--input`; returns the path.
