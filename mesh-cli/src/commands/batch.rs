@@ -3,6 +3,7 @@
 //! `submit-batch` over one connection (each chunk's tasks share few Raft entries),
 //! with a progress bar on stderr; `--wait` follows them to the end.
 
+use super::submitted::{Submitted, Tally};
 use super::watch::{poll_tasks, Progress, POLL_INTERVAL};
 use super::{parse_reply, print_json, remote_error, Context};
 use crate::args::SubmitArgs;
@@ -21,15 +22,9 @@ use std::collections::{BTreeMap, BTreeSet};
 struct BatchItem {
     /// The `[[task]]`'s position in the file, from 1.
     index: usize,
-    /// The task id, once submitted.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    task: Option<TaskId>,
-    /// True when its idempotency key matched an earlier submission.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    existing: Option<bool>,
-    /// Why it was not submitted.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    /// Its submission.
+    #[serde(flatten)]
+    sent: Submitted,
     /// With `--wait`: the state it ended in.
     #[serde(skip_serializing_if = "Option::is_none")]
     state: Option<String>,
@@ -111,32 +106,17 @@ async fn send(conn: &Connection, bodies: &[Vec<u8>]) -> Sent {
 
 /// The text line for one `[[task]]` after its submission.
 fn submitted_line(entry: &BatchEntry, item: &BatchItem) -> String {
-    match (&item.error, item.task, item.existing) {
-        (Some(why), _, _) => format!("{}: not submitted: {why}\n", entry.label()),
-        (None, Some(id), Some(true)) => format!(
-            "{}: task {id} already exists (same idempotency key)\n",
-            entry.label()
-        ),
-        (None, Some(id), _) => format!("{}: task {id} submitted\n", entry.label()),
-        (None, None, _) => format!("{}: not submitted\n", entry.label()),
-    }
+    format!("{}: {}\n", entry.label(), item.sent.describe())
 }
 
 /// The summary after the submissions: `20 task(s): 19 submitted (1 already existed), 1
 /// not submitted`.
 fn summary(items: &[BatchItem]) -> String {
-    let submitted = items.iter().filter(|i| i.task.is_some()).count();
-    let existing = items.iter().filter(|i| i.existing == Some(true)).count();
-    let refused = items.iter().filter(|i| i.error.is_some()).count();
-    let mut text = format!("{} task(s): {submitted} submitted", items.len());
-    if existing > 0 {
-        text.push_str(&format!(" ({existing} already existed)"));
+    let mut tally = Tally::default();
+    for item in items {
+        tally.add(&item.sent);
     }
-    if refused > 0 {
-        text.push_str(&format!(", {refused} not submitted"));
-    }
-    text.push('\n');
-    text
+    tally.summary("task(s)")
 }
 
 async fn run(
@@ -165,8 +145,8 @@ async fn run(
             Err(e) => {
                 let item = BatchItem {
                     index: entry.index,
-                    error: Some(one_line(&format!("{e:#}"))),
-                    ..BatchItem::default()
+                    sent: Submitted::refused(one_line(&format!("{e:#}"))),
+                    state: None,
                 };
                 if !ctx.json {
                     progress.print(&submitted_line(entry, &item))?;
@@ -196,18 +176,17 @@ async fn run(
             }
         };
         for ((entry, _), reply) in chunk.drain(..).zip(replies) {
-            let mut item = BatchItem {
+            let item = BatchItem {
                 index: entry.index,
-                ..BatchItem::default()
+                sent: match reply {
+                    Some(reply) => Submitted::answered(reply),
+                    None => Submitted {
+                        error: chunk_error.clone(),
+                        ..Submitted::default()
+                    },
+                },
+                state: None,
             };
-            match reply {
-                Some(BatchItemReply::Submitted(r)) => {
-                    item.task = Some(r.task);
-                    item.existing = Some(r.existing);
-                }
-                Some(BatchItemReply::Refused { error }) => item.error = Some(error),
-                None => item.error = chunk_error.clone(),
-            }
             if !ctx.json {
                 progress.print(&submitted_line(entry, &item))?;
             }
@@ -227,18 +206,19 @@ async fn run(
         progress.print(&summary(&items))?;
     }
 
-    let ids: BTreeSet<TaskId> = items.iter().filter_map(|i| i.task).collect();
+    let ids: BTreeSet<TaskId> = items.iter().filter_map(|i| i.sent.task).collect();
     if args.wait && broken.is_none() && !ids.is_empty() {
         let labels: BTreeMap<TaskId, String> = batch
             .entries
             .iter()
             .zip(&items)
-            .filter_map(|(e, i)| i.task.map(|id| (id, e.label())))
+            .filter_map(|(e, i)| i.sent.task.map(|id| (id, e.label())))
             .rev() // the first entry's label wins for a task submitted twice
             .collect();
         let ended = wait_all(ctx, conn, &ids, &progress, &labels).await?;
         for item in &mut items {
             item.state = item
+                .sent
                 .task
                 .and_then(|id| ended.get(&id))
                 .map(|v| v.state.clone());
@@ -261,7 +241,7 @@ async fn run(
 /// The exit status of a batch: 1 if a task was not submitted, else 3 if a waited-for
 /// task failed or was cancelled, else 0.
 fn outcome(items: &[BatchItem], batch: &Batch) -> anyhow::Result<()> {
-    let refused = items.iter().filter(|i| i.error.is_some()).count();
+    let refused = items.iter().filter(|i| i.sent.error.is_some()).count();
     if refused > 0 {
         return Err(ExitError::BatchIncomplete(format!(
             "{refused} of the {} task(s) in {} were not submitted",
@@ -273,7 +253,7 @@ fn outcome(items: &[BatchItem], batch: &Batch) -> anyhow::Result<()> {
     let unsuccessful: BTreeSet<TaskId> = items
         .iter()
         .filter(|i| matches!(i.state.as_deref(), Some("failed" | "cancelled")))
-        .filter_map(|i| i.task)
+        .filter_map(|i| i.sent.task)
         .collect();
     if !unsuccessful.is_empty() {
         let ids: Vec<String> = unsuccessful.iter().map(ToString::to_string).collect();
@@ -334,9 +314,11 @@ mod tests {
     fn item(index: usize, task: Option<u64>, existing: bool, error: Option<&str>) -> BatchItem {
         BatchItem {
             index,
-            task: task.map(TaskId),
-            existing: task.map(|_| existing),
-            error: error.map(Into::into),
+            sent: Submitted {
+                task: task.map(TaskId),
+                existing: task.map(|_| existing),
+                error: error.map(Into::into),
+            },
             state: None,
         }
     }

@@ -3,6 +3,7 @@
 //! the node answers it (in input order). For a producer that makes tasks as it goes:
 //! unlike `--batch`, nothing waits for the end of the input.
 
+use super::submitted::{Submitted, Tally};
 use super::watch::Progress;
 use super::Context;
 use crate::args::SubmitArgs;
@@ -11,7 +12,7 @@ use crate::exit_code::{one_line, ExitError};
 use crate::task_spec;
 use anyhow::Context as _;
 use mesh_core::api::BatchItemReply;
-use mesh_core::{TaskId, TaskSpec};
+use mesh_core::TaskSpec;
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::path::Path;
@@ -29,67 +30,13 @@ const WINDOW: usize = 64;
 const COMMAND: &str = "submit-stream --json";
 
 /// What became of one input line (`--json` prints one per line).
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Serialize)]
 struct LineItem {
     /// The line's number in the input, from 1.
     line: usize,
-    /// The task id, once submitted.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    task: Option<TaskId>,
-    /// True when its idempotency key matched an earlier submission.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    existing: Option<bool>,
-    /// Why it was not submitted.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
-impl LineItem {
-    fn refused(line: usize, why: String) -> LineItem {
-        LineItem {
-            line,
-            error: Some(why),
-            ..LineItem::default()
-        }
-    }
-
-    fn text(&self) -> String {
-        match (&self.error, self.task, self.existing) {
-            (Some(why), _, _) => format!("line {}: not submitted: {why}\n", self.line),
-            (None, Some(id), Some(true)) => format!(
-                "line {}: task {id} already exists (same idempotency key)\n",
-                self.line
-            ),
-            (None, Some(id), _) => format!("line {}: task {id} submitted\n", self.line),
-            (None, None, _) => format!("line {}: not submitted\n", self.line),
-        }
-    }
-}
-
-/// Counts for the summary and the exit status.
-#[derive(Debug, Default)]
-struct Tally {
-    submitted: usize,
-    existing: usize,
-    refused: usize,
-}
-
-impl Tally {
-    fn summary(&self) -> String {
-        let mut text = format!(
-            "{} line(s): {} submitted",
-            self.submitted + self.refused,
-            self.submitted
-        );
-        if self.existing > 0 {
-            text.push_str(&format!(" ({} already existed)", self.existing));
-        }
-        if self.refused > 0 {
-            text.push_str(&format!(", {} not submitted", self.refused));
-        }
-        text.push('\n');
-        text
-    }
+    /// Its submission.
+    #[serde(flatten)]
+    sent: Submitted,
 }
 
 /// `submit --stream FILE|-`.
@@ -153,22 +100,16 @@ async fn run(
     let mut input_done = false;
     // Why the stream broke: the lines sent and unanswered may or may not be submitted.
     let mut broken: Option<String> = None;
-    let report = |item: LineItem, tally: &mut Tally| -> anyhow::Result<()> {
-        match (&item.error, item.existing) {
-            (Some(_), _) => tally.refused += 1,
-            (None, existing) => {
-                tally.submitted += 1;
-                tally.existing += usize::from(existing == Some(true));
-            }
-        }
+    let report = |line: usize, sent: Submitted, tally: &mut Tally| -> anyhow::Result<()> {
+        tally.add(&sent);
         progress.set_message(format!(
             "{} submitted, {} not submitted",
             tally.submitted, tally.refused
         ));
         if ctx.json {
-            super::print_json_line(&item)
+            super::print_json_line(&LineItem { line, sent })
         } else {
-            progress.print(&item.text())
+            progress.print(&format!("line {line}: {}\n", sent.describe()))
         }
     };
     while broken.is_none() {
@@ -188,26 +129,19 @@ async fn run(
                     Ok(body) => match stream.send(&body).await {
                         Ok(()) => sent.push_back(number),
                         Err(e) => {
-                            report(LineItem::refused(number, one_line(&format!("{e:#}"))), &mut tally)?;
-                            broken = Some(one_line(&format!("{e:#}")));
+                            let why = one_line(&format!("{e:#}"));
+                            report(number, Submitted::refused(why.clone()), &mut tally)?;
+                            broken = Some(why);
                         }
                     },
-                    Err(e) => report(LineItem::refused(number, one_line(&format!("{e:#}"))), &mut tally)?,
+                    Err(e) => report(number, Submitted::refused(one_line(&format!("{e:#}"))), &mut tally)?,
                 }
             }
             answer = stream.next_line(), if !sent.is_empty() => {
                 let line = sent.pop_front().expect("an answer is awaited only for a sent line");
                 match answer {
                     Ok(Some(raw)) => match serde_json::from_slice::<BatchItemReply>(&raw) {
-                        Ok(BatchItemReply::Submitted(r)) => report(LineItem {
-                            line,
-                            task: Some(r.task),
-                            existing: Some(r.existing),
-                            error: None,
-                        }, &mut tally)?,
-                        Ok(BatchItemReply::Refused { error }) => {
-                            report(LineItem::refused(line, error), &mut tally)?
-                        }
+                        Ok(reply) => report(line, Submitted::answered(reply), &mut tally)?,
                         Err(e) => {
                             sent.push_front(line);
                             broken = Some(format!(
@@ -231,10 +165,8 @@ async fn run(
     if let Some(why) = &broken {
         for line in sent.drain(..) {
             report(
-                LineItem::refused(
-                    line,
-                    format!("no answer ({why}): it may or may not have been submitted; submit it again with its idempotency key to find out"),
-                ),
+                line,
+                Submitted::refused(format!("no answer ({why}): it may or may not have been submitted; submit it again with its idempotency key to find out")),
                 &mut tally,
             )?;
         }
@@ -252,7 +184,7 @@ async fn run(
     }
     progress.finish();
     if !ctx.json {
-        progress.print(&tally.summary())?;
+        progress.print(&tally.summary("line(s)"))?;
     }
     if let Some(why) = broken {
         anyhow::bail!("the task stream {source} broke off: {why}");
@@ -260,8 +192,7 @@ async fn run(
     if tally.refused > 0 {
         return Err(ExitError::BatchIncomplete(format!(
             "{} of the {} line(s) in {source} were not submitted",
-            tally.refused,
-            tally.refused + tally.submitted
+            tally.refused, tally.total
         ))
         .into());
     }
