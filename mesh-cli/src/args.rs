@@ -1089,12 +1089,8 @@ mod tests {
 
     #[test]
     fn a_batch_takes_policy_flags_but_no_task_of_its_own() {
-        let batch = |extra: &[&str]| {
-            let mut argv = vec!["mesh-cli", "submit", "--batch", "jobs.toml"];
-            argv.extend_from_slice(extra);
-            Cli::try_parse_from(argv)
-        };
-        let c = batch(&[
+        let batch = |extra: &[&str]| submit_as(&["--batch", "jobs.toml"], extra);
+        let s = batch(&[
             "--wait",
             "--priority",
             "5",
@@ -1104,9 +1100,6 @@ mod tests {
             "device=cpu",
         ])
         .unwrap();
-        let Command::Submit(s) = c.command else {
-            panic!()
-        };
         assert_eq!(s.batch, Some(PathBuf::from("jobs.toml")));
         assert!(s.wait);
         for bad in [
@@ -1123,15 +1116,8 @@ mod tests {
 
     #[test]
     fn a_stream_takes_policy_flags_but_no_task_of_its_own_and_no_wait() {
-        let stream = |extra: &[&str]| {
-            let mut argv = vec!["mesh-cli", "submit", "--stream", "-"];
-            argv.extend_from_slice(extra);
-            Cli::try_parse_from(argv)
-        };
-        let c = stream(&["--priority", "5", "--max-attempts", "2"]).unwrap();
-        let Command::Submit(s) = c.command else {
-            panic!()
-        };
+        let stream = |extra: &[&str]| submit_as(&["--stream", "-"], extra);
+        let s = stream(&["--priority", "5", "--max-attempts", "2"]).unwrap();
         assert_eq!(s.stream, Some(PathBuf::from("-")));
         assert_eq!((s.priority, s.max_attempts), (Some(5), Some(2)));
         for bad in [
@@ -1149,7 +1135,13 @@ mod tests {
     }
 
     fn submit(extra: &[&str]) -> Result<SubmitArgs, clap::Error> {
-        let mut argv = vec!["mesh-cli", "submit", "--kernel", "saxpy"];
+        submit_as(&["--kernel", "saxpy"], extra)
+    }
+
+    /// `mesh-cli submit WHAT... EXTRA...`, parsed.
+    fn submit_as(what: &[&str], extra: &[&str]) -> Result<SubmitArgs, clap::Error> {
+        let mut argv = vec!["mesh-cli", "submit"];
+        argv.extend_from_slice(what);
         argv.extend_from_slice(extra);
         Cli::try_parse_from(argv).map(|c| match c.command {
             Command::Submit(s) => *s,

@@ -12,6 +12,7 @@ mod admin;
 mod batch;
 mod cluster;
 mod stream;
+mod submitted;
 mod watch;
 
 use crate::args::{Cli, Command, ResultArgs, SubmitArgs, TasksArgs};
