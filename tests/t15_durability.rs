@@ -13,7 +13,7 @@
 
 use crate::support::{eventually, metric, scrape};
 use crate::t10_single_node::{pinned_node, task_id};
-use crate::t30_cluster::{check_outcomes, submit_workload, tasks_on, voters, Mesh, CONVERGE};
+use crate::t30_cluster::{check_outcomes, submit_workload, tasks_on, Mesh, CONVERGE};
 use mesh_chaos::phase;
 use std::collections::BTreeMap;
 
@@ -158,11 +158,7 @@ fn a_follower_behind_the_leaders_snapshot_catches_up_from_it_and_survives_a_rest
     let dir = tempfile::tempdir().unwrap();
     // 20 entries (the least allowed) plus 1 per node id: the log keeps 1 entry after one.
     let mut mesh = Mesh::start(dir.path(), 3, &["--snapshot-every", "20"]);
-    let leader = mesh.wait_leader(CONVERGE, |_| true).unwrap();
-    eventually("3 voters", CONVERGE, || {
-        let s = mesh.status(leader).map_err(|e| e.to_string())?;
-        (voters(&s).len() == 3).then_some(()).ok_or(s.to_string())
-    });
+    let leader = mesh.leader_of_three_voters();
     let behind = (0..3).find(|i| *i != leader).unwrap();
     phase(&format!(
         "SIGKILL follower {} and commit past it",

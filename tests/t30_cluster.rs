@@ -60,6 +60,16 @@ impl Mesh {
                 .unwrap_or_else(|e| panic!("cluster did not start: {e:#}")),
         )
     }
+
+    /// Wait for a leader and for the mesh to have three voters; the leader's index.
+    pub fn leader_of_three_voters(&mut self) -> usize {
+        let leader = self.wait_leader(CONVERGE, |_| true).unwrap();
+        eventually("3 voters", CONVERGE, || {
+            let s = self.status(leader).map_err(|e| e.to_string())?;
+            (voters(&s).len() == 3).then_some(()).ok_or(s.to_string())
+        });
+        leader
+    }
 }
 
 impl Deref for Mesh {
@@ -632,11 +642,7 @@ fn five_nodes_with_voters_5_reach_five_voters() {
 fn leader_sigkill_while_tasks_run_loses_nothing_and_the_old_leader_rejoins() {
     let dir = tempfile::tempdir().unwrap();
     let mut mesh = Mesh::start(dir.path(), 3, &[]);
-    let leader = mesh.wait_leader(CONVERGE, |_| true).unwrap();
-    eventually("3 voters", CONVERGE, || {
-        let s = mesh.status(leader).map_err(|e| e.to_string())?;
-        (voters(&s).len() == 3).then_some(()).ok_or(s.to_string())
-    });
+    let leader = mesh.leader_of_three_voters();
     let old = leader as u64 + 1;
     let follower = (0..3).find(|i| *i != leader).unwrap();
     let work = submit_workload(&mesh.cli(follower), dir.path(), "lk", 6, 3);
@@ -695,11 +701,7 @@ fn leader_sigkill_while_tasks_run_loses_nothing_and_the_old_leader_rejoins() {
 fn leader_sigstop_longer_than_an_election_then_sigcont_returns_as_follower() {
     let dir = tempfile::tempdir().unwrap();
     let mut mesh = Mesh::start(dir.path(), 3, &[]);
-    let leader = mesh.wait_leader(CONVERGE, |_| true).unwrap();
-    eventually("3 voters", CONVERGE, || {
-        let s = mesh.status(leader).map_err(|e| e.to_string())?;
-        (voters(&s).len() == 3).then_some(()).ok_or(s.to_string())
-    });
+    let leader = mesh.leader_of_three_voters();
     let old = leader as u64 + 1;
     let follower = (0..3).find(|i| *i != leader).unwrap();
     let work = submit_workload(&mesh.cli(follower), dir.path(), "ls", 6, 3);
@@ -761,11 +763,7 @@ fn a_leader_paused_past_the_probe_and_then_killed_is_still_found_gone() {
     // pause and the kill both land well inside the lease on a loaded machine.
     let dir = tempfile::tempdir().unwrap();
     let mut mesh = Mesh::start(dir.path(), 3, &["--election-timeout", "1s"]);
-    let leader = mesh.wait_leader(CONVERGE, |_| true).unwrap();
-    eventually("3 voters", CONVERGE, || {
-        let s = mesh.status(leader).map_err(|e| e.to_string())?;
-        (voters(&s).len() == 3).then_some(()).ok_or(s.to_string())
-    });
+    let leader = mesh.leader_of_three_voters();
 
     phase("SIGSTOP the leader for 500 ms (the watch's first dial connects), then SIGKILL it");
     mesh.nodes[leader].signal("STOP").unwrap();
@@ -899,11 +897,7 @@ fn a_learner_replaces_a_voter_that_stays_down() {
 fn a_removed_node_leaves_the_voters_and_its_tasks_move() {
     let dir = tempfile::tempdir().unwrap();
     let mut mesh = Mesh::start(dir.path(), 3, &[]);
-    let leader = mesh.wait_leader(CONVERGE, |_| true).unwrap();
-    eventually("3 voters", CONVERGE, || {
-        let s = mesh.status(leader).map_err(|e| e.to_string())?;
-        (voters(&s).len() == 3).then_some(()).ok_or(s.to_string())
-    });
+    let leader = mesh.leader_of_three_voters();
     let cli = mesh.cli(leader);
     let work = submit_workload(&cli, dir.path(), "rm", 6, 3);
 
