@@ -44,6 +44,10 @@ pub enum StoreError {
     /// A store task on a blocking thread (a disk sync, a snapshot encoding) died.
     #[error("a store task on a blocking thread failed: {0}")]
     SyncTask(#[source] tokio::task::JoinError),
+    /// The Raft log's sync thread could not make appends durable: a sync failed (nothing
+    /// written since may be trusted) or the thread is gone.
+    #[error("the Raft log's sync failed: {0}")]
+    LogSync(String),
     /// A record on disk does not decode.
     #[error("corrupt record in sled tree `{tree}` at key {key}: {source}")]
     Corrupt {

@@ -4,6 +4,7 @@
 use super::durable::Durable;
 use super::error::{self, RaftStorageError, StoreError};
 use super::log_file::LogFiles;
+use super::log_sync::LogSync;
 use super::recent::Recent;
 use super::{LOG_TREE, META_TREE};
 use mesh_core::codec::{decode, encode};
@@ -31,6 +32,7 @@ pub struct LogStore {
     log: Arc<Mutex<Log>>,
     meta: sled::Tree,
     durable: Durable,
+    sync: LogSync,
 }
 
 /// The files and the recent entries kept decoded, changed together.
@@ -87,6 +89,7 @@ impl LogStore {
             })),
             meta,
             durable,
+            sync: LogSync::start()?,
         })
     }
 
@@ -204,6 +207,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), RaftStorageError> {
+        // A leader does not wait for its own appends (`append`), so some may still be
+        // syncing when it steps down or starts an election. They are durable before the
+        // vote changes: whatever this node answers or counts under the new vote (a log it
+        // claims in an election, a log it reports matching to a new leader, its own log
+        // as a new leader) is on disk.
+        self.sync.drain().await.map_err(error::write_vote)?;
         self.write_meta(VOTE, vote).map_err(error::write_vote)?;
         self.durable.barrier().await.map_err(error::write_vote)
     }
@@ -222,10 +231,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, RaftStorageError> {
-        Ok(self
+        let committed = self
             .read_meta::<Option<LogId>>(COMMITTED)
             .map_err(error::read_store)?
-            .flatten())
+            .flatten();
+        // A leader commits with its followers' copies while its own append may still be
+        // syncing, so after a power loss the stored committed id can point past the end
+        // of this node's log (the entries are durable on a majority elsewhere). Never
+        // report more than the log holds: openraft applies up to it on start.
+        let last = self.get_log_state().await?.last_log_id;
+        Ok(match (committed, last) {
+            (Some(c), Some(l)) if c.index > l.index => Some(l),
+            (Some(_), None) => None,
+            (c, _) => c,
+        })
     }
 
     async fn append<I>(
@@ -264,23 +283,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         };
         metrics::histogram!("mesh_raft_log_write_seconds").record(written.elapsed().as_secs_f64());
-        // openraft treats the entries as persisted once the callback fires: only after the sync.
-        let started = Instant::now();
-        let synced = tokio::task::spawn_blocking(move || unsynced.sync())
-            .await
-            .map_err(StoreError::SyncTask)
-            .and_then(|r| r);
-        metrics::histogram!("mesh_raft_log_sync_seconds").record(started.elapsed().as_secs_f64());
-        match synced {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(error::write_logs(e))
-            }
-        }
+        // openraft treats the entries as persisted once the callback fires, which the sync
+        // thread does after the sync. A follower waits for it before it answers; the
+        // leader replicates meanwhile and counts itself in a quorum only when it fires.
+        self.sync.append(unsynced, callback);
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
@@ -304,6 +311,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 mod tests {
     use super::super::{Store, LOG_DIR};
     use super::*;
+
+    #[tokio::test]
+    async fn a_committed_id_past_the_end_of_the_log_reads_as_its_last_entry() {
+        use openraft::{CommittedLeaderId, EntryPayload};
+        let log_id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        // Entries 1-3 survived; a power loss took 4 and 5, which the leader had already
+        // committed with its followers' copies and stored as committed.
+        let mut files = LogFiles::open(&dir.path().join(LOG_DIR), None).unwrap();
+        let entries = (1..=3).map(|i| {
+            let entry = Entry {
+                log_id: log_id(i),
+                payload: EntryPayload::Blank,
+            };
+            (i, encode(&entry).unwrap())
+        });
+        files.append(entries).unwrap().sync().unwrap();
+        drop(files);
+        let mut log = Store::open(dir.path()).unwrap().log;
+        log.write_meta(COMMITTED, &Some(log_id(5))).unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(3)));
+        log.write_meta(COMMITTED, &Some(log_id(2))).unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2)));
+    }
 
     #[tokio::test]
     async fn an_entry_that_does_not_decode_is_reported_with_its_file_and_offset() {

@@ -85,9 +85,25 @@ pub(crate) struct LogFiles {
 
 /// Files an append wrote to: the append is durable once `sync` returns.
 #[must_use = "an append is not durable until it is synced"]
+#[derive(Default)]
 pub(crate) struct Unsynced(Vec<(PathBuf, Arc<File>)>);
 
 impl Unsynced {
+    /// Writes to `file` at `path`, to be synced (tests of the sync thread).
+    #[cfg(test)]
+    pub(crate) fn of(path: PathBuf, file: File) -> Unsynced {
+        Unsynced(vec![(path, Arc::new(file))])
+    }
+
+    /// Adds the files `other` wrote that `self` does not hold yet.
+    pub(crate) fn merge(&mut self, other: &Unsynced) {
+        for (path, file) in &other.0 {
+            if !self.0.iter().any(|(p, _)| p == path) {
+                self.0.push((path.clone(), Arc::clone(file)));
+            }
+        }
+    }
+
     /// `fdatasync` every file written (in practice one).
     pub(crate) fn sync(self) -> Result<(), StoreError> {
         for (path, file) in self.0 {

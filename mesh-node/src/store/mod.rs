@@ -2,14 +2,16 @@
 //! payload in a file of its own (`snapshot_file.rs`); vote, committed and purged log
 //! ids and the snapshot's meta in one `sled::Db`.
 //!
-//! Nothing is acknowledged to openraft before it is on stable storage: a log append
-//! ends in one `fdatasync` of its log file, a snapshot payload in `fdatasync`s of its
-//! file, every sled write path in the barrier in `durable.rs`, once per batch.
+//! Nothing is acknowledged to openraft before it is on stable storage: a log append is
+//! reported by the log's sync thread (`log_sync.rs`) after an `fdatasync` of its log file
+//! (one for all the appends queued at the time), a snapshot payload after `fdatasync`s of
+//! its file, every sled write path after the barrier in `durable.rs`, once per batch.
 
 mod durable;
 mod error;
 mod log;
 mod log_file;
+mod log_sync;
 mod recent;
 mod snapshot_file;
 mod state_machine;
