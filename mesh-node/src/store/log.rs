@@ -224,8 +224,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), RaftStorageError> {
         // No barrier of its own: openraft only uses the stored committed id to apply
         // sooner after a restart, and tolerates one that lags (the leader commits the
-        // rest again). It becomes durable with the next append's barrier, which keeps
-        // one fdatasync per batch of entries on the write path.
+        // rest again). It becomes durable with the next sled barrier (a vote, a purge, a
+        // stored snapshot) or sled's own fsync every 500 ms, which keeps the write path
+        // at one fdatasync, the log's.
         self.write_meta(COMMITTED, &committed)
             .map_err(error::write_store)
     }

@@ -95,10 +95,12 @@ impl Unsynced {
         Unsynced(vec![(path, Arc::new(file))])
     }
 
-    /// Adds the files `other` wrote that `self` does not hold yet.
+    /// Adds the files `other` wrote that `self` does not hold yet. Files are told apart
+    /// by their open handle, not their path: a segment name can be used again after a
+    /// truncate removed the file, and the new file needs its own sync.
     pub(crate) fn merge(&mut self, other: &Unsynced) {
         for (path, file) in &other.0 {
-            if !self.0.iter().any(|(p, _)| p == path) {
+            if !self.0.iter().any(|(_, f)| Arc::ptr_eq(f, file)) {
                 self.0.push((path.clone(), Arc::clone(file)));
             }
         }
@@ -540,6 +542,21 @@ fn record_end(bytes: &[u8]) -> Option<usize> {
 mod tests {
     use super::super::file_names as segment_files;
     use super::*;
+
+    #[test]
+    fn merge_keeps_every_open_file_even_under_one_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("00000000000000000001.seg");
+        let old = File::create(&path).unwrap();
+        fs::remove_file(&path).unwrap();
+        let new = File::create(&path).unwrap();
+        let mut all = Unsynced::of(path.clone(), old);
+        let again = Unsynced(vec![(path.clone(), Arc::clone(&all.0[0].1))]);
+        all.merge(&again);
+        assert_eq!(all.0.len(), 1, "the same open file is synced once");
+        all.merge(&Unsynced::of(path, new));
+        assert_eq!(all.0.len(), 2, "a file recreated under the old name needs its own sync");
+    }
 
     fn payload(index: u64) -> Vec<u8> {
         format!("entry {index}")

@@ -21,6 +21,9 @@ use openraft::storage::LogFlushed;
 use std::sync::mpsc;
 use std::time::Instant;
 
+/// What an append or a drain is told when the thread is gone.
+const STOPPED: &str = "the Raft log's sync thread has stopped";
+
 /// Who waits for an append: openraft's `LogFlushed` (tests use a channel).
 pub(crate) trait Flushed: Send + 'static {
     /// Reports the append durable, or why it is not.
@@ -70,9 +73,7 @@ impl<F: Flushed> LogSync<F> {
         // Unreachable while a handle exists (the thread only ends when all are gone), but
         // an append must never be left unanswered.
         if let Err(mpsc::SendError(Job::Append { callback, .. })) = sent {
-            callback.completed(Err(std::io::Error::other(
-                "the Raft log's sync thread has stopped",
-            )));
+            callback.completed(Err(std::io::Error::other(STOPPED)));
         }
     }
 
@@ -80,7 +81,7 @@ impl<F: Flushed> LogSync<F> {
     /// failed sync that means it never will be).
     pub(crate) async fn drain(&self) -> Result<(), StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let stopped = || StoreError::LogSync("the sync thread has stopped".into());
+        let stopped = || StoreError::LogSync(STOPPED.into());
         self.jobs.send(Job::Drain(tx)).map_err(|_| stopped())?;
         rx.await
             .map_err(|_| stopped())?
