@@ -1102,17 +1102,20 @@ mod tests {
         .unwrap();
         assert_eq!(s.batch, Some(PathBuf::from("jobs.toml")));
         assert!(s.wait);
-        for bad in [
-            &["t.toml"][..],
-            &["--kernel", "saxpy"],
-            &["--wgsl", "k.wgsl"],
-            &["--input", "x=@x.bin"],
-            &["--param", "a=2"],
-            &["--idempotency-key", "k"],
-        ] {
+        for bad in TASK_OF_ITS_OWN {
             assert!(batch(bad).is_err(), "{bad:?}");
         }
     }
+
+    /// Flags that describe one task: `--batch` and `--stream` refuse them all.
+    const TASK_OF_ITS_OWN: [&[&str]; 6] = [
+        &["t.toml"],
+        &["--kernel", "saxpy"],
+        &["--wgsl", "k.wgsl"],
+        &["--input", "x=@x.bin"],
+        &["--param", "a=2"],
+        &["--idempotency-key", "k"],
+    ];
 
     #[test]
     fn a_stream_takes_policy_flags_but_no_task_of_its_own_and_no_wait() {
@@ -1120,16 +1123,8 @@ mod tests {
         let s = stream(&["--priority", "5", "--max-attempts", "2"]).unwrap();
         assert_eq!(s.stream, Some(PathBuf::from("-")));
         assert_eq!((s.priority, s.max_attempts), (Some(5), Some(2)));
-        for bad in [
-            &["t.toml"][..],
-            &["--batch", "jobs.toml"],
-            &["--kernel", "saxpy"],
-            &["--wgsl", "k.wgsl"],
-            &["--input", "x=@x.bin"],
-            &["--param", "a=2"],
-            &["--idempotency-key", "k"],
-            &["--wait"],
-        ] {
+        let also: [&[&str]; 2] = [&["--batch", "jobs.toml"], &["--wait"]];
+        for bad in TASK_OF_ITS_OWN.iter().chain(&also) {
             assert!(stream(bad).is_err(), "{bad:?}");
         }
     }
