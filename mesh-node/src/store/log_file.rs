@@ -555,7 +555,11 @@ mod tests {
         all.merge(&again);
         assert_eq!(all.0.len(), 1, "the same open file is synced once");
         all.merge(&Unsynced::of(path, new));
-        assert_eq!(all.0.len(), 2, "a file recreated under the old name needs its own sync");
+        assert_eq!(
+            all.0.len(),
+            2,
+            "a file recreated under the old name needs its own sync"
+        );
     }
 
     fn payload(index: u64) -> Vec<u8> {
