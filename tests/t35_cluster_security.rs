@@ -3,7 +3,8 @@
 //! with a token whose seed pin does not match the seed, exits non-zero naming the
 //! reason (never echoing the secret); a key the mesh has not pinned gets
 //! `PERMISSION_DENIED` on every node-to-node call but `Join`; a member's key claiming
-//! another node's id is refused, so it cannot keep a dead node alive nor vote as it; a
+//! another node's id is refused, so it cannot keep a dead node alive nor vote or
+//! replicate as it; a
 //! client that expects one node's key at another node's address refuses the
 //! connection (node-to-node TLS and SSH alike); plain TCP garbage on the node-to-node
 //! and SSH ports is dropped and the mesh keeps serving.
@@ -261,6 +262,20 @@ fn vote(term: u64, candidate: u64, target: u64) -> RaftPayload {
     }
 }
 
+/// An empty AppendEntries of leader `leader` in `term` to node `target`, encoded as
+/// nodes send it.
+fn append(term: u64, leader: u64, target: u64) -> RaftPayload {
+    let req = openraft::raft::AppendEntriesRequest::<mesh_core::raft_types::TypeConfig> {
+        vote: openraft::Vote::new_committed(term, leader),
+        prev_log_id: None,
+        entries: vec![],
+        leader_commit: None,
+    };
+    RaftPayload {
+        data: codec::encode(&(target, &req)).unwrap(),
+    }
+}
+
 /// The message of a call that must be refused with `PERMISSION_DENIED`.
 fn denied<T: std::fmt::Debug>(what: &str, r: Result<tonic::Response<T>, tonic::Status>) -> String {
     match r {
@@ -311,6 +326,11 @@ fn unpinned_keys_reach_only_join_and_members_cannot_claim_another_id() {
         denied(
             "append_entries from an unpinned key",
             raft.append_entries(RaftPayload { data: vec![0; 16] }).await,
+        );
+        denied(
+            "a replication stream from an unpinned key",
+            raft.replicate(futures::stream::iter([RaftPayload { data: vec![0; 16] }]))
+                .await,
         );
         denied(
             "install_snapshot from an unpinned key",
@@ -399,6 +419,23 @@ fn unpinned_keys_reach_only_join_and_members_cannot_claim_another_id() {
             "a vote claiming another node",
             raft.vote(vote(term_before + 1000, b_id, leader as u64 + 1))
                 .await,
+        );
+        assert!(
+            msg.contains(&format!("claims to come from node {b_id}")),
+            "{msg}"
+        );
+        let mut answers = raft
+            .replicate(futures::stream::iter([append(
+                term_before + 1000,
+                b_id,
+                leader as u64 + 1,
+            )]))
+            .await
+            .expect("a member may open a replication stream")
+            .into_inner();
+        let msg = denied(
+            "an append on a replication stream claiming another node",
+            answers.message().await.map(tonic::Response::new),
         );
         assert!(
             msg.contains(&format!("claims to come from node {b_id}")),

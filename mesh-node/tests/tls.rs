@@ -14,6 +14,7 @@
 //! recorder installed for this test binary; tests run in parallel, so each waits for
 //! its counter to grow rather than for an exact value).
 
+use futures::StreamExt;
 use mesh_node::host_key::HostKey;
 use mesh_node::tls::{self, PeerPolicy, Pins, ServerExpectation, TlsIdentity, TlsListener};
 use mesh_proto::v1::raft_client::RaftClient;
@@ -31,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 /// Upper bound for anything a test waits for; every step normally takes milliseconds.
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -59,11 +60,7 @@ struct Echo {
 }
 
 impl Echo {
-    fn reply(
-        &self,
-        method: &str,
-        req: &Request<RaftPayload>,
-    ) -> Result<Response<RaftPayload>, Status> {
+    fn reply<T>(&self, method: &str, req: &Request<T>) -> Result<Response<RaftPayload>, Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let peer = tls::peer_fingerprint(req).map_or_else(|| "none".to_string(), |f| f.to_string());
         Ok(Response::new(RaftPayload {
@@ -79,6 +76,16 @@ impl Raft for Echo {
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         self.reply("append_entries", &req)
+    }
+    type ReplicateStream = futures::stream::BoxStream<'static, Result<RaftPayload, Status>>;
+    /// Answers every message of the stream with the same echo.
+    async fn replicate(
+        &self,
+        req: Request<Streaming<RaftPayload>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let echo = self.reply("replicate", &req)?.into_inner();
+        let answers = req.into_inner().map(move |m| m.map(|_| echo.clone()));
+        Ok(Response::new(Box::pin(answers)))
     }
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.reply("vote", &req)

@@ -18,7 +18,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
 };
 use openraft::{Raft, Vote};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 /// Serves `mesh.v1.Raft` and `mesh.v1.Mesh`.
@@ -136,15 +136,16 @@ impl PeerServer {
     }
 }
 
-#[tonic::async_trait]
-impl RaftService for PeerServer {
-    async fn append_entries(
+impl PeerServer {
+    /// One AppendEntries from node `id` (key `fp`), by either call.
+    async fn append_entries_from(
         &self,
-        req: Request<RaftPayload>,
-    ) -> Result<Response<RaftPayload>, Status> {
-        let (fp, id) = self.member(&req)?;
-        let (target, rpc): (u64, AppendEntriesRequest<TypeConfig>) = from_payload(req.get_ref())?;
-        self.check_claim(id, &fp, &rpc.vote)?;
+        fp: &Fingerprint,
+        id: NodeId,
+        payload: &RaftPayload,
+    ) -> Result<RaftPayload, Status> {
+        let (target, rpc): (u64, AppendEntriesRequest<TypeConfig>) = from_payload(payload)?;
+        self.check_claim(id, fp, &rpc.vote)?;
         self.check_target(target)?;
         let started = std::time::Instant::now();
         let result = self.raft.append_entries(rpc).await;
@@ -153,7 +154,49 @@ impl RaftService for PeerServer {
         if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
             self.contact.heard(id.0);
         }
-        Ok(Response::new(to_payload(&result)?))
+        to_payload(&result)
+    }
+}
+
+/// The answers of one `Replicate` stream.
+type ReplicateAnswers = futures::stream::BoxStream<'static, Result<RaftPayload, Status>>;
+
+#[tonic::async_trait]
+impl RaftService for PeerServer {
+    async fn append_entries(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let (fp, id) = self.member(&req)?;
+        Ok(Response::new(
+            self.append_entries_from(&fp, id, req.get_ref()).await?,
+        ))
+    }
+
+    type ReplicateStream = ReplicateAnswers;
+
+    /// Answers each request in order, one at a time (a follower handles appends in
+    /// order anyway). The first failure ends the stream with its status; the leader
+    /// then opens a new one.
+    async fn replicate(
+        &self,
+        req: Request<Streaming<RaftPayload>>,
+    ) -> Result<Response<ReplicateAnswers>, Status> {
+        let (fp, id) = self.member(&req)?;
+        let requests = req.into_inner();
+        let server = self.clone();
+        let answers =
+            futures::stream::unfold(Some((requests, server, fp)), move |state| async move {
+                let (mut requests, server, fp) = state?;
+                let answer = match requests.message().await {
+                    Ok(Some(payload)) => server.append_entries_from(&fp, id, &payload).await,
+                    Ok(None) => return None,
+                    Err(status) => Err(status),
+                };
+                let next = answer.is_ok().then_some((requests, server, fp));
+                Some((answer, next))
+            });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
