@@ -460,6 +460,72 @@ fn unpinned_keys_reach_only_join_and_members_cannot_claim_another_id() {
     drop(foreign);
 }
 
+/// Claim: unpinning a key takes effect on the `Replicate` stream it already has open
+/// (the key is checked per message, not only when the stream opens).
+#[test]
+fn a_removed_nodes_open_replication_stream_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut mesh = Mesh::start(dir.path(), 3, &[]);
+    let leader = mesh.wait_leader(CONVERGE, |_| true).unwrap();
+    let a = (0..3).find(|i| *i != leader).unwrap();
+    let a_id = a as u64 + 1;
+    let leader_addr = mesh.nodes[leader].raft_addr();
+    let leader_fp = mesh.nodes[leader].fingerprint().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let member = identity(&mesh.nodes[a].data_dir.join("host_key"));
+
+    phase(&format!(
+        "node {a_id}'s key opens a replication stream to the leader and is answered"
+    ));
+    let (mut requests, mut answers) = rt.block_on(async {
+        let channel = dial(&leader_addr, &member, &leader_fp).await;
+        let (mut requests, outgoing) = futures::channel::mpsc::channel(1);
+        // A stale term: the leader answers (with its higher vote) and changes nothing.
+        futures::SinkExt::send(&mut requests, append(1, a_id, leader as u64 + 1))
+            .await
+            .unwrap();
+        let mut answers = RaftClient::new(channel)
+            .replicate(outgoing)
+            .await
+            .expect("a member may open a replication stream")
+            .into_inner();
+        let first = answers.message().await;
+        assert!(
+            matches!(first, Ok(Some(_))),
+            "a pinned member's append was not answered: {first:?}"
+        );
+        (requests, answers)
+    });
+
+    phase(&format!(
+        "`mesh-cli remove {a_id}`, until it shows `removed`"
+    ));
+    let out = mesh
+        .cli(leader)
+        .run_within(&["--json", "remove", &a_id.to_string(), "--yes"], CLI_LIMIT)
+        .ok()
+        .json();
+    assert_eq!(out["removed"].as_u64(), Some(a_id), "{out}");
+    eventually("the node shows removed", CONVERGE, || {
+        let n = nodes(&mut mesh)?;
+        (role_health(&n, a_id).1 == "removed")
+            .then_some(())
+            .ok_or(format!("{:?}", role_health(&n, a_id)))
+    });
+
+    phase("the next append on the stream that was open is PERMISSION_DENIED");
+    rt.block_on(async {
+        futures::SinkExt::send(&mut requests, append(1, a_id, leader as u64 + 1))
+            .await
+            .unwrap();
+        let msg = denied(
+            "an append from a removed node on its open stream",
+            answers.message().await.map(tonic::Response::new),
+        );
+        assert!(msg.contains("not pinned"), "{msg}");
+    });
+}
+
 #[test]
 fn a_different_key_at_a_pinned_address_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -93,18 +93,24 @@ impl PeerServer {
     fn member<T>(&self, req: &Request<T>) -> Result<(Fingerprint, NodeId), Status> {
         let fp = tls::peer_fingerprint(req)
             .ok_or_else(|| Status::unauthenticated("no verified peer certificate"))?;
-        if !self.directory.pins().contains(&fp) {
+        let id = self.member_key(&fp)?;
+        Ok((fp, id))
+    }
+
+    /// The node id of a key this mesh pins. Checked per call, and per message on a
+    /// stream, so that unpinning a key takes effect on what it already has open.
+    fn member_key(&self, fp: &Fingerprint) -> Result<NodeId, Status> {
+        if !self.directory.pins().contains(fp) {
             metrics::counter!("mesh_peer_refused_total", "reason" => "unpinned").increment(1);
             return Err(Status::permission_denied(format!(
                 "peer key {fp} is not pinned by this mesh; only the join call is open to unpinned keys"
             )));
         }
-        let id = self.directory.id_of(&fp).ok_or_else(|| {
+        self.directory.id_of(fp).ok_or_else(|| {
             Status::permission_denied(format!(
                 "peer key {fp} is pinned but belongs to no known node id yet"
             ))
-        })?;
-        Ok((fp, id))
+        })
     }
 
     /// A Raft message is for one node id: a machine that rejoined under a new id (same
@@ -176,26 +182,28 @@ impl RaftService for PeerServer {
     type ReplicateStream = ReplicateAnswers;
 
     /// Answers each request in order, one at a time (a follower handles appends in
-    /// order anyway). The first failure ends the stream with its status; the leader
-    /// then opens a new one.
+    /// order anyway). The sender's key is checked again for every message. The first
+    /// failure ends the stream with its status; the leader then opens a new one.
     async fn replicate(
         &self,
         req: Request<Streaming<RaftPayload>>,
     ) -> Result<Response<ReplicateAnswers>, Status> {
-        let (fp, id) = self.member(&req)?;
+        let (fp, _) = self.member(&req)?;
         let requests = req.into_inner();
         let server = self.clone();
-        let answers =
-            futures::stream::unfold(Some((requests, server, fp)), move |state| async move {
-                let (mut requests, server, fp) = state?;
-                let answer = match requests.message().await {
-                    Ok(Some(payload)) => server.append_entries_from(&fp, id, &payload).await,
-                    Ok(None) => return None,
-                    Err(status) => Err(status),
-                };
-                let next = answer.is_ok().then_some((requests, server, fp));
-                Some((answer, next))
-            });
+        let answers = futures::stream::unfold(Some((requests, server, fp)), |state| async move {
+            let (mut requests, server, fp) = state?;
+            let answer = match requests.message().await {
+                Ok(Some(payload)) => match server.member_key(&fp) {
+                    Ok(id) => server.append_entries_from(&fp, id, &payload).await,
+                    Err(refused) => Err(refused),
+                },
+                Ok(None) => return None,
+                Err(status) => Err(status),
+            };
+            let next = answer.is_ok().then_some((requests, server, fp));
+            Some((answer, next))
+        });
         Ok(Response::new(Box::pin(answers)))
     }
 
