@@ -9,6 +9,7 @@ use mesh_core::raft_types::TypeConfig;
 use mesh_core::{Fingerprint, MeshNode, NodeId};
 use openraft::Raft;
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, RwLock};
 use tokio_util::sync::CancellationToken;
 
@@ -117,18 +118,46 @@ impl Directory {
         self.inner.write().expect("not poisoned").by_id = by_id;
     }
 
-    /// Keep the directory current until shutdown.
+    /// Keep the directory current until shutdown. Both watches fire for nearly every
+    /// Raft entry; the map is rebuilt only when what it is made of changed.
     pub async fn run(self, raft: Raft<TypeConfig>, state: StateView, shutdown: CancellationToken) {
         let mut changes = state.changes();
         let mut metrics = raft.metrics();
+        let mut built_from = None;
         loop {
-            self.refresh(&raft, &state);
+            let sources = Sources::now(&raft, &state);
+            if built_from.as_ref() != Some(&sources) {
+                self.refresh(&raft, &state);
+                built_from = Some(sources);
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = changes.changed() => if r.is_err() { return },
                 r = metrics.changed() => if r.is_err() { return },
             }
         }
+    }
+}
+
+/// What the map is built from, in short: the membership's log id and a hash of the
+/// node records' ids, addresses, keys and removal marks.
+#[derive(PartialEq)]
+struct Sources {
+    membership: Option<openraft::LogId<u64>>,
+    nodes: u64,
+}
+
+impl Sources {
+    fn now(raft: &Raft<TypeConfig>, state: &StateView) -> Sources {
+        let membership = *raft.metrics().borrow().membership_config.log_id();
+        let nodes = state.read(|s| {
+            let mut h = std::hash::DefaultHasher::new();
+            for n in s.nodes.values() {
+                (n.id, &n.addr, &n.fingerprint, n.removed).hash(&mut h);
+            }
+            h.finish()
+        });
+        Sources { membership, nodes }
     }
 }
 
