@@ -140,7 +140,8 @@ impl Directory {
 }
 
 /// What the map is built from, in short: the membership's log id and a hash of the
-/// node records' ids, addresses, keys and removal marks.
+/// node records' ids, addresses, keys and removal marks. (The bootstrap pins, its third
+/// source, are all added before `run` starts.)
 #[derive(PartialEq)]
 struct Sources {
     membership: Option<openraft::LogId<u64>>,

@@ -73,8 +73,9 @@ struct Peer {
 }
 
 /// The link's AppendEntries transport.
-#[derive(Default)]
 struct Replication {
+    /// The peer's node id (for the log).
+    target: u64,
     /// The open `Replicate` stream, between exchanges.
     stream: Option<ReplicationStream>,
     /// The peer answered `Replicate` with UNIMPLEMENTED: one unary call each.
@@ -100,7 +101,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
                 node: node.clone(),
                 clients: self.clients.clone(),
             },
-            replication: Replication::default(),
+            replication: Replication::new(target),
         }
     }
 }
@@ -218,6 +219,14 @@ impl RaftNetwork<TypeConfig> for PeerLink {
 }
 
 impl Replication {
+    fn new(target: u64) -> Replication {
+        Replication {
+            target,
+            stream: None,
+            unary_only: false,
+        }
+    }
+
     /// One AppendEntries over the stream (opened now if there is none). The stream is
     /// put back only once the answer is in.
     async fn exchange(
@@ -238,7 +247,10 @@ impl Replication {
                         answers: answers.into_inner(),
                     },
                     Err(s) if s.code() == tonic::Code::Unimplemented => {
-                        warn!("a peer has no Replicate call (an older build?): AppendEntries go one call each to it");
+                        warn!(
+                            peer = self.target,
+                            "the peer has no Replicate call (an older build?): AppendEntries go to it one call each"
+                        );
                         self.unary_only = true;
                         return Ok(client.append_entries(payload).await?.into_inner());
                     }
@@ -321,8 +333,14 @@ mod tests {
         }
     }
 
-    /// Serves `echo` on loopback (plain HTTP/2: this is about the stream, not TLS).
-    async fn serve(echo: Echo) -> RaftClient<Channel> {
+    /// Serves an [`Echo`] on loopback (plain HTTP/2: this is about the stream, not
+    /// TLS): a client, and the count of `Replicate` calls the server took.
+    async fn serve(streams: bool) -> (RaftClient<Channel>, Arc<AtomicUsize>) {
+        let replicate_calls = Arc::new(AtomicUsize::new(0));
+        let echo = Echo {
+            streams,
+            replicate_calls: replicate_calls.clone(),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let incoming = futures::stream::unfold(listener, |l| async move {
@@ -338,7 +356,7 @@ mod tests {
             .connect()
             .await
             .unwrap();
-        RaftClient::new(channel)
+        (RaftClient::new(channel), replicate_calls)
     }
 
     fn payload(bytes: &[u8]) -> RaftPayload {
@@ -347,20 +365,23 @@ mod tests {
         }
     }
 
+    /// Exchanges one message per byte of `bytes`; each must get its own answer.
+    async fn each_answered(
+        replication: &mut Replication,
+        client: &RaftClient<Channel>,
+        bytes: &[u8],
+    ) {
+        for b in bytes {
+            let answer = replication.exchange(client.clone(), payload(&[*b])).await;
+            assert_eq!(answer.unwrap().data, [*b], "exchange of {b}");
+        }
+    }
+
     #[tokio::test]
     async fn an_exchange_cut_short_never_hands_its_answer_to_the_next() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let client = serve(Echo {
-            streams: true,
-            replicate_calls: calls.clone(),
-        })
-        .await;
-        let mut replication = Replication::default();
-
-        for i in 0..3u8 {
-            let answer = replication.exchange(client.clone(), payload(&[i])).await;
-            assert_eq!(answer.unwrap().data, [i], "exchange {i}");
-        }
+        let (client, calls) = serve(true).await;
+        let mut replication = Replication::new(2);
+        each_answered(&mut replication, &client, &[0, 1, 2]).await;
         assert_eq!(
             calls.load(Ordering::SeqCst),
             1,
@@ -379,11 +400,9 @@ mod tests {
         );
 
         // The slow answer is still on its way; the next exchange must not read it.
-        let answer = replication.exchange(client.clone(), payload(&[7])).await;
-        assert_eq!(answer.unwrap().data, [7]);
+        each_answered(&mut replication, &client, &[7]).await;
         tokio::time::sleep(SLOW_FOR).await;
-        let answer = replication.exchange(client, payload(&[8])).await;
-        assert_eq!(answer.unwrap().data, [8]);
+        each_answered(&mut replication, &client, &[8]).await;
         assert_eq!(
             calls.load(Ordering::SeqCst),
             2,
@@ -393,17 +412,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_without_replicate_gets_one_call_each() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let client = serve(Echo {
-            streams: false,
-            replicate_calls: calls.clone(),
-        })
-        .await;
-        let mut replication = Replication::default();
-        for i in 0..3u8 {
-            let answer = replication.exchange(client.clone(), payload(&[i])).await;
-            assert_eq!(answer.unwrap().data, [i], "exchange {i}");
-        }
+        let (client, calls) = serve(false).await;
+        let mut replication = Replication::new(2);
+        each_answered(&mut replication, &client, &[0, 1, 2]).await;
         assert!(replication.unary_only);
         assert_eq!(calls.load(Ordering::SeqCst), 1, "Replicate is asked once");
     }

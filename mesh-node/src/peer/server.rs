@@ -91,8 +91,7 @@ impl PeerServer {
 
     /// The pinned peer behind a request, and the node id its key belongs to.
     fn member<T>(&self, req: &Request<T>) -> Result<(Fingerprint, NodeId), Status> {
-        let fp = tls::peer_fingerprint(req)
-            .ok_or_else(|| Status::unauthenticated("no verified peer certificate"))?;
+        let fp = caller_key(req)?;
         let id = self.member_key(&fp)?;
         Ok((fp, id))
     }
@@ -143,13 +142,14 @@ impl PeerServer {
 }
 
 impl PeerServer {
-    /// One AppendEntries from node `id` (key `fp`), by either call.
+    /// One AppendEntries from the holder of key `fp`, by either call. The key is checked
+    /// here, so a stream checks it for every message.
     async fn append_entries_from(
         &self,
         fp: &Fingerprint,
-        id: NodeId,
         payload: &RaftPayload,
     ) -> Result<RaftPayload, Status> {
+        let id = self.member_key(fp)?;
         let (target, rpc): (u64, AppendEntriesRequest<TypeConfig>) = from_payload(payload)?;
         self.check_claim(id, fp, &rpc.vote)?;
         self.check_target(target)?;
@@ -164,6 +164,12 @@ impl PeerServer {
     }
 }
 
+/// The key a call's TLS session verified.
+fn caller_key<T>(req: &Request<T>) -> Result<Fingerprint, Status> {
+    tls::peer_fingerprint(req)
+        .ok_or_else(|| Status::unauthenticated("no verified peer certificate"))
+}
+
 /// The answers of one `Replicate` stream.
 type ReplicateAnswers = futures::stream::BoxStream<'static, Result<RaftPayload, Status>>;
 
@@ -173,17 +179,18 @@ impl RaftService for PeerServer {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let (fp, id) = self.member(&req)?;
+        let fp = caller_key(&req)?;
         Ok(Response::new(
-            self.append_entries_from(&fp, id, req.get_ref()).await?,
+            self.append_entries_from(&fp, req.get_ref()).await?,
         ))
     }
 
     type ReplicateStream = ReplicateAnswers;
 
     /// Answers each request in order, one at a time (a follower handles appends in
-    /// order anyway). The sender's key is checked again for every message. The first
-    /// failure ends the stream with its status; the leader then opens a new one.
+    /// order anyway). The sender's key is checked when the stream opens and again for
+    /// every message. The first failure ends the stream with its status; the leader then
+    /// opens a new one.
     async fn replicate(
         &self,
         req: Request<Streaming<RaftPayload>>,
@@ -194,10 +201,7 @@ impl RaftService for PeerServer {
         let answers = futures::stream::unfold(Some((requests, server, fp)), |state| async move {
             let (mut requests, server, fp) = state?;
             let answer = match requests.message().await {
-                Ok(Some(payload)) => match server.member_key(&fp) {
-                    Ok(id) => server.append_entries_from(&fp, id, &payload).await,
-                    Err(refused) => Err(refused),
-                },
+                Ok(Some(payload)) => server.append_entries_from(&fp, &payload).await,
                 Ok(None) => return None,
                 Err(status) => Err(status),
             };
