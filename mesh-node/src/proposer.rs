@@ -24,10 +24,16 @@ const MAX_BATCH_COMMANDS: usize = 1024;
 /// which is the heartbeat interval (mesh-node/src/node.rs): larger RPCs time out and
 /// are sent again forever.
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
-/// Entries proposed but not yet applied: lets a new batch form while one commits.
+/// Entries proposed but not yet applied. The next batch forms while one commits.
 /// openraft 0.9 appends and replicates one entry after another, so more in flight only
-/// makes batches smaller (mesh-bench, 16 clients: 4 gave 2,260 submits/s, 2 gave 2,530).
-const MAX_IN_FLIGHT_ENTRIES: usize = 2;
+/// makes batches smaller and entries more numerous, and on a CPU-bound leader each entry
+/// costs (an append, a sync, an AppendEntries to each follower and back). Session 11,
+/// `mesh-bench run submit-stream --nodes 3 --clients 16`, alternated 5 rounds: 2 gave
+/// 5,428-6,481 submits/s (median 5,677; 5.1 commands per entry), 1 gave 5,713-7,317
+/// (median 6,983; 7.9 per entry); one client unchanged, 256 within noise, per-exec
+/// submits at 16 clients 3,329 / 4,340 -> 5,175 / 5,160. (Session 3: 4 gave 2,260, 2
+/// gave 2,530.)
+const MAX_IN_FLIGHT_ENTRIES: usize = 1;
 /// How long a write may stay unanswered once this node is no longer the leader of the
 /// term it was proposed in. openraft 0.9 answers a pending write when its entry is
 /// applied or truncated, but not when a snapshot from the new leader replaces the log
