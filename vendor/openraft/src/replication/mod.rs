@@ -63,6 +63,9 @@ use crate::StorageError;
 use crate::StorageIOError;
 use crate::Vote;
 
+/// How long a newer committed log id may wait for entries to travel with.
+const COMMIT_DELAY_MICROS: u64 = 1000;
+
 /// The handle to a spawned replication stream.
 pub(crate) struct ReplicationHandle<C>
 where C: RaftTypeConfig
@@ -142,6 +145,10 @@ where
     /// Next replication action to run.
     next_action: Option<Data<C>>,
 
+    /// When a newer committed log id that no request has carried yet must be sent on
+    /// its own, as a heartbeat; `None` when every request sent carried `committed`.
+    commit_due: Option<InstantOf<C>>,
+
     /// Appropriate number of entries to send.
     /// This is only used by AppendEntries RPC.
     entries_hint: ReplicationHint,
@@ -197,6 +204,7 @@ where
             rx_event,
             weak_tx_event: tx_event.downgrade(),
             next_action: None,
+            commit_due: None,
             entries_hint: Default::default(),
         };
 
@@ -214,9 +222,16 @@ where
             let action = self.next_action.take();
 
             let Some(d) = action else {
-                self.drain_events_with_backoff().await?;
+                match self.commit_due {
+                    Some(due) if self.backoff.is_none() => self.drain_events_until(due).await?,
+                    _ => self.drain_events_with_backoff().await?,
+                }
                 continue;
             };
+            // Every AppendEntries carries `committed`.
+            if matches!(d, Data::Heartbeat | Data::Logs(_)) {
+                self.commit_due = None;
+            }
 
             // Backup the log data for retrying.
             let mut log_data = None;
@@ -585,6 +600,27 @@ where
         }
     }
 
+    /// Wait for events until `due`, then send the committed index in a heartbeat if no
+    /// event brought an action.
+    async fn drain_events_until(&mut self, due: InstantOf<C>) -> Result<(), ReplicationClosed> {
+        let now = C::now();
+        if due > now {
+            select! {
+                _ = C::sleep(due - now) => {}
+                recv_res = self.rx_event.recv() => {
+                    let event = recv_res.ok_or(ReplicationClosed::new("RaftCore closed replication"))?;
+                    self.process_event(event);
+                    self.try_drain_events().await?;
+                    return Ok(());
+                }
+            }
+        }
+        if self.next_action.is_none() {
+            self.next_action = Some(Data::new_heartbeat());
+        }
+        Ok(())
+    }
+
     /// Drain all events in the channel in backoff mode, i.e., there was an un-retry-able error and
     /// should not send out anything before backoff interval expired.
     ///
@@ -679,9 +715,11 @@ where
 
                 self.committed = c;
 
-                // If there is no action, fill in an heartbeat action to send committed index.
-                if self.next_action.is_none() {
-                    self.next_action = Some(Data::new_heartbeat());
+                // If there is no action, send the committed index with the next entries,
+                // or in a heartbeat if none come within `commit_delay`: a commit is often
+                // followed at once by the next entry, and one AppendEntries serves both.
+                if self.next_action.is_none() && self.commit_due.is_none() {
+                    self.commit_due = Some(C::now() + Duration::from_micros(COMMIT_DELAY_MICROS));
                 }
             }
             Replicate::Heartbeat => {
