@@ -651,10 +651,7 @@ fn metrics_move_with_a_workload_and_readiness_follows_the_quorum() {
             (200, "live\n".into())
         );
         let ready = eventually("ready", Duration::from_secs(20), || {
-            match http_get(n.http_port, "/health/ready")? {
-                (200, body) => Ok(body),
-                other => Err(format!("{other:?}")),
-            }
+            readiness(n.http_port, 200)
         });
         assert_eq!(ready, "ready\n");
     }
@@ -728,10 +725,7 @@ fn metrics_move_with_a_workload_and_readiness_follows_the_quorum() {
     let why = eventually(
         &format!("node {} is not ready", keep + 1),
         Duration::from_secs(30),
-        || match http_get(kept.http_port, "/health/ready")? {
-            (503, body) => Ok(body),
-            other => Err(format!("{other:?}")),
-        },
+        || readiness(kept.http_port, 503),
     );
     phase(&format!("node {} answers 503: {}", keep + 1, why.trim()));
     assert!(
@@ -749,15 +743,22 @@ fn metrics_move_with_a_workload_and_readiness_follows_the_quorum() {
     for i in &paused {
         mesh.nodes[*i].signal("CONT").unwrap();
     }
+    every_node_ready_again(&mesh);
+}
+
+/// `/health/ready`'s body when it answers `want`, else what it answered.
+fn readiness(port: u16, want: u16) -> Result<String, String> {
+    match http_get(port, "/health/ready")? {
+        (code, body) if code == want => Ok(body),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+fn every_node_ready_again(mesh: &Cluster) {
     for (i, n) in mesh.nodes.iter().enumerate() {
-        eventually(
-            &format!("node {} ready again", i + 1),
-            CONVERGE,
-            || match http_get(n.http_port, "/health/ready")? {
-                (200, _) => Ok(()),
-                other => Err(format!("{other:?}")),
-            },
-        );
+        eventually(&format!("node {} ready again", i + 1), CONVERGE, || {
+            readiness(n.http_port, 200)
+        });
     }
 }
 
@@ -773,14 +774,9 @@ fn a_leader_cut_off_from_its_quorum_is_not_ready() {
     let leader = mesh.wait_leader(CONVERGE, |_| true).unwrap();
     let cli = mesh.cli(leader);
     let port = mesh.nodes[leader].http_port;
-    eventually(
-        "the leader is ready",
-        Duration::from_secs(20),
-        || match http_get(port, "/health/ready")? {
-            (200, _) => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    );
+    eventually("the leader is ready", Duration::from_secs(20), || {
+        readiness(port, 200)
+    });
 
     phase(&format!("pause both followers of leader {}", leader + 1));
     let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
@@ -819,14 +815,11 @@ fn a_leader_cut_off_from_its_quorum_is_not_ready() {
     let why = eventually(
         &format!("node {} (leader without a quorum) is not ready", leader + 1),
         Duration::from_secs(15),
-        || match http_get(port, "/health/ready")? {
-            (503, body) => Ok(body),
-            other => Err(format!(
-                "{other:?}; status {}",
-                http_get(port, "/health/status")
-                    .map(|s| s.1)
-                    .unwrap_or_default()
-            )),
+        || {
+            readiness(port, 503).map_err(|e| {
+                let status = http_get(port, "/health/status").map(|s| s.1);
+                format!("{e}; status {}", status.unwrap_or_default())
+            })
         },
     );
     phase(&format!("the leader answers 503: {}", why.trim()));
@@ -835,16 +828,7 @@ fn a_leader_cut_off_from_its_quorum_is_not_ready() {
     for i in &followers {
         mesh.nodes[*i].signal("CONT").unwrap();
     }
-    for (i, n) in mesh.nodes.iter().enumerate() {
-        eventually(
-            &format!("node {} ready again", i + 1),
-            CONVERGE,
-            || match http_get(n.http_port, "/health/ready")? {
-                (200, _) => Ok(()),
-                other => Err(format!("{other:?}")),
-            },
-        );
-    }
+    every_node_ready_again(&mesh);
 }
 
 #[test]
