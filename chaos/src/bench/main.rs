@@ -77,6 +77,8 @@ enum Cmd {
     /// etcd (3 members, Debian's etcd-server) and a 3-node mesh at the same client
     /// counts and payload: both systems' figures and the ratios, with Mesh's clients
     /// sending one `submit` exec per task and, again, lines of one `submit-stream`.
+    /// The three take their runs in turn, so each Mesh run has an etcd run beside it
+    /// (the "paired runs" column: the spread of those runs' ratios).
     CompareEtcd {
         #[command(flatten)]
         load: LoadArgs,
@@ -264,36 +266,67 @@ fn load_points(
             nodes
         };
         for &clients in &a.clients {
-            let mut runs = Vec::new();
-            for _ in 0..a.runs {
-                let s = match scenario {
-                    "submit" => scenarios::submit(rt, nodes, clients, a.duration, SubmitVia::Exec)?,
-                    "submit-stream" => {
-                        scenarios::submit(rt, nodes, clients, a.duration, SubmitVia::Stream)?
-                    }
-                    "submit-batch" => scenarios::submit_batch(
-                        rt,
-                        nodes,
-                        clients,
-                        size.unwrap_or(1000) as usize,
-                        a.duration,
-                    )?,
-                    "end-to-end" => scenarios::end_to_end(rt, nodes, clients, a.duration)?,
-                    "status" => scenarios::status(rt, nodes, clients, a.duration)?,
-                    "etcd" => scenarios::etcd_put(rt, clients, a.duration)?.0,
-                    other => bail!("unknown load scenario '{other}'"),
-                };
-                phase(&format!(
-                    "{scenario} nodes={nodes} clients={clients}: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
-                    s.ops_per_sec, s.p50_ms, s.p99_ms, s.errors
-                ));
-                runs.push(s);
-            }
+            let runs = (0..a.runs)
+                .map(|_| load_run(rt, scenario, nodes, clients, a.duration, size))
+                .collect::<Result<Vec<_>>>()?;
             let system = if scenario == "etcd" { "etcd" } else { "mesh" };
             points.push(Point::of(system, scenario, nodes, clients, runs));
         }
         if scenario == "etcd" {
             break;
+        }
+    }
+    Ok(points)
+}
+
+/// One run of a load scenario on a fresh cluster.
+fn load_run(
+    rt: &Runtime,
+    scenario: &str,
+    nodes: usize,
+    clients: usize,
+    duration: Duration,
+    size: Option<u64>,
+) -> Result<LoadStats> {
+    let s = match scenario {
+        "submit" => scenarios::submit(rt, nodes, clients, duration, SubmitVia::Exec)?,
+        "submit-stream" => scenarios::submit(rt, nodes, clients, duration, SubmitVia::Stream)?,
+        "submit-batch" => {
+            scenarios::submit_batch(rt, nodes, clients, size.unwrap_or(1000) as usize, duration)?
+        }
+        "end-to-end" => scenarios::end_to_end(rt, nodes, clients, duration)?,
+        "status" => scenarios::status(rt, nodes, clients, duration)?,
+        "etcd" => scenarios::etcd_put(rt, clients, duration)?.0,
+        other => bail!("unknown load scenario '{other}'"),
+    };
+    phase(&format!(
+        "{scenario} nodes={nodes} clients={clients}: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+        s.ops_per_sec, s.p50_ms, s.p99_ms, s.errors
+    ));
+    Ok(s)
+}
+
+/// Mesh by `submit` and by `submit-stream` on 3 nodes, and etcd, at each client count,
+/// their runs taken in turn (Mesh, Mesh, etcd, then again): the load of this shared
+/// machine drifts over minutes, and runs taken together meet the same drift, so run
+/// N of Mesh and run N of etcd make a fair pair (see `Ratio::paired`).
+fn side_by_side(rt: &Runtime, a: &LoadArgs) -> Result<[Vec<Point>; 3]> {
+    const SIDES: [(&str, &str, usize); 3] = [
+        ("mesh", "submit", 3),
+        ("mesh", "submit-stream", 3),
+        ("etcd", "etcd", etcd::MEMBERS),
+    ];
+    let mut points: [Vec<Point>; 3] = Default::default();
+    for &clients in &a.clients {
+        let mut runs: [Vec<LoadStats>; 3] = Default::default();
+        for _ in 0..a.runs {
+            for (side, &(_, scenario, nodes)) in SIDES.iter().enumerate() {
+                runs[side].push(load_run(rt, scenario, nodes, clients, a.duration, None)?);
+            }
+        }
+        for (side, runs) in runs.into_iter().enumerate() {
+            let (system, scenario, nodes) = SIDES[side];
+            points[side].push(Point::of(system, scenario, nodes, clients, runs));
         }
     }
     Ok(points)
@@ -380,8 +413,13 @@ struct Ratio {
     /// How Mesh's clients submitted: `submit` or `submit-stream`.
     mesh: String,
     clients: usize,
+    /// Of the medians.
     throughput_ratio: f64,
+    /// Of the medians.
     p99_ratio: f64,
+    /// Throughput of each Mesh run over that of the etcd run taken beside it
+    /// (`side_by_side`): how far the ratio moves with the machine's drift.
+    paired: Spread,
 }
 
 /// Mesh's figures over etcd's at the same client count, for each of Mesh's points
@@ -394,19 +432,21 @@ fn ratios(mesh: &[Point], etcd: &[Point]) -> Vec<Ratio> {
             clients: m.clients,
             throughput_ratio: m.ops_per_sec.median / e.ops_per_sec.median.max(f64::MIN_POSITIVE),
             p99_ratio: m.p99_ms.median / e.p99_ms.median.max(f64::MIN_POSITIVE),
+            paired: Spread::of(
+                &m.runs
+                    .iter()
+                    .zip(&e.runs)
+                    .map(|(m, e)| m.ops_per_sec / e.ops_per_sec.max(f64::MIN_POSITIVE))
+                    .collect::<Vec<_>>(),
+            ),
         })
         .collect()
 }
 
 fn compare_etcd(rt: &Runtime, a: &LoadArgs) -> Result<(Vec<Point>, Vec<Ratio>, String)> {
     let version = etcd::etcd_version()?;
-    let mesh_args = LoadArgs {
-        nodes: vec![3],
-        ..a.clone()
-    };
-    let mut mesh = load_points(rt, "submit", &mesh_args, None)?;
-    mesh.extend(load_points(rt, "submit-stream", &mesh_args, None)?);
-    let etcd = load_points(rt, "etcd", a, None)?;
+    let [mut mesh, stream, etcd] = side_by_side(rt, a)?;
+    mesh.extend(stream);
     let ratios = ratios(&mesh, &etcd);
     if a.json {
         println!(
@@ -428,12 +468,12 @@ fn comparison_table(mesh: &[Point], etcd: &[Point], ratios: &[Ratio], version: &
         s.push('\n');
     }
     s.push_str(&format!(
-        "\nMesh / etcd ({version}), 3 nodes each, medians:\n\n| Mesh clients send | clients | committed submits/s ÷ puts/s | p99 Mesh ÷ p99 etcd |\n|---|---|---|---|\n"
+        "\nMesh / etcd ({version}), 3 nodes each, medians (and each Mesh run over the etcd run taken beside it):\n\n| Mesh clients send | clients | committed submits/s ÷ puts/s | paired runs | p99 Mesh ÷ p99 etcd |\n|---|---|---|---|---|\n"
     ));
     for r in ratios {
         s.push_str(&format!(
-            "| {} | {} | {:.2} | {:.2} |\n",
-            r.mesh, r.clients, r.throughput_ratio, r.p99_ratio
+            "| {} | {} | {:.2} | {:.2}-{:.2} | {:.2} |\n",
+            r.mesh, r.clients, r.throughput_ratio, r.paired.min, r.paired.max, r.p99_ratio
         ));
     }
     s
@@ -456,18 +496,18 @@ fn all(
     };
     let mut md = String::new();
     let mut results = serde_json::Map::new();
-    let submit = load_points(rt, "submit", &base, None)?;
+    let [mesh3, stream, etcd] = side_by_side(rt, &base)?;
+    let others = LoadArgs {
+        nodes: vec![1, 5],
+        ..base.clone()
+    };
+    let mut submit = load_points(rt, "submit", &others, None)?;
+    submit.extend(mesh3.iter().cloned());
+    submit.sort_by_key(|p| (p.nodes, p.clients));
     md.push_str(&format!("## submit\n\n{TABLE_HEAD}\n"));
     for p in &submit {
         md.push_str(&format!("{}\n", p.line()));
     }
-    let stream_args = LoadArgs {
-        nodes: vec![3],
-        ..base.clone()
-    };
-    let stream = load_points(rt, "submit-stream", &stream_args, None)?;
-    let etcd = load_points(rt, "etcd", &base, None)?;
-    let mesh3: Vec<Point> = submit.iter().filter(|p| p.nodes == 3).cloned().collect();
     let version = etcd::etcd_version()?;
     let both: Vec<Point> = mesh3.iter().chain(&stream).cloned().collect();
     let ratios = ratios(&both, &etcd);
@@ -541,4 +581,48 @@ fn all(
         out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(system: &str, clients: usize, rates: &[f64]) -> Point {
+        let runs = rates
+            .iter()
+            .map(|&ops_per_sec| LoadStats {
+                clients,
+                seconds: 1.0,
+                ops: ops_per_sec as u64,
+                errors: 0,
+                ops_per_sec,
+                p50_ms: 1.0,
+                p99_ms: 2.0,
+                p999_ms: 3.0,
+                max_ms: 4.0,
+                elections: None,
+                first_error: None,
+            })
+            .collect();
+        Point::of(system, system, 3, clients, runs)
+    }
+
+    #[test]
+    fn each_mesh_run_is_compared_with_the_etcd_run_taken_beside_it() {
+        // The medians come from different runs (8,000 / 3,000); each pair is one moment.
+        let mesh = [point("mesh", 16, &[3000.0, 8000.0, 9000.0])];
+        let etcd = [
+            point("etcd", 16, &[2000.0, 4000.0, 3000.0]),
+            point("etcd", 1, &[1.0]),
+        ];
+        let [r] = &ratios(&mesh, &etcd)[..] else {
+            panic!("one ratio per Mesh point")
+        };
+        assert_eq!(r.clients, 16);
+        assert_eq!(r.throughput_ratio, 8000.0 / 3000.0);
+        assert_eq!(
+            (r.paired.min, r.paired.median, r.paired.max),
+            (1.5, 2.0, 3.0)
+        );
+    }
 }
