@@ -27,7 +27,7 @@ const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Entries proposed but not yet applied. The next batch forms while one commits.
 /// openraft 0.9 appends and replicates one entry after another, so more in flight only
 /// makes batches smaller and entries more numerous, and on a CPU-bound leader each entry
-/// costs (an append, a sync, an AppendEntries to each follower and back). Session 11,
+/// costs an append, a sync and an AppendEntries to each follower and back. Session 11,
 /// `mesh-bench run submit-stream --nodes 3 --clients 16`, alternated 5 rounds: 2 gave
 /// 5,428-6,481 submits/s (median 5,677; 5.1 commands per entry), 1 gave 5,713-7,317
 /// (median 6,983; 7.9 per entry); one client unchanged, 256 within noise, per-exec

@@ -139,9 +139,7 @@ impl PeerServer {
             _ => Ok(()),
         }
     }
-}
 
-impl PeerServer {
     /// One AppendEntries from the holder of key `fp`, by either call. The key is checked
     /// here, so a stream checks it for every message.
     async fn append_entries_from(

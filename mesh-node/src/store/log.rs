@@ -235,8 +235,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         //
         // Nor is it written on every commit: a sled insert per commit was 2 % of a
         // follower's CPU, and it kept sled dirty, so sled's background flush wrote to the
-        // disk every 500 ms under load, beside the log's syncs. A restart then applies up
-        // to an id at most `SAVE_COMMITTED_EVERY` old and learns the rest from the leader.
+        // disk every 500 ms under load, beside the log's syncs. The stored id then trails
+        // the last commit by less than `SAVE_COMMITTED_EVERY` of commits; a restart
+        // applies up to it and learns the rest from the leader.
         if self
             .committed_saved
             .is_some_and(|at| at.elapsed() < SAVE_COMMITTED_EVERY)
@@ -353,6 +354,26 @@ mod tests {
         assert_eq!(log.read_committed().await.unwrap(), Some(log_id(3)));
         log.write_meta(COMMITTED, &Some(log_id(2))).unwrap();
         assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2)));
+    }
+
+    #[tokio::test]
+    async fn the_committed_id_is_stored_at_most_once_per_interval() {
+        use openraft::CommittedLeaderId;
+        let log_id = |index| Some(LogId::new(CommittedLeaderId::new(1, 1), index));
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Store::open(dir.path()).unwrap().log;
+        let stored = |log: &LogStore| log.read_meta::<Option<LogId>>(COMMITTED).unwrap().flatten();
+        log.save_committed(log_id(1)).await.unwrap();
+        assert_eq!(stored(&log), log_id(1), "the first is stored");
+        log.save_committed(log_id(2)).await.unwrap();
+        assert_eq!(
+            stored(&log),
+            log_id(1),
+            "the next, within the interval, is not"
+        );
+        log.committed_saved = Some(Instant::now() - SAVE_COMMITTED_EVERY);
+        log.save_committed(log_id(3)).await.unwrap();
+        assert_eq!(stored(&log), log_id(3), "once the interval passed, it is");
     }
 
     #[tokio::test]

@@ -64,7 +64,7 @@ use crate::StorageIOError;
 use crate::Vote;
 
 /// How long a newer committed log id may wait for entries to travel with.
-const COMMIT_DELAY_MICROS: u64 = 1000;
+const COMMIT_DELAY: Duration = Duration::from_millis(1);
 
 /// The handle to a spawned replication stream.
 pub(crate) struct ReplicationHandle<C>
@@ -222,6 +222,7 @@ where
             let action = self.next_action.take();
 
             let Some(d) = action else {
+                // In backoff nothing may be sent early; the next heartbeat carries it.
                 match self.commit_due {
                     Some(due) if self.backoff.is_none() => self.drain_events_until(due).await?,
                     _ => self.drain_events_with_backoff().await?,
@@ -716,10 +717,10 @@ where
                 self.committed = c;
 
                 // If there is no action, send the committed index with the next entries,
-                // or in a heartbeat if none come within `commit_delay`: a commit is often
+                // or in a heartbeat if none come within `COMMIT_DELAY`: a commit is often
                 // followed at once by the next entry, and one AppendEntries serves both.
                 if self.next_action.is_none() && self.commit_due.is_none() {
-                    self.commit_due = Some(C::now() + Duration::from_micros(COMMIT_DELAY_MICROS));
+                    self.commit_due = Some(C::now() + COMMIT_DELAY);
                 }
             }
             Replicate::Heartbeat => {
