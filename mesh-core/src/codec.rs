@@ -37,9 +37,16 @@ fn config() -> bincode::config::Configuration {
 
 /// Encode a record.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    let mut out = vec![FORMAT_VERSION];
-    bincode::serde::encode_into_std_write(value, &mut out, config())?;
+    let mut out = Vec::new();
+    encode_into(value, &mut out)?;
     Ok(out)
+}
+
+/// Encode a record at the end of `out` (a frame that already holds its header).
+pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    out.push(FORMAT_VERSION);
+    bincode::serde::encode_into_std_write(value, out, config())?;
+    Ok(())
 }
 
 /// Decode a record written by `encode`.

@@ -220,7 +220,7 @@ async fn run_whole(ctx: &Ctx, task: &Task, cancel: &CancellationToken) -> Option
             task: id,
             attempt,
             node,
-            outputs: outputs.into_iter().map(Bytes::from).collect(),
+            outputs,
         }),
         Err(ExecError::Cancelled | ExecError::ShuttingDown) => {
             info!("attempt stopped; its kernel was killed");
@@ -285,7 +285,7 @@ async fn run_shards(ctx: &Ctx, task: &Task, cancel: &CancellationToken) -> Optio
             };
         match dispatch(ctx, plan, shard_inputs, task.timeout, cancel).await {
             Ok(mut outputs) if outputs.len() == 1 => {
-                let output = Bytes::from(outputs.remove(0));
+                let output = outputs.remove(0);
                 match ctx
                     .proposer
                     .propose(Command::Checkpoint {
@@ -332,7 +332,7 @@ async fn dispatch(
     inputs: Vec<Bytes>,
     timeout: Duration,
     cancel: &CancellationToken,
-) -> Result<Vec<Vec<u8>>, ExecError> {
+) -> Result<Vec<Bytes>, ExecError> {
     let bytes = buffer_bytes(&plan, &inputs);
     if let Some(budget) = ctx.memory_budget.filter(|b| bytes > *b) {
         return Err(ExecError::OverBudget { bytes, budget });

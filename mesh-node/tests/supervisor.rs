@@ -79,7 +79,7 @@ async fn assert_saxpy_works(supervisor: &Supervisor, when: &str) {
         .unwrap_or_else(|e| panic!("saxpy {when} failed: {e}"));
     assert_eq!(outputs.len(), 1, "saxpy has one output");
     assert!(
-        outputs[0] == expected,
+        outputs[0].as_slice() == expected.as_slice(),
         "saxpy {when}: the output differs from the CPU reference"
     );
 }

@@ -173,7 +173,7 @@ fn read_jobs(jobs: mpsc::SyncSender<Job>, busy: &AtomicBool) {
 
 /// Write one message to the daemon; on failure, the exit status to end with.
 fn send<T: serde::Serialize>(stdout: &mut impl Write, message: &T) -> Result<(), i32> {
-    let frame = wire::encode_frame(message).map_err(|e| {
+    let frame = wire::encode_frame(message, 0).map_err(|e| {
         note!("mesh-node gpu-worker: cannot encode a message: {e}");
         EXIT_PROTOCOL
     })?;
@@ -182,7 +182,11 @@ fn send<T: serde::Serialize>(stdout: &mut impl Write, message: &T) -> Result<(),
 
 /// Write a reply; one too large for a frame is replaced by an error with the same id.
 fn send_reply(stdout: &mut impl Write, reply: Reply) -> Result<(), i32> {
-    match wire::encode_frame(&reply) {
+    let output_bytes = reply
+        .result
+        .as_ref()
+        .map_or(0, |outputs| outputs.iter().map(mesh_core::Bytes::len).sum());
+    match wire::encode_frame(&reply, output_bytes) {
         Ok(frame) => write(stdout, &frame),
         Err(FrameError::TooLarge(bytes)) => {
             tracing::warn!(

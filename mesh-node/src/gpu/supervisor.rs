@@ -276,21 +276,23 @@ impl Supervisor {
         inputs: Vec<Bytes>,
         timeout: Duration,
         cancel: CancellationToken,
-    ) -> Result<Vec<Vec<u8>>, ExecError> {
+    ) -> Result<Vec<Bytes>, ExecError> {
         let inner = &self.inner;
         let deadline = Instant::now() + timeout;
         let id = inner.next_job.fetch_add(1, Ordering::Relaxed);
-        let frame = wire::encode_frame(&Job { id, plan, inputs }).map_err(|e| match e {
-            FrameError::TooLarge(bytes) => ExecError::TooLarge {
-                bytes,
-                limit: wire::MAX_FRAME_BYTES,
-            },
-            other => ExecError::Gpu(wire::ChildError {
-                message: format!("the job cannot be encoded for the GPU worker: {other}"),
-                retryable: false,
-                kind: ChildErrorKind::InvalidPlan,
-            }),
-        })?;
+        let input_bytes = inputs.iter().map(Bytes::len).sum();
+        let frame =
+            wire::encode_frame(&Job { id, plan, inputs }, input_bytes).map_err(|e| match e {
+                FrameError::TooLarge(bytes) => ExecError::TooLarge {
+                    bytes,
+                    limit: wire::MAX_FRAME_BYTES,
+                },
+                other => ExecError::Gpu(wire::ChildError {
+                    message: format!("the job cannot be encoded for the GPU worker: {other}"),
+                    retryable: false,
+                    kind: ChildErrorKind::InvalidPlan,
+                }),
+            })?;
 
         let worker = tokio::select! {
             biased;
@@ -322,7 +324,7 @@ impl Supervisor {
                     metrics::histogram!("mesh_gpu_dispatch_seconds")
                         .record(reply.elapsed.as_secs_f64());
                     lease.release();
-                    Ok(outputs.into_iter().map(|b| b.to_vec()).collect())
+                    Ok(outputs)
                 }
                 Err(e) => {
                     match e.kind {
@@ -673,6 +675,8 @@ async fn spawn_worker(
             "the GPU worker's pipes were not created".into(),
         ));
     };
+    wire::widen_pipe(&stdin);
+    wire::widen_pipe(&stdout);
     let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)));
     let forwarder = tracker.spawn(forward_stderr(stderr, pid, slot, Arc::clone(&stderr_tail)));
     let mut worker = WorkerProcess {

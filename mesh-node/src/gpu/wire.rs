@@ -149,17 +149,31 @@ pub enum FrameError {
     Decode(#[from] mesh_core::codec::CodecError),
 }
 
+/// Bytes each pipe between the daemon and a worker holds (Linux's default is 64 KiB,
+/// and 1 MiB is what `/proc/sys/fs/pipe-max-size` lets any process ask for by
+/// default): a 16 MiB input then crosses in 16 hand-offs between the two processes
+/// instead of 256.
+const PIPE_BYTES: usize = 1024 * 1024;
+
+/// Ask for a [`PIPE_BYTES`] pipe buffer. Best effort: a smaller pipe is only slower.
+pub fn widen_pipe(pipe: &impl std::os::fd::AsFd) {
+    if let Err(e) = rustix::pipe::fcntl_setpipe_size(pipe, PIPE_BYTES) {
+        tracing::debug!(error = %e, "cannot enlarge a GPU worker pipe; keeping its size");
+    }
+}
+
 /// Encode `value` as a complete frame (length prefix included), refusing one over
-/// [`MAX_FRAME_BYTES`].
-pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
-    let mut record = mesh_core::codec::encode(value)?;
-    let len = record.len();
+/// [`MAX_FRAME_BYTES`]. `size_hint`: about how many bytes the record takes (the
+/// frame is written in place, without regrowing for large inputs or outputs).
+pub fn encode_frame<T: Serialize>(value: &T, size_hint: usize) -> Result<Vec<u8>, FrameError> {
+    let mut frame = Vec::with_capacity(4 + size_hint.min(MAX_FRAME_BYTES) + 1024);
+    frame.extend_from_slice(&[0; 4]);
+    mesh_core::codec::encode_into(value, &mut frame)?;
+    let len = frame.len() - 4;
     if len > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(len));
     }
-    let mut frame = Vec::with_capacity(4 + len);
-    frame.extend_from_slice(&(len as u32).to_le_bytes());
-    frame.append(&mut record);
+    frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(frame)
 }
 
@@ -250,7 +264,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip_blocking_and_async() {
-        let frame = encode_frame(&job()).unwrap();
+        let frame = encode_frame(&job(), 0).unwrap();
         assert_eq!(
             u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize,
             frame.len() - 4
@@ -281,6 +295,15 @@ mod tests {
                 Err(FrameError::Closed)
             ));
         });
+    }
+
+    #[test]
+    fn worker_pipes_are_widened() {
+        let (reader, writer) = std::io::pipe().unwrap();
+        let before = rustix::pipe::fcntl_getpipe_size(&reader).unwrap();
+        widen_pipe(&writer);
+        let after = rustix::pipe::fcntl_getpipe_size(&reader).unwrap();
+        assert_eq!((before < PIPE_BYTES, after), (true, PIPE_BYTES));
     }
 
     #[test]
