@@ -4,13 +4,13 @@
 //! The process exists so that the daemon can SIGKILL a kernel that hangs or crash-loops
 //! the driver without going down with it. It is not meant to be started by hand.
 
-use super::wire::{self, ChildError, ChildErrorKind, FrameError, Hello, Job, Reply};
+use super::wire::{self, ChildError, ChildErrorKind, FrameError, Hello, Job};
 use super::Executor;
 use std::io::Write;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Fault-injection hook for tests and drills, read only by `mesh-node gpu-worker`:
 /// when set, the worker aborts (SIGABRT) on receiving a job whose entry point has this
@@ -108,7 +108,7 @@ pub fn serve() -> i32 {
             std::panic::catch_unwind(AssertUnwindSafe(|| executor.run(&job.plan, &job.inputs)));
         let elapsed = started.elapsed();
         let result = match result {
-            Ok(Ok(outputs)) => Ok(outputs.into_iter().map(mesh_core::Bytes::from).collect()),
+            Ok(Ok(outputs)) => Ok(outputs),
             Ok(Err(e)) => Err(ChildError::from(&e)),
             Err(panic) => Err(ChildError {
                 message: format!("the GPU executor panicked: {}", panic_message(&*panic)),
@@ -117,15 +117,10 @@ pub fn serve() -> i32 {
             }),
         };
         let ends_worker = result.as_ref().err().is_some_and(|e| e.kind.ends_worker());
-        let reply = Reply {
-            id: job.id,
-            result,
-            elapsed,
-        };
         // Idle before the reply leaves: a daemon that closes stdin as soon as it has
         // the reply (shutdown) must find this worker idle, not make it abort.
         busy.store(false, Ordering::SeqCst);
-        if let Err(code) = send_reply(&mut stdout, reply) {
+        if let Err(code) = send_reply(&mut stdout, job.id, &result, elapsed) {
             return code;
         }
         if ends_worker {
@@ -147,8 +142,7 @@ pub fn serve() -> i32 {
 fn read_jobs(jobs: mpsc::SyncSender<Job>, busy: &AtomicBool) {
     let mut stdin = std::io::stdin().lock();
     loop {
-        let job = match wire::read_body(&mut stdin).and_then(|body| wire::decode_body::<Job>(&body))
-        {
+        let job = match wire::read_job(&mut stdin) {
             Ok(job) => job,
             Err(FrameError::Closed) => {
                 if busy.load(Ordering::SeqCst) {
@@ -173,49 +167,44 @@ fn read_jobs(jobs: mpsc::SyncSender<Job>, busy: &AtomicBool) {
 
 /// Write one message to the daemon; on failure, the exit status to end with.
 fn send<T: serde::Serialize>(stdout: &mut impl Write, message: &T) -> Result<(), i32> {
-    let frame = wire::encode_frame(message, 0).map_err(|e| {
+    let frame = wire::encode_frame(message).map_err(|e| {
         note!("mesh-node gpu-worker: cannot encode a message: {e}");
         EXIT_PROTOCOL
     })?;
     write(stdout, &frame)
 }
 
-/// Write a reply; one too large for a frame is replaced by an error with the same id.
-fn send_reply(stdout: &mut impl Write, reply: Reply) -> Result<(), i32> {
-    let output_bytes = reply
-        .result
-        .as_ref()
-        .map_or(0, |outputs| outputs.iter().map(mesh_core::Bytes::len).sum());
-    match wire::encode_frame(&reply, output_bytes) {
-        Ok(frame) => write(stdout, &frame),
+/// Write a reply; outputs too large for the pipe are replaced by an error with the
+/// same id.
+fn send_reply(
+    stdout: &mut impl Write,
+    id: u64,
+    result: &Result<Vec<Vec<u8>>, ChildError>,
+    elapsed: Duration,
+) -> Result<(), i32> {
+    let written = match wire::write_reply(stdout, id, result.as_ref().map(Vec::as_slice), elapsed) {
         Err(FrameError::TooLarge(bytes)) => {
             tracing::warn!(
                 bytes,
-                "reply over the frame limit; sending an error instead"
+                "outputs over the pipe's limit; sending an error instead"
             );
             let error = ChildError {
                 message: format!(
-                    "the outputs encode to {bytes} bytes, over the {}-byte limit of the GPU worker pipe; \
+                    "the outputs take {bytes} bytes, over the {}-byte limit of the GPU worker pipe; \
                      split the work into smaller tasks",
                     wire::MAX_FRAME_BYTES
                 ),
                 retryable: false,
                 kind: ChildErrorKind::TooLarge,
             };
-            send(
-                stdout,
-                &Reply {
-                    id: reply.id,
-                    result: Err(error),
-                    elapsed: reply.elapsed,
-                },
-            )
+            wire::write_reply(stdout, id, Err(&error), elapsed)
         }
-        Err(e) => {
-            note!("mesh-node gpu-worker: cannot encode a reply: {e}");
-            Err(EXIT_PROTOCOL)
-        }
-    }
+        other => other,
+    };
+    written.map_err(|e| {
+        note!("mesh-node gpu-worker: cannot write a reply to the daemon ({e}); exiting");
+        EXIT_PROTOCOL
+    })
 }
 
 fn write(stdout: &mut impl Write, frame: &[u8]) -> Result<(), i32> {

@@ -280,19 +280,17 @@ impl Supervisor {
         let inner = &self.inner;
         let deadline = Instant::now() + timeout;
         let id = inner.next_job.fetch_add(1, Ordering::Relaxed);
-        let input_bytes = inputs.iter().map(Bytes::len).sum();
-        let frame =
-            wire::encode_frame(&Job { id, plan, inputs }, input_bytes).map_err(|e| match e {
-                FrameError::TooLarge(bytes) => ExecError::TooLarge {
-                    bytes,
-                    limit: wire::MAX_FRAME_BYTES,
-                },
-                other => ExecError::Gpu(wire::ChildError {
-                    message: format!("the job cannot be encoded for the GPU worker: {other}"),
-                    retryable: false,
-                    kind: ChildErrorKind::InvalidPlan,
-                }),
-            })?;
+        let frame = wire::JobFrame::new(Job { id, plan, inputs }).map_err(|e| match e {
+            FrameError::TooLarge(bytes) => ExecError::TooLarge {
+                bytes,
+                limit: wire::MAX_FRAME_BYTES,
+            },
+            other => ExecError::Gpu(wire::ChildError {
+                message: format!("the job cannot be encoded for the GPU worker: {other}"),
+                retryable: false,
+                kind: ChildErrorKind::InvalidPlan,
+            }),
+        })?;
 
         let worker = tokio::select! {
             biased;
@@ -605,18 +603,16 @@ impl Inner {
 impl WorkerProcess {
     /// Send one job and read its reply. Not cancel-safe: a caller that stops polling
     /// must kill the worker (the pipe may hold half a frame).
-    async fn exchange(&mut self, id: u64, frame: &[u8]) -> Result<Reply, Exchange> {
+    async fn exchange(&mut self, id: u64, job: &wire::JobFrame) -> Result<Reply, Exchange> {
         // EPIPE (the worker is gone) is an io error: Rust programs ignore SIGPIPE.
-        wire::write_frame_async(&mut self.stdin, frame)
+        job.write(&mut self.stdin)
             .await
             .map_err(|_| Exchange::Died)?;
-        let body = match wire::read_body_async(&mut self.stdout).await {
-            Ok(body) => body,
+        let reply = match wire::read_reply_async(&mut self.stdout).await {
+            Ok(reply) => reply,
             Err(FrameError::Closed | FrameError::Io(_)) => return Err(Exchange::Died),
-            Err(e) => return Err(Exchange::Protocol(e.to_string())),
+            Err(e) => return Err(Exchange::Protocol(format!("unreadable reply: {e}"))),
         };
-        let reply: Reply = wire::decode_body(&body)
-            .map_err(|e| Exchange::Protocol(format!("unreadable reply: {e}")))?;
         if reply.id != id {
             return Err(Exchange::Protocol(format!(
                 "a reply to job {} while job {id} was running",

@@ -1,10 +1,15 @@
 //! The pipe protocol between the daemon and its GPU worker processes
 //! (`mesh-node gpu-worker`): the messages and their framing.
 //!
-//! Every message is one frame: a 4-byte little-endian length, then a record encoded
-//! with `mesh_core::codec` (bincode behind a format version byte). The worker writes
-//! one [`Hello`] on stdout when it starts, then answers each [`Job`] read from stdin
-//! with one [`Reply`], one job at a time. Logs go to stderr, never stdout.
+//! Every message starts with one frame: a 4-byte little-endian length, then a record
+//! encoded with `mesh_core::codec` (bincode behind a format version byte). The worker
+//! writes one [`Hello`] on stdout when it starts, then answers each [`Job`] read from
+//! stdin with one [`Reply`], one job at a time. Logs go to stderr, never stdout.
+//!
+//! A job's inputs and a reply's outputs (up to 16 MiB each way) do not go inside the
+//! record: its header lists their lengths and the bytes follow it raw, written from
+//! where they lie and read into the buffers they are kept in. Encoding them would copy
+//! each byte twice more; this way a byte is copied into the pipe and out of it.
 
 use super::GpuError;
 use mesh_core::capability::AdapterInfo;
@@ -12,6 +17,7 @@ use mesh_core::kernel::KernelPlan;
 use mesh_core::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{Read, Write};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
@@ -24,7 +30,7 @@ pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 /// Version of the message shapes below; bumped whenever one changes. A worker whose
 /// [`Hello`] carries another version (a binary replaced under a running daemon) is
 /// refused instead of misread.
-pub const WIRE_VERSION: u32 = 1;
+pub const WIRE_VERSION: u32 = 2;
 
 /// The worker's first message: whether it opened an adapter.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,8 +51,8 @@ pub enum Hello {
     },
 }
 
-/// One kernel to run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One kernel to run (on the pipe: a [`JobHeader`], then the inputs).
+#[derive(Debug, Clone)]
 pub struct Job {
     /// Chosen by the daemon; echoed in the reply.
     pub id: u64,
@@ -56,8 +62,8 @@ pub struct Job {
     pub inputs: Vec<Bytes>,
 }
 
-/// The answer to one [`Job`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The answer to one [`Job`] (on the pipe: a [`ReplyHeader`], then the outputs).
+#[derive(Debug, Clone)]
 pub struct Reply {
     /// The job's id.
     pub id: u64,
@@ -65,6 +71,23 @@ pub struct Reply {
     pub result: Result<Vec<Bytes>, ChildError>,
     /// Time the worker spent in the executor.
     pub elapsed: Duration,
+}
+
+/// A [`Job`]'s record: the job without its inputs, which follow it on the pipe.
+#[derive(Debug, Serialize, Deserialize)]
+struct JobHeader {
+    id: u64,
+    plan: KernelPlan,
+    /// Bytes of each input, in order.
+    input_lens: Vec<u64>,
+}
+
+/// A [`Reply`]'s record: the outputs' lengths; the outputs follow it on the pipe.
+#[derive(Debug, Serialize, Deserialize)]
+struct ReplyHeader {
+    id: u64,
+    result: Result<Vec<u64>, ChildError>,
+    elapsed: Duration,
 }
 
 /// An executor error as it crosses the pipe ([`GpuError`] itself is not serializable).
@@ -163,11 +186,9 @@ pub fn widen_pipe(pipe: &impl std::os::fd::AsFd) {
 }
 
 /// Encode `value` as a complete frame (length prefix included), refusing one over
-/// [`MAX_FRAME_BYTES`]. `size_hint`: about how many bytes the record takes (the
-/// frame is written in place, without regrowing for large inputs or outputs).
-pub fn encode_frame<T: Serialize>(value: &T, size_hint: usize) -> Result<Vec<u8>, FrameError> {
-    let mut frame = Vec::with_capacity(4 + size_hint.min(MAX_FRAME_BYTES) + 1024);
-    frame.extend_from_slice(&[0; 4]);
+/// [`MAX_FRAME_BYTES`].
+pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
+    let mut frame = vec![0; 4];
     mesh_core::codec::encode_into(value, &mut frame)?;
     let len = frame.len() - 4;
     if len > MAX_FRAME_BYTES {
@@ -175,6 +196,133 @@ pub fn encode_frame<T: Serialize>(value: &T, size_hint: usize) -> Result<Vec<u8>
     }
     frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(frame)
+}
+
+/// Checks that buffers of these lengths may cross the pipe (at most
+/// [`MAX_FRAME_BYTES`] in all): a corrupt header must not make the reader allocate more.
+fn check_payload(lens: &[u64]) -> Result<(), FrameError> {
+    let total = lens
+        .iter()
+        .try_fold(0u64, |sum, &len| sum.checked_add(len))
+        .unwrap_or(u64::MAX);
+    if total > MAX_FRAME_BYTES as u64 {
+        return Err(FrameError::TooLarge(
+            usize::try_from(total).unwrap_or(usize::MAX),
+        ));
+    }
+    Ok(())
+}
+
+/// A zeroed buffer of `len` bytes to read a payload into, which then becomes a
+/// [`Bytes`] without being copied. `len` was checked by [`check_payload`].
+fn payload_buffer(len: u64) -> Arc<[u8]> {
+    std::iter::repeat_n(0u8, len as usize).collect()
+}
+
+fn writable(buffer: &mut Arc<[u8]>) -> &mut [u8] {
+    Arc::get_mut(buffer).expect("a buffer just made has no other owner")
+}
+
+/// A job ready for the pipe: its header frame, and its inputs to write after it.
+pub struct JobFrame {
+    header: Vec<u8>,
+    inputs: Vec<Bytes>,
+}
+
+impl JobFrame {
+    /// Encode a job's header; refuses a job whose header or inputs are over
+    /// [`MAX_FRAME_BYTES`].
+    pub fn new(job: Job) -> Result<JobFrame, FrameError> {
+        let input_lens: Vec<u64> = job.inputs.iter().map(|b| b.len() as u64).collect();
+        check_payload(&input_lens)?;
+        let header = encode_frame(&JobHeader {
+            id: job.id,
+            plan: job.plan,
+            input_lens,
+        })?;
+        Ok(JobFrame {
+            header,
+            inputs: job.inputs,
+        })
+    }
+
+    /// Write the job and flush it.
+    pub async fn write(&self, w: &mut (impl AsyncWrite + Unpin)) -> Result<(), FrameError> {
+        w.write_all(&self.header).await?;
+        for input in &self.inputs {
+            w.write_all(input).await?;
+        }
+        w.flush().await?;
+        Ok(())
+    }
+}
+
+/// Blocking: read one job; [`FrameError::Closed`] at a clean end of stream.
+pub fn read_job(r: &mut impl Read) -> Result<Job, FrameError> {
+    let header: JobHeader = decode_body(&read_body(r)?)?;
+    check_payload(&header.input_lens)?;
+    let mut inputs = Vec::with_capacity(header.input_lens.len());
+    for &len in &header.input_lens {
+        let mut buffer = payload_buffer(len);
+        r.read_exact(writable(&mut buffer))?;
+        inputs.push(Bytes::from(buffer));
+    }
+    Ok(Job {
+        id: header.id,
+        plan: header.plan,
+        inputs,
+    })
+}
+
+/// Blocking: write one reply (a successful job's outputs after its header) and flush
+/// it. Outputs over [`MAX_FRAME_BYTES`] in all are refused before anything is written.
+pub fn write_reply(
+    w: &mut impl Write,
+    id: u64,
+    result: Result<&[Vec<u8>], &ChildError>,
+    elapsed: Duration,
+) -> Result<(), FrameError> {
+    let lens = match result {
+        Ok(outputs) => {
+            let lens: Vec<u64> = outputs.iter().map(|o| o.len() as u64).collect();
+            check_payload(&lens)?;
+            Ok(lens)
+        }
+        Err(e) => Err(e.clone()),
+    };
+    w.write_all(&encode_frame(&ReplyHeader {
+        id,
+        result: lens,
+        elapsed,
+    })?)?;
+    for output in result.unwrap_or_default() {
+        w.write_all(output)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// Read one reply; [`FrameError::Closed`] at a clean end of stream.
+pub async fn read_reply_async(r: &mut (impl AsyncRead + Unpin)) -> Result<Reply, FrameError> {
+    let header: ReplyHeader = decode_body(&read_body_async(r).await?)?;
+    let result = match header.result {
+        Ok(lens) => {
+            check_payload(&lens)?;
+            let mut outputs = Vec::with_capacity(lens.len());
+            for len in lens {
+                let mut buffer = payload_buffer(len);
+                r.read_exact(writable(&mut buffer)).await?;
+                outputs.push(Bytes::from(buffer));
+            }
+            Ok(outputs)
+        }
+        Err(e) => Err(e),
+    };
+    Ok(Reply {
+        id: header.id,
+        result,
+        elapsed: header.elapsed,
+    })
 }
 
 /// Decode a frame's body (what follows the length prefix).
@@ -229,16 +377,6 @@ pub async fn read_body_async(r: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>
     Ok(body)
 }
 
-/// Write one encoded frame and flush it.
-pub async fn write_frame_async(
-    w: &mut (impl AsyncWrite + Unpin),
-    frame: &[u8],
-) -> Result<(), FrameError> {
-    w.write_all(frame).await?;
-    w.flush().await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,38 +401,84 @@ mod tests {
     }
 
     #[test]
-    fn frames_round_trip_blocking_and_async() {
-        let frame = encode_frame(&job(), 0).unwrap();
-        assert_eq!(
-            u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize,
-            frame.len() - 4
-        );
-        let mut stream: Vec<u8> = Vec::new();
-        write_frame(&mut stream, &frame).unwrap();
-        write_frame(&mut stream, &frame).unwrap();
-        let mut r = &stream[..];
+    fn jobs_and_replies_cross_with_their_bytes_raw_after_the_header() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // Two jobs back to back: the first job's inputs must end exactly where the
+        // second job's header starts.
+        let mut pipe: Vec<u8> = Vec::new();
         for _ in 0..2 {
-            let back: Job = decode_body(&read_body(&mut r).unwrap()).unwrap();
+            rt.block_on(JobFrame::new(job()).unwrap().write(&mut pipe))
+                .unwrap();
+        }
+        let header_len = u32::from_le_bytes(pipe[..4].try_into().unwrap()) as usize;
+        assert_eq!(
+            pipe.len(),
+            2 * (4 + header_len + 4),
+            "header, then 4 raw input bytes"
+        );
+        assert_eq!(&pipe[4 + header_len..][..4], &[1, 2, 3, 4]);
+        let mut r = &pipe[..];
+        for _ in 0..2 {
+            let back = read_job(&mut r).unwrap();
             assert_eq!(
                 (back.id, &back.plan, &back.inputs),
                 (7, &job().plan, &job().inputs)
             );
         }
-        assert!(matches!(read_body(&mut r), Err(FrameError::Closed)));
+        assert!(matches!(read_job(&mut r), Err(FrameError::Closed)));
 
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        // Replies: outputs, then an error (no bytes after its header).
+        let outputs = vec![vec![9u8; 5], Vec::new(), vec![8u8; 3]];
+        let error = ChildError::from(&GpuError::Compile("bad".into()));
+        let mut pipe: Vec<u8> = Vec::new();
+        let elapsed = Duration::from_millis(3);
+        write_reply(&mut pipe, 1, Ok(&outputs), elapsed).unwrap();
+        write_reply(&mut pipe, 2, Err(&error), elapsed).unwrap();
         rt.block_on(async {
-            let mut r = &stream[..];
-            let back: Job = decode_body(&read_body_async(&mut r).await.unwrap()).unwrap();
-            assert_eq!(back.plan, job().plan);
-            read_body_async(&mut r).await.unwrap();
+            let mut r = &pipe[..];
+            let first = read_reply_async(&mut r).await.unwrap();
+            let got: Vec<Vec<u8>> = first.result.unwrap().iter().map(|b| b.to_vec()).collect();
+            assert_eq!((first.id, got, first.elapsed), (1, outputs, elapsed));
+            let second = read_reply_async(&mut r).await.unwrap();
+            assert_eq!((second.id, second.result.unwrap_err()), (2, error));
             assert!(matches!(
-                read_body_async(&mut r).await,
+                read_reply_async(&mut r).await,
                 Err(FrameError::Closed)
             ));
         });
+    }
+
+    #[test]
+    fn payloads_over_the_limit_are_refused_before_anything_moves() {
+        // A reply whose outputs add up to more than the limit writes nothing.
+        let half = vec![0u8; MAX_FRAME_BYTES / 2 + 1];
+        let mut pipe: Vec<u8> = Vec::new();
+        let too_large = write_reply(&mut pipe, 1, Ok(&[half.clone(), half]), Duration::ZERO);
+        assert!(matches!(too_large, Err(FrameError::TooLarge(_))));
+        assert!(pipe.is_empty());
+        // A header that claims more input than the limit is refused before any
+        // buffer is allocated for it.
+        let header = encode_frame(&JobHeader {
+            id: 1,
+            plan: job().plan,
+            input_lens: vec![u64::MAX, 2],
+        })
+        .unwrap();
+        assert!(matches!(
+            read_job(&mut &header[..]),
+            Err(FrameError::TooLarge(_))
+        ));
+        // A stream cut inside the inputs.
+        let mut cut = encode_frame(&JobHeader {
+            id: 1,
+            plan: job().plan,
+            input_lens: vec![4],
+        })
+        .unwrap();
+        cut.extend_from_slice(&[1, 2]);
+        assert!(matches!(read_job(&mut &cut[..]), Err(FrameError::Io(_))));
     }
 
     #[test]
@@ -326,7 +510,7 @@ mod tests {
         // Garbage that frames correctly but is not a record.
         let body = read_body(&mut &[3u8, 0, 0, 0, 9, 9, 9][..]).unwrap();
         assert!(matches!(
-            decode_body::<Job>(&body),
+            decode_body::<JobHeader>(&body),
             Err(FrameError::Decode(_))
         ));
     }
