@@ -368,20 +368,38 @@ fn measure<T>(runs: usize, mut run: impl FnMut() -> T) -> (Stats, T) {
 }
 
 /// One full run of a kernel by one path, returning its outputs.
-type PathRun<'a> = &'a mut dyn FnMut() -> Vec<Vec<u8>>;
+type PathRun<'a> = &'a mut dyn FnMut() -> Outputs;
+
+/// A path's outputs as the path produced them: turned into `Vec`s to be checked only
+/// after the run is timed, so that no path pays for a copy it would not make.
+enum Outputs {
+    /// The executor's and bare wgpu's.
+    Vecs(Vec<Vec<u8>>),
+    /// The worker process's, which the node keeps as they arrive.
+    Shared(Vec<Bytes>),
+}
+
+impl Outputs {
+    fn into_vecs(self) -> Vec<Vec<u8>> {
+        match self {
+            Outputs::Vecs(v) => v,
+            Outputs::Shared(b) => b.iter().map(|b| b.to_vec()).collect(),
+        }
+    }
+}
 
 /// One warm-up run of each path, then `runs` rounds that run every path once in turn,
 /// so that a change in the machine's speed (lavapipe's timings drift and jump) hits
 /// every path alike. Returns each path's times and last output.
 fn measure_paths(runs: usize, paths: &mut [PathRun<'_>]) -> Vec<(Stats, Vec<Vec<u8>>)> {
-    let mut last: Vec<Vec<Vec<u8>>> = paths.iter_mut().map(|run| run()).collect();
+    let mut last: Vec<Vec<Vec<u8>>> = paths.iter_mut().map(|run| run().into_vecs()).collect();
     let mut times = vec![Vec::with_capacity(runs); paths.len()];
     for _ in 0..runs {
         for (i, run) in paths.iter_mut().enumerate() {
             let started = Instant::now();
             let output = run();
             times[i].push(started.elapsed());
-            last[i] = output;
+            last[i] = output.into_vecs();
         }
     }
     times.into_iter().map(Stats::of).zip(last).collect()
@@ -708,9 +726,7 @@ impl Worker {
         })
     }
 
-    /// The outputs are copied into `Vec`s to be checked like the other paths' (a copy
-    /// a node does not make; it is timed, so the worker column errs high).
-    fn run(&self, plan: &KernelPlan, inputs: Vec<Bytes>) -> Vec<Vec<u8>> {
+    fn run(&self, plan: &KernelPlan, inputs: Vec<Bytes>) -> Vec<Bytes> {
         self.runtime
             .block_on(self.supervisor.run(
                 plan.clone(),
@@ -719,9 +735,6 @@ impl Worker {
                 CancellationToken::new(),
             ))
             .unwrap_or_else(|e| panic!("the GPU worker failed: {e}"))
-            .iter()
-            .map(|b| b.to_vec())
-            .collect()
     }
 
     fn stop(self) {
@@ -769,14 +782,16 @@ fn bench_case(
     let (compile, pipeline) = measure(runs, || bare.compile(&case.plan));
     let kernel = bare.kernel_only(&case.plan, &pipeline, inputs, runs);
 
-    let mut bare_run = || bare.run(&case.plan, &pipeline, inputs);
-    let mut fresh_run = || bare.run(&case.plan, &bare.compile(&case.plan), inputs);
+    let mut bare_run = || Outputs::Vecs(bare.run(&case.plan, &pipeline, inputs));
+    let mut fresh_run = || Outputs::Vecs(bare.run(&case.plan, &bare.compile(&case.plan), inputs));
     let mut executor_run = || {
-        executor
-            .run(&case.plan, inputs)
-            .unwrap_or_else(|e| panic!("{} via the executor: {e}", case.name))
+        Outputs::Vecs(
+            executor
+                .run(&case.plan, inputs)
+                .unwrap_or_else(|e| panic!("{} via the executor: {e}", case.name)),
+        )
     };
-    let mut worker_run = worker.map(|w| move || w.run(&case.plan, inputs.clone()));
+    let mut worker_run = worker.map(|w| move || Outputs::Shared(w.run(&case.plan, inputs.clone())));
     let mut paths: Vec<PathRun<'_>> = vec![&mut bare_run, &mut fresh_run, &mut executor_run];
     if let Some(run) = worker_run.as_mut() {
         paths.push(run);

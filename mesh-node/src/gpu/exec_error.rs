@@ -47,11 +47,11 @@ pub enum ExecError {
     Protocol(String),
     /// The task: the job does not fit through the worker pipe.
     #[error(
-        "the job encodes to {bytes} bytes, over the {limit}-byte limit of the GPU worker pipe; \
+        "the job takes {bytes} bytes, over the {limit}-byte limit of the GPU worker pipe; \
          split the work into smaller tasks"
     )]
     TooLarge {
-        /// Encoded size.
+        /// Bytes of its inputs in all, or of its encoded header.
         bytes: usize,
         /// [`super::wire::MAX_FRAME_BYTES`].
         limit: usize,
