@@ -7,11 +7,11 @@ use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
 use std::fmt;
-use std::sync::Arc;
 
-/// An immutable, cheaply cloned byte buffer.
+/// An immutable, cheaply cloned byte buffer. Made from a `Vec` it keeps the `Vec`'s
+/// allocation (no copy), which matters for the megabytes of a task's inputs and outputs.
 #[derive(Clone, PartialEq, Eq, Default)]
-pub struct Bytes(Arc<[u8]>);
+pub struct Bytes(bytes::Bytes);
 
 impl Bytes {
     /// The bytes.
@@ -37,19 +37,13 @@ impl Bytes {
 
 impl From<Vec<u8>> for Bytes {
     fn from(v: Vec<u8>) -> Self {
-        Bytes(v.into())
-    }
-}
-
-impl From<Arc<[u8]>> for Bytes {
-    fn from(v: Arc<[u8]>) -> Self {
-        Bytes(v)
+        Bytes(bytes::Bytes::from(v))
     }
 }
 
 impl From<&[u8]> for Bytes {
     fn from(v: &[u8]) -> Self {
-        Bytes(v.into())
+        Bytes(bytes::Bytes::copy_from_slice(v))
     }
 }
 

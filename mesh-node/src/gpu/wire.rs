@@ -17,7 +17,6 @@ use mesh_core::kernel::KernelPlan;
 use mesh_core::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{Read, Write};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
@@ -213,14 +212,31 @@ fn check_payload(lens: &[u64]) -> Result<(), FrameError> {
     Ok(())
 }
 
-/// A zeroed buffer of `len` bytes to read a payload into, which then becomes a
-/// [`Bytes`] without being copied. `len` was checked by [`check_payload`].
-fn payload_buffer(len: u64) -> Arc<[u8]> {
-    std::iter::repeat_n(0u8, len as usize).collect()
+/// Blocking: read a payload of `len` bytes (checked by [`check_payload`]) into the
+/// buffer that keeps it: no zeroing first, no copy into [`Bytes`] after.
+fn read_payload(r: &mut impl Read, len: u64) -> Result<Bytes, FrameError> {
+    let mut buffer = Vec::with_capacity(len as usize);
+    r.take(len).read_to_end(&mut buffer)?;
+    if buffer.len() as u64 != len {
+        return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(Bytes::from(buffer))
 }
 
-fn writable(buffer: &mut Arc<[u8]>) -> &mut [u8] {
-    Arc::get_mut(buffer).expect("a buffer just made has no other owner")
+/// [`read_payload`] for the daemon's side. `take` keeps each read within the payload,
+/// so the next message's bytes stay in the pipe.
+async fn read_payload_async(
+    r: &mut (impl AsyncRead + Unpin),
+    len: u64,
+) -> Result<Bytes, FrameError> {
+    let mut buffer = Vec::with_capacity(len as usize);
+    let mut payload = r.take(len);
+    while (buffer.len() as u64) < len {
+        if payload.read_buf(&mut buffer).await? == 0 {
+            return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+    Ok(Bytes::from(buffer))
 }
 
 /// A job ready for the pipe: its header frame, and its inputs to write after it.
@@ -263,9 +279,7 @@ pub fn read_job(r: &mut impl Read) -> Result<Job, FrameError> {
     check_payload(&header.input_lens)?;
     let mut inputs = Vec::with_capacity(header.input_lens.len());
     for &len in &header.input_lens {
-        let mut buffer = payload_buffer(len);
-        r.read_exact(writable(&mut buffer))?;
-        inputs.push(Bytes::from(buffer));
+        inputs.push(read_payload(r, len)?);
     }
     Ok(Job {
         id: header.id,
@@ -310,9 +324,7 @@ pub async fn read_reply_async(r: &mut (impl AsyncRead + Unpin)) -> Result<Reply,
             check_payload(&lens)?;
             let mut outputs = Vec::with_capacity(lens.len());
             for len in lens {
-                let mut buffer = payload_buffer(len);
-                r.read_exact(writable(&mut buffer)).await?;
-                outputs.push(Bytes::from(buffer));
+                outputs.push(read_payload_async(r, len).await?);
             }
             Ok(outputs)
         }
