@@ -20,10 +20,11 @@ use std::io::{Read, Write};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-/// Largest frame either side sends or accepts, bytes. A task carries at most 16 MiB of
-/// inputs and 16 MiB of outputs (`mesh_core::limits`), plus its WGSL (256 KiB) and
-/// framing; 64 MiB leaves room for that with margin, while a corrupt length prefix can
-/// make the reader allocate no more than this.
+/// Largest frame either side sends or accepts, bytes, and the most a message's raw
+/// inputs or outputs may add up to. A task carries at most 16 MiB of inputs and 16 MiB
+/// of outputs (`mesh_core::limits`), plus its WGSL (256 KiB) in the header; 64 MiB
+/// leaves room for that with margin, while a corrupt length can make the reader
+/// allocate no more than this.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 
 /// Version of the message shapes below; bumped whenever one changes. A worker whose
