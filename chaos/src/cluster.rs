@@ -255,6 +255,9 @@ impl Node {
 
     fn spawn(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.data_dir)?;
+        // The log outlives restarts and wipes: an error quotes only what this start
+        // wrote, so that an earlier start's refusal is never read as this one's.
+        let log_start = std::fs::metadata(self.data_dir.join("node.log")).map_or(0, |m| m.len());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -300,14 +303,14 @@ impl Node {
             }
             if let Some(status) = self.child.as_mut().expect("spawned").try_wait()? {
                 bail!(
-                    "mesh-node exited with {status} before it was ready; log:\n{}",
-                    self.log()
+                    "mesh-node exited with {status} before it was ready; its log:\n{}",
+                    self.log_from(log_start)
                 );
             }
             if Instant::now() > deadline {
                 bail!(
-                    "mesh-node not ready after {READY_TIMEOUT:?}; log:\n{}",
-                    self.log()
+                    "mesh-node not ready after {READY_TIMEOUT:?}; its log:\n{}",
+                    self.log_from(log_start)
                 );
             }
         }
@@ -316,6 +319,13 @@ impl Node {
     /// The node's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// The node's log from byte `offset` on (what one start wrote).
+    fn log_from(&self, offset: u64) -> String {
+        let all = std::fs::read(self.data_dir.join("node.log")).unwrap_or_default();
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(all.len());
+        String::from_utf8_lossy(&all[start..]).into_owned()
     }
 
     /// The last `lines` lines of the log, without terminal colour codes.

@@ -699,7 +699,14 @@ impl<'a> Nemesis<'a> {
         };
         let killed = self.kill_only(i);
         let copy = self.cluster.dir.join(format!("saved-node{}", i + 1));
-        let copied = copy_dir(&self.cluster.nodes[i].data_dir, &copy, &["node.log"]);
+        // A node saved before (under an earlier id) left its files here: the copy must
+        // hold this directory alone, or a rollback restores a mix of the two.
+        let copied = match std::fs::remove_dir_all(&copy) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(anyhow::Error::new(e).context(format!("clear {}", copy.display())))
+            }
+            _ => copy_dir(&self.cluster.nodes[i].data_dir, &copy, &["node.log"]),
+        };
         std::thread::sleep(hold);
         out.error = self.start_again(i).err().map(|e| format!("{e:#}"));
         match copied {
