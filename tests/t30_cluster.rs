@@ -1037,6 +1037,26 @@ fn a_node_restarted_on_an_older_copy_of_its_data_refuses_and_rejoins_after_a_wip
             .then_some(())
             .ok_or(format!("old {old}, new {new}"))
     });
+
+    phase("stop it, put the old id's copy back once more: it must refuse at once");
+    mesh.nodes[f].kill9();
+    wipe_dir(&data, &["node.log"]).unwrap();
+    copy_dir(&copy, &data, &[]).unwrap();
+    let err = format!(
+        "{:#}",
+        mesh.nodes[f]
+            .restart()
+            .expect_err("must refuse a directory of the id it no longer has")
+    );
+    assert!(
+        err.contains("a node id the mesh no longer uses")
+            && err.contains(&format!("belongs to node {new_id}"))
+            && err.contains("--join TOKEN"),
+        "the refusal names the id the key has now and the way out: {err}"
+    );
+    wipe_dir(&data, KEEP_ON_WIPE).unwrap();
+    let token = mesh.token(1, "10m").unwrap();
+    mesh.nodes[f].rejoin(&token).unwrap();
     for id in &ids {
         wait_succeeded(&cli, id, FINISH);
     }

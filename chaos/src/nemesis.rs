@@ -771,7 +771,14 @@ impl<'a> Nemesis<'a> {
             // The rollback guard refused the older directory, as it must when the
             // leader knows the node had stored more. Recover as an operator would:
             // wipe the directory (the host key stays) and join with a fresh token.
-            Err(e) if format!("{e:#}").contains("older than this node's acknowledged state") => {
+            Err(e)
+                if [
+                    "older than this node's acknowledged state",
+                    "a node id the mesh no longer uses",
+                ]
+                .iter()
+                .any(|refusal| format!("{e:#}").contains(refusal)) =>
+            {
                 let old = self.cluster.nodes[i].id();
                 if let Err(e) = wipe_dir(&dir, KEEP_ON_WIPE) {
                     out.error = Some(format!("wiping: {e:#}"));

@@ -6,7 +6,9 @@
 //! committed entries. Before this node starts Raft it asks its peers how far the
 //! leader had replicated to it; if the leader has matched an index this directory
 //! does not have, the node refuses to start, as etcd does, and says how to recover
-//! (wipe the directory and join again with a token).
+//! (wipe the directory and join again with a token). It refuses too when a peer pins
+//! this machine's key under another id: the directory is of an id the machine had
+//! before it last rejoined, which the mesh removed.
 //!
 //! The check is best effort: it needs the leader that replicated to this node to be
 //! the leader now and reachable within [`WAIT`]. A whole mesh restarting at once has
@@ -48,6 +50,14 @@ pub enum Verdict {
     Unverified,
     /// This node is the only member: there is no one to ask.
     Alone,
+    /// The mesh knows this machine's key under another id: the directory is of an id
+    /// that was replaced when the machine rejoined (an old copy put back).
+    Replaced {
+        /// The peer that said so.
+        peer: NodeId,
+        /// Its answer, which names the id the key belongs to.
+        answer: String,
+    },
     /// The directory lost entries the leader knows this node stored.
     RolledBack {
         /// The leader that answered.
@@ -124,17 +134,27 @@ pub async fn check(
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let asks = peers.iter().map(|(id, node)| async move {
-            let mut client = clients.mesh(node).map_err(|e| e.to_string())?;
+            let unanswered = |why: String| (*id, None, why);
+            let mut client = clients.mesh(node).map_err(|e| unanswered(e.to_string()))?;
             let call = client.progress(ProgressRequest { node_id: me.0 });
             let reply = tokio::time::timeout(ASK_TIMEOUT, call)
                 .await
-                .map_err(|_| format!("node {id}: no answer within {ASK_TIMEOUT:?}"))?
-                .map_err(|s| format!("node {id}: {}", s.message()))?;
-            Ok::<_, String>((*id, reply.into_inner()))
+                .map_err(|_| unanswered(format!("no answer within {ASK_TIMEOUT:?}")))?
+                .map_err(|s| (*id, Some(s.code()), s.message().to_string()))?;
+            Ok::<_, (NodeId, Option<tonic::Code>, String)>((*id, reply.into_inner()))
         });
         let answers = futures::future::join_all(asks).await;
-        for e in answers.iter().filter_map(|a| a.as_ref().err()) {
-            debug!(error = %e, "progress question not answered");
+        for (peer, code, why) in answers.iter().filter_map(|a| a.as_ref().err()) {
+            // The peer pins this key under another id: a definite answer, not a
+            // failure to ask (peers before this build answer PERMISSION_DENIED, which
+            // stays unanswered).
+            if *code == Some(tonic::Code::FailedPrecondition) {
+                return Verdict::Replaced {
+                    peer: *peer,
+                    answer: why.clone(),
+                };
+            }
+            debug!(%peer, error = %why, "progress question not answered");
         }
         for (leader, reply) in answers.into_iter().flatten() {
             // A deposed leader that has not noticed yet may hold an old view of this
@@ -180,6 +200,19 @@ pub fn enforce(verdict: Verdict, data_dir: &std::path::Path) -> anyhow::Result<(
                 "no leader answered within {WAIT:?}: starting without checking this data directory against the mesh"
             );
             Ok(())
+        }
+        Verdict::Replaced { peer, answer } => {
+            metrics::counter!("mesh_rollback_refusals_total").increment(1);
+            anyhow::bail!(
+                "the data directory {} is of a node id the mesh no longer uses for this machine: \
+                 node {peer} answered \"{answer}\". The machine rejoined under a new id since this \
+                 directory was written (was it restored from a copy or backup?), and starting on it \
+                 would only campaign with refused votes. To bring the machine back: stop it, empty \
+                 the directory (keep the host key if it lives there), create a token with \
+                 `mesh-cli token create` and start it with `--join TOKEN` (docs/operations.md, \
+                 \"A node restored from an old copy\")",
+                data_dir.display()
+            )
         }
         Verdict::RolledBack {
             leader,

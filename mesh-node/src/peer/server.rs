@@ -268,8 +268,10 @@ impl Mesh for PeerServer {
         req: Request<ProgressRequest>,
     ) -> Result<Response<ProgressReply>, Status> {
         let (fp, id) = self.member(&req)?;
+        // FAILED_PRECONDITION (not PERMISSION_DENIED): a definite answer the rollback
+        // guard acts on; the asker's directory is of an id this key no longer has.
         if req.get_ref().node_id != id.0 {
-            return Err(Status::permission_denied(format!(
+            return Err(Status::failed_precondition(format!(
                 "peer key {fp} belongs to node {id}, but the request asks for node {}",
                 req.get_ref().node_id
             )));
