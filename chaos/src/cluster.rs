@@ -318,7 +318,7 @@ impl Node {
 
     /// The node's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("node.log")).unwrap_or_default()
+        self.log_from(0)
     }
 
     /// The node's log from byte `offset` on (what one start wrote).

@@ -771,14 +771,7 @@ impl<'a> Nemesis<'a> {
             // The rollback guard refused the older directory, as it must when the
             // leader knows the node had stored more. Recover as an operator would:
             // wipe the directory (the host key stays) and join with a fresh token.
-            Err(e)
-                if [
-                    "older than this node's acknowledged state",
-                    "a node id the mesh no longer uses",
-                ]
-                .iter()
-                .any(|refusal| format!("{e:#}").contains(refusal)) =>
-            {
+            Err(e) if refused_by_guard(&e) => {
                 let old = self.cluster.nodes[i].id();
                 if let Err(e) = wipe_dir(&dir, KEEP_ON_WIPE) {
                     out.error = Some(format!("wiping: {e:#}"));
@@ -1014,6 +1007,19 @@ pub fn wipe_dir(dir: &Path, keep: &[&str]) -> Result<()> {
         .with_context(|| format!("remove {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Whether a failed start is the rollback guard's refusal (mesh-node/src/rollback_guard.rs
+/// `enforce`): a directory older than what the node acknowledged, or one of an id the
+/// machine had before it last rejoined.
+fn refused_by_guard(start: &anyhow::Error) -> bool {
+    let why = format!("{start:#}");
+    [
+        "older than this node's acknowledged state",
+        "a node id the mesh no longer uses",
+    ]
+    .iter()
+    .any(|refusal| why.contains(refusal))
 }
 
 /// Copy `src` into `dst` (created), leaving out top-level names in `skip`; returns the
