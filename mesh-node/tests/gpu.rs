@@ -280,6 +280,15 @@ fn broken_kernels_are_compile_errors_not_panics() {
         .run(&custom_plan(SQUARE_PLUS_INDEX, 4), &[])
         .expect_err("no inputs");
     assert!(matches!(err, GpuError::InvalidPlan(_)), "{err:?}");
+    // So is an input no binding reads: each input has exactly one device buffer.
+    let input = Bytes::from(vec![0u8; 16]);
+    let err = executor()
+        .run(&custom_plan(SQUARE_PLUS_INDEX, 4), &[input.clone(), input])
+        .expect_err("an unbound input");
+    assert!(
+        matches!(&err, GpuError::InvalidPlan(m) if m.contains("input 1 is bound 0 times")),
+        "{err:?}"
+    );
 }
 
 #[test]

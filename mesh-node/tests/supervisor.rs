@@ -45,9 +45,8 @@ async fn start(command: WorkerCommand, slots: usize) -> Supervisor {
     }
 }
 
-/// A built-in saxpy job and the bytes its CPU reference computes.
-fn saxpy() -> (KernelPlan, Vec<Bytes>, Vec<u8>) {
-    let n = 1000;
+/// A built-in saxpy job of `n` elements and the bytes its CPU reference computes.
+fn saxpy(n: usize) -> (KernelPlan, Vec<Bytes>, Vec<u8>) {
     let x: Vec<f32> = (0..n).map(|i| i as f32 * 0.25 - 7.0).collect();
     let y: Vec<f32> = (0..n).map(|i| 3.0 - i as f32 / 7.0).collect();
     let inputs = vec![
@@ -70,9 +69,19 @@ fn saxpy() -> (KernelPlan, Vec<Bytes>, Vec<u8>) {
     (plan, inputs.into_iter().map(|i| i.data).collect(), expected)
 }
 
+/// Elements of the saxpy most tests run.
+const SMALL: usize = 1000;
+/// Elements of a saxpy whose inputs (1.2 MB each) are larger than the worker's pipe
+/// and its read chunk, and not a multiple of either.
+const LARGE: usize = 300_001;
+
 /// Run saxpy and require the reference bytes.
 async fn assert_saxpy_works(supervisor: &Supervisor, when: &str) {
-    let (plan, inputs, expected) = saxpy();
+    assert_saxpy_of(supervisor, SMALL, when).await;
+}
+
+async fn assert_saxpy_of(supervisor: &Supervisor, n: usize, when: &str) {
+    let (plan, inputs, expected) = saxpy(n);
     let outputs = supervisor
         .run(plan, inputs, JOB_TIMEOUT, CancellationToken::new())
         .await
@@ -145,9 +154,10 @@ async fn saxpy_through_a_worker_matches_the_cpu_reference() {
     );
     assert!(!supervisor.info().name.is_empty());
     assert_saxpy_works(&supervisor, "through the worker").await;
+    assert_saxpy_of(&supervisor, LARGE, "with inputs larger than the pipe").await;
     // Errors from the executor come back typed, and leave the worker in place.
     let pid = only_pid(&supervisor);
-    let (mut plan, inputs, _) = saxpy();
+    let (mut plan, inputs, _) = saxpy(SMALL);
     plan.source = plan.source.replace("params.a", "params.nope");
     let err = supervisor
         .run(plan, inputs, JOB_TIMEOUT, CancellationToken::new())
@@ -162,6 +172,24 @@ async fn saxpy_through_a_worker_matches_the_cpu_reference() {
         (only_pid(&supervisor), supervisor.restarts()),
         (pid, 0),
         "a compile error does not restart the worker"
+    );
+    // A job refused before its inputs have a device buffer to go to: the worker reads
+    // past its 2.4 MB of inputs, and the next job's header is next on the pipe.
+    let (mut plan, inputs, _) = saxpy(LARGE);
+    plan.workgroups = [0, 1, 1];
+    let err = supervisor
+        .run(plan, inputs, JOB_TIMEOUT, CancellationToken::new())
+        .await
+        .expect_err("zero workgroups");
+    assert!(
+        matches!(&err, ExecError::Gpu(e) if e.kind == ChildErrorKind::InvalidPlan),
+        "{err:?}"
+    );
+    assert_saxpy_of(&supervisor, LARGE, "after a refused job").await;
+    assert_eq!(
+        (only_pid(&supervisor), supervisor.restarts()),
+        (pid, 0),
+        "a refused job does not restart the worker"
     );
     supervisor.shutdown().await;
 }
@@ -236,7 +264,7 @@ async fn cancel_stops_a_running_kernel_promptly() {
 async fn a_crashing_worker_is_reported_and_replaced() {
     let supervisor = start(worker().env(ABORT_ON_ENTRY_ENV, "crash"), 1).await;
     let pid = only_pid(&supervisor);
-    let (mut plan, inputs, _) = saxpy();
+    let (mut plan, inputs, _) = saxpy(SMALL);
     plan.source = plan.source.replace("fn main(", "fn crash(");
     plan.entry = "crash".into();
     assert!(

@@ -4,9 +4,11 @@
 //! The process exists so that the daemon can SIGKILL a kernel that hangs or crash-loops
 //! the driver without going down with it. It is not meant to be started by hand.
 
-use super::wire::{self, ChildError, ChildErrorKind, FrameError, Hello, Job};
-use super::Executor;
-use std::io::Write;
+use super::executor::{OutputView, Uploaded};
+use super::wire::{self, ChildError, ChildErrorKind, FrameError, Hello, JobHeader};
+use super::{Executor, GpuError};
+use mesh_core::kernel::KernelPlan;
+use std::io::{Read, Write};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -26,6 +28,21 @@ pub const EXIT_NO_ADAPTER: i32 = 2;
 pub const EXIT_EXECUTOR_BROKEN: i32 = 3;
 /// Exit status: stdin or stdout broke the protocol (bad frame, closed pipe).
 pub const EXIT_PROTOCOL: i32 = 4;
+
+/// A job read from the daemon, its inputs already in the device buffers its kernel
+/// binds.
+struct Staged {
+    id: u64,
+    plan: KernelPlan,
+    /// The uploaded inputs, or why the job cannot run.
+    uploaded: Result<Uploaded, ChildError>,
+    /// Time spent uploading, part of the time reported for the job.
+    upload_time: Duration,
+}
+
+/// Bytes read from the pipe at a time on their way into a device buffer: a quarter
+/// of the pipe, small enough to stay in the CPU's cache between the two copies.
+const INPUT_CHUNK: usize = 256 * 1024;
 
 /// Jobs read ahead of the one running. The supervisor sends one job at a time, so one
 /// is all that can ever be queued.
@@ -87,11 +104,14 @@ pub fn serve() -> i32 {
     }
 
     // stdin is read on its own thread so that the worker notices the daemon going away
-    // even while a kernel runs (see `read_jobs`).
+    // even while a kernel runs (see `read_jobs`). That thread also uploads each job's
+    // inputs, from the pipe straight into device buffers.
+    let executor = Arc::new(executor);
     let busy = Arc::new(AtomicBool::new(false));
-    let (jobs_tx, jobs) = mpsc::sync_channel::<Job>(JOB_QUEUE);
+    let (jobs_tx, jobs) = mpsc::sync_channel::<Staged>(JOB_QUEUE);
     let reader_busy = Arc::clone(&busy);
-    std::thread::spawn(move || read_jobs(jobs_tx, &reader_busy));
+    let reader_executor = Arc::clone(&executor);
+    std::thread::spawn(move || read_jobs(&reader_executor, jobs_tx, &reader_busy));
 
     let abort_on_entry = std::env::var(ABORT_ON_ENTRY_ENV).ok();
     // The channel closes when stdin does, with the worker idle: a clean end.
@@ -104,18 +124,10 @@ pub fn serve() -> i32 {
             std::process::abort();
         }
         let started = Instant::now();
-        let result =
-            std::panic::catch_unwind(AssertUnwindSafe(|| executor.run(&job.plan, &job.inputs)));
-        let elapsed = started.elapsed();
-        let result = match result {
-            Ok(Ok(outputs)) => Ok(outputs),
-            Ok(Err(e)) => Err(ChildError::from(&e)),
-            Err(panic) => Err(ChildError {
-                message: format!("the GPU executor panicked: {}", panic_message(&*panic)),
-                retryable: true,
-                kind: ChildErrorKind::Panic,
-            }),
-        };
+        let result = job
+            .uploaded
+            .and_then(|uploaded| launch(&executor, &job.plan, uploaded));
+        let elapsed = job.upload_time + started.elapsed();
         let ends_worker = result.as_ref().err().is_some_and(|e| e.kind.ends_worker());
         // Idle before the reply leaves: a daemon that closes stdin as soon as it has
         // the reply (shutdown) must find this worker idle, not make it abort.
@@ -133,17 +145,34 @@ pub fn serve() -> i32 {
     EXIT_DONE
 }
 
+/// Run an uploaded job; its outputs stay where the device put them until the reply
+/// is written.
+fn launch(
+    executor: &Executor,
+    plan: &KernelPlan,
+    uploaded: Uploaded,
+) -> Result<Vec<OutputView>, ChildError> {
+    let launched = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        executor.launch(plan, uploaded)?.views()
+    }));
+    match launched {
+        Ok(result) => result.map_err(|e| ChildError::from(&e)),
+        Err(panic) => Err(panicked(&*panic)),
+    }
+}
+
 /// Read jobs from stdin into `jobs` until stdin closes.
 ///
 /// When stdin closes while a kernel runs, the daemon is gone (it died, or dropped its
 /// supervisor): nothing will read the result and a hung kernel would spin forever, so
 /// the worker aborts at once. A normal `exit` could block in driver teardown behind
 /// the running kernel.
-fn read_jobs(jobs: mpsc::SyncSender<Job>, busy: &AtomicBool) {
+fn read_jobs(executor: &Executor, jobs: mpsc::SyncSender<Staged>, busy: &AtomicBool) {
     let mut stdin = std::io::stdin().lock();
+    let mut chunk = vec![0; INPUT_CHUNK];
     loop {
-        let job = match wire::read_job(&mut stdin) {
-            Ok(job) => job,
+        let header = match wire::read_job_header(&mut stdin) {
+            Ok(header) => header,
             Err(FrameError::Closed) => {
                 if busy.load(Ordering::SeqCst) {
                     note!("mesh-node gpu-worker: the daemon closed the pipe while a kernel was running; aborting");
@@ -151,18 +180,88 @@ fn read_jobs(jobs: mpsc::SyncSender<Job>, busy: &AtomicBool) {
                 }
                 return; // dropping `jobs` ends the main loop
             }
-            Err(e) => {
-                note!("mesh-node gpu-worker: bad job from the daemon ({e}); this process only talks to a mesh-node of the same build");
-                std::process::exit(EXIT_PROTOCOL);
-            }
+            Err(e) => bad_job(&e),
+        };
+        let started = Instant::now();
+        let (uploaded, pipe_lost) = match upload(executor, &header, &mut stdin, &mut chunk) {
+            Ok(Upload::Ready(uploaded)) => (Ok(uploaded), false),
+            Ok(Upload::Refused(error)) => (Err(error), false),
+            Ok(Upload::Panicked(error)) => (Err(error), true),
+            Err(e) => bad_job(&e),
         };
         // Busy from the moment a job is accepted, so that a close right behind it
         // aborts instead of leaving the job to run with nobody waiting.
         busy.store(true, Ordering::SeqCst);
-        if jobs.send(job).is_err() {
+        let job = Staged {
+            id: header.id,
+            plan: header.plan,
+            uploaded,
+            upload_time: started.elapsed(),
+        };
+        // After a panic the pipe's position is unknown: the main loop answers this
+        // job and exits (a panic ends the worker); nothing more is read.
+        if jobs.send(job).is_err() || pipe_lost {
             return;
         }
     }
+}
+
+/// How reading a job's inputs into device buffers ended, when the pipe did not break.
+enum Upload {
+    /// The inputs are in device buffers.
+    Ready(Uploaded),
+    /// The executor refused the job; its inputs were read past.
+    Refused(ChildError),
+    /// The executor panicked, somewhere within the inputs.
+    Panicked(ChildError),
+}
+
+/// Why an upload stopped: the executor, or the pipe it was reading.
+enum UploadError {
+    Gpu(GpuError),
+    Pipe(FrameError),
+}
+
+impl From<GpuError> for UploadError {
+    fn from(e: GpuError) -> UploadError {
+        UploadError::Gpu(e)
+    }
+}
+
+/// Read a job's inputs from the pipe into the device buffers its kernel will bind.
+/// `Err` means the pipe broke and the worker cannot go on.
+fn upload(
+    executor: &Executor,
+    header: &JobHeader,
+    stdin: &mut impl Read,
+    chunk: &mut [u8],
+) -> Result<Upload, FrameError> {
+    let mut read = 0;
+    let uploaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        executor.upload(&header.plan, &header.input_lens, |_, mut dest| {
+            wire::read_input(stdin, dest.len(), chunk, |at, bytes| {
+                dest.slice(at..at + bytes.len()).copy_from_slice(bytes)
+            })
+            .map_err(UploadError::Pipe)?;
+            read += 1;
+            Ok(())
+        })
+    }));
+    match uploaded {
+        Ok(Ok(uploaded)) => Ok(Upload::Ready(uploaded)),
+        Ok(Err(UploadError::Gpu(e))) => {
+            wire::skip_inputs(stdin, &header.input_lens[read..])?;
+            Ok(Upload::Refused(ChildError::from(&e)))
+        }
+        Ok(Err(UploadError::Pipe(e))) => Err(e),
+        Err(panic) => Ok(Upload::Panicked(panicked(&*panic))),
+    }
+}
+
+/// Exit on a job that breaks the protocol.
+fn bad_job(e: &FrameError) -> ! {
+    note!("mesh-node gpu-worker: bad job from the daemon ({e}); this process only talks to a mesh-node of the same build");
+    std::process::exit(EXIT_PROTOCOL);
 }
 
 /// Write one message to the daemon; on failure, the exit status to end with.
@@ -179,27 +278,30 @@ fn send<T: serde::Serialize>(stdout: &mut impl Write, message: &T) -> Result<(),
 fn send_reply(
     stdout: &mut impl Write,
     id: u64,
-    result: &Result<Vec<Vec<u8>>, ChildError>,
+    result: &Result<Vec<OutputView>, ChildError>,
     elapsed: Duration,
 ) -> Result<(), i32> {
-    let written = match wire::write_reply(stdout, id, result.as_ref().map(Vec::as_slice), elapsed) {
-        Err(FrameError::TooLarge(bytes)) => {
-            tracing::warn!(
-                bytes,
-                "outputs over the pipe's limit; sending an error instead"
-            );
-            let error = ChildError {
-                message: format!(
-                    "the outputs take {bytes} bytes, over the {}-byte limit of the GPU worker pipe; \
-                     split the work into smaller tasks",
-                    wire::MAX_FRAME_BYTES
-                ),
-                retryable: false,
-                kind: ChildErrorKind::TooLarge,
-            };
-            wire::write_reply(stdout, id, Err(&error), elapsed)
-        }
-        other => other,
+    let written = match result {
+        Ok(outputs) => match wire::write_outputs(stdout, id, outputs, elapsed) {
+            Err(FrameError::TooLarge(bytes)) => {
+                tracing::warn!(
+                    bytes,
+                    "outputs over the pipe's limit; sending an error instead"
+                );
+                let error = ChildError {
+                    message: format!(
+                        "the outputs take {bytes} bytes, over the {}-byte limit of the GPU worker pipe; \
+                         split the work into smaller tasks",
+                        wire::MAX_FRAME_BYTES
+                    ),
+                    retryable: false,
+                    kind: ChildErrorKind::TooLarge,
+                };
+                wire::write_error(stdout, id, &error, elapsed)
+            }
+            other => other,
+        },
+        Err(error) => wire::write_error(stdout, id, error, elapsed),
     };
     written.map_err(|e| {
         note!("mesh-node gpu-worker: cannot write a reply to the daemon ({e}); exiting");
@@ -214,12 +316,18 @@ fn write(stdout: &mut impl Write, frame: &[u8]) -> Result<(), i32> {
     })
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
+/// The error a caught executor panic is answered with.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> ChildError {
+    let message = panic
         .downcast_ref::<String>()
         .cloned()
         .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "a non-string panic".into())
+        .unwrap_or_else(|| "a non-string panic".into());
+    ChildError {
+        message: format!("the GPU executor panicked: {message}"),
+        retryable: true,
+        kind: ChildErrorKind::Panic,
+    }
 }
 
 /// Plain text logs on stderr, without colour or time: the daemon forwards each line

@@ -60,8 +60,67 @@ const MAP_CALLBACK_GRACE: Duration = Duration::from_secs(10);
 struct BufferLayout {
     /// Size of each binding, in binding order.
     sizes: Vec<BindingSize>,
+    /// The binding of each input, in input order.
+    input_bindings: Vec<usize>,
     /// The binding of each output, in `plan.outputs` order.
     output_bindings: Vec<usize>,
+}
+
+/// A plan checked against the adapter, with its inputs in device buffers: what
+/// [`Executor::launch`] runs. Made by [`Executor::upload`].
+#[derive(Debug)]
+pub struct Uploaded {
+    layout: BufferLayout,
+    /// One buffer per input, in input order.
+    inputs: Vec<wgpu::Buffer>,
+}
+
+/// The outputs of a finished run, still in the mapped buffers the device copied them
+/// into: read them with [`Outputs::views`] where they lie, without a copy.
+#[derive(Debug)]
+pub struct Outputs {
+    /// Per output, in `plan.outputs` order: its size and its mapped staging buffer.
+    staged: Vec<(u64, wgpu::Buffer)>,
+}
+
+/// One output's bytes, read in place from its mapped buffer.
+pub struct OutputView {
+    view: wgpu::BufferView,
+    len: usize,
+}
+
+impl std::ops::Deref for OutputView {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // `len` <= the padded size, so this never overruns the view.
+        &self.view[..self.len]
+    }
+}
+
+impl AsRef<[u8]> for OutputView {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl Outputs {
+    /// Each output's bytes, exactly `plan.outputs[i].size` long, in order.
+    pub fn views(&self) -> Result<Vec<OutputView>, GpuError> {
+        self.staged
+            .iter()
+            .enumerate()
+            .map(|(i, (bytes, staging))| {
+                let view = staging
+                    .slice(..)
+                    .get_mapped_range()
+                    .map_err(|e| GpuError::Readback(format!("output {i}: {e}")))?;
+                Ok(OutputView {
+                    view,
+                    len: *bytes as usize,
+                })
+            })
+            .collect()
+    }
 }
 
 /// The size of one binding's buffer.
@@ -185,18 +244,83 @@ impl Executor {
     /// [`BindingPlan::Input`]) and return the output buffers in `plan.outputs` order,
     /// each exactly `plan.outputs[i].size` bytes.
     ///
-    /// Sizes are checked against the adapter's limits before anything is allocated.
-    /// Buffers are padded to a non-zero multiple of 4 bytes (uniforms to 16); padding
-    /// is zero and an empty input binds as 4 zero bytes.
+    /// [`upload`](Self::upload) from the slices, [`launch`](Self::launch), and a copy
+    /// of each output. The GPU worker uses the two steps itself, so that inputs go
+    /// from its pipe straight into device buffers and outputs from device buffers
+    /// straight into its pipe.
     pub fn run(&self, plan: &KernelPlan, inputs: &[Bytes]) -> Result<Vec<Vec<u8>>, GpuError> {
+        let lens: Vec<u64> = inputs.iter().map(|input| input.len() as u64).collect();
+        let uploaded = self.upload(plan, &lens, |i, mut dest| {
+            dest.copy_from_slice(&inputs[i]);
+            Ok::<(), GpuError>(())
+        })?;
+        let outputs = self.launch(plan, uploaded)?;
+        let views = outputs.views()?;
+        Ok(views.iter().map(|view| view.to_vec()).collect())
+    }
+
+    /// Blocking: check `plan` against inputs of `input_lens` bytes and this adapter's
+    /// limits, allocate a device buffer per input, and let `fill(i, dest)` write input
+    /// `i` (called once per input, in order) straight into its buffer's mapped memory,
+    /// which is exactly `input_lens[i]` bytes and write-only (it may be memory the
+    /// CPU writes through to the device).
+    ///
+    /// Nothing is allocated when the check fails. Buffers are padded to a non-zero
+    /// multiple of 4 bytes; padding is zero and an empty input binds as 4 zero bytes.
+    /// An error from `fill` ends the upload with that error.
+    pub fn upload<E: From<GpuError>>(
+        &self,
+        plan: &KernelPlan,
+        input_lens: &[u64],
+        mut fill: impl FnMut(usize, wgpu::WriteOnly<'_, [u8]>) -> Result<(), E>,
+    ) -> Result<Uploaded, E> {
+        self.check_lost()?;
+        let layout = self.check(plan, input_lens)?;
+        let (inputs, error) = scoped(&self.device, || {
+            layout
+                .input_bindings
+                .iter()
+                .enumerate()
+                .map(|(idx, &binding)| {
+                    self.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(&format!("mesh input {idx}")),
+                        size: layout.sizes[binding].padded,
+                        usage: wgpu::BufferUsages::STORAGE,
+                        mapped_at_creation: true,
+                    })
+                })
+                .collect::<Vec<_>>()
+        });
+        if let Some(e) = error {
+            return Err(self.classify(e, GpuError::Dispatch).into());
+        }
+        for (i, (buffer, &len)) in inputs.iter().zip(input_lens).enumerate() {
+            let mut view = buffer
+                .slice(..)
+                .get_mapped_range_mut()
+                .map_err(|e| GpuError::Dispatch(format!("mapping input {i}: {e}")))?;
+            // `len` <= the padded size (checked above).
+            let (data, mut padding) = view.slice(..).split_at(len as usize);
+            fill(i, data)?;
+            padding.fill(0);
+        }
+        let ((), error) = scoped(&self.device, || inputs.iter().for_each(wgpu::Buffer::unmap));
+        if let Some(e) = error {
+            return Err(self.classify(e, GpuError::Dispatch).into());
+        }
+        Ok(Uploaded { layout, inputs })
+    }
+
+    /// Blocking: run an [`upload`](Self::upload)ed plan (`plan` must be the one it
+    /// was uploaded for) and wait for its outputs, left mapped where the device put
+    /// them.
+    pub fn launch(&self, plan: &KernelPlan, uploaded: Uploaded) -> Result<Outputs, GpuError> {
         self.check_lost()?;
         let started = Instant::now();
-        let layout = self.check(plan, inputs)?;
         let (bind_group_layout, pipeline) = self.compile(plan)?;
         let compiled = Instant::now();
-        let (staged, submission) =
-            self.dispatch(plan, inputs, &layout, &bind_group_layout, &pipeline)?;
-        let outputs = self.read_back(&staged, submission)?;
+        let (staged, submission) = self.dispatch(plan, &uploaded, &bind_group_layout, &pipeline)?;
+        let outputs = self.read_back(staged, submission)?;
         tracing::debug!(
             entry = %plan.entry,
             workgroups = ?plan.workgroups,
@@ -207,8 +331,6 @@ impl Executor {
         Ok(outputs)
     }
 
-    /// Shader module, bind group layout and pipeline: everything that depends only
-    /// on the source and the binding kinds. Validation errors are `Compile`.
     /// The pipeline for `plan`, compiled once per distinct kernel (source, entry point
     /// and binding kinds) and then taken from the cache.
     fn compile(
@@ -228,6 +350,8 @@ impl Executor {
         Ok(compiled)
     }
 
+    /// Shader module, bind group layout and pipeline: everything that depends only
+    /// on the source and the binding kinds. Validation errors are `Compile`.
     fn compile_uncached(
         &self,
         plan: &KernelPlan,
@@ -296,17 +420,17 @@ impl Executor {
         }
     }
 
-    /// Upload the inputs, bind, dispatch and copy every output into a mappable
-    /// staging buffer; returns (plan's output size, staging buffer) per output.
-    /// Validation errors are `Dispatch`.
+    /// Bind the uploaded inputs with new uniform and output buffers, dispatch, and
+    /// copy every output into a mappable staging buffer; returns (plan's output
+    /// size, staging buffer) per output. Validation errors are `Dispatch`.
     fn dispatch(
         &self,
         plan: &KernelPlan,
-        inputs: &[Bytes],
-        layout: &BufferLayout,
+        uploaded: &Uploaded,
         bind_group_layout: &wgpu::BindGroupLayout,
         pipeline: &wgpu::ComputePipeline,
     ) -> Result<(Vec<(u64, wgpu::Buffer)>, wgpu::SubmissionIndex), GpuError> {
+        let layout = &uploaded.layout;
         let (dispatched, error) = scoped(&self.device, || {
             let buffers: Vec<wgpu::Buffer> = plan
                 .bindings
@@ -314,14 +438,7 @@ impl Executor {
                 .zip(&layout.sizes)
                 .enumerate()
                 .map(|(i, (b, size))| match b {
-                    BindingPlan::Input(idx) => {
-                        self.device
-                            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                                label: Some(&format!("mesh input {idx}")),
-                                contents: &padded(&inputs[*idx], size.padded),
-                                usage: wgpu::BufferUsages::STORAGE,
-                            })
-                    }
+                    BindingPlan::Input(idx) => uploaded.inputs[*idx].clone(),
                     BindingPlan::Uniform(bytes) => {
                         self.device
                             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -393,12 +510,12 @@ impl Executor {
         }
     }
 
-    /// Map every staging buffer, wait for `submission`, and copy the outputs out.
+    /// Map every staging buffer and wait for `submission` and the mappings.
     fn read_back(
         &self,
-        staged: &[(u64, wgpu::Buffer)],
+        staged: Vec<(u64, wgpu::Buffer)>,
         submission: wgpu::SubmissionIndex,
-    ) -> Result<Vec<Vec<u8>>, GpuError> {
+    ) -> Result<Outputs, GpuError> {
         let (tx, rx) = mpsc::channel();
         let ((), error) = scoped(&self.device, || {
             for (i, (_, staging)) in staged.iter().enumerate() {
@@ -427,40 +544,31 @@ impl Executor {
                 }
             }
         }
-        let mut outputs = Vec::with_capacity(staged.len());
-        for (i, (bytes, staging)) in staged.iter().enumerate() {
-            let view = staging
-                .slice(..)
-                .get_mapped_range()
-                .map_err(|e| GpuError::Readback(format!("output {i}: {e}")))?;
-            // `bytes` <= the padded size, so this never overruns the view.
-            outputs.push(view[..*bytes as usize].to_vec());
-            drop(view);
-            staging.unmap();
-        }
-        Ok(outputs)
+        Ok(Outputs { staged })
     }
 
     /// Validate the plan against the inputs and this adapter's limits before
     /// allocating anything.
-    fn check(&self, plan: &KernelPlan, inputs: &[Bytes]) -> Result<BufferLayout, GpuError> {
+    fn check(&self, plan: &KernelPlan, input_lens: &[u64]) -> Result<BufferLayout, GpuError> {
         let l = &self.limits;
         let mut sizes = Vec::with_capacity(plan.bindings.len());
+        let mut input_bindings: Vec<Vec<usize>> = vec![Vec::new(); input_lens.len()];
         let mut output_bindings: Vec<Vec<usize>> = vec![Vec::new(); plan.outputs.len()];
         let (mut storage, mut uniform) = (0u32, 0u32);
         for (i, b) in plan.bindings.iter().enumerate() {
             let binding = i as u32;
             let (bytes, alignment, binding_limit, binding_limit_name) = match b {
                 BindingPlan::Input(idx) => {
-                    let input = inputs.get(*idx).ok_or_else(|| {
+                    let len = *input_lens.get(*idx).ok_or_else(|| {
                         GpuError::InvalidPlan(format!(
                             "binding {binding} reads input {idx}, but the task has {} input(s)",
-                            inputs.len()
+                            input_lens.len()
                         ))
                     })?;
+                    input_bindings[*idx].push(i);
                     storage += 1;
                     (
-                        input.len() as u64,
+                        len,
                         STORAGE_ALIGNMENT,
                         l.max_storage_buffer_binding_size,
                         "max_storage_buffer_binding_size",
@@ -508,6 +616,12 @@ impl Executor {
             }
             sizes.push(BindingSize { bytes, padded });
         }
+        if let Some(idx) = input_bindings.iter().position(|b| b.len() != 1) {
+            return Err(GpuError::InvalidPlan(format!(
+                "input {idx} is bound {} times; each input needs exactly one binding",
+                input_bindings[idx].len()
+            )));
+        }
         if let Some(idx) = output_bindings.iter().position(|b| b.len() != 1) {
             return Err(GpuError::InvalidPlan(format!(
                 "output {idx} is bound {} times; each output needs exactly one binding",
@@ -542,9 +656,11 @@ impl Executor {
                 plan.workgroups
             )));
         }
+        let input_bindings = input_bindings.into_iter().flatten().collect();
         let output_bindings = output_bindings.into_iter().flatten().collect();
         Ok(BufferLayout {
             sizes,
+            input_bindings,
             output_bindings,
         })
     }

@@ -9,7 +9,10 @@
 //! A job's inputs and a reply's outputs (up to 16 MiB each way) do not go inside the
 //! record: its header lists their lengths and the bytes follow it raw, written from
 //! where they lie and read into the buffers they are kept in. Encoding them would copy
-//! each byte twice more; this way a byte is copied into the pipe and out of it.
+//! each byte twice more; this way a byte is copied into the pipe and out of it. On the
+//! worker's side "where they lie" is the device's own mapped memory: inputs are read
+//! from the pipe into the buffers the kernel binds, outputs written to it from the
+//! buffers the device copied them into.
 
 use super::GpuError;
 use mesh_core::capability::AdapterInfo;
@@ -51,7 +54,8 @@ pub enum Hello {
     },
 }
 
-/// One kernel to run (on the pipe: a [`JobHeader`], then the inputs).
+/// One kernel to run, as the daemon sends it (on the pipe: a [`JobHeader`], then the
+/// inputs).
 #[derive(Debug, Clone)]
 pub struct Job {
     /// Chosen by the daemon; echoed in the reply.
@@ -75,11 +79,13 @@ pub struct Reply {
 
 /// A [`Job`]'s record: the job without its inputs, which follow it on the pipe.
 #[derive(Debug, Serialize, Deserialize)]
-struct JobHeader {
-    id: u64,
-    plan: KernelPlan,
+pub struct JobHeader {
+    /// The job's id.
+    pub id: u64,
+    /// The plan.
+    pub plan: KernelPlan,
     /// Bytes of each input, in order.
-    input_lens: Vec<u64>,
+    pub input_lens: Vec<u64>,
 }
 
 /// A [`Reply`]'s record: the outputs' lengths; the outputs follow it on the pipe.
@@ -213,19 +219,9 @@ fn check_payload(lens: &[u64]) -> Result<(), FrameError> {
     Ok(())
 }
 
-/// Blocking: read a payload of `len` bytes (checked by [`check_payload`]) into the
-/// buffer that keeps it: no zeroing first, no copy into [`Bytes`] after.
-fn read_payload(r: &mut impl Read, len: u64) -> Result<Bytes, FrameError> {
-    let mut buffer = Vec::with_capacity(len as usize);
-    r.take(len).read_to_end(&mut buffer)?;
-    if buffer.len() as u64 != len {
-        return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-    }
-    Ok(Bytes::from(buffer))
-}
-
-/// [`read_payload`] for the daemon's side. `take` keeps each read within the payload,
-/// so the next message's bytes stay in the pipe.
+/// Read a payload of `len` bytes (checked by [`check_payload`]) into the buffer that
+/// keeps it: no zeroing first, no copy into [`Bytes`] after. `take` keeps each read
+/// within the payload, so the next message's bytes stay in the pipe.
 async fn read_payload_async(
     r: &mut (impl AsyncRead + Unpin),
     len: u64,
@@ -274,47 +270,82 @@ impl JobFrame {
     }
 }
 
-/// Blocking: read one job; [`FrameError::Closed`] at a clean end of stream.
-pub fn read_job(r: &mut impl Read) -> Result<Job, FrameError> {
+/// Blocking: read one job's header; [`FrameError::Closed`] at a clean end of stream.
+/// Its inputs follow on the pipe: read each with [`read_input`] in order, or pass over
+/// them with [`skip_inputs`].
+pub fn read_job_header(r: &mut impl Read) -> Result<JobHeader, FrameError> {
     let header: JobHeader = decode_body(&read_body(r)?)?;
     check_payload(&header.input_lens)?;
-    let mut inputs = Vec::with_capacity(header.input_lens.len());
-    for &len in &header.input_lens {
-        inputs.push(read_payload(r, len)?);
-    }
-    Ok(Job {
-        id: header.id,
-        plan: header.plan,
-        inputs,
-    })
+    Ok(header)
 }
 
-/// Blocking: write one reply (a successful job's outputs after its header) and flush
+/// Blocking: read the next input, `len` bytes, handing it to `sink(offset, bytes)`
+/// one `chunk` at a time (the worker's sink is write-only device memory, which a
+/// read cannot fill directly). A small chunk reused for every input stays in the CPU's
+/// cache; reading a whole input into fresh memory first would fault in each page.
+pub fn read_input(
+    r: &mut impl Read,
+    len: usize,
+    chunk: &mut [u8],
+    mut sink: impl FnMut(usize, &[u8]),
+) -> Result<(), FrameError> {
+    let mut done = 0;
+    while done < len {
+        let n = chunk.len().min(len - done);
+        r.read_exact(&mut chunk[..n])?;
+        sink(done, &chunk[..n]);
+        done += n;
+    }
+    Ok(())
+}
+
+/// Blocking: read past inputs of these lengths (a job that is refused before its
+/// inputs have anywhere to go), so that the next header is next on the pipe.
+pub fn skip_inputs(r: &mut impl Read, lens: &[u64]) -> Result<(), FrameError> {
+    let total = lens.iter().sum();
+    if std::io::copy(&mut r.take(total), &mut std::io::sink())? != total {
+        return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(())
+}
+
+/// Blocking: write a successful job's reply (its outputs after the header) and flush
 /// it. Outputs over [`MAX_FRAME_BYTES`] in all are refused before anything is written.
-pub fn write_reply(
+pub fn write_outputs<O: AsRef<[u8]>>(
     w: &mut impl Write,
     id: u64,
-    result: Result<&[Vec<u8>], &ChildError>,
+    outputs: &[O],
     elapsed: Duration,
 ) -> Result<(), FrameError> {
-    let lens = match result {
-        Ok(outputs) => {
-            let lens: Vec<u64> = outputs.iter().map(|o| o.len() as u64).collect();
-            check_payload(&lens)?;
-            Ok(lens)
-        }
-        Err(e) => Err(e.clone()),
-    };
+    let lens: Vec<u64> = outputs.iter().map(|o| o.as_ref().len() as u64).collect();
+    check_payload(&lens)?;
     w.write_all(&encode_frame(&ReplyHeader {
         id,
-        result: lens,
+        result: Ok(lens),
         elapsed,
     })?)?;
-    for output in result.unwrap_or_default() {
-        w.write_all(output)?;
+    for output in outputs {
+        w.write_all(output.as_ref())?;
     }
     w.flush()?;
     Ok(())
+}
+
+/// Blocking: write a failed job's reply and flush it.
+pub fn write_error(
+    w: &mut impl Write,
+    id: u64,
+    error: &ChildError,
+    elapsed: Duration,
+) -> Result<(), FrameError> {
+    write_frame(
+        w,
+        &encode_frame(&ReplyHeader {
+            id,
+            result: Err(error.clone()),
+            elapsed,
+        })?,
+    )
 }
 
 /// Read one reply; [`FrameError::Closed`] at a clean end of stream.
@@ -413,42 +444,59 @@ mod tests {
         }
     }
 
+    /// A job as the worker reads it: the header, then each input into its own buffer.
+    fn read_job(r: &mut impl Read) -> Result<(JobHeader, Vec<Bytes>), FrameError> {
+        let header = read_job_header(r)?;
+        let mut inputs = Vec::new();
+        for &len in &header.input_lens {
+            let mut input = vec![0; len as usize];
+            // A 3-byte chunk: inputs span several chunks.
+            read_input(r, input.len(), &mut [0; 3], |at, bytes| {
+                input[at..at + bytes.len()].copy_from_slice(bytes)
+            })?;
+            inputs.push(Bytes::from(input));
+        }
+        Ok((header, inputs))
+    }
+
     #[test]
     fn jobs_and_replies_cross_with_their_bytes_raw_after_the_header() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        // Two jobs back to back: the first job's inputs must end exactly where the
-        // second job's header starts.
+        // Jobs back to back: each job's inputs must end exactly where the next job's
+        // header starts, whether they are read or skipped.
         let mut pipe: Vec<u8> = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..3 {
             rt.block_on(JobFrame::new(job()).unwrap().write(&mut pipe))
                 .unwrap();
         }
         let header_len = u32::from_le_bytes(pipe[..4].try_into().unwrap()) as usize;
         assert_eq!(
             pipe.len(),
-            2 * (4 + header_len + 4),
+            3 * (4 + header_len + 4),
             "header, then 4 raw input bytes"
         );
         assert_eq!(&pipe[4 + header_len..][..4], &[1, 2, 3, 4]);
         let mut r = &pipe[..];
+        let skipped = read_job_header(&mut r).unwrap();
+        skip_inputs(&mut r, &skipped.input_lens).unwrap();
         for _ in 0..2 {
-            let back = read_job(&mut r).unwrap();
+            let (header, inputs) = read_job(&mut r).unwrap();
             assert_eq!(
-                (back.id, &back.plan, &back.inputs),
+                (header.id, &header.plan, &inputs),
                 (7, &job().plan, &job().inputs)
             );
         }
-        assert!(matches!(read_job(&mut r), Err(FrameError::Closed)));
+        assert!(matches!(read_job_header(&mut r), Err(FrameError::Closed)));
 
         // Replies: outputs, then an error (no bytes after its header).
         let outputs = vec![vec![9u8; 5], Vec::new(), vec![8u8; 3]];
         let error = ChildError::from(&GpuError::Compile("bad".into()));
         let mut pipe: Vec<u8> = Vec::new();
         let elapsed = Duration::from_millis(3);
-        write_reply(&mut pipe, 1, Ok(&outputs), elapsed).unwrap();
-        write_reply(&mut pipe, 2, Err(&error), elapsed).unwrap();
+        write_outputs(&mut pipe, 1, &outputs, elapsed).unwrap();
+        write_error(&mut pipe, 2, &error, elapsed).unwrap();
         rt.block_on(async {
             let mut r = &pipe[..];
             let first = read_reply_async(&mut r).await.unwrap();
@@ -468,7 +516,7 @@ mod tests {
         // A reply whose outputs add up to more than the limit writes nothing.
         let half = vec![0u8; MAX_FRAME_BYTES / 2 + 1];
         let mut pipe: Vec<u8> = Vec::new();
-        let too_large = write_reply(&mut pipe, 1, Ok(&[half.clone(), half]), Duration::ZERO);
+        let too_large = write_outputs(&mut pipe, 1, &[half.clone(), half], Duration::ZERO);
         assert!(matches!(too_large, Err(FrameError::TooLarge(_))));
         assert!(pipe.is_empty());
         // A header that claims more input than the limit is refused before any
@@ -480,7 +528,7 @@ mod tests {
         })
         .unwrap();
         assert!(matches!(
-            read_job(&mut &header[..]),
+            read_job_header(&mut &header[..]),
             Err(FrameError::TooLarge(_))
         ));
         // A stream cut inside the inputs.
@@ -492,6 +540,12 @@ mod tests {
         .unwrap();
         cut.extend_from_slice(&[1, 2]);
         assert!(matches!(read_job(&mut &cut[..]), Err(FrameError::Io(_))));
+        let mut r = &cut[..];
+        let header = read_job_header(&mut r).unwrap();
+        assert!(matches!(
+            skip_inputs(&mut r, &header.input_lens),
+            Err(FrameError::Io(_))
+        ));
     }
 
     #[test]
