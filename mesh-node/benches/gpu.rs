@@ -20,7 +20,11 @@
 //! pipeline every run, as the executor does; some drivers, llvmpipe among them,
 //! compile at the first dispatch), and sets the kernel alone (resident buffers, no
 //! upload or read-back) against the adapter's memory bandwidth, measured with a
-//! buffer-to-buffer copy because wgpu reports none.
+//! buffer-to-buffer copy because wgpu reports none. The third sets the worker path's
+//! extra time against what moving each kernel's bytes (inputs and outputs) through a
+//! pipe costs on this machine, without any GPU work: a widened pipe between two
+//! threads, read a chunk at a time as the worker reads it, and against one `memcpy` of
+//! the same bytes (what shared memory would cost instead).
 //!
 //! Every path's output must equal the CPU reference bit for bit (`reduce-sum`, whose
 //! driver may sum in another order: the bare path's bytes, and the CPU sum within
@@ -91,6 +95,9 @@ fn main() {
         .collect();
     print_throughput(&rows);
     print_breakdown(&rows, &copy);
+    if worker.is_some() {
+        print_pipe_floor(&rows, settings.runs);
+    }
     if let Some(worker) = worker {
         worker.stop();
     }
@@ -871,6 +878,62 @@ fn print_throughput(rows: &[Row]) {
         println!(
             "\ntarget NOT met: executor overhead over {TARGET_OVERHEAD_PCT}% of bare wgpu for: {}\n",
             over.join(", ")
+        );
+    }
+}
+
+/// Bytes the worker reads from its pipe at a time (`gpu/child.rs`).
+const PIPE_CHUNK: usize = 256 * 1024;
+
+/// Move `bytes` through a widened pipe from one thread to another, the reader copying
+/// each chunk on as the worker does: the least the worker path's two pipe crossings
+/// can cost, without a GPU.
+fn pipe_crossing(bytes: usize, runs: usize) -> Stats {
+    use std::io::{Read as _, Write as _};
+    let data = vec![7u8; bytes];
+    let mut dest = vec![0u8; bytes];
+    let mut chunk = vec![0u8; PIPE_CHUNK];
+    let (stats, ()) = measure(runs, || {
+        let (mut reader, mut writer) = std::io::pipe().expect("a pipe");
+        mesh_node::gpu::wire::widen_pipe(&writer);
+        std::thread::scope(|scope| {
+            scope.spawn(|| writer.write_all(&data).expect("pipe write"));
+            let mut done = 0;
+            while done < bytes {
+                let n = reader.read(&mut chunk).expect("pipe read");
+                assert!(n > 0, "the pipe closed early");
+                dest[done..done + n].copy_from_slice(&chunk[..n]);
+                done += n;
+            }
+        });
+    });
+    assert!(dest.iter().all(|&b| b == 7), "the bytes crossed intact");
+    stats
+}
+
+/// One `memcpy` of `bytes` between resident buffers.
+fn memcpy(bytes: usize, runs: usize) -> Stats {
+    let data = vec![7u8; bytes];
+    let mut dest = vec![0u8; bytes];
+    let (stats, ()) = measure(runs, || {
+        dest.copy_from_slice(&data);
+        std::hint::black_box(&dest);
+    });
+    stats
+}
+
+fn print_pipe_floor(rows: &[Row], runs: usize) {
+    println!("\n| kernel | bytes in + out | worker - bare ms | pipe crossing ms | memcpy ms |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        let Some(worker) = &r.worker else { continue };
+        println!(
+            "| {} | {} | {:.2} | {} | {} |",
+            r.name,
+            r.bytes,
+            worker.median - r.bare.median,
+            pipe_crossing(r.bytes as usize, runs),
+            memcpy(r.bytes as usize, runs)
         );
     }
 }
