@@ -323,9 +323,7 @@ impl Node {
 
     /// The node's log from byte `offset` on (what one start wrote).
     fn log_from(&self, offset: u64) -> String {
-        let all = std::fs::read(self.data_dir.join("node.log")).unwrap_or_default();
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(all.len());
-        String::from_utf8_lossy(&all[start..]).into_owned()
+        read_from(&self.data_dir.join("node.log"), offset)
     }
 
     /// The last `lines` lines of the log, without terminal colour codes.
@@ -375,6 +373,14 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The file at `path` from byte `offset` on, invalid UTF-8 replaced (a node's log may
+/// end mid-character when it is killed); empty when the file is missing or shorter.
+fn read_from(path: &Path, offset: u64) -> String {
+    let all = std::fs::read(path).unwrap_or_default();
+    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(all.len());
+    String::from_utf8_lossy(&all[start..]).into_owned()
 }
 
 /// `text` without ANSI escape sequences (the node colours its log lines).
@@ -1040,5 +1046,27 @@ fn output_within(mut cmd: Command, limit: Duration, what: &str) -> CliOutput {
         code,
         stdout,
         stderr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_reads_only_what_it_wrote_to_the_log() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("node.log");
+        std::fs::write(&log, "first start: refused by the guard\n").unwrap();
+        let second_start = std::fs::metadata(&log).unwrap().len();
+        let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut file, b"second start: bind failed \xff\n").unwrap();
+        assert_eq!(
+            read_from(&log, second_start),
+            "second start: bind failed \u{fffd}\n"
+        );
+        assert!(read_from(&log, 0).starts_with("first start"));
+        assert_eq!(read_from(&log, u64::MAX), "");
+        assert_eq!(read_from(&d.path().join("missing.log"), 0), "");
     }
 }

@@ -699,14 +699,7 @@ impl<'a> Nemesis<'a> {
         };
         let killed = self.kill_only(i);
         let copy = self.cluster.dir.join(format!("saved-node{}", i + 1));
-        // A node saved before (under an earlier id) left its files here: the copy must
-        // hold this directory alone, or a rollback restores a mix of the two.
-        let copied = match std::fs::remove_dir_all(&copy) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(anyhow::Error::new(e).context(format!("clear {}", copy.display())))
-            }
-            _ => copy_dir(&self.cluster.nodes[i].data_dir, &copy, &["node.log"]),
-        };
+        let copied = replace_copy(&self.cluster.nodes[i].data_dir, &copy, &["node.log"]);
         std::thread::sleep(hold);
         out.error = self.start_again(i).err().map(|e| format!("{e:#}"));
         match copied {
@@ -1022,6 +1015,18 @@ fn refused_by_guard(start: &anyhow::Error) -> bool {
     .any(|refusal| why.contains(refusal))
 }
 
+/// Make `dst` a copy of `src` alone, leaving out top-level names in `skip`; returns the
+/// bytes copied. A machine saved before (under an earlier id) left its files in `dst`:
+/// copied over them, a rollback would restore a mix of the two directories.
+fn replace_copy(src: &Path, dst: &Path, skip: &[&str]) -> Result<u64> {
+    match std::fs::remove_dir_all(dst) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(anyhow::Error::new(e).context(format!("clear {}", dst.display())))
+        }
+        _ => copy_dir(src, dst, skip),
+    }
+}
+
 /// Copy `src` into `dst` (created), leaving out top-level names in `skip`; returns the
 /// bytes copied.
 pub fn copy_dir(src: &Path, dst: &Path, skip: &[&str]) -> Result<u64> {
@@ -1094,5 +1099,41 @@ mod tests {
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("host_key")]);
         assert_ne!(dir_digest(&data).unwrap(), dir_digest(&copy).unwrap());
+    }
+
+    #[test]
+    fn a_second_save_replaces_the_first_instead_of_mixing_with_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (first, second) = (d.path().join("first"), d.path().join("second"));
+        std::fs::create_dir_all(first.join("raft")).unwrap();
+        std::fs::write(first.join("node.id"), "3").unwrap();
+        std::fs::write(first.join("raft/segment-1"), "old").unwrap();
+        std::fs::write(first.join("raft/segment-2"), "old").unwrap();
+        std::fs::create_dir_all(second.join("raft")).unwrap();
+        std::fs::write(second.join("node.id"), "6").unwrap();
+        std::fs::write(second.join("raft/segment-1"), "new").unwrap();
+        std::fs::write(second.join("node.log"), "not copied").unwrap();
+        let saved = d.path().join("saved-node3");
+        replace_copy(&first, &saved, &["node.log"]).unwrap();
+        assert_eq!(dir_digest(&saved).unwrap(), dir_digest(&first).unwrap());
+        replace_copy(&second, &saved, &["node.log"]).unwrap();
+        // segment-2 of the first save is gone; the log was left out.
+        assert_eq!(dir_digest(&saved).unwrap(), dir_digest(&second).unwrap());
+        assert!(!saved.join("raft/segment-2").exists());
+        assert!(!saved.join("node.log").exists());
+    }
+
+    #[test]
+    fn only_the_rollback_guards_refusals_count_as_refusals() {
+        let start = |why: &str| anyhow::anyhow!("{why}").context("start node 3");
+        assert!(refused_by_guard(&start(
+            "the data directory /d is older than this node's acknowledged state: leader 1 ..."
+        )));
+        assert!(refused_by_guard(&start(
+            "the data directory /d is of a node id the mesh no longer uses for this machine: ..."
+        )));
+        assert!(!refused_by_guard(&start(
+            "mesh-node exited with 1: the segment ends mid-record"
+        )));
     }
 }
