@@ -4,9 +4,8 @@
 //! The process exists so that the daemon can SIGKILL a kernel that hangs or crash-loops
 //! the driver without going down with it. It is not meant to be started by hand.
 
-use super::executor::{OutputView, Uploaded};
 use super::wire::{self, ChildError, ChildErrorKind, FrameError, Hello, JobHeader};
-use super::{Executor, GpuError};
+use super::{Executor, GpuError, OutputView, Uploaded};
 use mesh_core::kernel::KernelPlan;
 use std::io::{Read, Write};
 use std::panic::AssertUnwindSafe;

@@ -1,7 +1,10 @@
 //! The wgpu executor: adapter probing and kernel dispatch.
 //!
 //! [`probe`] lists the adapters wgpu sees (published as node capabilities);
-//! [`Executor`] opens the best one and runs `mesh_core::kernel::KernelPlan`s on it.
+//! [`Executor`] opens the best one and runs `mesh_core::kernel::KernelPlan`s on it,
+//! in one call ([`Executor::run`]) or in two ([`Executor::upload`] of the inputs into
+//! device buffers, then [`Executor::launch`], whose [`Outputs`] are read where the
+//! device put them).
 //! No wgpu error panics: validation, driver and memory errors are caught in error
 //! scopes and returned as [`GpuError`]s, and device loss is recorded and reported.
 //!
@@ -20,7 +23,7 @@ pub mod wire;
 
 pub use error::GpuError;
 pub use exec_error::{ChildExit, ExecError, StartError};
-pub use executor::Executor;
+pub use executor::{Executor, OutputView, Outputs, Uploaded};
 pub use probe::probe;
 pub use supervisor::{Supervisor, WorkerCommand, WORKER_SUBCOMMAND};
 pub use wire::{ChildError, ChildErrorKind};
