@@ -315,6 +315,11 @@ impl Executor {
     /// was uploaded for) and wait for its outputs, left mapped where the device put
     /// them.
     pub fn launch(&self, plan: &KernelPlan, uploaded: Uploaded) -> Result<Outputs, GpuError> {
+        debug_assert_eq!(
+            uploaded.layout.sizes.len(),
+            plan.bindings.len(),
+            "launched with another plan than it was uploaded for"
+        );
         self.check_lost()?;
         let started = Instant::now();
         let (bind_group_layout, pipeline) = self.compile(plan)?;
