@@ -291,6 +291,61 @@ fn broken_kernels_are_compile_errors_not_panics() {
     );
 }
 
+/// What the GPU worker does with a job: upload the inputs through `fill` (from its
+/// pipe), launch, and read the outputs where the device put them.
+#[test]
+fn upload_then_launch_reads_outputs_in_place_and_a_failed_fill_is_its_error() {
+    let n = 100u64;
+    let plan = custom_plan(SQUARE_PLUS_INDEX, n);
+    let x: Vec<u8> = (0..n as u32).flat_map(|i| i.to_le_bytes()).collect();
+    // Filled in two pieces, as the worker fills an input chunk by chunk.
+    let uploaded = executor()
+        .upload(&plan, &[x.len() as u64], |i, mut dest| {
+            assert_eq!((i, dest.len()), (0, x.len()));
+            let half = x.len() / 2;
+            dest.slice(..half).copy_from_slice(&x[..half]);
+            dest.slice(half..).copy_from_slice(&x[half..]);
+            Ok::<(), GpuError>(())
+        })
+        .expect("upload");
+    let outputs = executor().launch(&plan, uploaded).expect("launch");
+    let views = outputs.views().expect("mapped outputs");
+    let expected: Vec<u8> = (0..n as u32)
+        .flat_map(|i| (i * i + i).to_le_bytes())
+        .collect();
+    assert_eq!(views.len(), 1);
+    assert_eq!(&*views[0], expected.as_slice());
+
+    // A fill that fails (the worker's pipe broke) ends the upload with its own error.
+    #[derive(Debug)]
+    enum Failed {
+        Pipe,
+        Gpu(GpuError),
+    }
+    impl From<GpuError> for Failed {
+        fn from(e: GpuError) -> Failed {
+            Failed::Gpu(e)
+        }
+    }
+    let failed = executor().upload(&plan, &[x.len() as u64], |_, _| Err(Failed::Pipe));
+    assert!(matches!(failed, Err(Failed::Pipe)), "{failed:?}");
+    // A plan the adapter refuses is refused before `fill` is called.
+    let mut zero = plan.clone();
+    zero.workgroups = [0, 1, 1];
+    let refused = executor().upload(&zero, &[x.len() as u64], |_, _| -> Result<(), Failed> {
+        panic!("fill called for a refused plan")
+    });
+    assert!(
+        matches!(refused, Err(Failed::Gpu(GpuError::InvalidPlan(_)))),
+        "{refused:?}"
+    );
+    // The executor is unharmed.
+    let again = executor()
+        .run(&plan, &[Bytes::from(x)])
+        .expect("a run after");
+    assert_eq!(again, vec![expected]);
+}
+
 #[test]
 fn probe_describes_at_least_one_adapter() {
     let adapters = probe();
