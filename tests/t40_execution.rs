@@ -633,7 +633,20 @@ fn a_sharded_task_resumes_from_its_checkpoints_after_its_node_is_killed() {
         "node {resumer} ran only the shards not committed before the kill"
     ));
     let before_kill = checkpointed_in_log(&fx.log(v), sharded);
-    let after_move = checkpointed_in_log(&fx.log(resumer as usize - 1), sharded);
+    // The node logs a checkpoint after its commit returns, so the task can read as
+    // succeeded a moment before the last shard's line is in the log.
+    let after_move = eventually(
+        &format!("node {resumer} logs the last shard's checkpoint"),
+        SETTLE,
+        || {
+            let logged = checkpointed_in_log(&fx.log(resumer as usize - 1), sharded);
+            if logged.contains(&7) {
+                Ok(logged)
+            } else {
+                Err(format!("logged so far: {logged:?}"))
+            }
+        },
+    );
     eprintln!(
         "node {victim} logged checkpoints {before_kill:?}; node {resumer} logged {after_move:?}"
     );
