@@ -147,37 +147,31 @@ impl Worker {
 }
 
 /// Run one attempt: confirm the start, dispatch (shard by shard), report.
+///
+/// An unsharded attempt's kernel runs while its start commits: for a small task that
+/// commit took as long as the kernel itself, on the path of every task. The report
+/// still waits for the start, so the log holds the start before the result; a start
+/// that is refused (the attempt stopped being current) or fails stops the kernel. A
+/// sharded attempt confirms its start first: its checkpoints are reports too.
 async fn execute(ctx: Ctx, task: Task, cancel: CancellationToken) {
-    let (id, attempt, node) = (task.id, task.attempt, ctx.node);
-    if matches!(task.state, TaskState::Assigned { .. }) {
-        match ctx
-            .proposer
-            .propose(Command::Start {
-                task: id,
-                attempt,
-                node,
-            })
-            .await
-        {
-            Ok(Outcome::Started(_)) => {
-                let waited = crate::proposer::now().since(task.submitted_at);
-                metrics::histogram!("mesh_task_submit_to_start_seconds")
-                    .record(waited.as_secs_f64());
-            }
-            Ok(other) => {
-                info!(%other, "attempt no longer current; not running it");
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, "could not confirm the start; will retry when the state changes");
-                return;
-            }
-        }
-    }
     let report = if task.shards > 1 {
+        if !confirm_start(&ctx, &task).await {
+            return;
+        }
         run_shards(&ctx, &task, &cancel).await
     } else {
-        run_whole(&ctx, &task, &cancel).await
+        let start = async {
+            let started = confirm_start(&ctx, &task).await;
+            if !started {
+                cancel.cancel();
+            }
+            started
+        };
+        let (started, report) = tokio::join!(start, run_whole(&ctx, &task, &cancel));
+        if !started {
+            return;
+        }
+        report
     };
     let Some(report) = report else { return };
     let completed = matches!(report, Command::Complete { .. });
@@ -196,6 +190,34 @@ async fn execute(ctx: Ctx, task: Task, cancel: CancellationToken) {
             info!(%outcome, "attempt reported");
         }
         Err(e) => warn!(error = %e, "could not report the attempt; it will run again"),
+    }
+}
+
+/// Commit the start of an attempt still `Assigned`; true when the attempt may report
+/// (started now, or before a restart of this node).
+async fn confirm_start(ctx: &Ctx, task: &Task) -> bool {
+    if !matches!(task.state, TaskState::Assigned { .. }) {
+        return true;
+    }
+    let start = Command::Start {
+        task: task.id,
+        attempt: task.attempt,
+        node: ctx.node,
+    };
+    match ctx.proposer.propose(start).await {
+        Ok(Outcome::Started(_)) => {
+            let waited = crate::proposer::now().since(task.submitted_at);
+            metrics::histogram!("mesh_task_submit_to_start_seconds").record(waited.as_secs_f64());
+            true
+        }
+        Ok(other) => {
+            info!(%other, "attempt no longer current; not running it");
+            false
+        }
+        Err(e) => {
+            warn!(error = %e, "could not confirm the start; will retry when the state changes");
+            false
+        }
     }
 }
 
