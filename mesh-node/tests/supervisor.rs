@@ -93,6 +93,24 @@ async fn assert_saxpy_of(supervisor: &Supervisor, n: usize, when: &str) {
     );
 }
 
+/// Run a job the worker's executor must refuse with an error of `kind`.
+async fn run_refused(
+    supervisor: &Supervisor,
+    plan: KernelPlan,
+    inputs: Vec<Bytes>,
+    kind: ChildErrorKind,
+) -> ExecError {
+    let err = supervisor
+        .run(plan, inputs, JOB_TIMEOUT, CancellationToken::new())
+        .await
+        .expect_err("the executor refuses this job");
+    assert!(
+        matches!(&err, ExecError::Gpu(e) if e.kind == kind),
+        "expected a {kind:?} error: {err:?}"
+    );
+    err
+}
+
 /// A kernel that never ends: each invocation loops until x[0] < -1 (the tests pass 0)
 /// or y[1] is set (nothing sets it), so naga accepts it. On a GPU the loop alone
 /// never ends. llvmpipe needs more: its compiler computes a side-effect-free loop's
@@ -159,14 +177,7 @@ async fn saxpy_through_a_worker_matches_the_cpu_reference() {
     let pid = only_pid(&supervisor);
     let (mut plan, inputs, _) = saxpy(SMALL);
     plan.source = plan.source.replace("params.a", "params.nope");
-    let err = supervisor
-        .run(plan, inputs, JOB_TIMEOUT, CancellationToken::new())
-        .await
-        .expect_err("a kernel that does not compile");
-    assert!(
-        matches!(&err, ExecError::Gpu(e) if e.kind == ChildErrorKind::Compile),
-        "{err:?}"
-    );
+    let err = run_refused(&supervisor, plan, inputs, ChildErrorKind::Compile).await;
     assert!(!err.retryable(), "{err}");
     assert_eq!(
         (only_pid(&supervisor), supervisor.restarts()),
@@ -177,14 +188,7 @@ async fn saxpy_through_a_worker_matches_the_cpu_reference() {
     // past its 2.4 MB of inputs, and the next job's header is next on the pipe.
     let (mut plan, inputs, _) = saxpy(LARGE);
     plan.workgroups = [0, 1, 1];
-    let err = supervisor
-        .run(plan, inputs, JOB_TIMEOUT, CancellationToken::new())
-        .await
-        .expect_err("zero workgroups");
-    assert!(
-        matches!(&err, ExecError::Gpu(e) if e.kind == ChildErrorKind::InvalidPlan),
-        "{err:?}"
-    );
+    run_refused(&supervisor, plan, inputs, ChildErrorKind::InvalidPlan).await;
     assert_saxpy_of(&supervisor, LARGE, "after a refused job").await;
     assert_eq!(
         (only_pid(&supervisor), supervisor.restarts()),
