@@ -150,25 +150,27 @@ impl Worker {
 ///
 /// An unsharded attempt's kernel runs while its start commits: for a small task that
 /// commit took as long as the kernel itself, on the path of every task. The report
-/// still waits for the start, so the log holds the start before the result; a start
-/// that is refused (the attempt stopped being current) or fails stops the kernel. A
+/// waits for the start, so the log keeps the start before the result. A start the
+/// state machine refuses (the attempt stopped being current) stops the kernel; one
+/// that could not be committed (no leader for a moment) does not: the report is
+/// proposed anyway, and the state machine takes it if the attempt is still current. A
 /// sharded attempt confirms its start first: its checkpoints are reports too.
 async fn execute(ctx: Ctx, task: Task, cancel: CancellationToken) {
     let report = if task.shards > 1 {
-        if !confirm_start(&ctx, &task).await {
+        if confirm_start(&ctx, &task).await != Start::Confirmed {
             return;
         }
         run_shards(&ctx, &task, &cancel).await
     } else {
         let start = async {
-            let started = confirm_start(&ctx, &task).await;
-            if !started {
+            let start = confirm_start(&ctx, &task).await;
+            if start == Start::Refused {
                 cancel.cancel();
             }
-            started
+            start
         };
-        let (started, report) = tokio::join!(start, run_whole(&ctx, &task, &cancel));
-        if !started {
+        let (start, report) = tokio::join!(start, run_whole(&ctx, &task, &cancel));
+        if start == Start::Refused {
             return;
         }
         report
@@ -193,11 +195,21 @@ async fn execute(ctx: Ctx, task: Task, cancel: CancellationToken) {
     }
 }
 
-/// Commit the start of an attempt still `Assigned`; true when the attempt may report
-/// (started now, or before a restart of this node).
-async fn confirm_start(ctx: &Ctx, task: &Task) -> bool {
+/// How confirming an attempt's start ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Committed now, or before a restart of this node.
+    Confirmed,
+    /// The state machine refused it: the attempt is no longer current.
+    Refused,
+    /// Not committed (no leader, a timeout); the attempt may still be current.
+    Unconfirmed,
+}
+
+/// Commit the start of an attempt still `Assigned`.
+async fn confirm_start(ctx: &Ctx, task: &Task) -> Start {
     if !matches!(task.state, TaskState::Assigned { .. }) {
-        return true;
+        return Start::Confirmed;
     }
     let start = Command::Start {
         task: task.id,
@@ -208,15 +220,15 @@ async fn confirm_start(ctx: &Ctx, task: &Task) -> bool {
         Ok(Outcome::Started(_)) => {
             let waited = crate::proposer::now().since(task.submitted_at);
             metrics::histogram!("mesh_task_submit_to_start_seconds").record(waited.as_secs_f64());
-            true
+            Start::Confirmed
         }
         Ok(other) => {
             info!(%other, "attempt no longer current; not running it");
-            false
+            Start::Refused
         }
         Err(e) => {
-            warn!(error = %e, "could not confirm the start; will retry when the state changes");
-            false
+            warn!(error = %e, "could not confirm the start");
+            Start::Unconfirmed
         }
     }
 }
