@@ -95,10 +95,8 @@ fn main() {
         .collect();
     print_throughput(&rows);
     print_breakdown(&rows, &copy);
-    if worker.is_some() {
-        print_pipe_floor(&rows, settings.runs);
-    }
     if let Some(worker) = worker {
+        print_pipe_floor(&rows, settings.runs);
         worker.stop();
     }
 }
@@ -375,22 +373,22 @@ fn measure<T>(runs: usize, mut run: impl FnMut() -> T) -> (Stats, T) {
 }
 
 /// One full run of a kernel by one path, returning its outputs.
-type PathRun<'a> = &'a mut dyn FnMut() -> Outputs;
+type PathRun<'a> = &'a mut dyn FnMut() -> PathOutputs;
 
 /// A path's outputs as the path produced them: turned into `Vec`s to be checked only
 /// after the run is timed, so that no path pays for a copy it would not make.
-enum Outputs {
+enum PathOutputs {
     /// The executor's and bare wgpu's.
     Vecs(Vec<Vec<u8>>),
     /// The worker process's, which the node keeps as they arrive.
     Shared(Vec<Bytes>),
 }
 
-impl Outputs {
+impl PathOutputs {
     fn into_vecs(self) -> Vec<Vec<u8>> {
         match self {
-            Outputs::Vecs(v) => v,
-            Outputs::Shared(b) => b.iter().map(|b| b.to_vec()).collect(),
+            PathOutputs::Vecs(v) => v,
+            PathOutputs::Shared(b) => b.iter().map(|b| b.to_vec()).collect(),
         }
     }
 }
@@ -789,16 +787,18 @@ fn bench_case(
     let (compile, pipeline) = measure(runs, || bare.compile(&case.plan));
     let kernel = bare.kernel_only(&case.plan, &pipeline, inputs, runs);
 
-    let mut bare_run = || Outputs::Vecs(bare.run(&case.plan, &pipeline, inputs));
-    let mut fresh_run = || Outputs::Vecs(bare.run(&case.plan, &bare.compile(&case.plan), inputs));
+    let mut bare_run = || PathOutputs::Vecs(bare.run(&case.plan, &pipeline, inputs));
+    let mut fresh_run =
+        || PathOutputs::Vecs(bare.run(&case.plan, &bare.compile(&case.plan), inputs));
     let mut executor_run = || {
-        Outputs::Vecs(
+        PathOutputs::Vecs(
             executor
                 .run(&case.plan, inputs)
                 .unwrap_or_else(|e| panic!("{} via the executor: {e}", case.name)),
         )
     };
-    let mut worker_run = worker.map(|w| move || Outputs::Shared(w.run(&case.plan, inputs.clone())));
+    let mut worker_run =
+        worker.map(|w| move || PathOutputs::Shared(w.run(&case.plan, inputs.clone())));
     let mut paths: Vec<PathRun<'_>> = vec![&mut bare_run, &mut fresh_run, &mut executor_run];
     if let Some(run) = worker_run.as_mut() {
         paths.push(run);
@@ -882,29 +882,24 @@ fn print_throughput(rows: &[Row]) {
     }
 }
 
-/// Bytes the worker reads from its pipe at a time (`gpu/child.rs`).
-const PIPE_CHUNK: usize = 256 * 1024;
-
-/// Move `bytes` through a widened pipe from one thread to another, the reader copying
-/// each chunk on as the worker does: the least the worker path's two pipe crossings
-/// can cost, without a GPU.
+/// Move `bytes` through a widened pipe from one thread to another, read as the worker
+/// reads an input (`wire::read_input`, a `wire::READ_CHUNK` at a time, each chunk
+/// copied on): the least the worker path's two pipe crossings can cost, without a GPU.
 fn pipe_crossing(bytes: usize, runs: usize) -> Stats {
-    use std::io::{Read as _, Write as _};
+    use mesh_node::gpu::wire;
+    use std::io::Write as _;
     let data = vec![7u8; bytes];
     let mut dest = vec![0u8; bytes];
-    let mut chunk = vec![0u8; PIPE_CHUNK];
+    let mut chunk = vec![0u8; wire::READ_CHUNK];
     let (stats, ()) = measure(runs, || {
         let (mut reader, mut writer) = std::io::pipe().expect("a pipe");
-        mesh_node::gpu::wire::widen_pipe(&writer);
+        wire::widen_pipe(&writer);
         std::thread::scope(|scope| {
             scope.spawn(|| writer.write_all(&data).expect("pipe write"));
-            let mut done = 0;
-            while done < bytes {
-                let n = reader.read(&mut chunk).expect("pipe read");
-                assert!(n > 0, "the pipe closed early");
-                dest[done..done + n].copy_from_slice(&chunk[..n]);
-                done += n;
-            }
+            wire::read_input(&mut reader, bytes, &mut chunk, |at, piece| {
+                dest[at..at + piece.len()].copy_from_slice(piece)
+            })
+            .expect("pipe read");
         });
     });
     assert!(dest.iter().all(|&b| b == 7), "the bytes crossed intact");

@@ -223,7 +223,7 @@ async fn confirm_start(ctx: &Ctx, task: &Task) -> Start {
             Start::Confirmed
         }
         Ok(other) => {
-            info!(%other, "attempt no longer current; not running it");
+            info!(%other, "start refused: the attempt is no longer current; stopping it");
             Start::Refused
         }
         Err(e) => {

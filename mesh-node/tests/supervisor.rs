@@ -75,11 +75,7 @@ const SMALL: usize = 1000;
 /// and its read chunk, and not a multiple of either.
 const LARGE: usize = 300_001;
 
-/// Run saxpy and require the reference bytes.
-async fn assert_saxpy_works(supervisor: &Supervisor, when: &str) {
-    assert_saxpy_of(supervisor, SMALL, when).await;
-}
-
+/// Run a saxpy of `n` elements and require the reference bytes.
 async fn assert_saxpy_of(supervisor: &Supervisor, n: usize, when: &str) {
     let (plan, inputs, expected) = saxpy(n);
     let outputs = supervisor
@@ -171,7 +167,7 @@ async fn saxpy_through_a_worker_matches_the_cpu_reference() {
         supervisor.info().backend
     );
     assert!(!supervisor.info().name.is_empty());
-    assert_saxpy_works(&supervisor, "through the worker").await;
+    assert_saxpy_of(&supervisor, SMALL, "through the worker").await;
     assert_saxpy_of(&supervisor, LARGE, "with inputs larger than the pipe").await;
     // Errors from the executor come back typed, and leave the worker in place.
     let pid = only_pid(&supervisor);
@@ -224,7 +220,7 @@ async fn a_kernel_that_never_ends_is_killed_at_its_timeout() {
     assert_eq!(supervisor.restarts(), 1);
 
     println!("phase: the next job runs in a fresh worker");
-    assert_saxpy_works(&supervisor, "after a timeout").await;
+    assert_saxpy_of(&supervisor, SMALL, "after a timeout").await;
     let new_pid = only_pid(&supervisor);
     assert_ne!(new_pid, pid, "the worker was replaced");
     assert_gone(pid);
@@ -257,7 +253,7 @@ async fn cancel_stops_a_running_kernel_promptly() {
     );
 
     println!("phase: the next job runs in a fresh worker");
-    assert_saxpy_works(&supervisor, "after a cancel").await;
+    assert_saxpy_of(&supervisor, SMALL, "after a cancel").await;
     assert_ne!(only_pid(&supervisor), pid, "the worker was replaced");
     assert_gone(pid);
     assert_eq!(supervisor.restarts(), 1);
@@ -301,7 +297,7 @@ async fn a_crashing_worker_is_reported_and_replaced() {
     );
 
     println!("phase: the next job runs in a fresh worker");
-    assert_saxpy_works(&supervisor, "after a crash").await;
+    assert_saxpy_of(&supervisor, SMALL, "after a crash").await;
     assert_ne!(only_pid(&supervisor), pid, "the worker was replaced");
     assert_gone(pid);
     assert_eq!(supervisor.restarts(), 1);
@@ -333,7 +329,7 @@ async fn two_slots_run_two_jobs_at_once() {
     }
     println!("phase: the long job holds one worker; a short one runs beside it");
     let started = Instant::now();
-    assert_saxpy_works(&supervisor, "beside a long job").await;
+    assert_saxpy_of(&supervisor, SMALL, "beside a long job").await;
     let short_took = started.elapsed();
     assert!(
         !long.is_finished(),

@@ -39,10 +39,6 @@ struct Staged {
     upload_time: Duration,
 }
 
-/// Bytes read from the pipe at a time on their way into a device buffer: a quarter
-/// of the pipe, small enough to stay in the CPU's cache between the two copies.
-const INPUT_CHUNK: usize = 256 * 1024;
-
 /// Jobs read ahead of the one running. The supervisor sends one job at a time, so one
 /// is all that can ever be queued.
 const JOB_QUEUE: usize = 1;
@@ -168,7 +164,7 @@ fn launch(
 /// the running kernel.
 fn read_jobs(executor: &Executor, jobs: mpsc::SyncSender<Staged>, busy: &AtomicBool) {
     let mut stdin = std::io::stdin().lock();
-    let mut chunk = vec![0; INPUT_CHUNK];
+    let mut chunk = vec![0; wire::READ_CHUNK];
     loop {
         let header = match wire::read_job_header(&mut stdin) {
             Ok(header) => header,

@@ -8,7 +8,7 @@
 //! stops both, and the daemon keeps running.
 
 use super::exec_error::{ChildExit, ExecError, StartError};
-use super::wire::{self, ChildErrorKind, FrameError, Hello, Job, Reply};
+use super::wire::{self, ChildErrorKind, FrameError, Hello, Reply};
 use mesh_core::capability::AdapterInfo;
 use mesh_core::kernel::KernelPlan;
 use mesh_core::Bytes;
@@ -280,7 +280,7 @@ impl Supervisor {
         let inner = &self.inner;
         let deadline = Instant::now() + timeout;
         let id = inner.next_job.fetch_add(1, Ordering::Relaxed);
-        let frame = wire::JobFrame::new(Job { id, plan, inputs }).map_err(|e| match e {
+        let frame = wire::JobFrame::new(id, plan, inputs).map_err(|e| match e {
             FrameError::TooLarge(bytes) => ExecError::TooLarge {
                 bytes,
                 limit: wire::MAX_FRAME_BYTES,

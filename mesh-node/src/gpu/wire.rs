@@ -3,8 +3,9 @@
 //!
 //! Every message starts with one frame: a 4-byte little-endian length, then a record
 //! encoded with `mesh_core::codec` (bincode behind a format version byte). The worker
-//! writes one [`Hello`] on stdout when it starts, then answers each [`Job`] read from
-//! stdin with one [`Reply`], one job at a time. Logs go to stderr, never stdout.
+//! writes one [`Hello`] on stdout when it starts, then answers each job read from stdin
+//! ([`JobFrame`] writes one, [`read_job_header`] and [`read_input`] read it) with one
+//! [`Reply`], one job at a time. Logs go to stderr, never stdout.
 //!
 //! A job's inputs and a reply's outputs (up to 16 MiB each way) do not go inside the
 //! record: its header lists their lengths and the bytes follow it raw, written from
@@ -54,19 +55,7 @@ pub enum Hello {
     },
 }
 
-/// One kernel to run, as the daemon sends it (on the pipe: a [`JobHeader`], then the
-/// inputs).
-#[derive(Debug, Clone)]
-pub struct Job {
-    /// Chosen by the daemon; echoed in the reply.
-    pub id: u64,
-    /// The plan.
-    pub plan: KernelPlan,
-    /// Input bytes, indexed as in `BindingPlan::Input`.
-    pub inputs: Vec<Bytes>,
-}
-
-/// The answer to one [`Job`] (on the pipe: a [`ReplyHeader`], then the outputs).
+/// The answer to one job (on the pipe: a [`ReplyHeader`], then the outputs).
 #[derive(Debug, Clone)]
 pub struct Reply {
     /// The job's id.
@@ -77,10 +66,10 @@ pub struct Reply {
     pub elapsed: Duration,
 }
 
-/// A [`Job`]'s record: the job without its inputs, which follow it on the pipe.
+/// A job's record: one kernel to run, without its inputs, which follow it on the pipe.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct JobHeader {
-    /// The job's id.
+    /// Chosen by the daemon; echoed in the reply.
     pub id: u64,
     /// The plan.
     pub plan: KernelPlan,
@@ -243,20 +232,18 @@ pub struct JobFrame {
 }
 
 impl JobFrame {
-    /// Encode a job's header; refuses a job whose header or inputs are over
+    /// Encode job `id` (echoed in its reply): `plan` with its `inputs` (indexed as in
+    /// `BindingPlan::Input`). Refuses a job whose header or inputs are over
     /// [`MAX_FRAME_BYTES`].
-    pub fn new(job: Job) -> Result<JobFrame, FrameError> {
-        let input_lens: Vec<u64> = job.inputs.iter().map(|b| b.len() as u64).collect();
+    pub fn new(id: u64, plan: KernelPlan, inputs: Vec<Bytes>) -> Result<JobFrame, FrameError> {
+        let input_lens: Vec<u64> = inputs.iter().map(|b| b.len() as u64).collect();
         check_payload(&input_lens)?;
         let header = encode_frame(&JobHeader {
-            id: job.id,
-            plan: job.plan,
+            id,
+            plan,
             input_lens,
         })?;
-        Ok(JobFrame {
-            header,
-            inputs: job.inputs,
-        })
+        Ok(JobFrame { header, inputs })
     }
 
     /// Write the job and flush it.
@@ -278,6 +265,11 @@ pub fn read_job_header(r: &mut impl Read) -> Result<JobHeader, FrameError> {
     check_payload(&header.input_lens)?;
     Ok(header)
 }
+
+/// Bytes the worker reads from the pipe at a time on their way into a device buffer
+/// (the `chunk` of [`read_input`]): a quarter of the pipe, small enough to stay in the
+/// CPU's cache between the two copies.
+pub const READ_CHUNK: usize = 256 * 1024;
 
 /// Blocking: read the next input, `len` bytes, handing it to `sink(offset, bytes)`
 /// one `chunk` at a time (the worker's sink is write-only device memory, which a
@@ -427,21 +419,21 @@ mod tests {
     use mesh_core::kernel::BindingPlan;
     use mesh_core::task::OutputDecl;
 
-    fn job() -> Job {
-        Job {
-            id: 7,
-            plan: KernelPlan {
-                source: "@compute @workgroup_size(1) fn main() {}".into(),
-                entry: "main".into(),
-                workgroups: [1, 2, 3],
-                bindings: vec![BindingPlan::Input(0), BindingPlan::Output(0)],
-                outputs: vec![OutputDecl {
-                    name: "y".into(),
-                    size: 8,
-                }],
-            },
-            inputs: vec![Bytes::from(vec![1u8, 2, 3, 4])],
+    fn plan() -> KernelPlan {
+        KernelPlan {
+            source: "@compute @workgroup_size(1) fn main() {}".into(),
+            entry: "main".into(),
+            workgroups: [1, 2, 3],
+            bindings: vec![BindingPlan::Input(0), BindingPlan::Output(0)],
+            outputs: vec![OutputDecl {
+                name: "y".into(),
+                size: 8,
+            }],
         }
+    }
+
+    fn inputs() -> Vec<Bytes> {
+        vec![Bytes::from(vec![1u8, 2, 3, 4])]
     }
 
     /// A job as the worker reads it: the header, then each input into its own buffer.
@@ -468,7 +460,7 @@ mod tests {
         // header starts, whether they are read or skipped.
         let mut pipe: Vec<u8> = Vec::new();
         for _ in 0..3 {
-            rt.block_on(JobFrame::new(job()).unwrap().write(&mut pipe))
+            rt.block_on(JobFrame::new(7, plan(), inputs()).unwrap().write(&mut pipe))
                 .unwrap();
         }
         let header_len = u32::from_le_bytes(pipe[..4].try_into().unwrap()) as usize;
@@ -482,11 +474,8 @@ mod tests {
         let skipped = read_job_header(&mut r).unwrap();
         skip_inputs(&mut r, &skipped.input_lens).unwrap();
         for _ in 0..2 {
-            let (header, inputs) = read_job(&mut r).unwrap();
-            assert_eq!(
-                (header.id, &header.plan, &inputs),
-                (7, &job().plan, &job().inputs)
-            );
+            let (header, read) = read_job(&mut r).unwrap();
+            assert_eq!((header.id, &header.plan, &read), (7, &plan(), &inputs()));
         }
         assert!(matches!(read_job_header(&mut r), Err(FrameError::Closed)));
 
@@ -523,7 +512,7 @@ mod tests {
         // buffer is allocated for it.
         let header = encode_frame(&JobHeader {
             id: 1,
-            plan: job().plan,
+            plan: plan(),
             input_lens: vec![u64::MAX, 2],
         })
         .unwrap();
@@ -534,7 +523,7 @@ mod tests {
         // A stream cut inside the inputs.
         let mut cut = encode_frame(&JobHeader {
             id: 1,
-            plan: job().plan,
+            plan: plan(),
             input_lens: vec![4],
         })
         .unwrap();
