@@ -23,8 +23,9 @@
 //! buffer-to-buffer copy because wgpu reports none. The third sets the worker path's
 //! extra time against what moving each kernel's bytes (inputs and outputs) through a
 //! pipe costs on this machine, without any GPU work: a widened pipe between two
-//! threads, read a chunk at a time as the worker reads it, and against one `memcpy` of
-//! the same bytes (what shared memory would cost instead).
+//! threads, the bytes lent to it as the daemon and the worker lend them
+//! (`wire::splice_all`) and read a chunk at a time as the worker reads them, and
+//! against one `memcpy` of the same bytes (what shared memory would cost instead).
 //!
 //! Every path's output must equal the CPU reference bit for bit (`reduce-sum`, whose
 //! driver may sum in another order: the bare path's bytes, and the CPU sum within
@@ -887,7 +888,6 @@ fn print_throughput(rows: &[Row]) {
 /// copied on): the least the worker path's two pipe crossings can cost, without a GPU.
 fn pipe_crossing(bytes: usize, runs: usize) -> Stats {
     use mesh_node::gpu::wire;
-    use std::io::Write as _;
     let data = vec![7u8; bytes];
     let mut dest = vec![0u8; bytes];
     let mut chunk = vec![0u8; wire::READ_CHUNK];
@@ -895,7 +895,7 @@ fn pipe_crossing(bytes: usize, runs: usize) -> Stats {
         let (mut reader, mut writer) = std::io::pipe().expect("a pipe");
         wire::widen_pipe(&writer);
         std::thread::scope(|scope| {
-            scope.spawn(|| writer.write_all(&data).expect("pipe write"));
+            scope.spawn(|| wire::splice_all(&mut writer, &data).expect("pipe write"));
             wire::read_input(&mut reader, bytes, &mut chunk, |at, piece| {
                 dest[at..at + piece.len()].copy_from_slice(piece)
             })

@@ -8,6 +8,7 @@ use super::wire::{self, ChildError, ChildErrorKind, FrameError, Hello, JobHeader
 use super::{Executor, GpuError, OutputView, Uploaded};
 use mesh_core::kernel::KernelPlan;
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -109,8 +110,13 @@ pub fn serve() -> i32 {
     std::thread::spawn(move || read_jobs(&reader_executor, jobs_tx, &reader_busy));
 
     let abort_on_entry = std::env::var(ABORT_ON_ENTRY_ENV).ok();
+    // The last reply's outputs, lent to the pipe (`wire::write_outputs`): the daemon
+    // may not have read them yet. It sends the next job only after the whole reply,
+    // so they are released when the next job arrives (or stdin closes), not before.
+    let mut lent: Option<Vec<OutputView>> = None;
     // The channel closes when stdin does, with the worker idle: a clean end.
     while let Ok(job) = jobs.recv() {
+        drop(lent.take());
         if abort_on_entry.as_deref() == Some(job.plan.entry.as_str()) {
             note!(
                 "{ABORT_ON_ENTRY_ENV} matches entry point '{}': aborting as asked",
@@ -130,6 +136,7 @@ pub fn serve() -> i32 {
         if let Err(code) = send_reply(&mut stdout, job.id, &result, elapsed) {
             return code;
         }
+        lent = result.ok();
         if ends_worker {
             tracing::warn!(
                 "the executor is unusable; exiting so that the daemon starts a fresh worker"
@@ -271,7 +278,7 @@ fn send<T: serde::Serialize>(stdout: &mut impl Write, message: &T) -> Result<(),
 /// Write a reply; outputs too large for the pipe are replaced by an error with the
 /// same id.
 fn send_reply(
-    stdout: &mut impl Write,
+    stdout: &mut (impl Write + AsFd),
     id: u64,
     result: &Result<Vec<OutputView>, ChildError>,
     elapsed: Duration,

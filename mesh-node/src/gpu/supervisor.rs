@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
-use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
+use tokio::process::{Child, ChildStderr, ChildStdout};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -146,7 +146,9 @@ struct Inner {
 /// One `mesh-node gpu-worker` process and its pipes.
 struct WorkerProcess {
     child: Child,
-    stdin: ChildStdin,
+    /// The worker's stdin as a pipe of tokio's own, which can lend it pages
+    /// (`wire::splice_all_async`); `ChildStdin` cannot.
+    stdin: tokio::net::unix::pipe::Sender,
     stdout: ChildStdout,
     pid: u32,
     slot: usize,
@@ -673,6 +675,10 @@ async fn spawn_worker(
     };
     wire::widen_pipe(&stdin);
     wire::widen_pipe(&stdout);
+    let stdin = stdin
+        .into_owned_fd()
+        .and_then(tokio::net::unix::pipe::Sender::from_owned_fd)
+        .map_err(|e| StartError::Protocol(format!("the GPU worker's stdin: {e}")))?;
     let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)));
     let forwarder = tracker.spawn(forward_stderr(stderr, pid, slot, Arc::clone(&stderr_tail)));
     let mut worker = WorkerProcess {

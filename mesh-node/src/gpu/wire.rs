@@ -8,21 +8,32 @@
 //! [`Reply`], one job at a time. Logs go to stderr, never stdout.
 //!
 //! A job's inputs and a reply's outputs (up to 16 MiB each way) do not go inside the
-//! record: its header lists their lengths and the bytes follow it raw, written from
-//! where they lie and read into the buffers they are kept in. Encoding them would copy
-//! each byte twice more; this way a byte is copied into the pipe and out of it. On the
-//! worker's side "where they lie" is the device's own mapped memory: inputs are read
-//! from the pipe into the buffers the kernel binds, outputs written to it from the
-//! buffers the device copied them into.
+//! record: its header lists their lengths and the bytes follow it raw, lent to the pipe
+//! from where they lie and read into the buffers they are kept in. Encoding them would
+//! copy each byte twice more. On the worker's side "where they lie" is the device's own
+//! mapped memory: inputs are read from the pipe into the buffers the kernel binds,
+//! outputs lent to it from the buffers the device copied them into.
+//!
+//! Lent, not written: [`splice_all`] hands the pipe the pages that hold the bytes
+//! (`vmsplice`) instead of copying them into the pipe's own buffer, so the only copy
+//! is the reader's, as in one process. The pipe reads those pages when the other side
+//! reads, so the writer must leave the bytes unchanged, and their memory unfreed, until
+//! the reader has them: the daemon keeps a job's inputs (immutable [`Bytes`]) until its
+//! reply, which the worker sends after reading every input; the worker keeps a reply's
+//! mapped outputs until the next job, which the daemon sends after reading the whole
+//! reply. Where the kernel cannot lend the pages (memory a driver mapped specially,
+//! a writer that is not a pipe) the bytes are written the ordinary way.
 
 use super::GpuError;
 use mesh_core::capability::AdapterInfo;
 use mesh_core::kernel::KernelPlan;
 use mesh_core::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::AsFd;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::unix::pipe;
 
 /// Largest frame either side sends or accepts, bytes, and the most a message's raw
 /// inputs or outputs may add up to. A task carries at most 16 MiB of inputs and 16 MiB
@@ -174,8 +185,9 @@ pub enum FrameError {
 const PIPE_BYTES: usize = 1024 * 1024;
 
 /// Ask for a [`PIPE_BYTES`] pipe buffer. Best effort: a smaller pipe is only slower.
-pub fn widen_pipe(pipe: &impl std::os::fd::AsFd) {
-    if let Err(e) = rustix::pipe::fcntl_setpipe_size(pipe, PIPE_BYTES) {
+pub fn widen_pipe(pipe: &impl AsFd) {
+    let size = nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES as i32);
+    if let Err(e) = nix::fcntl::fcntl(pipe, size) {
         tracing::debug!(error = %e, "cannot enlarge a GPU worker pipe; keeping its size");
     }
 }
@@ -246,15 +258,56 @@ impl JobFrame {
         Ok(JobFrame { header, inputs })
     }
 
-    /// Write the job and flush it.
-    pub async fn write(&self, w: &mut (impl AsyncWrite + Unpin)) -> Result<(), FrameError> {
+    /// Write the job to the worker's stdin, its inputs lent to the pipe
+    /// ([`splice_all_async`]): keep this frame until the job's reply has been read.
+    pub async fn write(&self, w: &mut pipe::Sender) -> Result<(), FrameError> {
         w.write_all(&self.header).await?;
         for input in &self.inputs {
-            w.write_all(input).await?;
+            splice_all_async(w, input).await?;
         }
-        w.flush().await?;
         Ok(())
     }
+}
+
+/// Lend the pipe `w` the pages under (a prefix of) `bytes`; how many bytes it took.
+fn lend(w: &impl AsFd, bytes: &[u8], flags: nix::fcntl::SpliceFFlags) -> std::io::Result<usize> {
+    match nix::fcntl::vmsplice(w, &[IoSlice::new(bytes)], flags) {
+        Ok(0) => Err(std::io::ErrorKind::WriteZero.into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Blocking: put `bytes` on the pipe `w` by lending it their pages (see the module
+/// docs: `bytes` must stay unchanged and allocated until the reader has read them),
+/// or by writing them where the pages cannot be lent (EFAULT for memory a driver
+/// mapped, EINVAL for a writer that is not a pipe; the write then reports whatever
+/// is really wrong). Anything `w` buffers must have been flushed first.
+pub fn splice_all(w: &mut (impl Write + AsFd), mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match lend(w, bytes, nix::fcntl::SpliceFFlags::empty()) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return w.write_all(bytes),
+        }
+    }
+    Ok(())
+}
+
+/// [`splice_all`] on a non-blocking pipe: waits for room instead of blocking a thread.
+pub async fn splice_all_async(w: &mut pipe::Sender, mut bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::ErrorKind::{Interrupted, WouldBlock};
+    while !bytes.is_empty() {
+        w.writable().await?;
+        let flags = nix::fcntl::SpliceFFlags::SPLICE_F_NONBLOCK;
+        // `try_io` clears the readiness it saw when the pipe is full (EAGAIN).
+        match w.try_io(|| lend(&*w, bytes, flags)) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if matches!(e.kind(), WouldBlock | Interrupted) => {}
+            Err(_) => return w.write_all(bytes).await,
+        }
+    }
+    Ok(())
 }
 
 /// Blocking: read one job's header; [`FrameError::Closed`] at a clean end of stream.
@@ -301,10 +354,12 @@ pub fn skip_inputs(r: &mut impl Read, lens: &[u64]) -> Result<(), FrameError> {
     Ok(())
 }
 
-/// Blocking: write a successful job's reply (its outputs after the header) and flush
-/// it. Outputs over [`MAX_FRAME_BYTES`] in all are refused before anything is written.
+/// Blocking: write a successful job's reply, the header and then its outputs lent to
+/// the pipe ([`splice_all`]): keep `outputs` unchanged until the daemon has read the
+/// reply. Outputs over [`MAX_FRAME_BYTES`] in all are refused before anything is
+/// written.
 pub fn write_outputs<O: AsRef<[u8]>>(
-    w: &mut impl Write,
+    w: &mut (impl Write + AsFd),
     id: u64,
     outputs: &[O],
     elapsed: Duration,
@@ -316,10 +371,10 @@ pub fn write_outputs<O: AsRef<[u8]>>(
         result: Ok(lens),
         elapsed,
     })?)?;
-    for output in outputs {
-        w.write_all(output.as_ref())?;
-    }
     w.flush()?;
+    for output in outputs {
+        splice_all(w, output.as_ref())?;
+    }
     Ok(())
 }
 
@@ -451,18 +506,46 @@ mod tests {
         Ok((header, inputs))
     }
 
+    /// Everything `write` puts on a real pipe, read to its end by another thread
+    /// (lent pages need a reader while the writer waits for room).
+    fn through_pipe(write: impl FnOnce(&mut std::io::PipeWriter)) -> Vec<u8> {
+        let (mut reader, mut writer) = std::io::pipe().unwrap();
+        widen_pipe(&writer);
+        let read = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            reader.read_to_end(&mut bytes).unwrap();
+            bytes
+        });
+        write(&mut writer);
+        drop(writer);
+        read.join().unwrap()
+    }
+
     #[test]
     fn jobs_and_replies_cross_with_their_bytes_raw_after_the_header() {
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .unwrap();
-        // Jobs back to back: each job's inputs must end exactly where the next job's
-        // header starts, whether they are read or skipped.
-        let mut pipe: Vec<u8> = Vec::new();
-        for _ in 0..3 {
-            rt.block_on(JobFrame::new(7, plan(), inputs()).unwrap().write(&mut pipe))
-                .unwrap();
+        // Jobs back to back, through the daemon's kind of pipe: each job's inputs must
+        // end exactly where the next job's header starts, whether read or skipped.
+        let (mut sender, receiver) = rt.block_on(async { pipe::pipe() }).unwrap();
+        let mut receiver = std::fs::File::from(receiver.into_blocking_fd().unwrap());
+        let read = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            receiver.read_to_end(&mut bytes).unwrap();
+            bytes
+        });
+        // The frames outlive the reading, as the daemon's do (their inputs are lent).
+        let frames: Vec<JobFrame> = (0..3)
+            .map(|_| JobFrame::new(7, plan(), inputs()).unwrap())
+            .collect();
+        for frame in &frames {
+            rt.block_on(frame.write(&mut sender)).unwrap();
         }
+        drop(sender);
+        let pipe = read.join().unwrap();
+        drop(frames);
         let header_len = u32::from_le_bytes(pipe[..4].try_into().unwrap()) as usize;
         assert_eq!(
             pipe.len(),
@@ -482,10 +565,11 @@ mod tests {
         // Replies: outputs, then an error (no bytes after its header).
         let outputs = vec![vec![9u8; 5], Vec::new(), vec![8u8; 3]];
         let error = ChildError::from(&GpuError::Compile("bad".into()));
-        let mut pipe: Vec<u8> = Vec::new();
         let elapsed = Duration::from_millis(3);
-        write_outputs(&mut pipe, 1, &outputs, elapsed).unwrap();
-        write_error(&mut pipe, 2, &error, elapsed).unwrap();
+        let pipe = through_pipe(|w| {
+            write_outputs(w, 1, &outputs, elapsed).unwrap();
+            write_error(w, 2, &error, elapsed).unwrap();
+        });
         rt.block_on(async {
             let mut r = &pipe[..];
             let first = read_reply_async(&mut r).await.unwrap();
@@ -500,13 +584,69 @@ mod tests {
         });
     }
 
+    /// Bytes over several pipefuls, not a multiple of a page, from an odd offset.
+    fn large() -> Vec<u8> {
+        (0..3 * PIPE_BYTES + 12_345)
+            .map(|i| (i % 251) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn spliced_bytes_cross_whole_through_pipes_and_are_written_elsewhere() {
+        let bytes = large();
+        let got = through_pipe(|w| splice_all(w, &bytes[1..]).unwrap());
+        assert!(got == bytes[1..], "blocking: every byte, in order");
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (mut sender, receiver) = rt.block_on(async { pipe::pipe() }).unwrap();
+        let mut receiver = std::fs::File::from(receiver.into_blocking_fd().unwrap());
+        let read = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            receiver.read_to_end(&mut got).unwrap();
+            got
+        });
+        rt.block_on(splice_all_async(&mut sender, &bytes[1..]))
+            .unwrap();
+        drop(sender);
+        assert!(
+            read.join().unwrap() == bytes[1..],
+            "async: every byte, in order"
+        );
+
+        // Not a pipe: the kernel refuses to lend (EINVAL), the bytes are written.
+        let mut file = tempfile::tempfile().unwrap();
+        splice_all(&mut file, &bytes).unwrap();
+        let mut written = Vec::new();
+        std::io::Seek::rewind(&mut file).unwrap();
+        file.read_to_end(&mut written).unwrap();
+        assert!(written == bytes, "the fallback wrote every byte");
+    }
+
+    #[test]
+    fn splicing_lends_the_pages_it_does_not_copy_them() {
+        // What the module's rule (keep lent bytes unchanged until they are read)
+        // guards against, and the proof that the copy into the pipe is gone: bytes
+        // changed after `splice_all` returned are read as changed.
+        let (mut reader, mut writer) = std::io::pipe().unwrap();
+        let mut bytes = vec![1u8; 8192];
+        splice_all(&mut writer, &bytes).unwrap();
+        bytes.fill(2);
+        let mut got = vec![0u8; bytes.len()];
+        reader.read_exact(&mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 2), "the pipe read the lent pages");
+    }
+
     #[test]
     fn payloads_over_the_limit_are_refused_before_anything_moves() {
         // A reply whose outputs add up to more than the limit writes nothing.
         let half = vec![0u8; MAX_FRAME_BYTES / 2 + 1];
-        let mut pipe: Vec<u8> = Vec::new();
-        let too_large = write_outputs(&mut pipe, 1, &[half.clone(), half], Duration::ZERO);
-        assert!(matches!(too_large, Err(FrameError::TooLarge(_))));
+        let pipe = through_pipe(|w| {
+            let too_large = write_outputs(w, 1, &[half.clone(), half], Duration::ZERO);
+            assert!(matches!(too_large, Err(FrameError::TooLarge(_))));
+        });
         assert!(pipe.is_empty());
         // A header that claims more input than the limit is refused before any
         // buffer is allocated for it.
@@ -540,9 +680,10 @@ mod tests {
     #[test]
     fn worker_pipes_are_widened() {
         let (reader, writer) = std::io::pipe().unwrap();
-        let before = rustix::pipe::fcntl_getpipe_size(&reader).unwrap();
+        let size = || nix::fcntl::fcntl(&reader, nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap();
+        let before = size() as usize;
         widen_pipe(&writer);
-        let after = rustix::pipe::fcntl_getpipe_size(&reader).unwrap();
+        let after = size() as usize;
         assert_eq!((before < PIPE_BYTES, after), (true, PIPE_BYTES));
     }
 
