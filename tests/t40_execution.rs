@@ -10,7 +10,8 @@
 //! tasks off it, and undraining lets it work again; cancelling a running kernel kills
 //! its worker process and frees the slot long before the kernel's own timeout; a task
 //! whose node is SIGKILLed on its last attempt fails naming the lost node instead of
-//! moving on; a SIGKILLed node's GPU worker does not outlive it.
+//! moving on; a SIGKILLed node's GPU worker does not outlive it; a quick task reports
+//! its result without a start commit, while a long one is marked running.
 //! Method: `mesh_chaos::Cluster` starts real `mesh-node` processes on loopback (Mesa's
 //! lavapipe without a GPU); everything is driven through `mesh-cli --json` (and plain
 //! OpenSSH where mesh-cli would refuse before sending). Faults are shown to have taken
@@ -850,6 +851,29 @@ fn a_task_that_loses_its_node_on_its_last_attempt_fails_instead_of_moving_on() {
 }
 
 #[test]
+fn a_quick_task_reports_its_result_without_a_start_commit() {
+    // A kernel done within the worker's start grace (10 ms) goes from assigned to
+    // succeeded in one commit, with no start: no `started_at`. The first run on a fresh
+    // worker compiles its pipeline and may take longer; a loaded machine may stretch
+    // any one run past the grace, so one quick task of six must show it, and every one
+    // must still be right. (The long kernel that is marked running with a start is
+    // `cancel_kills_a_running_kernel_and_frees_its_slot_promptly`'s.)
+    let fx = Fixture::start(1, &[]);
+    let cli = fx.cli(0);
+    let dir = fx.path().to_path_buf();
+    let mut started = Vec::new();
+    for i in 0..6 {
+        let t = saxpy_succeeds(&cli, &dir, &format!("quick-{i}"), SETTLE);
+        assert!(t["finished_at_ms"].is_u64(), "{t}");
+        started.push(t["started_at_ms"].clone());
+    }
+    assert!(
+        started.iter().any(Value::is_null),
+        "some quick task should have reported without a start: {started:?}"
+    );
+}
+
+#[test]
 fn cancel_kills_a_running_kernel_and_frees_its_slot_promptly() {
     let fx = Fixture::start(1, &[]);
     let cli = fx.cli(0);
@@ -857,7 +881,11 @@ fn cancel_kills_a_running_kernel_and_frees_its_slot_promptly() {
 
     phase("the infinite kernel runs with a 60s timeout");
     let id = submit(&cli, &strs(&forever_args(&dir, "60s")));
-    wait_task(&cli, id, "runs", SETTLE, |t| state(t) == "running");
+    let t = wait_task(&cli, id, "runs", SETTLE, |t| state(t) == "running");
+    assert!(
+        t["started_at_ms"].is_u64(),
+        "a kernel past the start grace is marked running with its start: {t}"
+    );
     let worker = fx.workers(0, 1)[0];
 
     phase("cancel it");
