@@ -506,45 +506,59 @@ mod tests {
         Ok((header, inputs))
     }
 
-    /// Everything `write` puts on a real pipe, read to its end by another thread
-    /// (lent pages need a reader while the writer waits for room).
-    fn through_pipe(write: impl FnOnce(&mut std::io::PipeWriter)) -> Vec<u8> {
-        let (mut reader, mut writer) = std::io::pipe().unwrap();
-        widen_pipe(&writer);
-        let read = std::thread::spawn(move || {
+    /// A thread reading `reader` to its end.
+    fn read_to_end(mut reader: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
             let mut bytes = Vec::new();
             reader.read_to_end(&mut bytes).unwrap();
             bytes
-        });
+        })
+    }
+
+    /// Everything `write` puts on a real pipe, read to its end by another thread
+    /// (lent pages need a reader while the writer waits for room).
+    fn through_pipe(write: impl FnOnce(&mut std::io::PipeWriter)) -> Vec<u8> {
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        widen_pipe(&writer);
+        let read = read_to_end(reader);
         write(&mut writer);
         drop(writer);
         read.join().unwrap()
     }
 
-    #[test]
-    fn jobs_and_replies_cross_with_their_bytes_raw_after_the_header() {
-        let rt = tokio::runtime::Builder::new_current_thread()
+    /// [`through_pipe`] for the daemon's kind of pipe: `write` runs on `rt`.
+    fn through_tokio_pipe(
+        rt: &tokio::runtime::Runtime,
+        write: impl AsyncFnOnce(&mut pipe::Sender),
+    ) -> Vec<u8> {
+        let (mut sender, receiver) = rt.block_on(async { pipe::pipe() }).unwrap();
+        let read = read_to_end(std::fs::File::from(receiver.into_blocking_fd().unwrap()));
+        rt.block_on(write(&mut sender));
+        drop(sender);
+        read.join().unwrap()
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn jobs_and_replies_cross_with_their_bytes_raw_after_the_header() {
+        let rt = runtime();
         // Jobs back to back, through the daemon's kind of pipe: each job's inputs must
         // end exactly where the next job's header starts, whether read or skipped.
-        let (mut sender, receiver) = rt.block_on(async { pipe::pipe() }).unwrap();
-        let mut receiver = std::fs::File::from(receiver.into_blocking_fd().unwrap());
-        let read = std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            receiver.read_to_end(&mut bytes).unwrap();
-            bytes
-        });
         // The frames outlive the reading, as the daemon's do (their inputs are lent).
         let frames: Vec<JobFrame> = (0..3)
             .map(|_| JobFrame::new(7, plan(), inputs()).unwrap())
             .collect();
-        for frame in &frames {
-            rt.block_on(frame.write(&mut sender)).unwrap();
-        }
-        drop(sender);
-        let pipe = read.join().unwrap();
+        let pipe = through_tokio_pipe(&rt, async |sender| {
+            for frame in &frames {
+                frame.write(sender).await.unwrap();
+            }
+        });
         drop(frames);
         let header_len = u32::from_le_bytes(pipe[..4].try_into().unwrap()) as usize;
         assert_eq!(
@@ -597,24 +611,10 @@ mod tests {
         let got = through_pipe(|w| splice_all(w, &bytes[1..]).unwrap());
         assert!(got == bytes[1..], "blocking: every byte, in order");
 
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let (mut sender, receiver) = rt.block_on(async { pipe::pipe() }).unwrap();
-        let mut receiver = std::fs::File::from(receiver.into_blocking_fd().unwrap());
-        let read = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            receiver.read_to_end(&mut got).unwrap();
-            got
+        let got = through_tokio_pipe(&runtime(), async |sender| {
+            splice_all_async(sender, &bytes[1..]).await.unwrap()
         });
-        rt.block_on(splice_all_async(&mut sender, &bytes[1..]))
-            .unwrap();
-        drop(sender);
-        assert!(
-            read.join().unwrap() == bytes[1..],
-            "async: every byte, in order"
-        );
+        assert!(got == bytes[1..], "async: every byte, in order");
 
         // Not a pipe: the kernel refuses to lend (EINVAL), the bytes are written.
         let mut file = tempfile::tempfile().unwrap();
