@@ -369,12 +369,14 @@ async fn submit_stream(
 
 /// Appends `data` to `partial` and takes out every whole line (without its newline;
 /// blank lines dropped); `partial` keeps the start of the next line. Only the new bytes
-/// are searched (what was kept holds no newline), so a long line costs its length once.
+/// are searched (what was kept holds no newline), so a long line costs its length once;
+/// `memchr` searches many bytes at a time (the byte-by-byte scan it replaced showed as
+/// ~1 % of a leader's samples in a profile at 16 streaming clients).
 fn take_lines(partial: &mut Vec<u8>, data: &[u8]) -> Vec<Vec<u8>> {
     let mut lines = Vec::new();
     let (mut start, mut search) = (0, partial.len());
     partial.extend_from_slice(data);
-    while let Some(at) = partial[search..].iter().position(|b| *b == b'\n') {
+    while let Some(at) = memchr::memchr(b'\n', &partial[search..]) {
         let line = &partial[start..search + at];
         if !line.trim_ascii().is_empty() {
             lines.push(line.to_vec());
