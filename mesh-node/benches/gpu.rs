@@ -883,9 +883,10 @@ fn print_throughput(rows: &[Row]) {
     }
 }
 
-/// Move `bytes` through a widened pipe from one thread to another, read as the worker
-/// reads an input (`wire::read_input`, a `wire::READ_CHUNK` at a time, each chunk
-/// copied on): the least the worker path's two pipe crossings can cost, without a GPU.
+/// Move `bytes` through a widened pipe from one thread to another, lent as the daemon
+/// and the worker lend them (`wire::splice_all`) and read as the worker reads an input
+/// (`wire::read_input`, a `wire::READ_CHUNK` at a time, each chunk copied on): the
+/// least the worker path's two pipe crossings can cost, without a GPU.
 fn pipe_crossing(bytes: usize, runs: usize) -> Stats {
     use mesh_node::gpu::wire;
     let data = vec![7u8; bytes];
