@@ -9,23 +9,31 @@
 //!    plan against the adapter's limits, compiles the pipeline and wraps each stage in
 //!    error scopes).
 //! 3. **worker**: a [`Supervisor`] running the job in a `mesh-node gpu-worker` child
-//!    process, as a node does: the job and its outputs also cross a pipe.
+//!    process, as a node does: the daemon copies the inputs straight into the worker's
+//!    device buffers and the outputs straight out of them (`process_vm_writev`/`readv`,
+//!    `mesh_node::gpu::direct`) for jobs of a megabyte or more (matmul's 0.8 MB, like
+//!    any smaller job, crosses the pipe).
+//! 4. **worker, pipe**: the same, on the route a node falls back to where the kernel
+//!    refuses those copies: inputs and outputs through the pipe (a supervisor whose
+//!    worker gives unreachable addresses, `MESH_GPU_WORKER_UNREACHABLE=inputs`, so that
+//!    its warm-up falls back for good).
 //!
 //! Each path gets one warm-up run, then `MESH_BENCH_GPU_RUNS` timed runs (wall clock
 //! per run), interleaved: each round runs every path once. The first table gives each
 //! path's median (min-max) ms, the bare path's effective bandwidth, (input + output
-//! bytes) / median, and the overhead of paths 2 and 3 over path 1; the target is an
-//! executor within 10 % of bare wgpu. The second table explains the difference: what
+//! bytes) / median, and the overhead of paths 2-4 over path 1; the target is Mesh's
+//! path within 10 % of bare wgpu, checked for the executor and for the worker. The second table explains the difference: what
 //! creating the pipeline costs alone and within a run (the bare path making a new
 //! pipeline every run, as the executor does; some drivers, llvmpipe among them,
 //! compile at the first dispatch), and sets the kernel alone (resident buffers, no
 //! upload or read-back) against the adapter's memory bandwidth, measured with a
 //! buffer-to-buffer copy because wgpu reports none. The third sets the worker path's
-//! extra time against what moving each kernel's bytes (inputs and outputs) through a
-//! pipe costs on this machine, without any GPU work: a widened pipe between two
-//! threads, the bytes lent to it as the daemon and the worker lend them
-//! (`wire::splice_all`) and read a chunk at a time as the worker reads them, and
-//! against one `memcpy` of the same bytes (what shared memory would cost instead).
+//! extra time against what moving each kernel's bytes (inputs and outputs) costs on
+//! this machine without any GPU work: by the direct route (`direct::write_to` of the
+//! bytes into memory of this process, the same system call), through a pipe (a
+//! widened pipe between two threads, the bytes lent to it as the daemon and the worker
+//! lend them, `wire::splice_all`, and read a chunk at a time as the worker reads them),
+//! and by one `memcpy` (what a single process pays).
 //!
 //! Every path's output must equal the CPU reference bit for bit (`reduce-sum`, whose
 //! driver may sum in another order: the bare path's bytes, and the CPU sum within
@@ -47,6 +55,7 @@ use mesh_core::kernel::{self, BindingPlan, KernelPlan};
 use mesh_core::limits::{MAX_TASK_INPUT_BYTES, MAX_TASK_OUTPUT_BYTES};
 use mesh_core::task::{KernelSpec, NamedBytes};
 use mesh_core::{AdapterInfo, Bytes};
+use mesh_node::gpu::direct::{self, Region};
 use mesh_node::gpu::{Executor, Supervisor, WorkerCommand};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -87,18 +96,26 @@ fn main() {
     };
     let info = executor.info().clone();
     let bare = Bare::open(&info);
-    let worker = Worker::start();
+    let workers = Worker::start(None).map(|direct| {
+        let pipe = Worker::start(Some("inputs")).expect("the same binary starts twice");
+        [direct, pipe]
+    });
     print_header(&info, &settings);
     let copy = bare.copy_bandwidth(settings.runs);
     let rows: Vec<Row> = cases(&settings)
         .iter()
-        .map(|case| bench_case(case, settings.runs, &bare, &executor, worker.as_ref()))
+        .map(|case| bench_case(case, settings.runs, &bare, &executor, workers.as_ref()))
         .collect();
     print_throughput(&rows);
     print_breakdown(&rows, &copy);
-    if let Some(worker) = worker {
-        print_pipe_floor(&rows, settings.runs);
-        worker.stop();
+    if let Some([direct, pipe]) = workers {
+        assert!(
+            direct.supervisor.copies_directly() && !pipe.supervisor.copies_directly(),
+            "the worker column took the direct route and the pipe column the pipe"
+        );
+        print_transfer_floor(&rows, settings.runs);
+        direct.stop();
+        pipe.stop();
     }
 }
 
@@ -710,8 +727,9 @@ struct Worker {
 }
 
 impl Worker {
-    /// `None`, with a note, when the `mesh-node` binary is missing.
-    fn start() -> Option<Worker> {
+    /// `None`, with a note, when the `mesh-node` binary is missing. `unreachable`: the
+    /// worker's `direct::UNREACHABLE_ENV` hook, for the pipe route.
+    fn start(unreachable: Option<&str>) -> Option<Worker> {
         let Some(program) = worker_program() else {
             eprintln!(
                 "note: no mesh-node binary beside this bench; the worker column is n/a. \
@@ -723,8 +741,12 @@ impl Worker {
             .enable_all()
             .build()
             .expect("a tokio runtime");
+        let mut command = WorkerCommand::new(&program);
+        if let Some(side) = unreachable {
+            command = command.env(direct::UNREACHABLE_ENV, side);
+        }
         let supervisor = runtime
-            .block_on(Supervisor::start(WorkerCommand::new(&program), 1))
+            .block_on(Supervisor::start(command, 1))
             .unwrap_or_else(|e| panic!("the GPU worker {} did not start: {e}", program.display()));
         Some(Worker {
             runtime,
@@ -771,6 +793,8 @@ struct Row {
     fresh: Stats,
     executor: Stats,
     worker: Option<Stats>,
+    /// The worker on the pipe route.
+    worker_pipe: Option<Stats>,
     compile: Stats,
     kernel: Stats,
 }
@@ -781,7 +805,7 @@ fn bench_case(
     runs: usize,
     bare: &Bare,
     executor: &Executor,
-    worker: Option<&Worker>,
+    workers: Option<&[Worker; 2]>,
 ) -> Row {
     eprintln!("{} ({}): {runs} rounds", case.name, case.size);
     let inputs = &case.input_bytes();
@@ -798,10 +822,14 @@ fn bench_case(
                 .unwrap_or_else(|e| panic!("{} via the executor: {e}", case.name)),
         )
     };
-    let mut worker_run =
-        worker.map(|w| move || PathOutputs::Shared(w.run(&case.plan, inputs.clone())));
     let mut paths: Vec<PathRun<'_>> = vec![&mut bare_run, &mut fresh_run, &mut executor_run];
-    if let Some(run) = worker_run.as_mut() {
+    // The worker on the direct route, then on the pipe.
+    let mut worker_runs: Vec<_> = workers
+        .into_iter()
+        .flatten()
+        .map(|w| move || PathOutputs::Shared(w.run(&case.plan, inputs.clone())))
+        .collect();
+    for run in worker_runs.iter_mut() {
         paths.push(run);
     }
     let mut measured = measure_paths(runs, &mut paths).into_iter();
@@ -818,6 +846,10 @@ fn bench_case(
         case.check_path("worker", &out, &bare_out);
         stats
     });
+    let worker_pipe = measured.next().map(|(stats, out)| {
+        case.check_path("worker, pipe route", &out, &bare_out);
+        stats
+    });
     Row {
         name: case.name,
         size: case.size.clone(),
@@ -826,6 +858,7 @@ fn bench_case(
         fresh,
         executor: executor_stats,
         worker,
+        worker_pipe,
         compile,
         kernel,
     }
@@ -848,39 +881,61 @@ fn print_header(info: &AdapterInfo, settings: &Settings) {
     );
 }
 
+/// One path's times in a row, where it ran.
+type PathStats = fn(&Row) -> Option<&Stats>;
+
 fn print_throughput(rows: &[Row]) {
-    println!("| kernel | elements | bare wgpu ms | executor ms | worker ms | GB/s bare | overhead executor % | overhead worker % |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| kernel | elements | bare wgpu ms | executor ms | worker ms | worker, pipe ms | GB/s bare | overhead executor % | overhead worker % | overhead worker, pipe % |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let against = |stats: &Option<Stats>, bare: &Stats| match stats {
+        Some(s) => (s.to_string(), format!("{:+.1}", s.overhead_pct(bare))),
+        None => ("n/a".into(), "n/a".into()),
+    };
     for r in rows {
-        let (worker_ms, worker_pct) = match &r.worker {
-            Some(w) => (w.to_string(), format!("{:+.1}", w.overhead_pct(&r.bare))),
-            None => ("n/a".into(), "n/a".into()),
-        };
+        let (worker_ms, worker_pct) = against(&r.worker, &r.bare);
+        let (pipe_ms, pipe_pct) = against(&r.worker_pipe, &r.bare);
         println!(
-            "| {} | {} | {} | {} | {} | {:.2} | {:+.1} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:+.1} | {} | {} |",
             r.name,
             r.size,
             r.bare,
             r.executor,
             worker_ms,
+            pipe_ms,
             r.bare.gb_per_s(r.bytes),
             r.executor.overhead_pct(&r.bare),
-            worker_pct
+            worker_pct,
+            pipe_pct
         );
     }
-    let over: Vec<&str> = rows
-        .iter()
-        .filter(|r| r.executor.overhead_pct(&r.bare) > TARGET_OVERHEAD_PCT)
-        .map(|r| r.name)
-        .collect();
-    if over.is_empty() {
-        println!("\ntarget met: executor overhead within {TARGET_OVERHEAD_PCT}% of bare wgpu for every kernel\n");
-    } else {
-        println!(
-            "\ntarget NOT met: executor overhead over {TARGET_OVERHEAD_PCT}% of bare wgpu for: {}\n",
-            over.join(", ")
-        );
+    println!();
+    let paths: [(&str, PathStats); 2] = [
+        ("executor (in this process)", |r| Some(&r.executor)),
+        ("worker (a node's path)", |r| r.worker.as_ref()),
+    ];
+    for (path, stats) in paths {
+        if rows.iter().all(|r| stats(r).is_none()) {
+            continue;
+        }
+        let over: Vec<String> = rows
+            .iter()
+            .filter_map(|r| {
+                let pct = stats(r)?.overhead_pct(&r.bare);
+                (pct > TARGET_OVERHEAD_PCT).then(|| format!("{} {pct:+.1}%", r.name))
+            })
+            .collect();
+        if over.is_empty() {
+            println!(
+                "target met: {path} within {TARGET_OVERHEAD_PCT}% of bare wgpu for every kernel"
+            );
+        } else {
+            println!(
+                "target NOT met: {path} over {TARGET_OVERHEAD_PCT}% of bare wgpu for {}",
+                over.join(", ")
+            );
+        }
     }
+    println!();
 }
 
 /// Move `bytes` through a widened pipe from one thread to another, lent as the daemon
@@ -918,20 +973,39 @@ fn memcpy(bytes: usize, runs: usize) -> Stats {
     stats
 }
 
-fn print_pipe_floor(rows: &[Row], runs: usize) {
-    println!("\n| kernel | bytes in + out | worker - bare ms | pipe crossing ms | memcpy ms |");
-    println!("|---|---|---|---|---|");
+fn print_transfer_floor(rows: &[Row], runs: usize) {
+    println!("\n| kernel | bytes in + out | worker - bare ms | worker, pipe - bare ms | direct copy ms | pipe crossing ms | memcpy ms |");
+    println!("|---|---|---|---|---|---|---|");
     for r in rows {
-        let Some(worker) = &r.worker else { continue };
+        let (Some(worker), Some(pipe)) = (&r.worker, &r.worker_pipe) else {
+            continue;
+        };
         println!(
-            "| {} | {} | {:.2} | {} | {} |",
+            "| {} | {} | {:.2} | {:.2} | {} | {} | {} |",
             r.name,
             r.bytes,
             worker.median - r.bare.median,
+            pipe.median - r.bare.median,
+            direct_copy(r.bytes as usize, runs),
             pipe_crossing(r.bytes as usize, runs),
             memcpy(r.bytes as usize, runs)
         );
     }
+}
+
+/// Copy `bytes` with `direct::write_to` (`process_vm_writev`), the call the daemon
+/// makes into its worker, here into resident memory of this same process.
+fn direct_copy(bytes: usize, runs: usize) -> Stats {
+    let data = [Bytes::from(vec![7u8; bytes])];
+    let mut dest = vec![0u8; bytes];
+    dest.fill(1); // resident, as the worker's freshly zeroed buffers are
+    let at = [Region::of(dest.as_ptr(), bytes, false)];
+    let me = std::process::id();
+    let (stats, ()) = measure(runs, || {
+        direct::write_to(me, &data, &at).expect("process_vm_writev into this process")
+    });
+    assert!(dest.iter().all(|&b| b == 7), "the bytes arrived intact");
+    stats
 }
 
 fn print_breakdown(rows: &[Row], copy: &CopyBandwidth) {

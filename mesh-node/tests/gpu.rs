@@ -291,8 +291,9 @@ fn broken_kernels_are_compile_errors_not_panics() {
     );
 }
 
-/// What the GPU worker does with a job: upload the inputs through `fill` (from its
-/// pipe), launch, and read the outputs where the device put them.
+/// What the GPU worker does with a job: upload the inputs through `fill` (the daemon
+/// writes them, or the worker reads them from its pipe), launch, and read the outputs
+/// where the device put them.
 #[test]
 fn upload_then_launch_reads_outputs_in_place_and_a_failed_fill_is_its_error() {
     let n = 100u64;
@@ -300,8 +301,9 @@ fn upload_then_launch_reads_outputs_in_place_and_a_failed_fill_is_its_error() {
     let x: Vec<u8> = (0..n as u32).flat_map(|i| i.to_le_bytes()).collect();
     // Filled in two pieces, as the worker fills an input chunk by chunk.
     let uploaded = executor()
-        .upload(&plan, &[x.len() as u64], |i, mut dest| {
-            assert_eq!((i, dest.len()), (0, x.len()));
+        .upload(&plan, &[x.len() as u64], |dests| {
+            let [mut dest] = <[_; 1]>::try_from(dests).expect("one input, one buffer");
+            assert_eq!(dest.len(), x.len());
             let half = x.len() / 2;
             dest.slice(..half).copy_from_slice(&x[..half]);
             dest.slice(half..).copy_from_slice(&x[half..]);
@@ -327,12 +329,12 @@ fn upload_then_launch_reads_outputs_in_place_and_a_failed_fill_is_its_error() {
             Failed::Gpu(e)
         }
     }
-    let failed = executor().upload(&plan, &[x.len() as u64], |_, _| Err(Failed::Pipe));
+    let failed = executor().upload(&plan, &[x.len() as u64], |_| Err(Failed::Pipe));
     assert!(matches!(failed, Err(Failed::Pipe)), "{failed:?}");
     // A plan the adapter refuses is refused before `fill` is called.
     let mut zero = plan.clone();
     zero.workgroups = [0, 1, 1];
-    let refused = executor().upload(&zero, &[x.len() as u64], |_, _| -> Result<(), Failed> {
+    let refused = executor().upload(&zero, &[x.len() as u64], |_| -> Result<(), Failed> {
         panic!("fill called for a refused plan")
     });
     assert!(

@@ -1,5 +1,7 @@
 //! Proves that GPU work runs in supervised `mesh-node gpu-worker` processes: results
-//! through the pipe are byte-identical to the CPU reference; a kernel that never ends
+//! are byte-identical to the CPU reference, with inputs and outputs copied straight
+//! into and out of the worker's device buffers, and through the pipe where the kernel
+//! refuses such a copy (a fault hook makes it refuse); a kernel that never ends
 //! is killed at its timeout, and a cancelled one promptly; a worker that crashes is
 //! reported with its signal and stderr; and in every case the slot gets a fresh worker
 //! so the next job succeeds. Two slots run two jobs at once.
@@ -8,7 +10,8 @@
 //! (`CARGO_BIN_EXE_mesh-node`) on the best adapter (lavapipe in CI). The hang is a
 //! data-dependent infinite loop that naga accepts; the crash is the worker's
 //! fault-injection hook (`MESH_GPU_WORKER_ABORT_ON_ENTRY`), which aborts on a job whose
-//! entry point it names. That a fault really took effect is shown by the killed
+//! entry point it names; the refused copy is the hook `MESH_GPU_WORKER_UNREACHABLE`,
+//! which makes the worker give addresses nobody maps. That a fault really took effect is shown by the killed
 //! worker's process id having disappeared and the restart count going up, not only by
 //! the error. Without an adapter the tests FAIL (they never skip): CI must install
 //! mesa-vulkan-drivers.
@@ -18,6 +21,7 @@ use mesh_core::kernel::{self, KernelPlan};
 use mesh_core::task::{KernelSpec, NamedBytes, OutputDecl};
 use mesh_core::Bytes;
 use mesh_node::gpu::child::ABORT_ON_ENTRY_ENV;
+use mesh_node::gpu::direct::UNREACHABLE_ENV;
 use mesh_node::gpu::{ChildErrorKind, ChildExit, ExecError, StartError, Supervisor, WorkerCommand};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -72,7 +76,8 @@ fn saxpy(n: usize) -> (KernelPlan, Vec<Bytes>, Vec<u8>) {
 /// Elements of the saxpy most tests run.
 const SMALL: usize = 1000;
 /// Elements of a saxpy whose inputs (1.2 MB each) are larger than the worker's pipe
-/// and its read chunk, and not a multiple of either.
+/// and its read chunk, and not a multiple of either, and which is large enough for the
+/// direct route (`SMALL` is not: it always takes the pipe).
 const LARGE: usize = 300_001;
 
 /// Run a saxpy of `n` elements and require the reference bytes.
@@ -169,6 +174,10 @@ async fn saxpy_through_a_worker_matches_the_cpu_reference() {
     assert!(!supervisor.info().name.is_empty());
     assert_saxpy_of(&supervisor, SMALL, "through the worker").await;
     assert_saxpy_of(&supervisor, LARGE, "with inputs larger than the pipe").await;
+    assert!(
+        supervisor.copies_directly(),
+        "the kernel let the daemon copy straight into and out of its worker"
+    );
     // Errors from the executor come back typed, and leave the worker in place.
     let pid = only_pid(&supervisor);
     let (mut plan, inputs, _) = saxpy(SMALL);
@@ -180,8 +189,8 @@ async fn saxpy_through_a_worker_matches_the_cpu_reference() {
         (pid, 0),
         "a compile error does not restart the worker"
     );
-    // A job refused before its inputs have a device buffer to go to: the worker reads
-    // past its 2.4 MB of inputs, and the next job's header is next on the pipe.
+    // A job refused before its inputs have a device buffer to go to: its inputs are
+    // never asked for, and the next job follows.
     let (mut plan, inputs, _) = saxpy(LARGE);
     plan.workgroups = [0, 1, 1];
     run_refused(&supervisor, plan, inputs, ChildErrorKind::InvalidPlan).await;
@@ -192,6 +201,33 @@ async fn saxpy_through_a_worker_matches_the_cpu_reference() {
         "a refused job does not restart the worker"
     );
     supervisor.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refused_direct_copy_falls_back_to_the_pipe_for_good() {
+    for side in ["inputs", "outputs"] {
+        let supervisor = start(worker().env(UNREACHABLE_ENV, side), 1).await;
+        let pid = only_pid(&supervisor);
+        assert!(supervisor.copies_directly(), "a supervisor starts direct");
+        assert_saxpy_of(&supervisor, LARGE, &format!("with its {side} copy refused")).await;
+        assert!(
+            !supervisor.copies_directly(),
+            "{side}: the refusal switched the supervisor to the pipe"
+        );
+        assert_saxpy_of(&supervisor, LARGE, &format!("after the {side} refusal")).await;
+        // By the pipe, a job refused before its inputs have a device buffer: the
+        // worker reads past its 2.4 MB of inputs, and the next job's header is next.
+        let (mut plan, inputs, _) = saxpy(LARGE);
+        plan.workgroups = [0, 1, 1];
+        run_refused(&supervisor, plan, inputs, ChildErrorKind::InvalidPlan).await;
+        assert_saxpy_of(&supervisor, SMALL, "by the pipe after a refused job").await;
+        assert_eq!(
+            (only_pid(&supervisor), supervisor.restarts()),
+            (pid, 0),
+            "{side}: falling back does not restart the worker"
+        );
+        supervisor.shutdown().await;
+    }
 }
 
 #[tokio::test]

@@ -4,14 +4,16 @@
 //! The process exists so that the daemon can SIGKILL a kernel that hangs or crash-loops
 //! the driver without going down with it. It is not meant to be started by hand.
 
-use super::wire::{self, ChildError, ChildErrorKind, FrameError, Hello, JobHeader};
+use super::direct;
+use super::wire::{self, ChildError, ChildErrorKind, FrameError, Hello, JobHeader, ToWorker};
 use super::{Executor, GpuError, OutputView, Uploaded};
 use mesh_core::kernel::KernelPlan;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Fault-injection hook for tests and drills, read only by `mesh-node gpu-worker`:
@@ -28,21 +30,6 @@ pub const EXIT_NO_ADAPTER: i32 = 2;
 pub const EXIT_EXECUTOR_BROKEN: i32 = 3;
 /// Exit status: stdin or stdout broke the protocol (bad frame, closed pipe).
 pub const EXIT_PROTOCOL: i32 = 4;
-
-/// A job read from the daemon, its inputs already in the device buffers its kernel
-/// binds.
-struct Staged {
-    id: u64,
-    plan: KernelPlan,
-    /// The uploaded inputs, or why the job cannot run.
-    uploaded: Result<Uploaded, ChildError>,
-    /// Time spent uploading, part of the time reported for the job.
-    upload_time: Duration,
-}
-
-/// Jobs read ahead of the one running. The supervisor sends one job at a time, so one
-/// is all that can ever be queued.
-const JOB_QUEUE: usize = 1;
 
 /// Write a line to stderr, ignoring failure: stderr is a pipe to the daemon, which
 /// may be gone, and `eprintln!` would panic exactly when the worker must act.
@@ -99,41 +86,86 @@ pub fn serve() -> i32 {
         return code;
     }
 
-    // stdin is read on its own thread so that the worker notices the daemon going away
-    // even while a kernel runs (see `read_jobs`). That thread also uploads each job's
-    // inputs, from the pipe straight into device buffers.
-    let executor = Arc::new(executor);
     let busy = Arc::new(AtomicBool::new(false));
-    let (jobs_tx, jobs) = mpsc::sync_channel::<Staged>(JOB_QUEUE);
-    let reader_busy = Arc::clone(&busy);
-    let reader_executor = Arc::clone(&executor);
-    std::thread::spawn(move || read_jobs(&reader_executor, jobs_tx, &reader_busy));
-
+    let closed = Arc::new(AtomicBool::new(false));
+    match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(stdin) => {
+            watch_hangup(stdin, Arc::clone(&busy), Arc::clone(&closed));
+        }
+        // Only for want of a file descriptor; the parent watch still ends the worker.
+        Err(e) => note!("mesh-node gpu-worker: cannot watch stdin ({e})"),
+    }
+    let mut stdin = std::io::stdin().lock();
+    let mut pipe = Pipe {
+        stdin: &mut stdin,
+        stdout: &mut stdout,
+        chunk: vec![0; wire::READ_CHUNK],
+        unreachable_inputs: direct::unreachable_side("inputs"),
+    };
+    let unreachable_outputs = direct::unreachable_side("outputs");
     let abort_on_entry = std::env::var(ABORT_ON_ENTRY_ENV).ok();
-    // The last reply's outputs, lent to the pipe (`wire::write_outputs`): the daemon
-    // may not have read them yet. It sends the next job only after the whole reply,
-    // so they are released when the next job arrives (or stdin closes), not before.
+    // The last reply's outputs, mapped where the device put them and lent to the pipe
+    // or read there by the daemon: it sends its next message only after it has them,
+    // so they are released when a job arrives (or stdin closes), not before.
     let mut lent: Option<Vec<OutputView>> = None;
-    // The channel closes when stdin does, with the worker idle: a clean end.
-    while let Ok(job) = jobs.recv() {
+    loop {
+        let header = match wire::read_message(pipe.stdin) {
+            Ok(ToWorker::Job(header)) => header,
+            Ok(ToWorker::SendOutputs) => {
+                let Some(outputs) = &lent else {
+                    bad_job(&unexpected("SendOutputs with no outputs kept"));
+                };
+                if let Err(e) = wire::write_raw(pipe.stdout, outputs) {
+                    note!(
+                        "mesh-node gpu-worker: cannot write outputs to the daemon ({e}); exiting"
+                    );
+                    return EXIT_PROTOCOL;
+                }
+                continue;
+            }
+            Ok(other) => bad_job(&unexpected(&format!("{other:?} between jobs"))),
+            // stdin closed with the worker idle: a clean end.
+            Err(FrameError::Closed) => return EXIT_DONE,
+            Err(e) => bad_job(&e),
+        };
         drop(lent.take());
-        if abort_on_entry.as_deref() == Some(job.plan.entry.as_str()) {
+        if abort_on_entry.as_deref() == Some(header.plan.entry.as_str()) {
             note!(
                 "{ABORT_ON_ENTRY_ENV} matches entry point '{}': aborting as asked",
-                job.plan.entry
+                header.plan.entry
             );
             std::process::abort();
         }
         let started = Instant::now();
-        let result = job
-            .uploaded
-            .and_then(|uploaded| launch(&executor, &job.plan, uploaded));
-        let elapsed = job.upload_time + started.elapsed();
+        // A panic is answered and ends the worker (its kind does): after one, the
+        // pipe's position is unknown.
+        let uploaded = match pipe.upload(&executor, &header) {
+            Ok(Upload::Ready(uploaded)) => Ok(uploaded),
+            Ok(Upload::Refused(error) | Upload::Panicked(error)) => Err(error),
+            Err(e) => bad_job(&e),
+        };
+        // Busy from the moment a job runs, so that a daemon that goes away now makes
+        // the worker abort instead of leaving the kernel to run with nobody waiting.
+        busy.store(true, Ordering::SeqCst);
+        if closed.load(Ordering::SeqCst) {
+            note!(
+                "mesh-node gpu-worker: the daemon closed the pipe before the kernel ran; aborting"
+            );
+            std::process::abort();
+        }
+        let result = uploaded.and_then(|uploaded| launch(&executor, &header.plan, uploaded));
+        let elapsed = started.elapsed();
         let ends_worker = result.as_ref().err().is_some_and(|e| e.kind.ends_worker());
         // Idle before the reply leaves: a daemon that closes stdin as soon as it has
         // the reply (shutdown) must find this worker idle, not make it abort.
         busy.store(false, Ordering::SeqCst);
-        if let Err(code) = send_reply(&mut stdout, job.id, &result, elapsed) {
+        let route = match header.direct {
+            true => OutputRoute::At {
+                unreachable: unreachable_outputs,
+            },
+            false => OutputRoute::Pipe,
+        };
+        if let Err(code) = send_reply(pipe.stdout, header.id, &result, elapsed, route) {
             return code;
         }
         lent = result.ok();
@@ -144,7 +176,6 @@ pub fn serve() -> i32 {
             return EXIT_EXECUTOR_BROKEN;
         }
     }
-    EXIT_DONE
 }
 
 /// Run an uploaded job; its outputs stay where the device put them until the reply
@@ -163,56 +194,51 @@ fn launch(
     }
 }
 
-/// Read jobs from stdin into `jobs` until stdin closes.
+/// Abort the worker as soon as the daemon closes its end of `pipe` (the worker's
+/// stdin) while a kernel runs (`busy`): the daemon is gone (it died, or dropped its
+/// supervisor), nothing will read the result, and a hung kernel would spin forever. A
+/// normal `exit` could block in driver teardown behind the running kernel. With the
+/// worker idle the close only sets `closed`; the main loop reads the end of the pipe
+/// and exits cleanly.
 ///
-/// When stdin closes while a kernel runs, the daemon is gone (it died, or dropped its
-/// supervisor): nothing will read the result and a hung kernel would spin forever, so
-/// the worker aborts at once. A normal `exit` could block in driver teardown behind
-/// the running kernel.
-fn read_jobs(executor: &Executor, jobs: mpsc::SyncSender<Staged>, busy: &AtomicBool) {
-    let mut stdin = std::io::stdin().lock();
-    let mut chunk = vec![0; wire::READ_CHUNK];
-    loop {
-        let header = match wire::read_job_header(&mut stdin) {
-            Ok(header) => header,
-            Err(FrameError::Closed) => {
-                if busy.load(Ordering::SeqCst) {
-                    note!("mesh-node gpu-worker: the daemon closed the pipe while a kernel was running; aborting");
-                    std::process::abort();
+/// Waits in `poll` for the hang-up alone, so that the main loop stays the only reader.
+fn watch_hangup(
+    pipe: OwnedFd,
+    busy: Arc<AtomicBool>,
+    closed: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::empty())];
+        loop {
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {
+                    let hung_up = fds[0]
+                        .revents()
+                        .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR));
+                    if hung_up {
+                        break;
+                    }
                 }
-                return; // dropping `jobs` ends the main loop
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    note!("mesh-node gpu-worker: cannot watch stdin ({e})");
+                    return;
+                }
             }
-            Err(e) => bad_job(&e),
-        };
-        let started = Instant::now();
-        let (uploaded, pipe_lost) = match upload(executor, &header, &mut stdin, &mut chunk) {
-            Ok(Upload::Ready(uploaded)) => (Ok(uploaded), false),
-            Ok(Upload::Refused(error)) => (Err(error), false),
-            Ok(Upload::Panicked(error)) => (Err(error), true),
-            Err(e) => bad_job(&e),
-        };
-        // Busy from the moment a job is accepted, so that a close right behind it
-        // aborts instead of leaving the job to run with nobody waiting.
-        busy.store(true, Ordering::SeqCst);
-        let job = Staged {
-            id: header.id,
-            plan: header.plan,
-            uploaded,
-            upload_time: started.elapsed(),
-        };
-        // After a panic the pipe's position is unknown: the main loop answers this
-        // job and exits (a panic ends the worker); nothing more is read.
-        if jobs.send(job).is_err() || pipe_lost {
-            return;
         }
-    }
+        closed.store(true, Ordering::SeqCst);
+        if busy.load(Ordering::SeqCst) {
+            note!("mesh-node gpu-worker: the daemon closed the pipe while a kernel was running; aborting");
+            std::process::abort();
+        }
+    })
 }
 
 /// How reading a job's inputs into device buffers ended, when the pipe did not break.
 enum Upload {
     /// The inputs are in device buffers.
     Ready(Uploaded),
-    /// The executor refused the job; its inputs were read past.
+    /// The executor refused the job; its inputs were read past (or never sent).
     Refused(ChildError),
     /// The executor panicked, somewhere within the inputs.
     Panicked(ChildError),
@@ -230,34 +256,85 @@ impl From<GpuError> for UploadError {
     }
 }
 
-/// Read a job's inputs from the pipe into the device buffers its kernel will bind.
-/// `Err` means the pipe broke and the worker cannot go on.
-fn upload(
-    executor: &Executor,
-    header: &JobHeader,
-    stdin: &mut impl Read,
-    chunk: &mut [u8],
-) -> Result<Upload, FrameError> {
-    let mut read = 0;
-    let uploaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        executor.upload(&header.plan, &header.input_lens, |_, mut dest| {
-            wire::read_input(stdin, dest.len(), chunk, |at, bytes| {
-                dest.slice(at..at + bytes.len()).copy_from_slice(bytes)
-            })
-            .map_err(UploadError::Pipe)?;
-            read += 1;
-            Ok(())
-        })
-    }));
-    match uploaded {
-        Ok(Ok(uploaded)) => Ok(Upload::Ready(uploaded)),
-        Ok(Err(UploadError::Gpu(e))) => {
-            wire::skip_inputs(stdin, &header.input_lens[read..])?;
-            Ok(Upload::Refused(ChildError::from(&e)))
-        }
-        Ok(Err(UploadError::Pipe(e))) => Err(e),
-        Err(panic) => Ok(Upload::Panicked(panicked(&*panic))),
+impl From<FrameError> for UploadError {
+    fn from(e: FrameError) -> UploadError {
+        UploadError::Pipe(e)
     }
+}
+
+/// The worker's two pipes to the daemon.
+struct Pipe<'a, R, W> {
+    stdin: &'a mut R,
+    stdout: &'a mut W,
+    /// Where inputs read from the pipe pass on their way to device memory.
+    chunk: Vec<u8>,
+    /// The [`direct::UNREACHABLE_ENV`] hook, for the inputs.
+    unreachable_inputs: bool,
+}
+
+impl<R: Read, W: Write> Pipe<'_, R, W> {
+    /// Get a job's inputs into the device buffers its kernel will bind: by the direct
+    /// route (their addresses to the daemon, which copies, or sends them on the pipe
+    /// after all), or from the pipe. `Err` means the pipe broke and the worker cannot
+    /// go on.
+    fn upload(&mut self, executor: &Executor, header: &JobHeader) -> Result<Upload, FrameError> {
+        let mut read = 0;
+        let mut awaited = false;
+        let uploaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            executor.upload(&header.plan, &header.input_lens, |mut dests| {
+                if header.direct {
+                    let regions = dests
+                        .iter_mut()
+                        .map(|dest| {
+                            let len = dest.len();
+                            let start = dest.as_raw_element_ptr().as_ptr().cast_const();
+                            direct::Region::of(start, len, self.unreachable_inputs)
+                        })
+                        .collect();
+                    wire::write_inputs_at(self.stdout, header.id, regions)?;
+                    // From here the daemon writes into `dests`; nothing here touches
+                    // them until it says it is done.
+                    awaited = true;
+                    match wire::read_message(self.stdin)? {
+                        ToWorker::InputsWritten => return Ok(()),
+                        ToWorker::InputsFollow => {}
+                        other => {
+                            return Err(unexpected(&format!("{other:?} for a job's inputs")).into())
+                        }
+                    }
+                }
+                for mut dest in dests {
+                    wire::read_input(self.stdin, dest.len(), &mut self.chunk, |at, bytes| {
+                        dest.slice(at..at + bytes.len()).copy_from_slice(bytes)
+                    })?;
+                    read += 1;
+                }
+                Ok::<(), UploadError>(())
+            })
+        }));
+        match uploaded {
+            Ok(Ok(uploaded)) => Ok(Upload::Ready(uploaded)),
+            Ok(Err(UploadError::Gpu(e))) => {
+                // Refused before any input had a buffer: a direct job's inputs were
+                // never sent, a piped job's are passed over.
+                if !header.direct {
+                    wire::skip_inputs(self.stdin, &header.input_lens[read..])?;
+                }
+                debug_assert!(!awaited, "the executor refuses before filling");
+                Ok(Upload::Refused(ChildError::from(&e)))
+            }
+            Ok(Err(UploadError::Pipe(e))) => Err(e),
+            Err(panic) => Ok(Upload::Panicked(panicked(&*panic))),
+        }
+    }
+}
+
+/// A message out of place in the protocol.
+fn unexpected(what: &str) -> FrameError {
+    FrameError::Io(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("unexpected message: {what}"),
+    ))
 }
 
 /// Exit on a job that breaks the protocol.
@@ -275,6 +352,15 @@ fn send<T: serde::Serialize>(stdout: &mut impl Write, message: &T) -> Result<(),
     write(stdout, &frame)
 }
 
+/// Where a successful reply's outputs go.
+enum OutputRoute {
+    /// Raw on the pipe after the reply.
+    Pipe,
+    /// Left in place; the reply says where (`unreachable`: the
+    /// [`direct::UNREACHABLE_ENV`] hook).
+    At { unreachable: bool },
+}
+
 /// Write a reply; outputs too large for the pipe are replaced by an error with the
 /// same id.
 fn send_reply(
@@ -282,28 +368,37 @@ fn send_reply(
     id: u64,
     result: &Result<Vec<OutputView>, ChildError>,
     elapsed: Duration,
+    route: OutputRoute,
 ) -> Result<(), i32> {
-    let written = match result {
-        Ok(outputs) => match wire::write_outputs(stdout, id, outputs, elapsed) {
-            Err(FrameError::TooLarge(bytes)) => {
-                tracing::warn!(
-                    bytes,
-                    "outputs over the pipe's limit; sending an error instead"
-                );
-                let error = ChildError {
-                    message: format!(
-                        "the outputs take {bytes} bytes, over the {}-byte limit of the GPU worker pipe; \
-                         split the work into smaller tasks",
-                        wire::MAX_FRAME_BYTES
-                    ),
-                    retryable: false,
-                    kind: ChildErrorKind::TooLarge,
-                };
-                wire::write_error(stdout, id, &error, elapsed)
-            }
-            other => other,
-        },
-        Err(error) => wire::write_error(stdout, id, error, elapsed),
+    let written = match (result, route) {
+        (Ok(outputs), OutputRoute::Pipe) => wire::write_outputs(stdout, id, outputs, elapsed),
+        (Ok(outputs), OutputRoute::At { unreachable }) => {
+            let regions = outputs
+                .iter()
+                .map(|o| direct::Region::of(o.as_ptr(), o.len(), unreachable))
+                .collect();
+            wire::write_outputs_at(stdout, id, regions, elapsed)
+        }
+        (Err(error), _) => wire::write_error(stdout, id, error, elapsed),
+    };
+    let written = match written {
+        Err(FrameError::TooLarge(bytes)) => {
+            tracing::warn!(
+                bytes,
+                "outputs over the pipe's limit; sending an error instead"
+            );
+            let error = ChildError {
+                message: format!(
+                    "the outputs take {bytes} bytes, over the {}-byte limit of the GPU worker pipe; \
+                     split the work into smaller tasks",
+                    wire::MAX_FRAME_BYTES
+                ),
+                retryable: false,
+                kind: ChildErrorKind::TooLarge,
+            };
+            wire::write_error(stdout, id, &error, elapsed)
+        }
+        other => other,
     };
     written.map_err(|e| {
         note!("mesh-node gpu-worker: cannot write a reply to the daemon ({e}); exiting");
@@ -344,4 +439,29 @@ fn init_logs() {
         .with_ansi(false)
         .without_time()
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hangup_watch_wakes_on_the_close_alone_and_leaves_the_bytes() {
+        let (mut reader, mut writer) = std::io::pipe().unwrap();
+        let watched = reader.as_fd().try_clone_to_owned().unwrap();
+        let (busy, closed) = (Arc::new(AtomicBool::new(false)), Arc::default());
+        let watch = watch_hangup(watched, busy, Arc::clone(&closed));
+        writer.write_all(b"job").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !closed.load(Ordering::SeqCst) && !watch.is_finished(),
+            "bytes on the pipe are not a hang-up"
+        );
+        drop(writer);
+        watch.join().unwrap();
+        assert!(closed.load(Ordering::SeqCst), "the close was seen");
+        let mut left = String::new();
+        reader.read_to_string(&mut left).unwrap();
+        assert_eq!(left, "job", "the watch read nothing");
+    }
 }

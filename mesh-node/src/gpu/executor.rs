@@ -250,8 +250,10 @@ impl Executor {
     /// straight into its pipe.
     pub fn run(&self, plan: &KernelPlan, inputs: &[Bytes]) -> Result<Vec<Vec<u8>>, GpuError> {
         let lens: Vec<u64> = inputs.iter().map(|input| input.len() as u64).collect();
-        let uploaded = self.upload(plan, &lens, |i, mut dest| {
-            dest.copy_from_slice(&inputs[i]);
+        let uploaded = self.upload(plan, &lens, |dests| {
+            for (mut dest, input) in dests.into_iter().zip(inputs) {
+                dest.copy_from_slice(input);
+            }
             Ok::<(), GpuError>(())
         })?;
         let outputs = self.launch(plan, uploaded)?;
@@ -260,10 +262,10 @@ impl Executor {
     }
 
     /// Blocking: check `plan` against inputs of `input_lens` bytes and this adapter's
-    /// limits, allocate a device buffer per input, and let `fill(i, dest)` write input
-    /// `i` (called once per input, in order) straight into its buffer's mapped memory,
-    /// which is exactly `input_lens[i]` bytes and write-only (it may be memory the
-    /// CPU writes through to the device).
+    /// limits, allocate a device buffer per input, and let `fill(dests)` write every
+    /// input straight into its buffer's mapped memory: `dests[i]` is exactly
+    /// `input_lens[i]` bytes and write-only (it may be memory the CPU writes through
+    /// to the device). All of them stay mapped until `fill` returns.
     ///
     /// Nothing is allocated when the check fails. Buffers are padded to a non-zero
     /// multiple of 4 bytes; padding is zero and an empty input binds as 4 zero bytes.
@@ -272,7 +274,7 @@ impl Executor {
         &self,
         plan: &KernelPlan,
         input_lens: &[u64],
-        mut fill: impl FnMut(usize, wgpu::WriteOnly<'_, [u8]>) -> Result<(), E>,
+        fill: impl FnOnce(Vec<wgpu::WriteOnly<'_, [u8]>>) -> Result<(), E>,
     ) -> Result<Uploaded, E> {
         self.check_lost()?;
         let layout = self.check(plan, input_lens)?;
@@ -294,16 +296,28 @@ impl Executor {
         if let Some(e) = error {
             return Err(self.classify(e, GpuError::Dispatch).into());
         }
-        for (i, (buffer, &len)) in inputs.iter().zip(input_lens).enumerate() {
-            let mut view = buffer
-                .slice(..)
-                .get_mapped_range_mut()
-                .map_err(|e| GpuError::Dispatch(format!("mapping input {i}: {e}")))?;
-            // `len` <= the padded size (checked above).
-            let (data, mut padding) = view.slice(..).split_at(len as usize);
-            fill(i, data)?;
-            padding.fill(0);
-        }
+        let mut views = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, buffer)| {
+                buffer
+                    .slice(..)
+                    .get_mapped_range_mut()
+                    .map_err(|e| GpuError::Dispatch(format!("mapping input {i}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let dests = views
+            .iter_mut()
+            .zip(input_lens)
+            .map(|(view, &len)| {
+                // `len` <= the padded size (checked above).
+                let (data, mut padding) = view.slice(..).split_at(len as usize);
+                padding.fill(0);
+                data
+            })
+            .collect();
+        fill(dests)?;
+        drop(views);
         let ((), error) = scoped(&self.device, || inputs.iter().for_each(wgpu::Buffer::unmap));
         if let Some(e) = error {
             return Err(self.classify(e, GpuError::Dispatch).into());

@@ -3,16 +3,24 @@
 //!
 //! Every message starts with one frame: a 4-byte little-endian length, then a record
 //! encoded with `mesh_core::codec` (bincode behind a format version byte). The worker
-//! writes one [`Hello`] on stdout when it starts, then answers each job read from stdin
-//! ([`JobFrame`] writes one, [`read_job_header`] and [`read_input`] read it) with one
-//! [`Reply`], one job at a time. Logs go to stderr, never stdout.
+//! writes one [`Hello`] on stdout when it starts, then serves one job at a time
+//! ([`JobFrame`] writes one; the worker reads [`ToWorker`] messages with
+//! [`read_message`]) and answers each with one reply. Logs go to stderr, never stdout.
 //!
-//! A job's inputs and a reply's outputs (up to 16 MiB each way) do not go inside the
-//! record: its header lists their lengths and the bytes follow it raw, lent to the pipe
-//! from where they lie and read into the buffers they are kept in. Encoding them would
-//! copy each byte twice more. On the worker's side "where they lie" is the device's own
-//! mapped memory: inputs are read from the pipe into the buffers the kernel binds,
-//! outputs lent to it from the buffers the device copied them into.
+//! A job's inputs and a reply's outputs (up to 16 MiB each way) never go inside a
+//! record, which would copy each byte twice more. They take one of two routes, chosen
+//! per job by the daemon ([`JobHeader::direct`]):
+//! - **direct** (the normal one): the worker maps the device buffers its kernel will
+//!   bind and answers with their addresses ([`Answer::InputsAt`]); the daemon copies
+//!   the inputs there itself (`super::direct`, `process_vm_writev`) and says
+//!   [`ToWorker::InputsWritten`]. The reply gives the addresses of the mapped buffers
+//!   the device copied the outputs into ([`ReplyOutputs::At`]), which the daemon reads
+//!   (`process_vm_readv`). One copy each way, as in one process.
+//! - **pipe**: the header lists the lengths and the bytes follow it raw, lent to the
+//!   pipe from where they lie and read into the buffers they are kept in; on the
+//!   worker's side, the device's own mapped memory. Where a direct copy is refused
+//!   the daemon switches route mid-job: [`ToWorker::InputsFollow`] and the inputs on
+//!   the pipe, or [`ToWorker::SendOutputs`] and the outputs on the pipe.
 //!
 //! Lent, not written: [`splice_all`] hands the pipe the pages that hold the bytes
 //! (`vmsplice`) instead of copying them into the pipe's own buffer, so the only copy
@@ -24,6 +32,7 @@
 //! reply. Where the kernel cannot lend the pages (memory a driver mapped specially,
 //! a writer that is not a pipe) the bytes are written the ordinary way.
 
+use super::direct::Region;
 use super::GpuError;
 use mesh_core::capability::AdapterInfo;
 use mesh_core::kernel::KernelPlan;
@@ -45,7 +54,7 @@ pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 /// Version of the message shapes below; bumped whenever one changes. A worker whose
 /// [`Hello`] carries another version (a binary replaced under a running daemon) is
 /// refused instead of misread.
-pub const WIRE_VERSION: u32 = 2;
+pub const WIRE_VERSION: u32 = 3;
 
 /// The worker's first message: whether it opened an adapter.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,34 +75,92 @@ pub enum Hello {
     },
 }
 
-/// The answer to one job (on the pipe: a [`ReplyHeader`], then the outputs).
-#[derive(Debug, Clone)]
-pub struct Reply {
-    /// The job's id.
-    pub id: u64,
-    /// Output buffers in `plan.outputs` order, or why there are none.
-    pub result: Result<Vec<Bytes>, ChildError>,
-    /// Time the worker spent in the executor.
-    pub elapsed: Duration,
+/// What the daemon sends a worker after its [`Hello`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// A job. Its inputs follow raw on the pipe unless the header is
+    /// [`direct`](JobHeader::direct).
+    Job(JobHeader),
+    /// After [`Answer::InputsAt`]: the daemon wrote every input where it was told.
+    InputsWritten,
+    /// After [`Answer::InputsAt`]: the daemon could not write there; the inputs
+    /// follow raw on the pipe.
+    InputsFollow,
+    /// After a reply with [`ReplyOutputs::At`]: the daemon could not read there;
+    /// the worker sends the outputs raw on the pipe.
+    SendOutputs,
 }
 
-/// A job's record: one kernel to run, without its inputs, which follow it on the pipe.
+/// A job's record: one kernel to run, without its inputs.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct JobHeader {
-    /// Chosen by the daemon; echoed in the reply.
+    /// Chosen by the daemon; echoed in the answers.
     pub id: u64,
     /// The plan.
     pub plan: KernelPlan,
     /// Bytes of each input, in order.
     pub input_lens: Vec<u64>,
+    /// The direct route (see the module docs): the worker answers with the addresses
+    /// of its input buffers instead of reading the inputs from the pipe, and leaves
+    /// its outputs in place for the daemon to read.
+    pub direct: bool,
 }
 
-/// A [`Reply`]'s record: the outputs' lengths; the outputs follow it on the pipe.
+/// What a worker sends after its [`Hello`], as the daemon reads it.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// To a direct job: its input buffers, mapped and waiting, one per input.
+    InputsAt {
+        /// The job's id.
+        id: u64,
+        /// Where each input goes, in the worker's memory.
+        regions: Vec<Region>,
+    },
+    /// The job's end.
+    Reply(Reply),
+}
+
+/// The answer to one job.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The job's id.
+    pub id: u64,
+    /// Output buffers in `plan.outputs` order, or why there are none.
+    pub result: Result<ReplyOutputs, ChildError>,
+    /// Time the worker spent in the executor.
+    pub elapsed: Duration,
+}
+
+/// A successful job's outputs, in `plan.outputs` order.
+#[derive(Debug, Clone)]
+pub enum ReplyOutputs {
+    /// Read from the pipe.
+    Read(Vec<Bytes>),
+    /// Left in the worker's mapped buffers, until the daemon sends its next message.
+    At(Vec<Region>),
+}
+
+/// What a worker sends after its [`Hello`], on the pipe.
+#[derive(Debug, Serialize, Deserialize)]
+enum FromWorker {
+    InputsAt { id: u64, regions: Vec<Region> },
+    Reply(ReplyHeader),
+}
+
+/// A reply's record; with [`OutputsOnPipe::Follow`] the outputs follow it raw.
 #[derive(Debug, Serialize, Deserialize)]
 struct ReplyHeader {
     id: u64,
-    result: Result<Vec<u64>, ChildError>,
+    result: Result<OutputsOnPipe, ChildError>,
     elapsed: Duration,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum OutputsOnPipe {
+    /// Their lengths; the bytes follow.
+    Follow(Vec<u64>),
+    /// Where they lie in the worker's memory.
+    At(Vec<Region>),
 }
 
 /// An executor error as it crosses the pipe ([`GpuError`] itself is not serializable).
@@ -237,36 +304,72 @@ async fn read_payload_async(
     Ok(Bytes::from(buffer))
 }
 
-/// A job ready for the pipe: its header frame, and its inputs to write after it.
+/// A job ready for the pipe: its header frame, and its inputs.
 pub struct JobFrame {
     header: Vec<u8>,
     inputs: Vec<Bytes>,
+    direct: bool,
 }
 
 impl JobFrame {
-    /// Encode job `id` (echoed in its reply): `plan` with its `inputs` (indexed as in
-    /// `BindingPlan::Input`). Refuses a job whose header or inputs are over
-    /// [`MAX_FRAME_BYTES`].
-    pub fn new(id: u64, plan: KernelPlan, inputs: Vec<Bytes>) -> Result<JobFrame, FrameError> {
+    /// Encode job `id` (echoed in its answers): `plan` with its `inputs` (indexed as
+    /// in `BindingPlan::Input`), by the direct route or the pipe. Refuses a job whose
+    /// header or inputs are over [`MAX_FRAME_BYTES`].
+    pub fn new(
+        id: u64,
+        plan: KernelPlan,
+        inputs: Vec<Bytes>,
+        direct: bool,
+    ) -> Result<JobFrame, FrameError> {
         let input_lens: Vec<u64> = inputs.iter().map(|b| b.len() as u64).collect();
         check_payload(&input_lens)?;
-        let header = encode_frame(&JobHeader {
+        let header = encode_frame(&ToWorker::Job(JobHeader {
             id,
             plan,
             input_lens,
-        })?;
-        Ok(JobFrame { header, inputs })
+            direct,
+        }))?;
+        Ok(JobFrame {
+            header,
+            inputs,
+            direct,
+        })
     }
 
-    /// Write the job to the worker's stdin, its inputs lent to the pipe
-    /// ([`splice_all_async`]): keep this frame until the job's reply has been read.
+    /// The inputs, in order.
+    pub fn inputs(&self) -> &[Bytes] {
+        &self.inputs
+    }
+
+    /// Whether the job takes the direct route.
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Write the job to the worker's stdin: the header, and the inputs after it
+    /// unless the job is direct.
     pub async fn write(&self, w: &mut pipe::Sender) -> Result<(), FrameError> {
         w.write_all(&self.header).await?;
+        if !self.direct {
+            self.write_inputs(w).await?;
+        }
+        Ok(())
+    }
+
+    /// Write the inputs raw, lent to the pipe ([`splice_all_async`]): keep this
+    /// frame until the job's reply has been read.
+    pub async fn write_inputs(&self, w: &mut pipe::Sender) -> Result<(), FrameError> {
         for input in &self.inputs {
             splice_all_async(w, input).await?;
         }
         Ok(())
     }
+}
+
+/// Send the worker a message that carries no bytes after it.
+pub async fn send_async(w: &mut pipe::Sender, message: &ToWorker) -> Result<(), FrameError> {
+    w.write_all(&encode_frame(message)?).await?;
+    Ok(())
 }
 
 /// Lend the pipe `w` the pages under (a prefix of) `bytes`; how many bytes it took.
@@ -310,13 +413,16 @@ pub async fn splice_all_async(w: &mut pipe::Sender, mut bytes: &[u8]) -> std::io
     Ok(())
 }
 
-/// Blocking: read one job's header; [`FrameError::Closed`] at a clean end of stream.
-/// Its inputs follow on the pipe: read each with [`read_input`] in order, or pass over
+/// Blocking: read the daemon's next message; [`FrameError::Closed`] at a clean end
+/// of stream. A [`ToWorker::Job`] that is not direct, and a [`ToWorker::InputsFollow`],
+/// have the inputs after them: read each with [`read_input`] in order, or pass over
 /// them with [`skip_inputs`].
-pub fn read_job_header(r: &mut impl Read) -> Result<JobHeader, FrameError> {
-    let header: JobHeader = decode_body(&read_body(r)?)?;
-    check_payload(&header.input_lens)?;
-    Ok(header)
+pub fn read_message(r: &mut impl Read) -> Result<ToWorker, FrameError> {
+    let message: ToWorker = decode_body(&read_body(r)?)?;
+    if let ToWorker::Job(header) = &message {
+        check_payload(&header.input_lens)?;
+    }
+    Ok(message)
 }
 
 /// Bytes the worker reads from the pipe at a time on their way into a device buffer
@@ -354,10 +460,18 @@ pub fn skip_inputs(r: &mut impl Read, lens: &[u64]) -> Result<(), FrameError> {
     Ok(())
 }
 
+/// Blocking: answer a direct job with where its inputs go, and flush.
+pub fn write_inputs_at(
+    w: &mut impl Write,
+    id: u64,
+    regions: Vec<Region>,
+) -> Result<(), FrameError> {
+    write_frame(w, &encode_frame(&FromWorker::InputsAt { id, regions })?)
+}
+
 /// Blocking: write a successful job's reply, the header and then its outputs lent to
-/// the pipe ([`splice_all`]): keep `outputs` unchanged until the daemon has read the
-/// reply. Outputs over [`MAX_FRAME_BYTES`] in all are refused before anything is
-/// written.
+/// the pipe ([`write_raw`]). Outputs over [`MAX_FRAME_BYTES`] in all are refused
+/// before anything is written.
 pub fn write_outputs<O: AsRef<[u8]>>(
     w: &mut (impl Write + AsFd),
     id: u64,
@@ -366,11 +480,44 @@ pub fn write_outputs<O: AsRef<[u8]>>(
 ) -> Result<(), FrameError> {
     let lens: Vec<u64> = outputs.iter().map(|o| o.as_ref().len() as u64).collect();
     check_payload(&lens)?;
-    w.write_all(&encode_frame(&ReplyHeader {
-        id,
-        result: Ok(lens),
-        elapsed,
-    })?)?;
+    write_frame(
+        w,
+        &encode_frame(&FromWorker::Reply(ReplyHeader {
+            id,
+            result: Ok(OutputsOnPipe::Follow(lens)),
+            elapsed,
+        }))?,
+    )?;
+    write_raw(w, outputs)
+}
+
+/// Blocking: write a successful direct job's reply, which says where its outputs lie
+/// (the worker leaves them there, unchanged, until the daemon's next message), and
+/// flush. Outputs over [`MAX_FRAME_BYTES`] in all are refused before anything is
+/// written.
+pub fn write_outputs_at(
+    w: &mut impl Write,
+    id: u64,
+    regions: Vec<Region>,
+    elapsed: Duration,
+) -> Result<(), FrameError> {
+    check_payload(&regions.iter().map(|r| r.len).collect::<Vec<_>>())?;
+    write_frame(
+        w,
+        &encode_frame(&FromWorker::Reply(ReplyHeader {
+            id,
+            result: Ok(OutputsOnPipe::At(regions)),
+            elapsed,
+        }))?,
+    )
+}
+
+/// Blocking: put `outputs` on the pipe raw, one after another, lent to it
+/// ([`splice_all`]): keep them unchanged until the daemon has read them.
+pub fn write_raw<O: AsRef<[u8]>>(
+    w: &mut (impl Write + AsFd),
+    outputs: &[O],
+) -> Result<(), FrameError> {
     w.flush()?;
     for output in outputs {
         splice_all(w, output.as_ref())?;
@@ -387,33 +534,47 @@ pub fn write_error(
 ) -> Result<(), FrameError> {
     write_frame(
         w,
-        &encode_frame(&ReplyHeader {
+        &encode_frame(&FromWorker::Reply(ReplyHeader {
             id,
             result: Err(error.clone()),
             elapsed,
-        })?,
+        }))?,
     )
 }
 
-/// Read one reply; [`FrameError::Closed`] at a clean end of stream.
-pub async fn read_reply_async(r: &mut (impl AsyncRead + Unpin)) -> Result<Reply, FrameError> {
-    let header: ReplyHeader = decode_body(&read_body_async(r).await?)?;
+/// Read the worker's next answer, with the outputs that follow a reply on the pipe;
+/// [`FrameError::Closed`] at a clean end of stream.
+pub async fn read_answer_async(r: &mut (impl AsyncRead + Unpin)) -> Result<Answer, FrameError> {
+    let header = match decode_body(&read_body_async(r).await?)? {
+        FromWorker::InputsAt { id, regions } => return Ok(Answer::InputsAt { id, regions }),
+        FromWorker::Reply(header) => header,
+    };
     let result = match header.result {
-        Ok(lens) => {
-            check_payload(&lens)?;
-            let mut outputs = Vec::with_capacity(lens.len());
-            for len in lens {
-                outputs.push(read_payload_async(r, len).await?);
-            }
-            Ok(outputs)
+        Ok(OutputsOnPipe::Follow(lens)) => Ok(ReplyOutputs::Read(read_raw_async(r, &lens).await?)),
+        Ok(OutputsOnPipe::At(regions)) => {
+            check_payload(&regions.iter().map(|r| r.len).collect::<Vec<_>>())?;
+            Ok(ReplyOutputs::At(regions))
         }
         Err(e) => Err(e),
     };
-    Ok(Reply {
+    Ok(Answer::Reply(Reply {
         id: header.id,
         result,
         elapsed: header.elapsed,
-    })
+    }))
+}
+
+/// Read buffers of these lengths, sent raw one after another.
+pub async fn read_raw_async(
+    r: &mut (impl AsyncRead + Unpin),
+    lens: &[u64],
+) -> Result<Vec<Bytes>, FrameError> {
+    check_payload(lens)?;
+    let mut outputs = Vec::with_capacity(lens.len());
+    for &len in lens {
+        outputs.push(read_payload_async(r, len).await?);
+    }
+    Ok(outputs)
 }
 
 /// Decode a frame's body (what follows the length prefix).
@@ -491,7 +652,24 @@ mod tests {
         vec![Bytes::from(vec![1u8, 2, 3, 4])]
     }
 
-    /// A job as the worker reads it: the header, then each input into its own buffer.
+    /// The next message, which must be a job.
+    fn read_job_header(r: &mut impl Read) -> Result<JobHeader, FrameError> {
+        match read_message(r)? {
+            ToWorker::Job(header) => Ok(header),
+            other => panic!("expected a job, got {other:?}"),
+        }
+    }
+
+    /// The next answer, which must be a reply.
+    async fn read_reply_async(r: &mut (impl AsyncRead + Unpin)) -> Result<Reply, FrameError> {
+        match read_answer_async(r).await? {
+            Answer::Reply(reply) => Ok(reply),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    /// A job sent by the pipe route as the worker reads it: the header, then each
+    /// input into its own buffer.
     fn read_job(r: &mut impl Read) -> Result<(JobHeader, Vec<Bytes>), FrameError> {
         let header = read_job_header(r)?;
         let mut inputs = Vec::new();
@@ -552,7 +730,7 @@ mod tests {
         // end exactly where the next job's header starts, whether read or skipped.
         // The frames outlive the reading, as the daemon's do (their inputs are lent).
         let frames: Vec<JobFrame> = (0..3)
-            .map(|_| JobFrame::new(7, plan(), inputs()).unwrap())
+            .map(|_| JobFrame::new(7, plan(), inputs(), false).unwrap())
             .collect();
         let pipe = through_tokio_pipe(&rt, async |sender| {
             for frame in &frames {
@@ -587,7 +765,10 @@ mod tests {
         rt.block_on(async {
             let mut r = &pipe[..];
             let first = read_reply_async(&mut r).await.unwrap();
-            let got: Vec<Vec<u8>> = first.result.unwrap().iter().map(|b| b.to_vec()).collect();
+            let Ok(ReplyOutputs::Read(got)) = first.result else {
+                panic!("outputs on the pipe: {first:?}");
+            };
+            let got: Vec<Vec<u8>> = got.iter().map(|b| b.to_vec()).collect();
             assert_eq!((first.id, got, first.elapsed), (1, outputs, elapsed));
             let second = read_reply_async(&mut r).await.unwrap();
             assert_eq!((second.id, second.result.unwrap_err()), (2, error));
@@ -595,6 +776,61 @@ mod tests {
                 read_reply_async(&mut r).await,
                 Err(FrameError::Closed)
             ));
+        });
+    }
+
+    #[test]
+    fn a_direct_job_has_only_its_header_on_the_pipe_and_its_answers_carry_regions() {
+        let rt = runtime();
+        let frame = JobFrame::new(9, plan(), inputs(), true).unwrap();
+        let mut pipe = through_tokio_pipe(&rt, async |sender| {
+            frame.write(sender).await.unwrap();
+            // The route changed mid-job: the inputs follow after all.
+            send_async(sender, &ToWorker::InputsFollow).await.unwrap();
+            frame.write_inputs(sender).await.unwrap();
+            send_async(sender, &ToWorker::SendOutputs).await.unwrap();
+        });
+        let mut r = &pipe[..];
+        let header = read_job_header(&mut r).unwrap();
+        assert_eq!((header.id, header.direct), (9, true));
+        assert!(matches!(read_message(&mut r), Ok(ToWorker::InputsFollow)));
+        let mut input = [0u8; 4];
+        read_input(&mut r, 4, &mut [0; 4], |at, bytes| {
+            input[at..at + bytes.len()].copy_from_slice(bytes)
+        })
+        .unwrap();
+        assert_eq!(input, [1, 2, 3, 4]);
+        assert!(matches!(read_message(&mut r), Ok(ToWorker::SendOutputs)));
+        assert!(matches!(read_message(&mut r), Err(FrameError::Closed)));
+
+        let inputs_at = vec![Region {
+            addr: 1 << 20,
+            len: 4,
+        }];
+        let outputs_at = vec![Region {
+            addr: 2 << 20,
+            len: 8,
+        }];
+        let elapsed = Duration::from_millis(5);
+        pipe = through_pipe(|w| {
+            write_inputs_at(w, 9, inputs_at.clone()).unwrap();
+            write_outputs_at(w, 9, outputs_at.clone(), elapsed).unwrap();
+            write_raw(w, &[[5u8; 8]]).unwrap();
+        });
+        rt.block_on(async {
+            let mut r = &pipe[..];
+            let Answer::InputsAt { id, regions } = read_answer_async(&mut r).await.unwrap() else {
+                panic!("the inputs' regions come first");
+            };
+            assert_eq!((id, regions), (9, inputs_at));
+            let reply = read_reply_async(&mut r).await.unwrap();
+            assert!(
+                matches!(&reply.result, Ok(ReplyOutputs::At(at)) if *at == outputs_at),
+                "{reply:?}"
+            );
+            // Sent after SendOutputs: the bytes alone, read by their known lengths.
+            let raw = read_raw_async(&mut r, &[8]).await.unwrap();
+            assert_eq!(raw, vec![Bytes::from(vec![5u8; 8])]);
         });
     }
 
@@ -650,22 +886,24 @@ mod tests {
         assert!(pipe.is_empty());
         // A header that claims more input than the limit is refused before any
         // buffer is allocated for it.
-        let header = encode_frame(&JobHeader {
+        let header = encode_frame(&ToWorker::Job(JobHeader {
             id: 1,
             plan: plan(),
             input_lens: vec![u64::MAX, 2],
-        })
+            direct: false,
+        }))
         .unwrap();
         assert!(matches!(
             read_job_header(&mut &header[..]),
             Err(FrameError::TooLarge(_))
         ));
         // A stream cut inside the inputs.
-        let mut cut = encode_frame(&JobHeader {
+        let mut cut = encode_frame(&ToWorker::Job(JobHeader {
             id: 1,
             plan: plan(),
             input_lens: vec![4],
-        })
+            direct: false,
+        }))
         .unwrap();
         cut.extend_from_slice(&[1, 2]);
         assert!(matches!(read_job(&mut &cut[..]), Err(FrameError::Io(_))));
