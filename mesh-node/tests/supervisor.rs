@@ -112,6 +112,20 @@ async fn run_refused(
     err
 }
 
+/// A large job refused before its inputs have a device buffer to go to (2.4 MB of
+/// inputs), then a saxpy that must succeed, in the same worker `pid` as ever.
+async fn refused_then_saxpy(supervisor: &Supervisor, pid: u32, route: &str) {
+    let (mut plan, inputs, _) = saxpy(LARGE);
+    plan.workgroups = [0, 1, 1];
+    run_refused(supervisor, plan, inputs, ChildErrorKind::InvalidPlan).await;
+    assert_saxpy_of(supervisor, LARGE, &format!("{route}: after a refused job")).await;
+    assert_eq!(
+        (only_pid(supervisor), supervisor.restarts()),
+        (pid, 0),
+        "{route}: a refused job does not restart the worker"
+    );
+}
+
 /// A kernel that never ends: each invocation loops until x[0] < -1 (the tests pass 0)
 /// or y[1] is set (nothing sets it), so naga accepts it. On a GPU the loop alone
 /// never ends. llvmpipe needs more: its compiler computes a side-effect-free loop's
@@ -189,17 +203,8 @@ async fn saxpy_through_a_worker_matches_the_cpu_reference() {
         (pid, 0),
         "a compile error does not restart the worker"
     );
-    // A job refused before its inputs have a device buffer to go to: its inputs are
-    // never asked for, and the next job follows.
-    let (mut plan, inputs, _) = saxpy(LARGE);
-    plan.workgroups = [0, 1, 1];
-    run_refused(&supervisor, plan, inputs, ChildErrorKind::InvalidPlan).await;
-    assert_saxpy_of(&supervisor, LARGE, "after a refused job").await;
-    assert_eq!(
-        (only_pid(&supervisor), supervisor.restarts()),
-        (pid, 0),
-        "a refused job does not restart the worker"
-    );
+    // Direct: a refused job's inputs are never asked for, and the next job follows.
+    refused_then_saxpy(&supervisor, pid, "direct").await;
     supervisor.shutdown().await;
 }
 
@@ -215,17 +220,9 @@ async fn a_refused_direct_copy_falls_back_to_the_pipe_for_good() {
             "{side}: the refusal switched the supervisor to the pipe"
         );
         assert_saxpy_of(&supervisor, LARGE, &format!("after the {side} refusal")).await;
-        // By the pipe, a job refused before its inputs have a device buffer: the
-        // worker reads past its 2.4 MB of inputs, and the next job's header is next.
-        let (mut plan, inputs, _) = saxpy(LARGE);
-        plan.workgroups = [0, 1, 1];
-        run_refused(&supervisor, plan, inputs, ChildErrorKind::InvalidPlan).await;
-        assert_saxpy_of(&supervisor, SMALL, "by the pipe after a refused job").await;
-        assert_eq!(
-            (only_pid(&supervisor), supervisor.restarts()),
-            (pid, 0),
-            "{side}: falling back does not restart the worker"
-        );
+        // By the pipe: the worker reads past a refused job's inputs, and the next
+        // job's header is next. Falling back restarted nothing either.
+        refused_then_saxpy(&supervisor, pid, &format!("the pipe after {side}")).await;
         supervisor.shutdown().await;
     }
 }

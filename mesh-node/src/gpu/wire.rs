@@ -480,14 +480,7 @@ pub fn write_outputs<O: AsRef<[u8]>>(
 ) -> Result<(), FrameError> {
     let lens: Vec<u64> = outputs.iter().map(|o| o.as_ref().len() as u64).collect();
     check_payload(&lens)?;
-    write_frame(
-        w,
-        &encode_frame(&FromWorker::Reply(ReplyHeader {
-            id,
-            result: Ok(OutputsOnPipe::Follow(lens)),
-            elapsed,
-        }))?,
-    )?;
+    write_reply(w, id, Ok(OutputsOnPipe::Follow(lens)), elapsed)?;
     write_raw(w, outputs)
 }
 
@@ -502,14 +495,7 @@ pub fn write_outputs_at(
     elapsed: Duration,
 ) -> Result<(), FrameError> {
     check_payload(&regions.iter().map(|r| r.len).collect::<Vec<_>>())?;
-    write_frame(
-        w,
-        &encode_frame(&FromWorker::Reply(ReplyHeader {
-            id,
-            result: Ok(OutputsOnPipe::At(regions)),
-            elapsed,
-        }))?,
-    )
+    write_reply(w, id, Ok(OutputsOnPipe::At(regions)), elapsed)
 }
 
 /// Blocking: put `outputs` on the pipe raw, one after another, lent to it
@@ -532,14 +518,22 @@ pub fn write_error(
     error: &ChildError,
     elapsed: Duration,
 ) -> Result<(), FrameError> {
-    write_frame(
-        w,
-        &encode_frame(&FromWorker::Reply(ReplyHeader {
-            id,
-            result: Err(error.clone()),
-            elapsed,
-        }))?,
-    )
+    write_reply(w, id, Err(error.clone()), elapsed)
+}
+
+/// Blocking: write a reply's record and flush it.
+fn write_reply(
+    w: &mut impl Write,
+    id: u64,
+    result: Result<OutputsOnPipe, ChildError>,
+    elapsed: Duration,
+) -> Result<(), FrameError> {
+    let reply = FromWorker::Reply(ReplyHeader {
+        id,
+        result,
+        elapsed,
+    });
+    write_frame(w, &encode_frame(&reply)?)
 }
 
 /// Read the worker's next answer, with the outputs that follow a reply on the pipe;
