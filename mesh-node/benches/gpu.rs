@@ -998,7 +998,7 @@ fn print_transfer_floor(rows: &[Row], runs: usize) {
 fn direct_copy(bytes: usize, runs: usize) -> Stats {
     let data = [Bytes::from(vec![7u8; bytes])];
     let mut dest = vec![0u8; bytes];
-    dest.fill(1); // resident, as the worker's freshly zeroed buffers are
+    dest.fill(1); // resident: the floor leaves page faults out
     let at = [Region::of(dest.as_ptr(), bytes, false)];
     let me = std::process::id();
     let (stats, ()) = measure(runs, || {

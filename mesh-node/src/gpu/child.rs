@@ -5,6 +5,7 @@
 //! the driver without going down with it. It is not meant to be started by hand.
 
 use super::direct;
+use super::error::panic_message;
 use super::wire::{self, ChildError, ChildErrorKind, FrameError, Hello, JobHeader, ToWorker};
 use super::{Executor, GpuError, OutputView, Uploaded};
 use mesh_core::kernel::KernelPlan;
@@ -139,11 +140,9 @@ pub fn serve() -> i32 {
         let started = Instant::now();
         // A panic is answered and ends the worker (its kind does): after one, the
         // pipe's position is unknown.
-        let uploaded = match pipe.upload(&executor, &header) {
-            Ok(Upload::Ready(uploaded)) => Ok(uploaded),
-            Ok(Upload::Refused(error) | Upload::Panicked(error)) => Err(error),
-            Err(e) => bad_job(&e),
-        };
+        let uploaded = pipe
+            .upload(&executor, &header)
+            .unwrap_or_else(|e| bad_job(&e));
         // Busy from the moment a job runs, so that a daemon that goes away now makes
         // the worker abort instead of leaving the kernel to run with nobody waiting.
         busy.store(true, Ordering::SeqCst);
@@ -234,16 +233,6 @@ fn watch_hangup(
     })
 }
 
-/// How reading a job's inputs into device buffers ended, when the pipe did not break.
-enum Upload {
-    /// The inputs are in device buffers.
-    Ready(Uploaded),
-    /// The executor refused the job; its inputs were read past (or never sent).
-    Refused(ChildError),
-    /// The executor panicked, somewhere within the inputs.
-    Panicked(ChildError),
-}
-
 /// Why an upload stopped: the executor, or the pipe it was reading.
 enum UploadError {
     Gpu(GpuError),
@@ -275,11 +264,15 @@ struct Pipe<'a, R, W> {
 impl<R: Read, W: Write> Pipe<'_, R, W> {
     /// Get a job's inputs into the device buffers its kernel will bind: by the direct
     /// route (their addresses to the daemon, which copies, or sends them on the pipe
-    /// after all), or from the pipe. `Err` means the pipe broke and the worker cannot
-    /// go on.
-    fn upload(&mut self, executor: &Executor, header: &JobHeader) -> Result<Upload, FrameError> {
+    /// after all), or from the pipe. `Ok(Err)` is the executor refusing the job (its
+    /// inputs read past or never sent) or panicking; `Err` means the pipe broke and
+    /// the worker cannot go on.
+    fn upload(
+        &mut self,
+        executor: &Executor,
+        header: &JobHeader,
+    ) -> Result<Result<Uploaded, ChildError>, FrameError> {
         let mut read = 0;
-        let mut awaited = false;
         let uploaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
             executor.upload(&header.plan, &header.input_lens, |mut dests| {
                 if header.direct {
@@ -294,7 +287,6 @@ impl<R: Read, W: Write> Pipe<'_, R, W> {
                     wire::write_inputs_at(self.stdout, header.id, regions)?;
                     // From here the daemon writes into `dests`; nothing here touches
                     // them until it says it is done.
-                    awaited = true;
                     match wire::read_message(self.stdin)? {
                         ToWorker::InputsWritten => return Ok(()),
                         ToWorker::InputsFollow => {}
@@ -313,18 +305,18 @@ impl<R: Read, W: Write> Pipe<'_, R, W> {
             })
         }));
         match uploaded {
-            Ok(Ok(uploaded)) => Ok(Upload::Ready(uploaded)),
+            Ok(Ok(uploaded)) => Ok(Ok(uploaded)),
             Ok(Err(UploadError::Gpu(e))) => {
-                // Refused before any input had a buffer: a direct job's inputs were
-                // never sent, a piped job's are passed over.
+                // Refused before the inputs had buffers (or, all read, at the unmap):
+                // a piped job's unread inputs are passed over; a direct job's were
+                // never sent, or came on the pipe and were read.
                 if !header.direct {
                     wire::skip_inputs(self.stdin, &header.input_lens[read..])?;
                 }
-                debug_assert!(!awaited, "the executor refuses before filling");
-                Ok(Upload::Refused(ChildError::from(&e)))
+                Ok(Err(ChildError::from(&e)))
             }
             Ok(Err(UploadError::Pipe(e))) => Err(e),
-            Err(panic) => Ok(Upload::Panicked(panicked(&*panic))),
+            Err(panic) => Ok(Err(panicked(&*panic))),
         }
     }
 }
@@ -415,11 +407,7 @@ fn write(stdout: &mut impl Write, frame: &[u8]) -> Result<(), i32> {
 
 /// The error a caught executor panic is answered with.
 fn panicked(panic: &(dyn std::any::Any + Send)) -> ChildError {
-    let message = panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "a non-string panic".into());
+    let message = panic_message(panic).unwrap_or_else(|| "a non-string panic".into());
     ChildError {
         message: format!("the GPU executor panicked: {message}"),
         retryable: true,

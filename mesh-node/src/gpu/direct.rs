@@ -133,9 +133,10 @@ pub fn write_to(worker: u32, inputs: &[Bytes], regions: &[Region]) -> Result<(),
 
 /// Blocking: read each region of process `worker` into a buffer of its own.
 pub fn read_from(worker: u32, regions: &[Region]) -> Result<Vec<Bytes>, Refused> {
-    // Zeroed, not uninitialised: the call wants `&mut [u8]`. Buffers this size come
-    // fresh from the system, already zero, so the zeroing costs nothing more than the
-    // page faults any new buffer takes.
+    // Zeroed, not uninitialised: the call wants `&mut [u8]` (filling uninitialised
+    // memory would need `unsafe`). Where the allocator hands out fresh pages the zeroing
+    // is theirs already; where it reuses memory it costs a `memset` more than the bare
+    // path's `to_vec`.
     let mut buffers: Vec<Vec<u8>> = regions.iter().map(|r| vec![0; r.len as usize]).collect();
     let remote: Vec<RemoteIoVec> = regions
         .iter()

@@ -98,3 +98,12 @@ impl GpuError {
         }
     }
 }
+
+/// The message a caught panic carried, when it carried a string (as `panic!` with a
+/// message does).
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> Option<String> {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+}

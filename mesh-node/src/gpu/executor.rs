@@ -1,7 +1,7 @@
 //! The executor: one wgpu device on the best adapter, running kernel plans to output
 //! bytes with every wgpu error turned into a [`GpuError`] instead of a panic.
 
-use super::error::GpuError;
+use super::error::{panic_message, GpuError};
 use super::probe;
 use mesh_core::capability::AdapterInfo;
 use mesh_core::kernel::{BindingPlan, KernelPlan};
@@ -698,10 +698,7 @@ impl Executor {
                 Err(self.lost_or(GpuError::Readback(format!("waiting for the GPU: {e}"))))
             }
             Err(panic) => {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                let message = panic_message(&*panic)
                     .unwrap_or_else(|| "wgpu panicked while waiting for the device".into());
                 self.mark_lost(&message);
                 Err(GpuError::DeviceLost(message))

@@ -137,8 +137,9 @@ struct Inner {
     available: Semaphore,
     next_job: AtomicU64,
     restarts: AtomicU64,
-    /// Whether jobs take the direct route (`super::direct`): true until the kernel
-    /// refuses a direct copy once, after which every job uses the pipe.
+    /// Whether jobs of [`DIRECT_MIN_BYTES`] or more take the direct route
+    /// (`super::direct`): true until the kernel refuses a direct copy once, after
+    /// which every job uses the pipe.
     direct: AtomicBool,
     /// Why the most recent start failed, while starts keep failing.
     last_start_error: Mutex<Option<String>>,
@@ -691,6 +692,11 @@ impl WorkerProcess {
             .map_err(|_| Exchange::Died)?;
         let mut answer = self.answer(id).await?;
         if let Answer::InputsAt { regions, .. } = answer {
+            if !job.direct() {
+                return Err(Exchange::Protocol(format!(
+                    "input regions for job {id}, whose inputs went on the pipe"
+                )));
+            }
             let inputs = job.inputs().to_vec();
             let pid = self.pid;
             let bytes = regions.iter().map(|r| r.len).sum();
