@@ -1,6 +1,7 @@
 //! Claim: real nodes form one mesh by join token and keep their promises when nodes
 //! fail. Three nodes bootstrap into three voters with one leader and a follower forwards
-//! a submit; five nodes with `--voters 5` reach five voters; when the leader is killed
+//! a submit; five nodes with `--voters 5` reach five voters (each runtime with its share
+//! of the machine's cores); when the leader is killed
 //! or paused, or a worker is killed or removed, a new leader takes over where needed,
 //! the lost node's attempts move to other nodes under new attempt numbers, and every
 //! acknowledged task ends `succeeded` with exactly one result that matches the CPU
@@ -636,6 +637,19 @@ fn five_nodes_with_voters_5_reach_five_voters() {
         "no learner may remain: {roles:?}"
     );
     assert!(roles.iter().all(|r| r.1 == "up"), "{roles:?}");
+
+    phase("five nodes on one machine share its cores: each runtime has cores / 5 threads");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = format!("worker_threads={}", (cores / 5).max(1));
+    for node in &mesh.nodes {
+        let log = mesh_chaos::strip_ansi(&node.log());
+        assert!(
+            log.lines()
+                .any(|l| l.contains("async runtime started") && l.contains(&share)),
+            "no 'async runtime started ... {share}' in {}:\n{log}",
+            node.data_dir.display()
+        );
+    }
 }
 
 #[test]

@@ -12,7 +12,8 @@
 //! task with its state, submitter and result, sends the task that was running back to
 //! pending, and brings back the user keys and the audit trail, but no token (and holds
 //! no token secret); `mesh-node config check` names an unknown key, and a node honours
-//! its config file with flags beating it.
+//! its config file with flags beating it (its slots, labels, log format and runtime
+//! threads).
 //! Method: real `mesh-node` processes from `mesh_chaos` on loopback, keys made by
 //! `ssh-keygen`, driven through `mesh-cli`, plain `ssh` (bound to 127.0.0.3 for the
 //! flood), raw TCP and hand-written HTTP/1.1; faults are SIGSTOP and SIGCONT. Every
@@ -1245,7 +1246,7 @@ fn a_snapshot_restores_tasks_results_keys_and_audit_into_a_new_mesh() {
 fn config_check_names_unknown_keys_and_a_node_honours_its_file_with_flags_first() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("node.toml");
-    std::fs::write(&good, "slots = 3\nlabels = { zone = \"lab\", rack = \"r1\" }\nlog_format = \"json\"\nnode_timeout = \"2s\"\n").unwrap();
+    std::fs::write(&good, "slots = 3\nlabels = { zone = \"lab\", rack = \"r1\" }\nlog_format = \"json\"\nnode_timeout = \"2s\"\nworker_threads = 3\n").unwrap();
 
     phase("config check accepts a good file and prints its settings");
     let out = Command::new(bin("mesh-node"))
@@ -1263,6 +1264,11 @@ fn config_check_names_unknown_keys_and_a_node_honours_its_file_with_flags_first(
     assert!(
         text.lines()
             .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["slots", "3"]),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["worker_threads", "3"]),
         "{text}"
     );
     assert!(
@@ -1294,7 +1300,7 @@ fn config_check_names_unknown_keys_and_a_node_honours_its_file_with_flags_first(
         );
     }
 
-    phase("a node runs with --config FILE --slots 2 --label rack=r9");
+    phase("a node runs with --config FILE --slots 2 --label rack=r9 --worker-threads 1");
     let admin = UserKey::generate(dir.path(), "admin").unwrap();
     let args = [
         "--config",
@@ -1303,6 +1309,8 @@ fn config_check_names_unknown_keys_and_a_node_honours_its_file_with_flags_first(
         "2",
         "--label",
         "rack=r9",
+        "--worker-threads",
+        "1",
     ];
     let node = Node::start_with(&dir.path().join("node"), &[&admin.public], &args).unwrap();
     let _logs = DumpLogs(vec![node.data_dir.clone()]);
@@ -1337,13 +1345,22 @@ fn config_check_names_unknown_keys_and_a_node_honours_its_file_with_flags_first(
             serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"));
         assert!(v["level"].is_string() && v["timestamp"].is_string(), "{l}");
     }
-    let started = lines
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["fields"]["message"] == "GPU workers ready")
-        .unwrap_or_else(|| panic!("no 'GPU workers ready' line in the log:\n{log}"));
+    // The first JSON log line whose message is `message`.
+    let line = |message: &str| {
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no '{message}' line in the log:\n{log}"))
+    };
+    let started = line("GPU workers ready");
     assert_eq!(
         started["fields"]["started"], 2,
         "one GPU worker per slot: {started}"
+    );
+    let runtime = line("async runtime started");
+    assert_eq!(
+        runtime["fields"]["worker_threads"], 1,
+        "the flag's one worker thread beats the file's three: {runtime}"
     );
 }

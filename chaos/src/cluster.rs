@@ -108,6 +108,10 @@ pub struct Node {
     /// The network namespace the node runs in and its address there (`mesh-chaos
     /// --netns`); `None`: the host's loopback.
     net: Option<NodeNet>,
+    /// Worker threads of the node's async runtime ([`core_share`]); `None`: its default.
+    /// Set as `TOKIO_WORKER_THREADS`, which every build honours, not as
+    /// `--worker-threads`, which builds before it refuse (A/B runs start older ones).
+    runtime_threads: Option<usize>,
 }
 
 /// Where a node runs in a [`crate::netns::NetnsLab`]: its namespace and address.
@@ -154,6 +158,7 @@ impl Node {
             child: None,
             paused: AtomicBool::new(false),
             net: None,
+            runtime_threads: None,
         };
         node.spawn()?;
         Ok(node)
@@ -279,6 +284,9 @@ impl Node {
             cmd.arg("--admin-key").arg(k);
         }
         cmd.args(&self.extra_args);
+        if let Some(n) = self.runtime_threads {
+            cmd.env("TOKIO_WORKER_THREADS", n.to_string());
+        }
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(log)
@@ -825,10 +833,11 @@ impl Node {
         admin_keys: &[&Path],
         extra_args: &[String],
     ) -> Result<Node> {
-        Node::start_on_net(program, data_dir, ports, admin_keys, extra_args, None)
+        Node::start_on_net(program, data_dir, ports, admin_keys, extra_args, None, None)
     }
 
-    /// [`Node::start_on`] inside a lab namespace (`net`), or on loopback (`None`).
+    /// [`Node::start_on`] inside a lab namespace (`net`), or on loopback (`None`), with
+    /// `runtime_threads` worker threads in its async runtime (`None`: its default).
     pub fn start_on_net(
         program: Option<&Path>,
         data_dir: &Path,
@@ -836,6 +845,7 @@ impl Node {
         admin_keys: &[&Path],
         extra_args: &[String],
         net: Option<NodeNet>,
+        runtime_threads: Option<usize>,
     ) -> Result<Node> {
         let mut node = Node {
             data_dir: data_dir.into(),
@@ -848,6 +858,7 @@ impl Node {
             child: None,
             paused: AtomicBool::new(false),
             net,
+            runtime_threads,
         };
         node.spawn()?;
         Ok(node)
@@ -874,6 +885,15 @@ impl Node {
             .extend(["--join".to_string(), token.to_string()]);
         self.spawn()
     }
+}
+
+/// Runtime threads for each of `nodes` nodes that share this machine: its cores divided
+/// among them, as docs/operations.md advises (each node's runtime would otherwise start
+/// one thread per core, and they would all compete for the same cores). `None` for one
+/// node, which gets every core anyway.
+fn core_share(nodes: usize) -> Option<usize> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (nodes > 1).then(|| (cores / nodes).max(1))
 }
 
 impl Cluster {
@@ -906,6 +926,7 @@ impl Cluster {
                 ports.len()
             );
         }
+        let threads = core_share(n);
         let admin = UserKey::generate(dir, "admin")?;
         let first = Node::start_on_net(
             program,
@@ -914,6 +935,7 @@ impl Cluster {
             &[&admin.public],
             &per_node[0],
             net(0),
+            threads,
         )?;
         let mut cluster = Cluster {
             nodes: vec![first],
@@ -932,6 +954,7 @@ impl Cluster {
                     &[&cluster.admin.public],
                     &args,
                     net(i),
+                    threads,
                 )?;
                 cluster.nodes.push(node);
             }

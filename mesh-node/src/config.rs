@@ -90,6 +90,12 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_GPU_MEMORY_BUDGET", value_name = "BYTES")]
     pub gpu_memory_budget: Option<u64>,
 
+    /// Threads of the node's async runtime (network, Raft, SSH; GPU work runs in
+    /// worker processes of its own). Default: one per core, right for one node per
+    /// machine; where several nodes share a machine, give each its share of the cores.
+    #[arg(long, env = "MESH_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
+
     /// Join an existing mesh with a token from `mesh-cli token create` (first start only).
     #[arg(long, env = "MESH_JOIN", value_name = "TOKEN")]
     pub join: Option<String>,
@@ -171,6 +177,8 @@ pub struct FileConfig {
     pub slots: Option<u32>,
     /// See `--gpu-memory-budget`.
     pub gpu_memory_budget: Option<u64>,
+    /// See `--worker-threads`.
+    pub worker_threads: Option<usize>,
     /// See `--join`.
     pub join: Option<String>,
     /// See `--await-join`.
@@ -228,6 +236,8 @@ pub struct NodeConfig {
     pub json_logs: bool,
     /// Per-task GPU buffer budget, bytes.
     pub gpu_memory_budget: Option<u64>,
+    /// Threads of the async runtime (`None`: one per core).
+    pub worker_threads: Option<usize>,
     /// Join token, if joining.
     pub join: Option<mesh_core::token::JoinToken>,
     /// Wait for `mesh-cli join` instead of bootstrapping.
@@ -280,6 +290,9 @@ pub enum ConfigError {
     /// Zero slots.
     #[error("slots (--slots) must be at least 1")]
     ZeroSlots,
+    /// Zero runtime threads.
+    #[error("worker_threads (--worker-threads) must be at least 1; leave it out for one per core")]
+    ZeroWorkerThreads,
     /// Unknown log format.
     #[error("log_format (--log-format) must be text or json, not '{0}'")]
     BadLogFormat(String),
@@ -357,6 +370,10 @@ impl RunArgs {
         let slots = self.slots.or(file.slots).unwrap_or(DEFAULT_SLOTS);
         if slots == 0 {
             return Err(ConfigError::ZeroSlots);
+        }
+        let worker_threads = self.worker_threads.or(file.worker_threads);
+        if worker_threads == Some(0) {
+            return Err(ConfigError::ZeroWorkerThreads);
         }
         let json_logs = match self
             .log_format
@@ -436,6 +453,7 @@ impl RunArgs {
             slots,
             json_logs,
             gpu_memory_budget: self.gpu_memory_budget.or(file.gpu_memory_budget),
+            worker_threads,
             join,
             await_join,
             restore,
@@ -555,6 +573,27 @@ mod tests {
             let e = error_of(&format!("snapshot_every = {bad}\n"));
             assert!(e.contains("snapshot_every (--snapshot-every)"), "{e}");
         }
+    }
+
+    #[test]
+    fn worker_threads_come_from_file_or_flag_and_are_at_least_one() {
+        assert_eq!(
+            with_file("", RunArgs::default()).unwrap().worker_threads,
+            None,
+            "one per core unless set"
+        );
+        let text = "worker_threads = 2\n";
+        assert_eq!(
+            with_file(text, RunArgs::default()).unwrap().worker_threads,
+            Some(2)
+        );
+        let flag = RunArgs {
+            worker_threads: Some(1),
+            ..RunArgs::default()
+        };
+        assert_eq!(with_file(text, flag).unwrap().worker_threads, Some(1));
+        let e = error_of("worker_threads = 0\n");
+        assert!(e.contains("worker_threads (--worker-threads)"), "{e}");
     }
 
     #[test]

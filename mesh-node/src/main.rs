@@ -85,6 +85,11 @@ fn config_check(file: PathBuf) -> anyhow::Result<()> {
     println!("  ssh_listen          {}", c.ssh_listen);
     println!("  http_listen         {}", c.http_listen);
     println!("  slots               {}", c.slots);
+    println!(
+        "  worker_threads      {}",
+        c.worker_threads
+            .map_or_else(|| "one per core".to_string(), |n| n.to_string())
+    );
     println!("  voters              {}", c.voters);
     println!("  node_timeout        {:?}", c.node_timeout);
     println!("  voter_replace_after {:?}", c.voter_replace_after);
@@ -152,8 +157,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = args.validate()?;
     config.prepare()?;
     mesh_node::telemetry::init_logs(config.json_logs);
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = config.worker_threads {
+        runtime.worker_threads(n);
+    }
+    let runtime = runtime.build().context("cannot start the async runtime")?;
     runtime.block_on(async {
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        tracing::info!(worker_threads = workers, "async runtime started");
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();
         tokio::spawn(async move {
