@@ -999,7 +999,8 @@ fn direct_copy(bytes: usize, runs: usize) -> Stats {
     let data = [Bytes::from(vec![7u8; bytes])];
     let mut dest = vec![0u8; bytes];
     dest.fill(1); // resident: the floor leaves page faults out
-    let at = [Region::of(dest.as_ptr(), bytes, false)];
+                  // A mutable pointer: the call writes through it.
+    let at = [Region::of(dest.as_mut_ptr(), bytes, false)];
     let me = std::process::id();
     let (stats, ()) = measure(runs, || {
         direct::write_to(me, &data, &at).expect("process_vm_writev into this process")

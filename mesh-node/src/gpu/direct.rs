@@ -47,7 +47,8 @@ pub struct Region {
 impl Region {
     /// The region of `bytes`, memory of this process that another one will copy
     /// to or from while this one leaves it alone. `unreachable` gives an address
-    /// nobody maps instead (the [`UNREACHABLE_ENV`] hook).
+    /// nobody maps instead (the [`UNREACHABLE_ENV`] hook). Where the other process
+    /// writes, `start` must carry write permission (`as_mut_ptr`, not `as_ptr`).
     pub fn of(start: *const u8, len: usize, unreachable: bool) -> Region {
         Region {
             // The address leaves this process on purpose: another one copies there.
@@ -176,9 +177,10 @@ mod tests {
         let mut dest = vec![0u8; 5000 + 256];
         let (first, second) = dest.split_at_mut(5000);
         let regions = [
-            Region::of(first.as_ptr(), first.len(), false),
+            // Mutable pointers: the copies write through them.
+            Region::of(first.as_mut_ptr(), first.len(), false),
             Region::of(std::ptr::null(), 0, false),
-            Region::of(second.as_ptr(), second.len(), false),
+            Region::of(second.as_mut_ptr(), second.len(), false),
         ];
         let inputs = [
             Bytes::from(vec![7u8; 5000]),
@@ -193,7 +195,7 @@ mod tests {
         assert_eq!(read, inputs);
 
         // Memory nobody maps: the kernel refuses (EFAULT), as it would under a policy.
-        let nowhere = [Region::of(dest.as_ptr(), 5000, true)];
+        let nowhere = [Region::of(dest.as_mut_ptr(), 5000, true)];
         assert!(matches!(
             write_to(me, &inputs[..1], &nowhere),
             Err(Refused::Kernel(_))

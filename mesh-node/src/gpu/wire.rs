@@ -287,6 +287,11 @@ fn check_payload(lens: &[u64]) -> Result<(), FrameError> {
     Ok(())
 }
 
+/// [`check_payload`] for outputs left in the worker's memory.
+fn check_regions(regions: &[Region]) -> Result<(), FrameError> {
+    check_payload(&regions.iter().map(|r| r.len).collect::<Vec<_>>())
+}
+
 /// Read a payload of `len` bytes (checked by [`check_payload`]) into the buffer that
 /// keeps it: no zeroing first, no copy into [`Bytes`] after. `take` keeps each read
 /// within the payload, so the next message's bytes stay in the pipe.
@@ -494,7 +499,7 @@ pub fn write_outputs_at(
     regions: Vec<Region>,
     elapsed: Duration,
 ) -> Result<(), FrameError> {
-    check_payload(&regions.iter().map(|r| r.len).collect::<Vec<_>>())?;
+    check_regions(&regions)?;
     write_reply(w, id, Ok(OutputsOnPipe::At(regions)), elapsed)
 }
 
@@ -546,7 +551,7 @@ pub async fn read_answer_async(r: &mut (impl AsyncRead + Unpin)) -> Result<Answe
     let result = match header.result {
         Ok(OutputsOnPipe::Follow(lens)) => Ok(ReplyOutputs::Read(read_raw_async(r, &lens).await?)),
         Ok(OutputsOnPipe::At(regions)) => {
-            check_payload(&regions.iter().map(|r| r.len).collect::<Vec<_>>())?;
+            check_regions(&regions)?;
             Ok(ReplyOutputs::At(regions))
         }
         Err(e) => Err(e),
