@@ -9,11 +9,19 @@
 //! | `mandelbrot` | | `width`, `height`, `max_iter` | `out`: u32 iteration counts |
 //!
 //! Every buffer is little-endian. Each kernel's CPU reference performs the same f32
-//! operations in the same order as the shader, so results compare bit for bit on
-//! adapters that round each operation (no fused multiply-add). Shaders avoid chains of
-//! additions a driver could reassociate (naga emits no SPIR-V `NoContraction`, and
-//! lavapipe turns `a*a - b*b + c` into `(a*a + c) - b*b`): Mandelbrot's real part is
-//! `(zx - zy) * (zx + zy) + cx` for that reason.
+//! operations in the same order as the shader, each rounded on its own, so results
+//! compare bit for bit and a task computes the same bytes on every adapter: a resumed
+//! sharded task equals a clean run whichever nodes ran its shards. For that the
+//! shaders leave a driver nothing to choose. naga emits no SPIR-V `NoContraction`, so
+//! a driver may fuse `a*b + c` into one multiply-add (NVIDIA's does; lavapipe does not,
+//! and rounds even WGSL's `fma()` twice) or reassociate a chain of additions (lavapipe
+//! turns `a*a - b*b + c` into `(a*a + c) - b*b`). So every product that feeds an
+//! addition passes through [`UNFUSED`]'s `unfused()`, which no compiler can see
+//! through; no sum has three terms (Mandelbrot's real part is `(zx - zy) * (zx + zy) +
+//! cx`); and nothing divides, since Vulkan lets a division be off by 2.5 ulp
+//! (Mandelbrot's pixel step comes in its parameters, divided on the CPU).
+//! `mesh-node/tests/gpu.rs` checks each of these shapes on the adapter it runs on and
+//! names the form a driver computed instead.
 
 use crate::kernel::{BindingPlan, KernelPlan, SpecError, MAX_WORKGROUPS_PER_DIMENSION};
 use crate::task::{NamedBytes, OutputDecl};
@@ -28,6 +36,24 @@ const WORKGROUP: u32 = 256;
 const MAX_ELEMENTS: u64 =
     WORKGROUP as u64 * MAX_WORKGROUPS_PER_DIMENSION as u64 * MAX_WORKGROUPS_PER_DIMENSION as u64;
 
+/// WGSL: `unfused(p)` is `p`, with its bits passed through an OR with `params.zero`, a
+/// uniform the plan sets to 0. A compiler cannot know that value, so it cannot fuse
+/// the multiplication that made `p` into the addition that uses it: the product is
+/// rounded on its own on every driver, as on the CPU. Kernels that use it declare a
+/// `zero: u32` in their `params`.
+pub const UNFUSED: &str = r#"
+fn unfused(p: f32) -> f32 { return bitcast<f32>(bitcast<u32>(p) | params.zero); }
+"#;
+
+/// A kernel's WGSL with [`UNFUSED`] before it where it calls `unfused()`.
+fn with_helpers(src: &str) -> String {
+    if src.contains("unfused(") {
+        format!("{UNFUSED}{src}")
+    } else {
+        src.to_string()
+    }
+}
+
 /// The 2-D dispatch of 1-D kernels: index = (wg.y * num_wg.x + wg.x) * 256 + local.
 const INDEX_1D: &str = r#"
 fn flat_index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
@@ -36,7 +62,7 @@ fn flat_index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
 "#;
 
 const SAXPY: &str = r#"
-struct Params { a: f32, n: u32, _p0: u32, _p1: u32 }
+struct Params { a: f32, n: u32, zero: u32, _p0: u32 }
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> y: array<f32>;
 @group(0) @binding(2) var<uniform> params: Params;
@@ -45,7 +71,7 @@ struct Params { a: f32, n: u32, _p0: u32, _p1: u32 }
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wg, nwg, lid);
-    if (i < params.n) { out[i] = params.a * x[i] + y[i]; }
+    if (i < params.n) { out[i] = unfused(params.a * x[i]) + y[i]; }
 }
 "#;
 
@@ -64,7 +90,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 "#;
 
 const MATMUL: &str = r#"
-struct Params { m: u32, n: u32, k: u32, _p0: u32 }
+struct Params { m: u32, n: u32, k: u32, zero: u32 }
 @group(0) @binding(0) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read> b: array<f32>;
 @group(0) @binding(2) var<uniform> params: Params;
@@ -76,7 +102,7 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
     if (row >= params.m || col >= params.n) { return; }
     var acc = 0.0;
     for (var i = 0u; i < params.k; i = i + 1u) {
-        acc = acc + a[row * params.k + i] * b[i * params.n + col];
+        acc = acc + unfused(a[row * params.k + i] * b[i * params.n + col]);
     }
     out[row * params.n + col] = acc;
 }
@@ -103,24 +129,28 @@ fn main(@builtin(local_invocation_index) lid: u32) {
 "#;
 
 // `row0` is the first image row this dispatch computes (non-zero for shards); the
-// rows it computes are as many as `out` holds.
+// rows it computes are as many as `out` holds. `step_x` = 3.5 / width and `step_y` =
+// 2.5 / height, divided on the CPU ([`mandelbrot_steps`]).
 const MANDELBROT: &str = r#"
-struct Params { width: u32, height: u32, max_iter: u32, row0: u32 }
+struct Params {
+    width: u32, height: u32, max_iter: u32, row0: u32,
+    step_x: f32, step_y: f32, zero: u32, _p0: u32,
+}
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read_write> out: array<u32>;
 @compute @workgroup_size(16, 16)
 fn main(@builtin(global_invocation_id) id: vec3<u32>) {
     if (id.x >= params.width || id.y >= arrayLength(&out) / params.width) { return; }
     let py = id.y + params.row0;
-    let cx = -2.5 + 3.5 * ((f32(id.x) + 0.5) / f32(params.width));
-    let cy = -1.25 + 2.5 * ((f32(py) + 0.5) / f32(params.height));
+    let cx = unfused((f32(id.x) + 0.5) * params.step_x) - 2.5;
+    let cy = unfused((f32(py) + 0.5) * params.step_y) - 1.25;
     var zx = 0.0;
     var zy = 0.0;
     var i = 0u;
     loop {
-        if (i >= params.max_iter || zx * zx + zy * zy > 4.0) { break; }
-        let t = (zx - zy) * (zx + zy) + cx;
-        zy = 2.0 * zx * zy + cy;
+        if (i >= params.max_iter || unfused(zx * zx) + unfused(zy * zy) > 4.0) { break; }
+        let t = unfused((zx - zy) * (zx + zy)) + cx;
+        zy = unfused(2.0 * zx * zy) + cy;
         zx = t;
         i = i + 1u;
     }
@@ -144,12 +174,12 @@ pub fn plan(
             k.allow_params(&["a"])?;
             let a = k.f32_param("a")?;
             let n = k.same_length_f32(&["x", "y"])?;
-            k.one_d(SAXPY, &["x", "y"], [a.to_bits(), n as u32, 0, 0], n)
+            k.one_d(SAXPY, &["x", "y"], &[a.to_bits(), n as u32, 0, 0], n)
         }
         "vector-add" => {
             k.allow_params(&[])?;
             let n = k.same_length_f32(&["x", "y"])?;
-            k.one_d(VECTOR_ADD, &["x", "y"], [n as u32, 0, 0, 0], n)
+            k.one_d(VECTOR_ADD, &["x", "y"], &[n as u32, 0, 0, 0], n)
         }
         "matmul" => {
             k.allow_params(&["m", "n", "k"])?;
@@ -160,7 +190,7 @@ pub fn plan(
             k.two_d(
                 MATMUL,
                 &["a", "b"],
-                [m, n, kk, 0],
+                &[m, n, kk, 0],
                 n,
                 m,
                 m as u64 * n as u64 * 4,
@@ -169,7 +199,7 @@ pub fn plan(
         "reduce-sum" => {
             k.allow_params(&[])?;
             let n = k.same_length_f32(&["x"])?;
-            let mut plan = k.one_d(REDUCE_SUM, &["x"], [n as u32, 0, 0, 0], n)?;
+            let mut plan = k.one_d(REDUCE_SUM, &["x"], &[n as u32, 0, 0, 0], n)?;
             plan.workgroups = [1, 1, 1];
             plan.outputs[0].size = 4;
             Ok(plan)
@@ -182,10 +212,11 @@ pub fn plan(
                 k.u32_param("max_iter")?,
             );
             k.expect_inputs(&[])?;
+            let (step_x, step_y) = mandelbrot_steps(w, h);
             k.two_d(
                 MANDELBROT,
                 &[],
-                [w, h, it, 0],
+                &[w, h, it, 0, step_x.to_bits(), step_y.to_bits(), 0, 0],
                 w,
                 h,
                 w as u64 * h as u64 * 4,
@@ -307,7 +338,10 @@ impl Builtin<'_> {
         Ok(n)
     }
 
-    fn bindings(&self, names: &[&str], params: [u32; 4]) -> Vec<BindingPlan> {
+    /// The inputs named, in order, then the uniform of `params`: whole 16-byte rows,
+    /// and every `zero` field 0 (see [`UNFUSED`]).
+    fn bindings(&self, names: &[&str], params: &[u32]) -> Vec<BindingPlan> {
+        debug_assert_eq!(params.len() % 4, 0, "a uniform of whole 16-byte rows");
         let mut b: Vec<BindingPlan> = names
             .iter()
             .map(|n| {
@@ -330,14 +364,14 @@ impl Builtin<'_> {
         &self,
         src: &str,
         names: &[&str],
-        params: [u32; 4],
+        params: &[u32],
         n: u64,
     ) -> Result<KernelPlan, SpecError> {
         let groups = n.div_ceil(WORKGROUP as u64);
         let x = groups.min(MAX_WORKGROUPS_PER_DIMENSION as u64) as u32;
         let y = groups.div_ceil(x as u64) as u32;
         Ok(KernelPlan {
-            source: format!("{INDEX_1D}{src}"),
+            source: format!("{INDEX_1D}{}", with_helpers(src)),
             entry: "main".into(),
             workgroups: [x, y, 1],
             bindings: self.bindings(names, params),
@@ -352,13 +386,13 @@ impl Builtin<'_> {
         &self,
         src: &str,
         names: &[&str],
-        params: [u32; 4],
+        params: &[u32],
         width: u32,
         height: u32,
         out_bytes: u64,
     ) -> Result<KernelPlan, SpecError> {
         Ok(KernelPlan {
-            source: src.into(),
+            source: with_helpers(src),
             entry: "main".into(),
             workgroups: [width.div_ceil(16), height.div_ceil(16), 1],
             bindings: self.bindings(names, params),
@@ -482,6 +516,13 @@ pub fn plan_shard(
     Ok((plan, used.into_iter().map(|i| i.data).collect()))
 }
 
+/// Mandelbrot's pixel steps (3.5 / width, 2.5 / height): the image spans
+/// [-2.5, 1] x [-1.25, 1.25]. Divided here, correctly rounded, for the shader and the
+/// CPU reference alike.
+fn mandelbrot_steps(width: u32, height: u32) -> (f32, f32) {
+    (3.5 / width as f32, 2.5 / height as f32)
+}
+
 /// Little-endian f32s from bytes.
 pub fn f32s(bytes: &[u8]) -> Vec<f32> {
     bytes
@@ -560,11 +601,12 @@ pub fn cpu_reference(
         }
         "mandelbrot" => {
             let (w, h, max_iter) = (u("width"), u("height"), u("max_iter"));
+            let (step_x, step_y) = mandelbrot_steps(w, h);
             let mut out = Vec::with_capacity((w * h) as usize * 4);
             for py in 0..h {
                 for px in 0..w {
-                    let cx = -2.5f32 + 3.5 * ((px as f32 + 0.5) / w as f32);
-                    let cy = -1.25f32 + 2.5 * ((py as f32 + 0.5) / h as f32);
+                    let cx = (px as f32 + 0.5) * step_x - 2.5;
+                    let cy = (py as f32 + 0.5) * step_y - 1.25;
                     let (mut zx, mut zy, mut i) = (0f32, 0f32, 0u32);
                     while i < max_iter && zx * zx + zy * zy <= 4.0 {
                         let t = (zx - zy) * (zx + zy) + cx;
@@ -658,7 +700,7 @@ mod tests {
                 },
             ],
         };
-        let p = k.one_d(SAXPY, &["x", "y"], [0; 4], n as u64).unwrap();
+        let p = k.one_d(SAXPY, &["x", "y"], &[0; 4], n as u64).unwrap();
         assert_eq!(p.workgroups, [65535, 2, 1]);
         assert!(p.workgroups[0] as u64 * p.workgroups[1] as u64 * 256 >= n as u64);
     }

@@ -9,7 +9,7 @@
 //! the driver fused or reassociated. Without an adapter the tests FAIL (they never
 //! skip): CI must install mesa-vulkan-drivers.
 
-use mesh_core::builtin::{cpu_reference, f32_bytes, f32s};
+use mesh_core::builtin::{self, cpu_reference, f32_bytes, f32s};
 use mesh_core::kernel::{self, BindingPlan, KernelPlan};
 use mesh_core::task::{KernelSpec, NamedBytes, OutputDecl};
 use mesh_core::Bytes;
@@ -400,15 +400,16 @@ fn f32_helpers_round_trip() {
 /// An f32 expression of (a, b, c) evaluated on the CPU.
 type Eval = fn(f32, f32, f32) -> f32;
 
-/// One f32 expression shape: how a built-in kernel spells it, its value with every
-/// operation rounded as written, and what a compiler may compute instead.
+/// One f32 expression shape: how the built-in kernels spell it, its value as their
+/// CPU references compute it, and what a driver may compute instead.
 struct Form {
     /// The expression over `a`, `b`, `c`; also its WGSL in [`FORMS_WGSL`].
     expr: &'static str,
-    /// How the built-in kernels' WGSL spells it; the form is checked only while
-    /// some built-in still contains this text.
-    in_builtin: &'static str,
-    /// Every operation rounded separately, in the order written (the CPU reference).
+    /// How the built-in kernels' WGSL spells it; the form fails the test only while
+    /// some built-in still contains one of these (else it is reported, as what this
+    /// driver does with such an expression).
+    in_builtin: &'static [&'static str],
+    /// Every operation rounded on its own, in the order written (the CPU reference).
     as_written: Eval,
     /// Fused (FMA) or reassociated evaluations, to name what the adapter did.
     alternatives: &'static [(&'static str, Eval)],
@@ -416,20 +417,17 @@ struct Form {
 
 const FORMS: &[Form] = &[
     Form {
-        expr: "a * b + c",
-        in_builtin: "params.a * x[i] + y[i]",
+        expr: "unfused(a * b) + c",
+        in_builtin: &[
+            "unfused(params.a * x[i]) + y[i]",
+            "acc + unfused(a[row * params.k + i] * b[i * params.n + col])",
+        ],
         as_written: |a, b, c| a * b + c,
         alternatives: &[("fma(a, b, c)", |a, b, c| a.mul_add(b, c))],
     },
     Form {
-        expr: "c + a * b",
-        in_builtin: "acc + a[row * params.k + i] * b[i * params.n + col]",
-        as_written: |a, b, c| c + a * b,
-        alternatives: &[("fma(a, b, c)", |a, b, c| a.mul_add(b, c))],
-    },
-    Form {
-        expr: "a * a + b * b",
-        in_builtin: "zx * zx + zy * zy",
+        expr: "unfused(a * a) + unfused(b * b)",
+        in_builtin: &["unfused(zx * zx) + unfused(zy * zy)"],
         as_written: |a, b, _| a * a + b * b,
         alternatives: &[
             ("fma(a, a, b * b)", |a, b, _| a.mul_add(a, b * b)),
@@ -437,8 +435,37 @@ const FORMS: &[Form] = &[
         ],
     },
     Form {
+        expr: "unfused((a - b) * (a + b)) + c",
+        in_builtin: &["unfused((zx - zy) * (zx + zy)) + cx"],
+        as_written: |a, b, c| (a - b) * (a + b) + c,
+        alternatives: &[("fma(a - b, a + b, c)", |a, b, c| (a - b).mul_add(a + b, c))],
+    },
+    Form {
+        expr: "unfused(2.0 * a * b) + c",
+        in_builtin: &["unfused(2.0 * zx * zy) + cy"],
+        as_written: |a, b, c| 2.0 * a * b + c,
+        alternatives: &[("fma(2.0 * a, b, c)", |a, b, c| (2.0 * a).mul_add(b, c))],
+    },
+    Form {
+        expr: "unfused((a + 0.5) * b) - c",
+        in_builtin: &[
+            "unfused((f32(id.x) + 0.5) * params.step_x) - 2.5",
+            "unfused((f32(py) + 0.5) * params.step_y) - 1.25",
+        ],
+        as_written: |a, b, c| (a + 0.5) * b - c,
+        alternatives: &[("fma(a + 0.5, b, -c)", |a, b, c| (a + 0.5).mul_add(b, -c))],
+    },
+    // What the driver does with the spellings the built-ins avoid (reported, not
+    // failed): NVIDIA's fuses the first, lavapipe rounds even `fma` twice.
+    Form {
+        expr: "a * b + c",
+        in_builtin: &[],
+        as_written: |a, b, c| a * b + c,
+        alternatives: &[("fma(a, b, c)", |a, b, c| a.mul_add(b, c))],
+    },
+    Form {
         expr: "a * a - b * b + c",
-        in_builtin: "zx * zx - zy * zy + cx",
+        in_builtin: &[],
         as_written: |a, b, c| a * a - b * b + c,
         alternatives: &[
             ("(a * a + c) - b * b", |a, b, c| (a * a + c) - b * b),
@@ -451,36 +478,36 @@ const FORMS: &[Form] = &[
         ],
     },
     Form {
-        expr: "(a - b) * (a + b) + c",
-        in_builtin: "(zx - zy) * (zx + zy) + cx",
-        as_written: |a, b, c| (a - b) * (a + b) + c,
-        alternatives: &[("fma(a - b, a + b, c)", |a, b, c| (a - b).mul_add(a + b, c))],
-    },
-    Form {
-        expr: "2.0 * a * b + c",
-        in_builtin: "2.0 * zx * zy + cy",
-        as_written: |a, b, c| 2.0 * a * b + c,
-        alternatives: &[("fma(2.0 * a, b, c)", |a, b, c| (2.0 * a).mul_add(b, c))],
+        expr: "fma(a, b, c) (WGSL's)",
+        in_builtin: &[],
+        as_written: |a, b, c| a.mul_add(b, c),
+        alternatives: &[("a * b + c, rounded twice", |a, b, c| a * b + c)],
     },
 ];
 
 /// Evaluates [`FORMS`], in order, over (a, b, c) triples: one word per form per triple.
+/// `unfused` is the built-ins' own (`builtin::UNFUSED`, prepended), with the `zero` it
+/// reads from the uniform.
 const FORMS_WGSL: &str = r#"
+struct Params { zero: u32, _p0: u32, _p1: u32, _p2: u32 }
 @group(0) @binding(0) var<storage, read> v: array<f32>;
-@group(0) @binding(1) var<storage, read_write> o: array<f32>;
+@group(0) @binding(1) var<uniform> params: Params;
+@group(0) @binding(2) var<storage, read_write> o: array<f32>;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) id: vec3<u32>) {
     if (id.x >= arrayLength(&v) / 3u) { return; }
     let a = v[3u * id.x];
     let b = v[3u * id.x + 1u];
     let c = v[3u * id.x + 2u];
-    let k = 6u * id.x;
-    o[k] = a * b + c;
-    o[k + 1u] = c + a * b;
-    o[k + 2u] = a * a + b * b;
-    o[k + 3u] = a * a - b * b + c;
-    o[k + 4u] = (a - b) * (a + b) + c;
-    o[k + 5u] = 2.0 * a * b + c;
+    let k = 8u * id.x;
+    o[k] = unfused(a * b) + c;
+    o[k + 1u] = unfused(a * a) + unfused(b * b);
+    o[k + 2u] = unfused((a - b) * (a + b)) + c;
+    o[k + 3u] = unfused(2.0 * a * b) + c;
+    o[k + 4u] = unfused((a + 0.5) * b) - c;
+    o[k + 5u] = a * b + c;
+    o[k + 6u] = a * a - b * b + c;
+    o[k + 7u] = fma(a, b, c);
 }
 "#;
 
@@ -523,19 +550,25 @@ fn builtin_sources() -> String {
 
 /// The built-in kernels' CPU references assume every f32 operation is rounded on its
 /// own, in the order written. Vulkan lets a driver fuse or reassociate operations
-/// that SPIR-V does not mark `NoContraction`, and naga never marks them, so this
-/// checks each expression shape the built-ins use and, when the adapter computes it
-/// differently, names the form it computed instead: a built-in mismatch above then
-/// has a precise cause.
+/// that SPIR-V does not mark `NoContraction`, and naga never marks them, so the
+/// built-ins pass products through `unfused()` (`builtin::UNFUSED`); this checks each
+/// expression shape the built-ins use and, when the adapter computes it differently,
+/// names the form it computed instead: a built-in mismatch above then has a precise
+/// cause. It also reports, without failing, what the driver does with the plain
+/// spellings the built-ins avoid.
 #[test]
 fn the_adapter_rounds_builtin_f32_expressions_as_written() {
     let n = 4096;
     let v: Vec<f32> = lcg_f32s(11, 3 * n).iter().map(|x| x * 2.0).collect();
     let plan = KernelPlan {
-        source: FORMS_WGSL.into(),
+        source: format!("{}{FORMS_WGSL}", builtin::UNFUSED),
         entry: "main".into(),
         workgroups: [(n / 64) as u32, 1, 1],
-        bindings: vec![BindingPlan::Input(0), BindingPlan::Output(0)],
+        bindings: vec![
+            BindingPlan::Input(0),
+            BindingPlan::Uniform(vec![0; 16]),
+            BindingPlan::Output(0),
+        ],
         outputs: vec![OutputDecl {
             name: "o".into(),
             size: (FORMS.len() * n * 4) as u64,
@@ -556,7 +589,7 @@ fn the_adapter_rounds_builtin_f32_expressions_as_written() {
                 gpu(i).to_bits() != (form.as_written)(a, b, c).to_bits()
             })
             .collect();
-        let used = sources.contains(form.in_builtin);
+        let used = form.in_builtin.iter().any(|text| sources.contains(text));
         println!(
             "`{}` ({}): {} of {n} differ from the as-written rounding",
             form.expr,
@@ -581,11 +614,15 @@ fn the_adapter_rounds_builtin_f32_expressions_as_written() {
             .collect();
         let (a, b, c) = args(i);
         let want = (form.as_written)(a, b, c);
+        let spelled = if used {
+            format!(" (built-in WGSL `{}`)", form.in_builtin.join("`, `"))
+        } else {
+            String::new()
+        };
         let message = format!(
-            "`{}` (built-in WGSL `{}`) differs in {} of {n} cases; the adapter computes {}; \
+            "`{}`{spelled} differs in {} of {n} cases; the adapter computes {}; \
              e.g. a={a:e} b={b:e} c={c:e}: gpu {:e} ({:#010x}), as written {want:e} ({:#010x})",
             form.expr,
-            form.in_builtin,
             differs.len(),
             if computed.is_empty() {
                 "no known fused or reassociated form".into()
