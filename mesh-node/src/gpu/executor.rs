@@ -161,7 +161,7 @@ impl std::fmt::Debug for Executor {
 impl Executor {
     /// Open the best adapter (index 0 of [`probe`](super::probe) order), requesting
     /// the adapter's own limits (not wgpu's defaults, so large buffers work) and all
-    /// its non-experimental features.
+    /// its non-experimental features but `MAPPABLE_PRIMARY_BUFFERS`.
     pub fn open_best() -> Result<Executor, GpuError> {
         let instance = probe::new_instance();
         let (adapter, info) = probe::ranked_adapters(&instance)
@@ -170,7 +170,12 @@ impl Executor {
             .ok_or(GpuError::NoAdapter)?;
         let limits = adapter.limits();
         // Experimental features need an unsafe opt-in and are never used by tasks.
-        let features = adapter.features() - wgpu::Features::all_experimental_mask();
+        // MAPPABLE_PRIMARY_BUFFERS only lets a buffer be mapped and bound at once, which
+        // nothing here does; wgpu warns on every worker start where it is enabled on a
+        // discrete GPU, since such buffers then live in host memory.
+        let features = adapter.features()
+            - wgpu::Features::all_experimental_mask()
+            - wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
         let device_for = |required_features: wgpu::Features| {
             pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
                 label: Some("mesh executor"),

@@ -27,5 +27,5 @@ pub use error::GpuError;
 pub use exec_error::{ChildExit, ExecError, StartError};
 pub use executor::{Executor, OutputView, Outputs, Uploaded};
 pub use probe::probe;
-pub use supervisor::{Supervisor, WorkerCommand, WORKER_SUBCOMMAND};
+pub use supervisor::{Supervisor, WorkerCommand, DIRECT_MIN_BYTES, WORKER_SUBCOMMAND};
 pub use wire::{ChildError, ChildErrorKind};

@@ -141,6 +141,8 @@ struct Inner {
     /// (`super::direct`): true until the kernel refuses a direct copy once, after
     /// which every job uses the pipe.
     direct: AtomicBool,
+    /// Why the kernel refused the first direct copy, once it did.
+    direct_refused: Mutex<Option<String>>,
     /// Why the most recent start failed, while starts keep failing.
     last_start_error: Mutex<Option<String>>,
     shutdown: CancellationToken,
@@ -235,6 +237,7 @@ impl Supervisor {
             next_job: AtomicU64::new(1),
             restarts: AtomicU64::new(0),
             direct: AtomicBool::new(true),
+            direct_refused: Mutex::new(None),
             last_start_error: Mutex::new(None),
             shutdown: CancellationToken::new(),
             tracker,
@@ -271,6 +274,17 @@ impl Supervisor {
     /// kernel refuses such a copy once; the pipe carries every job after that.
     pub fn copies_directly(&self) -> bool {
         self.inner.direct.load(Ordering::Relaxed)
+    }
+
+    /// Why the kernel refused a direct copy, once it has (`copies_directly` is false
+    /// from then on): e.g. EFAULT where a discrete GPU's driver maps the worker's
+    /// host-visible buffers as device memory, which `process_vm_writev` will not touch.
+    pub fn direct_refusal(&self) -> Option<String> {
+        self.inner
+            .direct_refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Process ids of the idle workers, for diagnostics and tests.
@@ -446,7 +460,7 @@ struct Done {
 /// (the worker's addresses, the daemon's "written"), which small jobs do not win back
 /// (in the GPU bench a 0.8 MB matmul ran ~0.2 ms faster by the pipe; 8 MB and more
 /// ran 0.3-1.8 ms faster by the direct route).
-const DIRECT_MIN_BYTES: u64 = 1024 * 1024;
+pub const DIRECT_MIN_BYTES: u64 = 1024 * 1024;
 
 /// Direct copies smaller than this run on the runtime's thread; larger ones on a
 /// blocking thread, so that megabytes in flight do not stall other tasks.
@@ -531,6 +545,10 @@ impl Inner {
     /// The kernel refused a direct copy (`why`): every later job takes the pipe.
     fn refuse_direct(&self, why: &str) {
         if self.direct.swap(false, Ordering::Relaxed) {
+            *self
+                .direct_refused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
             tracing::warn!(
                 error = %why,
                 "the kernel refused a direct copy to or from a GPU worker (a ptrace policy, \
