@@ -27,7 +27,9 @@
 //! pipeline every run, as the executor does; some drivers, llvmpipe among them,
 //! compile at the first dispatch), and sets the kernel alone (resident buffers, no
 //! upload or read-back) against the adapter's memory bandwidth, measured with a
-//! buffer-to-buffer copy because wgpu reports none. The third sets the worker path's
+//! buffer-to-buffer copy because wgpu reports none. Both of those are timed as many
+//! times over in one submission as fill about 20 ms and given per operation, so that
+//! on a fast GPU the submission's own cost does not hide the work. The third sets the worker path's
 //! extra time against what moving each kernel's bytes (inputs and outputs) costs on
 //! this machine without any GPU work: by the direct route (`direct::write_to` of the
 //! bytes into memory of this process, the same system call), through a pipe (a
@@ -53,10 +55,10 @@
 use mesh_core::builtin::{cpu_reference, f32_bytes, f32s};
 use mesh_core::kernel::{self, BindingPlan, KernelPlan};
 use mesh_core::limits::{MAX_TASK_INPUT_BYTES, MAX_TASK_OUTPUT_BYTES};
-use mesh_core::task::{KernelSpec, NamedBytes};
+use mesh_core::task::{KernelSpec, NamedBytes, OutputDecl};
 use mesh_core::{AdapterInfo, Bytes};
 use mesh_node::gpu::direct::{self, Region};
-use mesh_node::gpu::{Executor, Supervisor, WorkerCommand};
+use mesh_node::gpu::{Executor, Supervisor, WorkerCommand, DIRECT_MIN_BYTES};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -80,6 +82,10 @@ const SMOKE: Settings = Settings {
 };
 /// Bytes copied to measure the adapter's memory bandwidth.
 const COPY_BYTES: u64 = 64 << 20;
+/// What one timed submission of [`measure_repeated`] aims to last.
+const REPEATED_SPAN: Duration = Duration::from_millis(20);
+/// Most operations in one submission of [`measure_repeated`].
+const MAX_REPEATS: u32 = 256;
 /// Bound on one worker job; lavapipe on two cores is slow, but not this slow.
 const WORKER_TIMEOUT: Duration = Duration::from_secs(300);
 /// The executor's overhead over bare wgpu that the issue aims for, percent.
@@ -109,10 +115,22 @@ fn main() {
     print_throughput(&rows);
     print_breakdown(&rows, &copy);
     if let Some([direct, pipe]) = workers {
+        // Smaller jobs take the pipe on either route (the smoke run's are all small).
+        let large = rows.iter().any(|r| r.bytes >= DIRECT_MIN_BYTES);
         assert!(
-            direct.supervisor.copies_directly() && !pipe.supervisor.copies_directly(),
-            "the worker column took the direct route and the pipe column the pipe"
+            !large || !pipe.supervisor.copies_directly(),
+            "the pipe column took the pipe"
         );
+        match direct.supervisor.direct_refusal() {
+            None if large => {
+                println!("the worker column took the direct route, the pipe column the pipe\n")
+            }
+            None => println!("every job was under the direct route's floor: both took the pipe\n"),
+            Some(why) => println!(
+                "the kernel refused the worker column's direct copies on this machine ({why}): \
+                 both worker columns took the pipe\n"
+            ),
+        }
         print_transfer_floor(&rows, settings.runs);
         direct.stop();
         pipe.stop();
@@ -371,6 +389,13 @@ impl Stats {
     }
 }
 
+impl Stats {
+    /// Median (min-max) ms with four decimals, for times of microseconds.
+    fn fine(&self) -> String {
+        format!("{:.4} ({:.4}-{:.4})", self.median, self.min, self.max)
+    }
+}
+
 impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:.2} ({:.2}-{:.2})", self.median, self.min, self.max)
@@ -388,6 +413,26 @@ fn measure<T>(runs: usize, mut run: impl FnMut() -> T) -> (Stats, T) {
         last = output;
     }
     (Stats::of(times), last)
+}
+
+/// Time one GPU operation that `run(times)` submits `times` times in one submission:
+/// as many as fill about [`REPEATED_SPAN`] (at most [`MAX_REPEATS`]), so that on a fast
+/// GPU the submission's fixed cost (tens of microseconds) does not hide the operation.
+/// The stats are per operation (each run's time / `times`).
+fn measure_repeated(runs: usize, mut run: impl FnMut(u32)) -> Stats {
+    let started = Instant::now();
+    run(1);
+    let one = started.elapsed().max(Duration::from_micros(1));
+    let times = (REPEATED_SPAN.as_secs_f64() / one.as_secs_f64()).ceil() as u32;
+    let times = times.clamp(1, MAX_REPEATS);
+    let samples = (0..runs)
+        .map(|_| {
+            let started = Instant::now();
+            run(times);
+            started.elapsed() / times
+        })
+        .collect();
+    Stats::of(samples)
 }
 
 /// One full run of a kernel by one path, returning its outputs.
@@ -446,8 +491,23 @@ struct Pipeline {
 /// The result of a buffer-to-buffer copy measurement.
 struct CopyBandwidth {
     bytes: u64,
-    stats: Stats,
+    /// A compute kernel copying `src` to `dst` (what kernels can stream).
+    kernel: Stats,
+    /// `copy_buffer_to_buffer` (a copy engine on discrete GPUs, slower than the SMs).
+    transfer: Stats,
 }
+
+/// The copy kernel of [`Bare::copy_bandwidth`]: 16 bytes per invocation, 2-D grid.
+const COPY_WGSL: &str = r#"
+@group(0) @binding(0) var<storage, read> src: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> dst: array<vec4<f32>>;
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let i = (wg.y * nwg.x + wg.x) * 256u + lid;
+    if (i < arrayLength(&dst)) { dst[i] = src[i]; }
+}
+"#;
 
 impl Bare {
     /// Open the adapter the executor opened (same name and backend), with its limits.
@@ -687,11 +747,26 @@ impl Bare {
         runs: usize,
     ) -> Stats {
         let (_buffers, group) = self.bind(plan, pipeline, inputs);
-        let (stats, ()) = measure(runs, || {
-            let encoder = self.encode_dispatch(plan, pipeline, &group);
+        measure_repeated(runs, |times| {
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("bench kernel"),
+                });
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("bench kernel"),
+                    timestamp_writes: None,
+                });
+                pass.set_pipeline(&pipeline.pipeline);
+                pass.set_bind_group(0, &group, &[]);
+                let [x, y, z] = plan.workgroups;
+                for _ in 0..times {
+                    pass.dispatch_workgroups(x, y, z);
+                }
+            }
             self.wait(self.queue.submit(Some(encoder.finish())));
-        });
-        stats
+        })
     }
 
     /// Copy a large resident buffer to another: the adapter's memory bandwidth.
@@ -707,16 +782,41 @@ impl Bare {
         };
         let src = buffer(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC);
         let dst = buffer(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST);
-        let (stats, ()) = measure(runs, || {
+        let transfer = measure_repeated(runs, |times| {
             let mut encoder = self
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("bench copy"),
                 });
-            encoder.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+            for _ in 0..times {
+                encoder.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+            }
             self.wait(self.queue.submit(Some(encoder.finish())));
         });
-        CopyBandwidth { bytes, stats }
+        let groups = (bytes / 16).div_ceil(256);
+        let x = groups.min(u64::from(kernel::MAX_WORKGROUPS_PER_DIMENSION));
+        let plan = KernelPlan {
+            source: COPY_WGSL.into(),
+            entry: "main".into(),
+            workgroups: [x as u32, groups.div_ceil(x) as u32, 1],
+            bindings: vec![BindingPlan::Input(0), BindingPlan::Output(0)],
+            outputs: vec![OutputDecl {
+                name: "dst".into(),
+                size: bytes,
+            }],
+        };
+        let pipeline = self.compile(&plan);
+        let kernel = self.kernel_only(
+            &plan,
+            &pipeline,
+            &[Bytes::from(vec![0u8; bytes as usize])],
+            runs,
+        );
+        CopyBandwidth {
+            bytes,
+            kernel,
+            transfer,
+        }
     }
 }
 
@@ -1010,11 +1110,14 @@ fn direct_copy(bytes: usize, runs: usize) -> Stats {
 }
 
 fn print_breakdown(rows: &[Row], copy: &CopyBandwidth) {
-    let copy_gbs = copy.stats.gb_per_s(2 * copy.bytes);
+    let copy_gbs = copy.kernel.gb_per_s(2 * copy.bytes);
     println!(
-        "adapter memory bandwidth: {copy_gbs:.2} GB/s (copy_buffer_to_buffer of {} MiB, read + write, {} ms)\n",
+        "adapter memory bandwidth: {copy_gbs:.2} GB/s (a copy kernel over {} MiB, read + write, {} ms); \
+         copy_buffer_to_buffer {:.2} GB/s ({} ms)\n",
         copy.bytes >> 20,
-        copy.stats
+        copy.kernel,
+        copy.transfer.gb_per_s(2 * copy.bytes),
+        copy.transfer,
     );
     println!("| kernel | pipeline create ms | bare, new pipeline per run ms | overhead new pipeline % | kernel only ms | GB/s kernel only | % of copy bandwidth |");
     println!("|---|---|---|---|---|---|---|");
@@ -1026,7 +1129,7 @@ fn print_breakdown(rows: &[Row], copy: &CopyBandwidth) {
             r.compile,
             r.fresh,
             r.fresh.overhead_pct(&r.bare),
-            r.kernel,
+            r.kernel.fine(),
             gbs,
             gbs / copy_gbs * 100.0
         );
