@@ -142,6 +142,9 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             config.listen
         )
     })?;
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
 
     let membership = match (read_node_id(&config.data_dir)?, &config.join) {
         (Some(id), _) => Membership::Existing(id),
@@ -165,6 +168,12 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         Membership::Existing(id) | Membership::Joined(id, _) => *id,
         Membership::Bootstrap => FIRST_NODE_ID,
     };
+    // Every port is held before the GPU workers start (seconds on some drivers): a
+    // port already in use fails the start at once, and nobody takes it meanwhile.
+    // (A node awaiting its join served SSH on this port until just now.)
+    let ssh_listener = TcpListener::bind(config.ssh_listen)
+        .await
+        .with_context(|| format!("cannot listen for SSH on {}", config.ssh_listen))?;
 
     let store = Store::open(&config.data_dir.join("raft")).context("cannot open the Raft store")?;
     let state = store.state_machine.view();
@@ -232,13 +241,6 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         write_node_id(&config.data_dir, node)?;
     }
     directory.refresh(&raft, &state);
-
-    let ssh_listener = TcpListener::bind(config.ssh_listen)
-        .await
-        .with_context(|| format!("cannot listen for SSH on {}", config.ssh_listen))?;
-    let http_listener = TcpListener::bind(config.http_listen)
-        .await
-        .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
 
     let tracker = TaskTracker::new();
     let forwarder = Forwarder {
