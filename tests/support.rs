@@ -7,7 +7,36 @@ use mesh_core::task::NamedBytes;
 use mesh_core::Bytes;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+/// How many times the slow tasks' Mandelbrot iterations are multiplied on this
+/// machine: they are sized to run for seconds on lavapipe (CPU), and a GPU runs them
+/// 50-100 times faster (an H100: a t40 sharded task in 50 ms instead of 2.5 s), which
+/// would end them before the fault a test means to land while they run. The nodes
+/// open the same best adapter this process probes.
+pub fn slow_scale() -> u64 {
+    static SCALE: OnceLock<u64> = OnceLock::new();
+    *SCALE.get_or_init(
+        || match mesh_node::gpu::probe().first().map(|a| a.device_type) {
+            Some(mesh_core::DeviceType::Cpu) | None => 1,
+            Some(_) => 100,
+        },
+    )
+}
+
+/// `args` with every `max_iter=N` multiplied by [`slow_scale`].
+pub fn slow(args: &[&'static str]) -> Vec<&'static str> {
+    args.iter()
+        .map(|arg| match arg.strip_prefix("max_iter=") {
+            Some(n) => {
+                let n: u64 = n.parse().expect("max_iter is a number");
+                &*format!("max_iter={}", n * slow_scale()).leak()
+            }
+            None => arg,
+        })
+        .collect()
+}
 
 /// Plain OpenSSH to a node on loopback, as an operator would run it: no user config,
 /// the host key checked strictly against `known_hosts`, only `key` offered, no agent.

@@ -18,7 +18,7 @@
 //! before results are judged. Waits poll for a state, they never assert a duration.
 
 pub use crate::support::{eventually, json, CLI_LIMIT};
-use crate::support::{metric, saxpy_reference, scrape, wait_succeeded};
+use crate::support::{metric, saxpy_reference, scrape, slow, wait_succeeded};
 use crate::t10_single_node::task_id;
 use mesh_chaos::{lcg_f32, phase, Cli, Cluster};
 use mesh_core::builtin::{cpu_reference, f32_bytes};
@@ -36,7 +36,7 @@ pub const CONVERGE: Duration = Duration::from_secs(60);
 pub const FINISH: Duration = Duration::from_secs(180);
 
 /// The slow task: on lavapipe about one core-second, so that several are still
-/// running or pending when a fault lands. Large Mandelbrots are too slow for the
+/// running or pending when a fault lands (scaled to a GPU by [`slow`]). Large Mandelbrots are too slow for the
 /// CPU reference in a debug build; all of them must agree with each other instead.
 const HEAVY: [&str; 6] = [
     "--param",
@@ -176,7 +176,7 @@ pub fn submit_workload(
     for k in 0..heavy {
         let mut args: Vec<String> = ["--kernel", "mandelbrot"]
             .iter()
-            .chain(HEAVY.iter())
+            .chain(slow(&HEAVY).iter())
             .map(|s| s.to_string())
             .collect();
         args.extend(["--idempotency-key".into(), format!("{tag}-heavy-{k}")]);

@@ -21,8 +21,8 @@
 //! duration. The infinite kernel is the one of `mesh-node/tests/supervisor.rs`: it
 //! needs atomics and a huge grid to hang on lavapipe.
 
-use crate::support::saxpy_reference;
 pub use crate::support::{eventually, json, CLI_LIMIT, FOREVER};
+use crate::support::{saxpy_reference, slow};
 use crate::t10_single_node::task_id;
 use mesh_chaos::{lcg_f32, phase, process_exists, strip_ansi, Cli, Cluster};
 use mesh_core::builtin::f32_bytes;
@@ -45,7 +45,8 @@ pub const PROMPTLY: Duration = Duration::from_secs(25);
 
 /// A Mandelbrot heavy enough that each of its 8 shards takes a noticeable time here
 /// (about 2.5 s on lavapipe alone, most of it in the middle rows), so that a fault can
-/// land after the first checkpoints and well before the last.
+/// land after the first checkpoints and well before the last. Used through
+/// [`slow`], which scales it to a GPU.
 pub const HEAVY: [&str; 8] = [
     "--kernel",
     "mandelbrot",
@@ -546,7 +547,7 @@ fn a_sharded_task_resumes_from_its_checkpoints_after_its_node_is_killed() {
     );
     let reference = submit(
         &cli,
-        &[&HEAVY[..], &["--idempotency-key", "whole"]].concat(),
+        &[&slow(&HEAVY)[..], &["--idempotency-key", "whole"]].concat(),
     );
     wait_task(&cli, reference, "is placed", SETTLE, |t| {
         node_of(t).is_some()
@@ -554,7 +555,7 @@ fn a_sharded_task_resumes_from_its_checkpoints_after_its_node_is_killed() {
     let sharded = submit(
         &cli,
         &[
-            &HEAVY[..],
+            &slow(&HEAVY)[..],
             &["--shards", "8", "--idempotency-key", "sharded"],
         ]
         .concat(),
@@ -688,7 +689,7 @@ fn drain_hands_a_sharded_task_back_at_a_shard_boundary_and_keeps_new_work_off() 
     let cli = fx.cli(0);
 
     phase("a sharded Mandelbrot runs and commits its first checkpoint");
-    let sharded = submit(&cli, &[&HEAVY[..], &["--shards", "8"]].concat());
+    let sharded = submit(&cli, &[&slow(&HEAVY)[..], &["--shards", "8"]].concat());
     let t = wait_task(&cli, sharded, "has a shard done", SETTLE, |t| {
         t["shards_done"].as_u64().unwrap_or(0) >= 1 || state(t) == "succeeded"
     });
