@@ -642,12 +642,13 @@ impl Bare {
             })
     }
 
-    /// A command encoder with the plan's dispatch recorded.
+    /// A command encoder with the plan's dispatch recorded `times` times in one pass.
     fn encode_dispatch(
         &self,
         plan: &KernelPlan,
         pipeline: &Pipeline,
         group: &wgpu::BindGroup,
+        times: u32,
     ) -> wgpu::CommandEncoder {
         let mut encoder = self
             .device
@@ -662,7 +663,9 @@ impl Bare {
             pass.set_pipeline(&pipeline.pipeline);
             pass.set_bind_group(0, group, &[]);
             let [x, y, z] = plan.workgroups;
-            pass.dispatch_workgroups(x, y, z);
+            for _ in 0..times {
+                pass.dispatch_workgroups(x, y, z);
+            }
         }
         encoder
     }
@@ -670,7 +673,7 @@ impl Bare {
     /// One full run: buffers, upload, dispatch, copy back, map, read.
     fn run(&self, plan: &KernelPlan, pipeline: &Pipeline, inputs: &[Bytes]) -> Vec<Vec<u8>> {
         let (buffers, group) = self.bind(plan, pipeline, inputs);
-        let mut encoder = self.encode_dispatch(plan, pipeline, &group);
+        let mut encoder = self.encode_dispatch(plan, pipeline, &group, 1);
         let mut staged: Vec<(usize, wgpu::Buffer)> = plan
             .bindings
             .iter()
@@ -748,23 +751,7 @@ impl Bare {
     ) -> Stats {
         let (_buffers, group) = self.bind(plan, pipeline, inputs);
         measure_repeated(runs, |times| {
-            let mut encoder = self
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("bench kernel"),
-                });
-            {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("bench kernel"),
-                    timestamp_writes: None,
-                });
-                pass.set_pipeline(&pipeline.pipeline);
-                pass.set_bind_group(0, &group, &[]);
-                let [x, y, z] = plan.workgroups;
-                for _ in 0..times {
-                    pass.dispatch_workgroups(x, y, z);
-                }
-            }
+            let encoder = self.encode_dispatch(plan, pipeline, &group, times);
             self.wait(self.queue.submit(Some(encoder.finish())));
         })
     }
