@@ -22,16 +22,17 @@
 //! per run), interleaved: each round runs every path once. The first table gives each
 //! path's median (min-max) ms, the bare path's effective bandwidth, (input + output
 //! bytes) / median, and the overhead of paths 2-4 over path 1; the target is Mesh's
-//! path within 10 % of bare wgpu, checked for the executor and for the worker. The second table explains the difference: what
-//! creating the pipeline costs alone and within a run (the bare path making a new
-//! pipeline every run, as the executor does; some drivers, llvmpipe among them,
-//! compile at the first dispatch), and sets the kernel alone (resident buffers, no
-//! upload or read-back) against the adapter's memory bandwidth, measured with a
-//! buffer-to-buffer copy because wgpu reports none. Both of those are timed as many
+//! path within 10 % of bare wgpu, checked for the executor and for the worker. The
+//! second table explains the difference: what creating the pipeline costs alone and
+//! within a run (the bare path making a new pipeline every run, as the executor does;
+//! some drivers, llvmpipe among them, compile at the first dispatch), and sets the
+//! kernel alone (resident buffers, no upload or read-back) against the adapter's
+//! memory bandwidth, which wgpu does not report: a copy kernel's (and
+//! `copy_buffer_to_buffer`'s, a copy engine on discrete GPUs). Both are timed as many
 //! times over in one submission as fill about 20 ms and given per operation, so that
-//! on a fast GPU the submission's own cost does not hide the work. The third sets the worker path's
-//! extra time against what moving each kernel's bytes (inputs and outputs) costs on
-//! this machine without any GPU work: by the direct route (`direct::write_to` of the
+//! on a fast GPU the submission's own cost does not hide the work. The third sets the
+//! worker path's extra time against what moving each kernel's bytes (inputs and
+//! outputs) costs on this machine without any GPU work: by the direct route (`direct::write_to` of the
 //! bytes into memory of this process, the same system call), through a pipe (a
 //! widened pipe between two threads, the bytes lent to it as the daemon and the worker
 //! lend them, `wire::splice_all`, and read a chunk at a time as the worker reads them),
@@ -361,6 +362,11 @@ struct Stats {
 }
 
 impl Stats {
+    /// Median (min-max) ms with four decimals, for times of microseconds.
+    fn fine(&self) -> String {
+        format!("{:.4} ({:.4}-{:.4})", self.median, self.min, self.max)
+    }
+
     fn of(mut times: Vec<Duration>) -> Stats {
         assert!(!times.is_empty(), "at least one timed run");
         times.sort();
@@ -386,13 +392,6 @@ impl Stats {
     /// How much slower than `base` this is, percent of `base`'s median.
     fn overhead_pct(&self, base: &Stats) -> f64 {
         (self.median / base.median - 1.0) * 100.0
-    }
-}
-
-impl Stats {
-    /// Median (min-max) ms with four decimals, for times of microseconds.
-    fn fine(&self) -> String {
-        format!("{:.4} ({:.4}-{:.4})", self.median, self.min, self.max)
     }
 }
 
@@ -1087,7 +1086,7 @@ fn direct_copy(bytes: usize, runs: usize) -> Stats {
     let mut dest = vec![0u8; bytes];
     dest.fill(1); // resident: the floor leaves page faults out
                   // A mutable pointer: the call writes through it.
-    let at = [Region::of(dest.as_mut_ptr(), bytes, false)];
+    let at = [Region::of(dest.as_mut_ptr(), bytes)];
     let me = std::process::id();
     let (stats, ()) = measure(runs, || {
         direct::write_to(me, &data, &at).expect("process_vm_writev into this process")

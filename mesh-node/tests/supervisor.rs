@@ -191,19 +191,15 @@ async fn saxpy_through_a_worker_matches_the_cpu_reference() {
     // lavapipe's buffers are plain memory, which the kernel copies into; a discrete
     // GPU's driver may map them as device memory, which it refuses (the node then
     // uses the pipe, as above, with the same results).
-    match supervisor.direct_refusal() {
-        None => assert!(supervisor.copies_directly()),
-        Some(why) => {
-            assert!(!supervisor.copies_directly());
-            assert!(
-                supervisor.info().device_type != DeviceType::Cpu,
-                "the kernel refused to copy straight into and out of a CPU adapter's worker: {why}"
-            );
-            println!(
-                "the kernel refused direct copies on {}: {why}",
-                supervisor.info().name
-            );
-        }
+    if let Some(why) = supervisor.direct_refusal() {
+        assert!(
+            supervisor.info().device_type != DeviceType::Cpu,
+            "the kernel refused to copy straight into and out of a CPU adapter's worker: {why}"
+        );
+        println!(
+            "the kernel refused direct copies on {}: {why}",
+            supervisor.info().name
+        );
     }
     // Errors from the executor come back typed, and leave the worker in place.
     let pid = only_pid(&supervisor);

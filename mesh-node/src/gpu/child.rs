@@ -101,9 +101,7 @@ pub fn serve() -> i32 {
         stdin: &mut stdin,
         stdout: &mut stdout,
         chunk: vec![0; wire::READ_CHUNK],
-        unreachable_inputs: direct::unreachable_side("inputs"),
     };
-    let unreachable_outputs = direct::unreachable_side("outputs");
     let abort_on_entry = std::env::var(ABORT_ON_ENTRY_ENV).ok();
     // The last reply's outputs, mapped where the device put them and lent to the pipe
     // or read there by the daemon: it sends its next message only after it has them,
@@ -158,13 +156,7 @@ pub fn serve() -> i32 {
         // Idle before the reply leaves: a daemon that closes stdin as soon as it has
         // the reply (shutdown) must find this worker idle, not make it abort.
         busy.store(false, Ordering::SeqCst);
-        let route = match header.direct {
-            true => OutputRoute::At {
-                unreachable: unreachable_outputs,
-            },
-            false => OutputRoute::Pipe,
-        };
-        if let Err(code) = send_reply(pipe.stdout, header.id, &result, elapsed, route) {
+        if let Err(code) = send_reply(pipe.stdout, header.id, &result, elapsed, header.direct) {
             return code;
         }
         lent = result.ok();
@@ -257,8 +249,6 @@ struct Pipe<'a, R, W> {
     stdout: &'a mut W,
     /// Where inputs read from the pipe pass on their way to device memory.
     chunk: Vec<u8>,
-    /// The [`direct::UNREACHABLE_ENV`] hook, for the inputs.
-    unreachable_inputs: bool,
 }
 
 impl<R: Read, W: Write> Pipe<'_, R, W> {
@@ -281,9 +271,10 @@ impl<R: Read, W: Write> Pipe<'_, R, W> {
                         .map(|dest| {
                             let len = dest.len();
                             let start = dest.as_raw_element_ptr().as_ptr().cast_const();
-                            direct::Region::of(start, len, self.unreachable_inputs)
+                            direct::Region::of(start, len)
                         })
                         .collect();
+                    let regions = direct::advertise(direct::Side::Inputs, regions);
                     wire::write_inputs_at(self.stdout, header.id, regions)?;
                     // From here the daemon writes into `dests`; nothing here touches
                     // them until it says it is done.
@@ -344,34 +335,27 @@ fn send<T: serde::Serialize>(stdout: &mut impl Write, message: &T) -> Result<(),
     write(stdout, &frame)
 }
 
-/// Where a successful reply's outputs go.
-enum OutputRoute {
-    /// Raw on the pipe after the reply.
-    Pipe,
-    /// Left in place; the reply says where (`unreachable`: the
-    /// [`direct::UNREACHABLE_ENV`] hook).
-    At { unreachable: bool },
-}
-
-/// Write a reply; outputs too large for the pipe are replaced by an error with the
-/// same id.
+/// Write a reply; a successful one's outputs raw on the pipe after it, or, for a
+/// direct job (`in_place`), left in place with the reply saying where. Outputs too large for the
+/// pipe are replaced by an error with the same id.
 fn send_reply(
     stdout: &mut (impl Write + AsFd),
     id: u64,
     result: &Result<Vec<OutputView>, ChildError>,
     elapsed: Duration,
-    route: OutputRoute,
+    in_place: bool,
 ) -> Result<(), i32> {
-    let written = match (result, route) {
-        (Ok(outputs), OutputRoute::Pipe) => wire::write_outputs(stdout, id, outputs, elapsed),
-        (Ok(outputs), OutputRoute::At { unreachable }) => {
+    let written = match result {
+        Ok(outputs) if in_place => {
             let regions = outputs
                 .iter()
-                .map(|o| direct::Region::of(o.as_ptr(), o.len(), unreachable))
+                .map(|o| direct::Region::of(o.as_ptr(), o.len()))
                 .collect();
+            let regions = direct::advertise(direct::Side::Outputs, regions);
             wire::write_outputs_at(stdout, id, regions, elapsed)
         }
-        (Err(error), _) => wire::write_error(stdout, id, error, elapsed),
+        Ok(outputs) => wire::write_outputs(stdout, id, outputs, elapsed),
+        Err(error) => wire::write_error(stdout, id, error, elapsed),
     };
     let written = match written {
         Err(FrameError::TooLarge(bytes)) => {

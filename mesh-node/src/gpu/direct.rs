@@ -25,6 +25,7 @@ use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::OnceLock;
 
 /// Fault-injection hook for tests, read only by `mesh-node gpu-worker`: `inputs` or
 /// `outputs` makes the worker give addresses no process maps (below the kernel's
@@ -45,26 +46,47 @@ pub struct Region {
 }
 
 impl Region {
-    /// The region of `bytes`, memory of this process that another one will copy
-    /// to or from while this one leaves it alone. `unreachable` gives an address
-    /// nobody maps instead (the [`UNREACHABLE_ENV`] hook). Where the other process
+    /// The region of `len` bytes at `start`, memory of this process that another one
+    /// will copy to or from while this one leaves it alone. Where the other process
     /// writes, `start` must carry write permission (`as_mut_ptr`, not `as_ptr`).
-    pub fn of(start: *const u8, len: usize, unreachable: bool) -> Region {
+    pub fn of(start: *const u8, len: usize) -> Region {
         Region {
             // The address leaves this process on purpose: another one copies there.
-            addr: if unreachable {
-                UNMAPPED
-            } else {
-                start.expose_provenance() as u64
-            },
+            addr: start.expose_provenance() as u64,
             len: len as u64,
         }
     }
 }
 
-/// Which of a job's two sides [`UNREACHABLE_ENV`] spoils in this worker.
-pub fn unreachable_side(side: &str) -> bool {
-    std::env::var(UNREACHABLE_ENV).is_ok_and(|v| v == side)
+/// A job's two sides, as the [`UNREACHABLE_ENV`] hook names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// `inputs`.
+    Inputs,
+    /// `outputs`.
+    Outputs,
+}
+
+/// The regions a worker advertises for `side` of a job: `regions`, unless the
+/// [`UNREACHABLE_ENV`] hook names that side, which moves them (lengths kept) to an
+/// address nobody maps.
+pub fn advertise(side: Side, regions: Vec<Region>) -> Vec<Region> {
+    static HOOK: OnceLock<Option<String>> = OnceLock::new();
+    let hooked = HOOK.get_or_init(|| std::env::var(UNREACHABLE_ENV).ok());
+    let name = match side {
+        Side::Inputs => "inputs",
+        Side::Outputs => "outputs",
+    };
+    if hooked.as_deref() != Some(name) {
+        return regions;
+    }
+    regions
+        .into_iter()
+        .map(|r| Region {
+            addr: UNMAPPED,
+            len: r.len,
+        })
+        .collect()
 }
 
 /// Why a direct copy did not happen.
@@ -178,9 +200,9 @@ mod tests {
         let (first, second) = dest.split_at_mut(5000);
         let regions = [
             // Mutable pointers: the copies write through them.
-            Region::of(first.as_mut_ptr(), first.len(), false),
-            Region::of(std::ptr::null(), 0, false),
-            Region::of(second.as_mut_ptr(), second.len(), false),
+            Region::of(first.as_mut_ptr(), first.len()),
+            Region::of(std::ptr::null(), 0),
+            Region::of(second.as_mut_ptr(), second.len()),
         ];
         let inputs = [
             Bytes::from(vec![7u8; 5000]),
@@ -195,7 +217,10 @@ mod tests {
         assert_eq!(read, inputs);
 
         // Memory nobody maps: the kernel refuses (EFAULT), as it would under a policy.
-        let nowhere = [Region::of(dest.as_mut_ptr(), 5000, true)];
+        let nowhere = [Region {
+            addr: UNMAPPED,
+            len: 5000,
+        }];
         assert!(matches!(
             write_to(me, &inputs[..1], &nowhere),
             Err(Refused::Kernel(_))

@@ -17,8 +17,8 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdout};
@@ -137,12 +137,10 @@ struct Inner {
     available: Semaphore,
     next_job: AtomicU64,
     restarts: AtomicU64,
-    /// Whether jobs of [`DIRECT_MIN_BYTES`] or more take the direct route
-    /// (`super::direct`): true until the kernel refuses a direct copy once, after
-    /// which every job uses the pipe.
-    direct: AtomicBool,
-    /// Why the kernel refused the first direct copy, once it did.
-    direct_refused: Mutex<Option<String>>,
+    /// Why the kernel refused a direct copy, once it has. Until then jobs of
+    /// [`DIRECT_MIN_BYTES`] or more take the direct route (`super::direct`); after,
+    /// every job uses the pipe.
+    direct_refused: OnceLock<String>,
     /// Why the most recent start failed, while starts keep failing.
     last_start_error: Mutex<Option<String>>,
     shutdown: CancellationToken,
@@ -236,8 +234,7 @@ impl Supervisor {
             idle: Mutex::new(ready.into_iter().map(|(worker, _)| worker).collect()),
             next_job: AtomicU64::new(1),
             restarts: AtomicU64::new(0),
-            direct: AtomicBool::new(true),
-            direct_refused: Mutex::new(None),
+            direct_refused: OnceLock::new(),
             last_start_error: Mutex::new(None),
             shutdown: CancellationToken::new(),
             tracker,
@@ -273,18 +270,14 @@ impl Supervisor {
     /// of at least a megabyte (smaller ones always take the pipe): true until the
     /// kernel refuses such a copy once; the pipe carries every job after that.
     pub fn copies_directly(&self) -> bool {
-        self.inner.direct.load(Ordering::Relaxed)
+        self.inner.direct_refused.get().is_none()
     }
 
     /// Why the kernel refused a direct copy, once it has (`copies_directly` is false
     /// from then on): e.g. EFAULT where a discrete GPU's driver maps the worker's
     /// host-visible buffers as device memory, which `process_vm_writev` will not touch.
     pub fn direct_refusal(&self) -> Option<String> {
-        self.inner
-            .direct_refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.direct_refused.get().cloned()
     }
 
     /// Process ids of the idle workers, for diagnostics and tests.
@@ -312,7 +305,7 @@ impl Supervisor {
         let id = inner.next_job.fetch_add(1, Ordering::Relaxed);
         let bytes = inputs.iter().map(|b| b.len() as u64).sum::<u64>()
             + plan.outputs.iter().map(|o| o.size).sum::<u64>();
-        let direct = bytes >= DIRECT_MIN_BYTES && inner.direct.load(Ordering::Relaxed);
+        let direct = bytes >= DIRECT_MIN_BYTES && self.copies_directly();
         let frame = wire::JobFrame::new(id, plan, inputs, direct).map_err(|e| match e {
             FrameError::TooLarge(bytes) => ExecError::TooLarge {
                 bytes,
@@ -544,11 +537,7 @@ impl Inner {
 
     /// The kernel refused a direct copy (`why`): every later job takes the pipe.
     fn refuse_direct(&self, why: &str) {
-        if self.direct.swap(false, Ordering::Relaxed) {
-            *self
-                .direct_refused
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
+        if self.direct_refused.set(why.to_string()).is_ok() {
             tracing::warn!(
                 error = %why,
                 "the kernel refused a direct copy to or from a GPU worker (a ptrace policy, \
