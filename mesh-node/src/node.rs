@@ -33,6 +33,7 @@ use mesh_proto::v1::raft_server::RaftServer;
 use mesh_proto::v1::JoinRequest;
 use openraft::Raft;
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,15 +137,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         addr: config.listen.to_string(),
         fingerprint: host_key.fingerprint(),
     };
-    let raft_listener = TcpListener::bind(config.listen).await.with_context(|| {
-        format!(
-            "cannot listen for node-to-node traffic on {}",
-            config.listen
-        )
-    })?;
-    let http_listener = TcpListener::bind(config.http_listen)
-        .await
-        .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
+    let raft_listener = listen(config.listen, "node-to-node traffic").await?;
 
     let membership = match (read_node_id(&config.data_dir)?, &config.join) {
         (Some(id), _) => Membership::Existing(id),
@@ -170,10 +163,9 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     };
     // Every port is held before the GPU workers start (seconds on some drivers): a
     // port already in use fails the start at once, and nobody takes it meanwhile.
-    // (A node awaiting its join served SSH on this port until just now.)
-    let ssh_listener = TcpListener::bind(config.ssh_listen)
-        .await
-        .with_context(|| format!("cannot listen for SSH on {}", config.ssh_listen))?;
+    // (A node awaiting its join served SSH on this port until just now, and no HTTP.)
+    let ssh_listener = listen(config.ssh_listen, "SSH").await?;
+    let http_listener = listen(config.http_listen, "HTTP").await?;
 
     let store = Store::open(&config.data_dir.join("raft")).context("cannot open the Raft store")?;
     let state = store.state_machine.view();
@@ -500,6 +492,13 @@ async fn restore(service: &Service, path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Bind one of the node's ports; the error names what it is for.
+async fn listen(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
 /// Serve only `join TOKEN` over SSH until a join succeeds (or shutdown: `None`).
 async fn await_join(
     config: &NodeConfig,
@@ -509,9 +508,7 @@ async fn await_join(
     admins: &BTreeMap<Fingerprint, mesh_core::identity::public_key::PublicKeyLine>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<(NodeId, Vec<(NodeId, MeshNode)>)>> {
-    let listener = TcpListener::bind(config.ssh_listen)
-        .await
-        .with_context(|| format!("cannot listen for SSH on {}", config.ssh_listen))?;
+    let listener = listen(config.ssh_listen, "SSH").await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
     let stop = shutdown.child_token();
     let admins = Arc::new(admins.keys().cloned().collect());
