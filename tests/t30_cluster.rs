@@ -639,8 +639,10 @@ fn five_nodes_with_voters_5_reach_five_voters() {
     assert!(roles.iter().all(|r| r.1 == "up"), "{roles:?}");
 
     phase("five nodes on one machine share its cores: each runtime has cores / 5 threads");
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let share = format!("worker_threads={}", (cores / 5).max(1));
+    let share = format!(
+        "worker_threads={}",
+        mesh_chaos::core_share(5).expect("a share for five nodes")
+    );
     for node in &mesh.nodes {
         let log = mesh_chaos::strip_ansi(&node.log());
         assert!(

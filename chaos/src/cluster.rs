@@ -891,7 +891,7 @@ impl Node {
 /// among them, as docs/operations.md advises (each node's runtime would otherwise start
 /// one thread per core, and they would all compete for the same cores). `None` for one
 /// node, which gets every core anyway.
-fn core_share(nodes: usize) -> Option<usize> {
+pub fn core_share(nodes: usize) -> Option<usize> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (nodes > 1).then(|| (cores / nodes).max(1))
 }
