@@ -348,6 +348,136 @@ fn upload_then_launch_reads_outputs_in_place_and_a_failed_fill_is_its_error() {
     assert_eq!(again, vec![expected]);
 }
 
+/// `out` = the words of `a` then those of `b`; `lens` = how many words each holds.
+const CONCAT_WITH_LENGTHS: &str = r#"
+@group(0) @binding(0) var<storage, read> a: array<u32>;
+@group(0) @binding(1) var<storage, read> b: array<u32>;
+@group(0) @binding(2) var<storage, read_write> out: array<u32>;
+@group(0) @binding(3) var<storage, read_write> lens: array<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = id.x;
+    let na = arrayLength(&a);
+    if (i < na) {
+        out[i] = a[i];
+    } else if (i - na < arrayLength(&b)) {
+        out[i] = b[i - na];
+    }
+    if (i == 0u) {
+        lens[0] = na;
+        lens[1] = arrayLength(&b);
+    }
+}
+"#;
+
+/// One run of [`CONCAT_WITH_LENGTHS`]: the plan for inputs of these byte lengths.
+fn concat_plan(a_len: usize, b_len: usize) -> KernelPlan {
+    let words = a_len.div_ceil(4) + b_len.div_ceil(4);
+    KernelPlan {
+        source: CONCAT_WITH_LENGTHS.into(),
+        entry: "main".into(),
+        workgroups: [(words as u32).div_ceil(64), 1, 1],
+        bindings: vec![
+            BindingPlan::Input(0),
+            BindingPlan::Input(1),
+            BindingPlan::Output(0),
+            BindingPlan::Output(1),
+        ],
+        outputs: vec![
+            OutputDecl {
+                name: "out".into(),
+                size: words as u64 * 4,
+            },
+            OutputDecl {
+                name: "lens".into(),
+                size: 8,
+            },
+        ],
+    }
+}
+
+/// What [`CONCAT_WITH_LENGTHS`] must give: each input zero-padded to whole words.
+fn concat_expected(a: &[u8], b: &[u8]) -> Vec<Vec<u8>> {
+    let padded = |bytes: &[u8]| {
+        let mut v = bytes.to_vec();
+        v.resize(bytes.len().div_ceil(4) * 4, 0);
+        v
+    };
+    let words = |bytes: &[u8]| (bytes.len().div_ceil(4) as u32).to_le_bytes();
+    vec![
+        [padded(a), padded(b)].concat(),
+        [words(a), words(b)].concat(),
+    ]
+}
+
+#[test]
+fn runs_on_one_executor_see_only_their_own_bytes_in_its_kept_buffers() {
+    // An executor of its own, so that its kept staging buffers hold exactly what
+    // this test ran (the shared one serves other tests at the same time).
+    let executor = Executor::open_best().expect("an adapter (see executor())");
+    let run = |a: &[u8], b: &[u8]| {
+        let plan = concat_plan(a.len(), b.len());
+        let inputs = [Bytes::from(a.to_vec()), Bytes::from(b.to_vec())];
+        let lens = [a.len() as u64, b.len() as u64];
+        let uploaded = executor
+            .upload(&plan, &lens, |dests| {
+                for (mut dest, input) in dests.into_iter().zip(&inputs) {
+                    dest.copy_from_slice(input);
+                }
+                Ok::<(), GpuError>(())
+            })
+            .expect("upload");
+        executor.launch(&plan, uploaded).expect("launch")
+    };
+    let big_a = vec![0xff; 4004];
+    let big_b = vec![0xee; 2004];
+    let big = run(&big_a, &big_b);
+    // Views of a run's outputs, still held while later runs go on.
+    let held = big.views().expect("mapped outputs");
+    let want_big = concat_expected(&big_a, &big_b);
+    assert_eq!(
+        held.iter().map(|v| v.to_vec()).collect::<Vec<_>>(),
+        want_big
+    );
+
+    // Smaller inputs into the staging buffer the big run left: the padding of `a`'s
+    // second word is zero, not the big run's 0xff, and the kernel sees its own
+    // lengths.
+    let small_a = [1u8, 2, 3, 4, 5];
+    let small_b: Vec<u8> = [7u32, 8, 9].iter().flat_map(|w| w.to_le_bytes()).collect();
+    let small = run(&small_a, &small_b);
+    let small_views = small.views().expect("mapped outputs");
+    let got: Vec<Vec<u8>> = small_views.iter().map(|v| v.to_vec()).collect();
+    assert_eq!(got, concat_expected(&small_a, &small_b));
+    assert_eq!(
+        got[0][..8],
+        [1, 2, 3, 4, 5, 0, 0, 0],
+        "the padding after a 5-byte input must be zero"
+    );
+    drop(small_views);
+    drop(small);
+
+    // The held views were not overwritten by the later run's read-back.
+    assert_eq!(
+        held.iter().map(|v| v.to_vec()).collect::<Vec<_>>(),
+        want_big
+    );
+    drop(held);
+    drop(big);
+
+    // With every buffer back on the shelves, the runs still get their own bytes.
+    for (a, b) in [(&big_a[..100], &small_b[..]), (&small_a[..], &big_b[..])] {
+        let outputs = run(a, b);
+        let got: Vec<Vec<u8>> = outputs
+            .views()
+            .expect("mapped outputs")
+            .iter()
+            .map(|v| v.to_vec())
+            .collect();
+        assert_eq!(got, concat_expected(a, b));
+    }
+}
+
 #[test]
 fn probe_describes_at_least_one_adapter() {
     let adapters = probe();

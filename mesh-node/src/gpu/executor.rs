@@ -3,6 +3,7 @@
 
 use super::error::{panic_message, GpuError};
 use super::probe;
+use super::staging::{Mapped, Packing, Shelf};
 use mesh_core::capability::AdapterInfo;
 use mesh_core::kernel::{BindingPlan, KernelPlan};
 use mesh_core::Bytes;
@@ -55,6 +56,10 @@ impl PipelineKey {
 /// them and fire them moments later, so allow a generous margin before giving up.
 const MAP_CALLBACK_GRACE: Duration = Duration::from_secs(10);
 
+/// How often a mapping that waits for its callback polls the device again: short,
+/// since the callback normally comes with the first poll.
+const MAP_POLL_INTERVAL: Duration = Duration::from_millis(1);
+
 /// The buffers of a checked plan.
 #[derive(Debug)]
 struct BufferLayout {
@@ -66,27 +71,36 @@ struct BufferLayout {
     output_bindings: Vec<usize>,
 }
 
-/// A plan checked against the adapter, with its inputs in device buffers: what
-/// [`Executor::launch`] runs. Made by [`Executor::upload`].
+/// A plan checked against the adapter, with its inputs written into a staging
+/// buffer and device buffers made for them: what [`Executor::launch`] runs (its
+/// first command copies the inputs into those buffers). Made by [`Executor::upload`].
 #[derive(Debug)]
 pub struct Uploaded {
     layout: BufferLayout,
-    /// One buffer per input, in input order.
+    /// One buffer per input, in input order: what the kernel binds.
     inputs: Vec<wgpu::Buffer>,
+    /// The inputs' bytes, unmapped, at `offsets` in the upload staging buffer; `None`
+    /// when the plan has no inputs.
+    staged: Option<(wgpu::Buffer, Packing)>,
 }
 
-/// The outputs of a finished run, still in the mapped buffers the device copied them
+/// The outputs of a finished run, still in the mapped buffer the device copied them
 /// into: read them with [`Outputs::views`] where they lie, without a copy.
 #[derive(Debug)]
 pub struct Outputs {
-    /// Per output, in `plan.outputs` order: its size and its mapped staging buffer.
-    staged: Vec<(u64, wgpu::Buffer)>,
+    /// The read-back buffer, mapped; `None` when the plan has no outputs.
+    mapped: Option<Arc<Mapped>>,
+    /// Per output, in `plan.outputs` order: its offset in the read-back buffer, its
+    /// padded size there and its size.
+    ranges: Vec<(u64, u64, u64)>,
 }
 
-/// One output's bytes, read in place from its mapped buffer.
+/// One output's bytes, read in place from the mapped read-back buffer.
 pub struct OutputView {
+    // Field order is drop order: the view goes before the buffer may be unmapped.
     view: wgpu::BufferView,
     len: usize,
+    _mapped: Arc<Mapped>,
 }
 
 impl std::ops::Deref for OutputView {
@@ -106,21 +120,35 @@ impl AsRef<[u8]> for OutputView {
 impl Outputs {
     /// Each output's bytes, exactly `plan.outputs[i].size` long, in order.
     pub fn views(&self) -> Result<Vec<OutputView>, GpuError> {
-        self.staged
+        let Some(mapped) = &self.mapped else {
+            return Ok(Vec::new());
+        };
+        self.ranges
             .iter()
             .enumerate()
-            .map(|(i, (bytes, staging))| {
-                let view = staging
-                    .slice(..)
+            .map(|(i, &(offset, padded, bytes))| {
+                let view = mapped
+                    .buffer()
+                    .slice(offset..offset + padded)
                     .get_mapped_range()
                     .map_err(|e| GpuError::Readback(format!("output {i}: {e}")))?;
                 Ok(OutputView {
                     view,
-                    len: *bytes as usize,
+                    len: bytes as usize,
+                    _mapped: Arc::clone(mapped),
                 })
             })
             .collect()
     }
+}
+
+/// The outputs of a dispatched run, on their way into the read-back buffer.
+struct Readback {
+    buffer: wgpu::Buffer,
+    /// Per output: offset, padded size, size (as in [`Outputs`]).
+    ranges: Vec<(u64, u64, u64)>,
+    /// Bytes to map: up to the end of the last output.
+    total: u64,
 }
 
 /// The size of one binding's buffer.
@@ -145,6 +173,9 @@ pub struct Executor {
     /// Compiled pipelines by kernel: a worker runs the same built-ins again and again,
     /// and building a pipeline costs as much as a small kernel's whole run.
     pipelines: Mutex<HashMap<PipelineKey, (wgpu::BindGroupLayout, wgpu::ComputePipeline)>>,
+    /// The staging buffers kept between runs ([`super::staging`]).
+    uploads: Shelf,
+    readbacks: Arc<Shelf>,
     _adapter: wgpu::Adapter,
     _instance: wgpu::Instance,
 }
@@ -234,6 +265,8 @@ impl Executor {
             info,
             lost,
             pipelines: Mutex::default(),
+            uploads: Shelf::uploads(),
+            readbacks: Arc::new(Shelf::readbacks()),
             _adapter: adapter,
             _instance: instance,
         })
@@ -267,10 +300,12 @@ impl Executor {
     }
 
     /// Blocking: check `plan` against inputs of `input_lens` bytes and this adapter's
-    /// limits, allocate a device buffer per input, and let `fill(dests)` write every
-    /// input straight into its buffer's mapped memory: `dests[i]` is exactly
-    /// `input_lens[i]` bytes and write-only (it may be memory the CPU writes through
-    /// to the device). All of them stay mapped until `fill` returns.
+    /// limits, make a device buffer per input, and let `fill(dests)` write every input
+    /// straight into mapped staging memory, from where [`launch`](Self::launch) copies
+    /// it into its buffer: `dests[i]` is exactly `input_lens[i]` bytes and write-only
+    /// (it may be memory the CPU writes through to the device). All of them stay mapped
+    /// until `fill` returns. The staging buffer is kept between runs
+    /// ([`super::staging`]).
     ///
     /// Nothing is allocated when the check fails. Buffers are padded to a non-zero
     /// multiple of 4 bytes; padding is zero and an empty input binds as 4 zero bytes.
@@ -283,34 +318,57 @@ impl Executor {
     ) -> Result<Uploaded, E> {
         self.check_lost()?;
         let layout = self.check(plan, input_lens)?;
-        let (inputs, error) = scoped(&self.device, || {
-            layout
-                .input_bindings
+        let padded: Vec<u64> = layout
+            .input_bindings
+            .iter()
+            .map(|&binding| layout.sizes[binding].padded)
+            .collect();
+        let packing = Packing::of(padded.iter().copied());
+        let ((inputs, staging), error) = scoped(&self.device, || {
+            let inputs: Vec<wgpu::Buffer> = padded
                 .iter()
-                .enumerate()
-                .map(|(idx, &binding)| {
+                .map(|&size| {
                     self.device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some(&format!("mesh input {idx}")),
-                        size: layout.sizes[binding].padded,
-                        usage: wgpu::BufferUsages::STORAGE,
-                        mapped_at_creation: true,
+                        label: Some("mesh input"),
+                        size,
+                        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
                     })
                 })
-                .collect::<Vec<_>>()
+                .collect();
+            // A kept buffer is mapped below; a new one is mapped as it is made.
+            let staging = (packing.total > 0).then(|| {
+                self.uploads
+                    .take_or_create(&self.device, packing.total, true)
+            });
+            (inputs, staging)
         });
         if let Some(e) = error {
             return Err(self.classify(e, GpuError::Dispatch).into());
         }
-        let mut views = inputs
-            .iter()
-            .enumerate()
-            .map(|(i, buffer)| {
-                buffer
-                    .slice(..)
-                    .get_mapped_range_mut()
-                    .map_err(|e| GpuError::Dispatch(format!("mapping input {i}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        if let Some((buffer, false)) = &staging {
+            self.map(
+                buffer,
+                (packing.total, wgpu::MapMode::Write),
+                None,
+                ("the inputs", GpuError::Dispatch),
+            )?;
+        }
+        let mut views = match &staging {
+            Some((buffer, _)) => packing
+                .offsets
+                .iter()
+                .zip(&padded)
+                .enumerate()
+                .map(|(i, (&offset, &size))| {
+                    buffer
+                        .slice(offset..offset + size)
+                        .get_mapped_range_mut()
+                        .map_err(|e| GpuError::Dispatch(format!("mapping input {i}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
         let dests = views
             .iter_mut()
             .zip(input_lens)
@@ -323,11 +381,18 @@ impl Executor {
             .collect();
         fill(dests)?;
         drop(views);
-        let ((), error) = scoped(&self.device, || inputs.iter().for_each(wgpu::Buffer::unmap));
-        if let Some(e) = error {
-            return Err(self.classify(e, GpuError::Dispatch).into());
+        let staged = staging.map(|(buffer, _)| (buffer, packing));
+        if let Some((buffer, _)) = &staged {
+            let ((), error) = scoped(&self.device, || buffer.unmap());
+            if let Some(e) = error {
+                return Err(self.classify(e, GpuError::Dispatch).into());
+            }
         }
-        Ok(Uploaded { layout, inputs })
+        Ok(Uploaded {
+            layout,
+            inputs,
+            staged,
+        })
     }
 
     /// Blocking: run an [`upload`](Self::upload)ed plan (`plan` must be the one it
@@ -343,8 +408,13 @@ impl Executor {
         let started = Instant::now();
         let (bind_group_layout, pipeline) = self.compile(plan)?;
         let compiled = Instant::now();
-        let (staged, submission) = self.dispatch(plan, &uploaded, &bind_group_layout, &pipeline)?;
-        let outputs = self.read_back(staged, submission)?;
+        let (readback, submission) =
+            self.dispatch(plan, &uploaded, &bind_group_layout, &pipeline)?;
+        let outputs = self.read_back(readback, submission)?;
+        // The device is done with the inputs' staging buffer: keep it for the next run.
+        if let Some((buffer, _)) = uploaded.staged {
+            self.uploads.put(buffer);
+        }
         tracing::debug!(
             entry = %plan.entry,
             workgroups = ?plan.workgroups,
@@ -444,17 +514,23 @@ impl Executor {
         }
     }
 
-    /// Bind the uploaded inputs with new uniform and output buffers, dispatch, and
-    /// copy every output into a mappable staging buffer; returns (plan's output
-    /// size, staging buffer) per output. Validation errors are `Dispatch`.
+    /// Copy the staged inputs into their buffers, bind them with new uniform and
+    /// output buffers, dispatch, and copy every output into the read-back staging
+    /// buffer. Validation errors are `Dispatch`.
     fn dispatch(
         &self,
         plan: &KernelPlan,
         uploaded: &Uploaded,
         bind_group_layout: &wgpu::BindGroupLayout,
         pipeline: &wgpu::ComputePipeline,
-    ) -> Result<(Vec<(u64, wgpu::Buffer)>, wgpu::SubmissionIndex), GpuError> {
+    ) -> Result<(Option<Readback>, wgpu::SubmissionIndex), GpuError> {
         let layout = &uploaded.layout;
+        let packing = Packing::of(
+            layout
+                .output_bindings
+                .iter()
+                .map(|&binding| layout.sizes[binding].padded),
+        );
         let (dispatched, error) = scoped(&self.device, || {
             let buffers: Vec<wgpu::Buffer> = plan
                 .bindings
@@ -499,6 +575,12 @@ impl Executor {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("mesh kernel"),
                 });
+            if let Some((staging, inputs)) = &uploaded.staged {
+                for (input, &offset) in uploaded.inputs.iter().zip(&inputs.offsets) {
+                    encoder.copy_buffer_to_buffer(staging, offset, input, 0, input.size());
+                }
+            }
+
             {
                 let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("mesh kernel"),
@@ -509,24 +591,34 @@ impl Executor {
                 let [x, y, z] = plan.workgroups;
                 pass.dispatch_workgroups(x, y, z);
             }
-            let staged: Vec<(u64, wgpu::Buffer)> = layout
-                .output_bindings
-                .iter()
-                .zip(&plan.outputs)
-                .map(|(&binding, decl)| {
-                    let size = layout.sizes[binding];
-                    let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some(&format!("mesh readback {}", decl.name)),
-                        size: size.padded,
-                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                        mapped_at_creation: false,
-                    });
-                    encoder.copy_buffer_to_buffer(&buffers[binding], 0, &staging, 0, size.padded);
-                    (size.bytes, staging)
-                })
-                .collect();
+            let readback = (packing.total > 0).then(|| {
+                let (buffer, _) = self
+                    .readbacks
+                    .take_or_create(&self.device, packing.total, false);
+                let ranges = layout
+                    .output_bindings
+                    .iter()
+                    .zip(&packing.offsets)
+                    .map(|(&binding, &offset)| {
+                        let size = layout.sizes[binding];
+                        encoder.copy_buffer_to_buffer(
+                            &buffers[binding],
+                            0,
+                            &buffer,
+                            offset,
+                            size.padded,
+                        );
+                        (offset, size.padded, size.bytes)
+                    })
+                    .collect();
+                Readback {
+                    buffer,
+                    ranges,
+                    total: packing.total,
+                }
+            });
             let submission = self.queue.submit(Some(encoder.finish()));
-            (staged, submission)
+            (readback, submission)
         });
         match error {
             Some(e) => Err(self.classify(e, GpuError::Dispatch)),
@@ -534,41 +626,80 @@ impl Executor {
         }
     }
 
-    /// Map every staging buffer and wait for `submission` and the mappings.
+    /// Wait for `submission` and map the read-back buffer it copied the outputs into.
     fn read_back(
         &self,
-        staged: Vec<(u64, wgpu::Buffer)>,
+        readback: Option<Readback>,
         submission: wgpu::SubmissionIndex,
     ) -> Result<Outputs, GpuError> {
+        let Some(readback) = readback else {
+            self.wait(submission)?;
+            return Ok(Outputs {
+                mapped: None,
+                ranges: Vec::new(),
+            });
+        };
+        self.map(
+            &readback.buffer,
+            (readback.total, wgpu::MapMode::Read),
+            Some(submission),
+            ("the outputs", GpuError::Readback),
+        )?;
+        Ok(Outputs {
+            mapped: Some(Arc::new(Mapped::new(
+                readback.buffer,
+                Arc::clone(&self.readbacks),
+            ))),
+            ranges: readback.ranges,
+        })
+    }
+
+    /// Map the first `size` bytes of `buffer` for `mode`, once `submission` is done
+    /// (`None`: a buffer no unfinished work uses). Failures are `error`s naming `what`,
+    /// or `DeviceLost`.
+    ///
+    /// Without a submission to wait for, only non-blocking polls drive the mapping, so
+    /// that a run never waits behind another run's kernel on the same device.
+    fn map(
+        &self,
+        buffer: &wgpu::Buffer,
+        (size, mode): (u64, wgpu::MapMode),
+        submission: Option<wgpu::SubmissionIndex>,
+        (what, error): (&str, fn(String) -> GpuError),
+    ) -> Result<(), GpuError> {
         let (tx, rx) = mpsc::channel();
-        let ((), error) = scoped(&self.device, || {
-            for (i, (_, staging)) in staged.iter().enumerate() {
-                let tx = tx.clone();
-                staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-                    // A send error only means the run already failed and returned.
-                    let _ = tx.send((i, r));
-                });
-            }
+        let ((), scope_error) = scoped(&self.device, || {
+            buffer.slice(..size).map_async(mode, move |r| {
+                // A send error only means the run already failed and returned.
+                let _ = tx.send(r);
+            });
         });
-        drop(tx);
-        if let Some(e) = error {
-            return Err(self.classify(e, GpuError::Readback));
+        if let Some(e) = scope_error {
+            return Err(self.classify(e, error));
         }
-        self.wait(submission)?;
-        for _ in 0..staged.len() {
-            match rx.recv_timeout(MAP_CALLBACK_GRACE) {
-                Ok((_, Ok(()))) => {}
-                Ok((i, Err(e))) => {
-                    return Err(self.lost_or(GpuError::Readback(format!("mapping output {i}: {e}"))))
-                }
+        if let Some(submission) = submission {
+            self.wait(submission)?;
+        }
+        let deadline = Instant::now() + MAP_CALLBACK_GRACE;
+        loop {
+            // wgpu panics instead of failing on a lost device; `lost_or` polls the
+            // same way and reports the loss.
+            if std::panic::catch_unwind(AssertUnwindSafe(|| self.device.poll(wgpu::PollType::Poll)))
+                .is_err()
+            {
+                return Err(self.lost_or(error(format!("mapping {what}: wgpu panicked"))));
+            }
+            match rx.recv_timeout(MAP_POLL_INTERVAL) {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => return Err(self.lost_or(error(format!("mapping {what}: {e}")))),
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
                 Err(e) => {
-                    return Err(self.lost_or(GpuError::Readback(format!(
-                        "an output was not mapped after the GPU finished: {e}"
+                    return Err(self.lost_or(error(format!(
+                        "{what} not mapped after the GPU finished: {e}"
                     ))))
                 }
             }
         }
-        Ok(Outputs { staged })
     }
 
     /// Validate the plan against the inputs and this adapter's limits before

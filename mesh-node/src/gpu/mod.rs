@@ -20,6 +20,7 @@ mod error;
 mod exec_error;
 mod executor;
 mod probe;
+mod staging;
 mod supervisor;
 pub mod wire;
 
