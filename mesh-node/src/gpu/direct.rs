@@ -127,31 +127,25 @@ pub fn write_to(worker: u32, inputs: &[Bytes], regions: &[Region]) -> Result<(),
             "the worker's regions do not match the inputs".into(),
         ));
     }
-    let (local, remote): (Vec<IoSlice<'_>>, Vec<RemoteIoVec>) = inputs
+    let segments = inputs
         .iter()
         .zip(regions)
-        .filter(|(input, _)| !input.is_empty())
-        .map(|(input, region)| {
-            let remote = RemoteIoVec {
-                base: region.addr as usize,
-                len: input.len(),
-            };
-            (IoSlice::new(input), remote)
-        })
-        .unzip();
-    let total: usize = remote.iter().map(|r| r.len).sum();
-    if total == 0 {
-        return Ok(());
-    }
-    let written = process_vm_writev(pid(worker)?, &local, &remote)
-        .map_err(|e| refused("process_vm_writev", e))?;
-    // A short count means the kernel stopped at a page it could not write.
-    if written != total {
-        return Err(Refused::Kernel(format!(
-            "process_vm_writev wrote {written} of {total} bytes"
-        )));
-    }
-    Ok(())
+        .map(|(input, region)| (&input[..], region.addr as usize))
+        .collect();
+    let pid = pid(worker)?;
+    copy_in_pieces(segments, "process_vm_writev wrote", |piece| {
+        let (local, remote): (Vec<IoSlice<'_>>, Vec<RemoteIoVec>) = piece
+            .into_iter()
+            .map(|(bytes, base)| {
+                let remote = RemoteIoVec {
+                    base,
+                    len: bytes.len(),
+                };
+                (IoSlice::new(bytes), remote)
+            })
+            .unzip();
+        process_vm_writev(pid, &local, &remote).map_err(|e| refused("process_vm_writev", e))
+    })
 }
 
 /// Blocking: read each region of process `worker` into a buffer of its own.
@@ -161,30 +155,140 @@ pub fn read_from(worker: u32, regions: &[Region]) -> Result<Vec<Bytes>, Refused>
     // is theirs already; where it reuses memory it costs a `memset` more than the bare
     // path's `to_vec`.
     let mut buffers: Vec<Vec<u8>> = regions.iter().map(|r| vec![0; r.len as usize]).collect();
-    let remote: Vec<RemoteIoVec> = regions
-        .iter()
-        .filter(|r| r.len > 0)
-        .map(|r| RemoteIoVec {
-            base: r.addr as usize,
-            len: r.len as usize,
-        })
+    let segments = buffers
+        .iter_mut()
+        .zip(regions)
+        .map(|(buffer, region)| (&mut buffer[..], region.addr as usize))
         .collect();
-    let total: usize = remote.iter().map(|r| r.len).sum();
-    if total > 0 {
-        let mut local: Vec<IoSliceMut<'_>> = buffers
-            .iter_mut()
-            .filter(|b| !b.is_empty())
-            .map(|b| IoSliceMut::new(b))
+    let pid = pid(worker)?;
+    copy_in_pieces(segments, "process_vm_readv read", |piece| {
+        let (mut local, remote): (Vec<IoSliceMut<'_>>, Vec<RemoteIoVec>) = piece
+            .into_iter()
+            .map(|(bytes, base)| {
+                let remote = RemoteIoVec {
+                    base,
+                    len: bytes.len(),
+                };
+                (IoSliceMut::new(bytes), remote)
+            })
+            .unzip();
+        process_vm_readv(pid, &mut local, &remote).map_err(|e| refused("process_vm_readv", e))
+    })?;
+    Ok(buffers.into_iter().map(Bytes::from).collect())
+}
+
+/// Copies of at least this many bytes are split over threads ([`copy_in_pieces`]):
+/// below it, starting a thread costs about what it saves.
+const SPLIT_MIN_BYTES: usize = 2 * 1024 * 1024;
+
+/// The most threads one copy is split over: a copy runs at about the speed of memory
+/// on one core, and more threads than a few only contend for the worker's page
+/// tables.
+const MAX_COPY_THREADS: usize = 4;
+
+/// Pieces are cut at multiples of this, so that no page is shared by two threads'
+/// copies (the kernel pins each page it copies).
+const PIECE_ALIGN: usize = 4096;
+
+/// Memory of this process on one side of a copy, cut where a piece ends: `&[u8]`
+/// (what is written out) or `&mut [u8]` (what is read in).
+trait Piece: Sized {
+    fn len(&self) -> usize;
+    fn cut(self, at: usize) -> (Self, Self);
+}
+
+impl Piece for &[u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn cut(self, at: usize) -> (Self, Self) {
+        self.split_at(at)
+    }
+}
+
+impl Piece for &mut [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn cut(self, at: usize) -> (Self, Self) {
+        self.split_at_mut(at)
+    }
+}
+
+/// Copy `segments` (this process's bytes, each with the worker's address it pairs
+/// with) by `copy`, which returns the bytes it moved. A copy of [`SPLIT_MIN_BYTES`]
+/// or more is cut, in order, into pieces of about equal size, one per thread (up to
+/// the cores, at most [`MAX_COPY_THREADS`]), run at once; the calling thread takes
+/// the first. Fewer bytes moved than asked (the kernel stopped at a page it could not
+/// copy) is a refusal, which says "`moved` N of M bytes".
+///
+/// Why threads: with the worker's staging buffers resident (kept between jobs,
+/// `gpu/staging.rs`), one `process_vm_writev` of 16 MiB ran at about a third of a
+/// `memcpy`'s speed on this project's 2-core machine, and two threads took 2 ms off
+/// saxpy's 17 ms run (docs/benchmarks.md).
+fn copy_in_pieces<P: Piece + Send>(
+    segments: Vec<(P, usize)>,
+    moved: &str,
+    copy: impl Fn(Vec<(P, usize)>) -> Result<usize, Refused> + Sync,
+) -> Result<(), Refused> {
+    let segments: Vec<(P, usize)> = segments.into_iter().filter(|(p, _)| p.len() > 0).collect();
+    let total: usize = segments.iter().map(|(p, _)| p.len()).sum();
+    if total == 0 {
+        return Ok(());
+    }
+    let threads = if total < SPLIT_MIN_BYTES {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_COPY_THREADS))
+    };
+    let mut pieces = cut_pieces(
+        segments,
+        total.div_ceil(threads).next_multiple_of(PIECE_ALIGN),
+    );
+    let first = pieces.remove(0);
+    let copy = &copy;
+    let results: Vec<Result<usize, Refused>> = std::thread::scope(|scope| {
+        let others: Vec<_> = pieces
+            .into_iter()
+            .map(|piece| scope.spawn(move || copy(piece)))
             .collect();
-        let read = process_vm_readv(pid(worker)?, &mut local, &remote)
-            .map_err(|e| refused("process_vm_readv", e))?;
-        if read != total {
-            return Err(Refused::Kernel(format!(
-                "process_vm_readv read {read} of {total} bytes"
-            )));
+        let mut results = vec![copy(first)];
+        results.extend(others.into_iter().map(|handle| {
+            handle
+                .join()
+                .unwrap_or_else(|_| Err(Refused::Kernel("a copy thread panicked".into())))
+        }));
+        results
+    });
+    let mut done = 0;
+    for result in results {
+        done += result?;
+    }
+    if done != total {
+        return Err(Refused::Kernel(format!("{moved} {done} of {total} bytes")));
+    }
+    Ok(())
+}
+
+/// `segments` cut, in order, into pieces of `size` bytes (the last one shorter).
+fn cut_pieces<P: Piece>(segments: Vec<(P, usize)>, size: usize) -> Vec<Vec<(P, usize)>> {
+    let mut pieces = vec![Vec::new()];
+    let mut room = size;
+    for (mut bytes, mut base) in segments {
+        while bytes.len() > 0 {
+            if room == 0 {
+                pieces.push(Vec::new());
+                room = size;
+            }
+            let take = bytes.len().min(room);
+            let (head, rest) = bytes.cut(take);
+            pieces.last_mut().expect("never empty").push((head, base));
+            bytes = rest;
+            base += take;
+            room -= take;
         }
     }
-    Ok(buffers.into_iter().map(Bytes::from).collect())
+    pieces
 }
 
 #[cfg(test)]
@@ -236,5 +340,61 @@ mod tests {
             read_from(i32::MAX as u32, &regions),
             Err(Refused::Gone)
         ));
+    }
+
+    #[test]
+    fn pieces_keep_order_and_addresses_and_cut_at_the_piece_size() {
+        let a = [1u8; 10];
+        let b = [2u8; 3];
+        let pieces = cut_pieces(vec![(&a[..], 1000), (&b[..], 5000)], 4);
+        let shape: Vec<Vec<(usize, usize)>> = pieces
+            .iter()
+            .map(|piece| {
+                piece
+                    .iter()
+                    .map(|(bytes, base)| (*base, bytes.len()))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                vec![(1000, 4)],
+                vec![(1004, 4)],
+                vec![(1008, 2), (5000, 2)],
+                vec![(5002, 1)],
+            ]
+        );
+    }
+
+    #[test]
+    fn large_copies_split_over_threads_land_whole() {
+        // Over SPLIT_MIN_BYTES, in three inputs of lengths that are no page multiple,
+        // so that pieces start and end inside inputs.
+        let me = std::process::id();
+        let lens = [3 * 1024 * 1024 + 7, 5, 2 * 1024 * 1024 + 4093];
+        let inputs: Vec<Bytes> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Bytes::from((0..n).map(|j| (j * 31 + i * 7) as u8).collect::<Vec<u8>>()))
+            .collect();
+        let mut dests: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0u8; n]).collect();
+        let regions: Vec<Region> = dests
+            .iter_mut()
+            .map(|d| Region::of(d.as_mut_ptr(), d.len()))
+            .collect();
+        write_to(me, &inputs, &regions).unwrap();
+        for (dest, input) in dests.iter().zip(&inputs) {
+            assert!(dest[..] == input[..]);
+        }
+        assert_eq!(read_from(me, &regions).unwrap(), inputs);
+        // A refusal in any piece fails the whole copy.
+        let mut nowhere = regions.clone();
+        nowhere[2].addr = UNMAPPED;
+        assert!(matches!(
+            write_to(me, &inputs, &nowhere),
+            Err(Refused::Kernel(_))
+        ));
+        assert!(matches!(read_from(me, &nowhere), Err(Refused::Kernel(_))));
     }
 }
