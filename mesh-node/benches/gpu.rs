@@ -10,7 +10,8 @@
 //!    error scopes).
 //! 3. **worker**: a [`Supervisor`] running the job in a `mesh-node gpu-worker` child
 //!    process, as a node does: the daemon copies the inputs straight into the worker's
-//!    device buffers and the outputs straight out of them (`process_vm_writev`/`readv`,
+//!    mapped staging buffer and the outputs straight out of its mapped read-back
+//!    buffer (`process_vm_writev`/`readv`,
 //!    `mesh_node::gpu::direct`) for jobs of a megabyte or more (matmul's 0.8 MB, like
 //!    any smaller job, crosses the pipe).
 //! 4. **worker, pipe**: the same, on the route a node falls back to where the kernel

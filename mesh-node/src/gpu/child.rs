@@ -252,7 +252,7 @@ struct Pipe<'a, R, W> {
 }
 
 impl<R: Read, W: Write> Pipe<'_, R, W> {
-    /// Get a job's inputs into the device buffers its kernel will bind: by the direct
+    /// Get a job's inputs into the executor's mapped upload buffer: by the direct
     /// route (their addresses to the daemon, which copies, or sends them on the pipe
     /// after all), or from the pipe. `Ok(Err)` is the executor refusing the job (its
     /// inputs read past or never sent) or panicking; `Err` means the pipe broke and

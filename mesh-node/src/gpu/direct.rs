@@ -4,12 +4,13 @@
 //! Why: a pipe moves bytes page by page through the kernel, and even with the writer's
 //! pages lent (`wire::splice_all_async`) the reader still copies them once more: on
 //! this project's machine a crossing costs 3-5 times a `memcpy` of the same bytes.
-//! A job's inputs written by the daemon straight into the buffers its kernel binds,
-//! and its outputs read straight out of the buffers the device copied them into, take
-//! one copy each, as in a single process, at close to `memcpy` speed.
+//! A job's inputs written by the daemon straight into the worker's mapped upload
+//! buffer (which the device copies into the buffers its kernel binds), and its outputs
+//! read straight out of the mapped buffer the device copied them into, take one copy
+//! each, as in a single process, at close to `memcpy` speed.
 //!
 //! The worker says where ([`Region`]s in its own address space); the daemon copies.
-//! The two never touch a region at the same time: the worker maps the input buffers,
+//! The two never touch a region at the same time: the worker maps its upload buffer,
 //! sends their addresses and waits, untouched, until the daemon says it is done;
 //! it keeps a reply's mapped outputs, untouched, until the daemon sends the next job.
 //!

@@ -284,8 +284,8 @@ impl Executor {
     ///
     /// [`upload`](Self::upload) from the slices, [`launch`](Self::launch), and a copy
     /// of each output. The GPU worker uses the two steps itself, so that inputs go
-    /// from its pipe straight into device buffers and outputs from device buffers
-    /// straight into its pipe.
+    /// from the daemon straight into mapped staging memory and outputs from the mapped
+    /// read-back buffer straight to the daemon.
     pub fn run(&self, plan: &KernelPlan, inputs: &[Bytes]) -> Result<Vec<Vec<u8>>, GpuError> {
         let lens: Vec<u64> = inputs.iter().map(|input| input.len() as u64).collect();
         let uploaded = self.upload(plan, &lens, |dests| {
@@ -305,7 +305,7 @@ impl Executor {
     /// it into its buffer: `dests[i]` is exactly `input_lens[i]` bytes and write-only
     /// (it may be memory the CPU writes through to the device). All of them stay mapped
     /// until `fill` returns. The staging buffer is kept between runs
-    /// ([`super::staging`]).
+    /// (`staging.rs`).
     ///
     /// Nothing is allocated when the check fails. Buffers are padded to a non-zero
     /// multiple of 4 bytes; padding is zero and an empty input binds as 4 zero bytes.

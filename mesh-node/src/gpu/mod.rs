@@ -3,15 +3,15 @@
 //! [`probe`] lists the adapters wgpu sees (published as node capabilities);
 //! [`Executor`] opens the best one and runs `mesh_core::kernel::KernelPlan`s on it,
 //! in one call ([`Executor::run`]) or in two ([`Executor::upload`] of the inputs into
-//! device buffers, then [`Executor::launch`], whose [`Outputs`] are read where the
-//! device put them).
+//! a staging buffer kept between runs (`staging.rs`), then [`Executor::launch`], whose
+//! [`Outputs`] are read where the device put them).
 //! No wgpu error panics: validation, driver and memory errors are caught in error
 //! scopes and returned as [`GpuError`]s, and device loss is recorded and reported.
 //!
 //! The daemon does not dispatch in its own process: a [`Supervisor`] runs each job in
 //! a `mesh-node gpu-worker` process ([`child`]) that holds an [`Executor`], talking
 //! over a pipe ([`wire`]) and copying large jobs' inputs and outputs straight between
-//! its memory and the worker's device buffers ([`direct`]), so that a hung or crashing
+//! its memory and the worker's mapped staging buffers ([`direct`]), so that a hung or crashing
 //! kernel is killed at its timeout or on cancel without taking the daemon down.
 
 pub mod child;

@@ -10,8 +10,8 @@
 //! A job's inputs and a reply's outputs (up to 16 MiB each way) never go inside a
 //! record, which would copy each byte twice more. They take one of two routes, chosen
 //! per job by the daemon ([`JobHeader::direct`]):
-//! - **direct** (the normal one): the worker maps the device buffers its kernel will
-//!   bind and answers with their addresses ([`Answer::InputsAt`]); the daemon copies
+//! - **direct** (the normal one): the worker maps its upload staging buffer (whose
+//!   bytes its kernel's buffers are copied from) and answers with the inputs' addresses ([`Answer::InputsAt`]); the daemon copies
 //!   the inputs there itself (`super::direct`, `process_vm_writev`) and says
 //!   [`ToWorker::InputsWritten`]. The reply gives the addresses of the mapped buffers
 //!   the device copied the outputs into ([`ReplyOutputs::At`]), which the daemon reads
