@@ -134,18 +134,9 @@ pub fn write_to(worker: u32, inputs: &[Bytes], regions: &[Region]) -> Result<(),
         .map(|(input, region)| (&input[..], region.addr as usize))
         .collect();
     let pid = pid(worker)?;
-    copy_in_pieces(segments, "process_vm_writev wrote", |piece| {
-        let (local, remote): (Vec<IoSlice<'_>>, Vec<RemoteIoVec>) = piece
-            .into_iter()
-            .map(|(bytes, base)| {
-                let remote = RemoteIoVec {
-                    base,
-                    len: bytes.len(),
-                };
-                (IoSlice::new(bytes), remote)
-            })
-            .unzip();
-        process_vm_writev(pid, &local, &remote).map_err(|e| refused("process_vm_writev", e))
+    copy_in_pieces(segments, "process_vm_writev wrote", |local, remote| {
+        let local: Vec<IoSlice<'_>> = local.into_iter().map(IoSlice::new).collect();
+        process_vm_writev(pid, &local, remote).map_err(|e| refused("process_vm_writev", e))
     })
 }
 
@@ -162,18 +153,9 @@ pub fn read_from(worker: u32, regions: &[Region]) -> Result<Vec<Bytes>, Refused>
         .map(|(buffer, region)| (&mut buffer[..], region.addr as usize))
         .collect();
     let pid = pid(worker)?;
-    copy_in_pieces(segments, "process_vm_readv read", |piece| {
-        let (mut local, remote): (Vec<IoSliceMut<'_>>, Vec<RemoteIoVec>) = piece
-            .into_iter()
-            .map(|(bytes, base)| {
-                let remote = RemoteIoVec {
-                    base,
-                    len: bytes.len(),
-                };
-                (IoSliceMut::new(bytes), remote)
-            })
-            .unzip();
-        process_vm_readv(pid, &mut local, &remote).map_err(|e| refused("process_vm_readv", e))
+    copy_in_pieces(segments, "process_vm_readv read", |local, remote| {
+        let mut local: Vec<IoSliceMut<'_>> = local.into_iter().map(IoSliceMut::new).collect();
+        process_vm_readv(pid, &mut local, remote).map_err(|e| refused("process_vm_readv", e))
     })?;
     Ok(buffers.into_iter().map(Bytes::from).collect())
 }
@@ -217,7 +199,8 @@ impl Piece for &mut [u8] {
 }
 
 /// Copy `segments` (this process's bytes, each with the worker's address it pairs
-/// with) by `copy`, which returns the bytes it moved. A copy of [`SPLIT_MIN_BYTES`]
+/// with) by `copy(local, remote)`, which gets a piece's local bytes and the worker's
+/// ranges they pair with and returns the bytes it moved. A copy of [`SPLIT_MIN_BYTES`]
 /// or more is cut, in order, into pieces of about equal size, one per thread (up to
 /// the cores, at most [`MAX_COPY_THREADS`]), run at once; the calling thread takes
 /// the first. Fewer bytes moved than asked (the kernel stopped at a page it could not
@@ -230,7 +213,7 @@ impl Piece for &mut [u8] {
 fn copy_in_pieces<P: Piece + Send>(
     segments: Vec<(P, usize)>,
     moved: &str,
-    copy: impl Fn(Vec<(P, usize)>) -> Result<usize, Refused> + Sync,
+    copy: impl Fn(Vec<P>, &[RemoteIoVec]) -> Result<usize, Refused> + Sync,
 ) -> Result<(), Refused> {
     let segments: Vec<(P, usize)> = segments.into_iter().filter(|(p, _)| p.len() > 0).collect();
     let total: usize = segments.iter().map(|(p, _)| p.len()).sum();
@@ -247,7 +230,16 @@ fn copy_in_pieces<P: Piece + Send>(
         total.div_ceil(threads).next_multiple_of(PIECE_ALIGN),
     );
     let first = pieces.remove(0);
-    let copy = &copy;
+    let copy = &|piece: Vec<(P, usize)>| {
+        let remote: Vec<RemoteIoVec> = piece
+            .iter()
+            .map(|(bytes, base)| RemoteIoVec {
+                base: *base,
+                len: bytes.len(),
+            })
+            .collect();
+        copy(piece.into_iter().map(|(bytes, _)| bytes).collect(), &remote)
+    };
     let results: Vec<Result<usize, Refused>> = std::thread::scope(|scope| {
         let others: Vec<_> = pieces
             .into_iter()
