@@ -432,8 +432,10 @@ fn runs_on_one_executor_see_only_their_own_bytes_in_its_kept_buffers() {
     let big_a = vec![0xff; 4004];
     let big_b = vec![0xee; 2004];
     let big = run(&big_a, &big_b);
-    // Views of a run's outputs, still held while later runs go on.
+    // Views of a run's outputs, still held while later runs go on; the `Outputs` they
+    // came from is gone, so only the views keep its read-back buffer off the shelf.
     let held = big.views().expect("mapped outputs");
+    drop(big);
     let want_big = concat_expected(&big_a, &big_b);
     assert_eq!(
         held.iter().map(|v| v.to_vec()).collect::<Vec<_>>(),
@@ -463,7 +465,6 @@ fn runs_on_one_executor_see_only_their_own_bytes_in_its_kept_buffers() {
         want_big
     );
     drop(held);
-    drop(big);
 
     // With every buffer back on the shelves, the runs still get their own bytes.
     for (a, b) in [(&big_a[..100], &small_b[..]), (&small_a[..], &big_b[..])] {

@@ -11,7 +11,7 @@
 //!
 //! The worker says where ([`Region`]s in its own address space); the daemon copies.
 //! The two never touch a region at the same time: the worker maps its upload buffer,
-//! sends their addresses and waits, untouched, until the daemon says it is done;
+//! sends the inputs' addresses in it and waits, untouched, until the daemon says it is done;
 //! it keeps a reply's mapped outputs, untouched, until the daemon sends the next job.
 //!
 //! The calls need the right to trace the worker, which a parent has over its own
@@ -208,8 +208,8 @@ impl Piece for &mut [u8] {
 ///
 /// Why threads: with the worker's staging buffers resident (kept between jobs,
 /// `gpu/staging.rs`), one `process_vm_writev` of 16 MiB ran at about a third of a
-/// `memcpy`'s speed on this project's 2-core machine, and two threads took 2 ms off
-/// saxpy's 17 ms run (docs/benchmarks.md).
+/// `memcpy`'s speed on this project's 2-core machine, and two threads took 1-2 ms off
+/// saxpy's 17 ms run in the worker (docs/benchmarks.md).
 fn copy_in_pieces<P: Piece + Send>(
     segments: Vec<(P, usize)>,
     moved: &str,

@@ -90,9 +90,18 @@ pub struct Uploaded {
 pub struct Outputs {
     /// The read-back buffer, mapped; `None` when the plan has no outputs.
     mapped: Option<Arc<Mapped>>,
-    /// Per output, in `plan.outputs` order: its offset in the read-back buffer, its
-    /// padded size there and its size.
-    ranges: Vec<(u64, u64, u64)>,
+    /// Per output, in `plan.outputs` order: where it lies in the read-back buffer.
+    ranges: Vec<OutputRange>,
+}
+
+/// Where one output lies in the read-back buffer.
+#[derive(Debug, Clone, Copy)]
+struct OutputRange {
+    offset: u64,
+    /// Bytes copied there: the output's buffer, padded.
+    padded: u64,
+    /// Bytes of the output itself.
+    bytes: u64,
 }
 
 /// One output's bytes, read in place from the mapped read-back buffer.
@@ -126,15 +135,15 @@ impl Outputs {
         self.ranges
             .iter()
             .enumerate()
-            .map(|(i, &(offset, padded, bytes))| {
+            .map(|(i, range)| {
                 let view = mapped
                     .buffer()
-                    .slice(offset..offset + padded)
+                    .slice(range.offset..range.offset + range.padded)
                     .get_mapped_range()
                     .map_err(|e| GpuError::Readback(format!("output {i}: {e}")))?;
                 Ok(OutputView {
                     view,
-                    len: bytes as usize,
+                    len: range.bytes as usize,
                     _mapped: Arc::clone(mapped),
                 })
             })
@@ -145,10 +154,17 @@ impl Outputs {
 /// The outputs of a dispatched run, on their way into the read-back buffer.
 struct Readback {
     buffer: wgpu::Buffer,
-    /// Per output: offset, padded size, size (as in [`Outputs`]).
-    ranges: Vec<(u64, u64, u64)>,
+    /// Per output, in `plan.outputs` order; never empty.
+    ranges: Vec<OutputRange>,
+}
+
+impl Readback {
     /// Bytes to map: up to the end of the last output.
-    total: u64,
+    fn total(&self) -> u64 {
+        self.ranges
+            .last()
+            .map_or(0, |last| last.offset + last.padded)
+    }
 }
 
 /// The size of one binding's buffer.
@@ -349,7 +365,8 @@ impl Executor {
         if let Some((buffer, false)) = &staging {
             self.map(
                 buffer,
-                (packing.total, wgpu::MapMode::Write),
+                packing.total,
+                wgpu::MapMode::Write,
                 None,
                 ("the inputs", GpuError::Dispatch),
             )?;
@@ -608,14 +625,14 @@ impl Executor {
                             offset,
                             size.padded,
                         );
-                        (offset, size.padded, size.bytes)
+                        OutputRange {
+                            offset,
+                            padded: size.padded,
+                            bytes: size.bytes,
+                        }
                     })
                     .collect();
-                Readback {
-                    buffer,
-                    ranges,
-                    total: packing.total,
-                }
+                Readback { buffer, ranges }
             });
             let submission = self.queue.submit(Some(encoder.finish()));
             (readback, submission)
@@ -641,7 +658,8 @@ impl Executor {
         };
         self.map(
             &readback.buffer,
-            (readback.total, wgpu::MapMode::Read),
+            readback.total(),
+            wgpu::MapMode::Read,
             Some(submission),
             ("the outputs", GpuError::Readback),
         )?;
@@ -663,7 +681,8 @@ impl Executor {
     fn map(
         &self,
         buffer: &wgpu::Buffer,
-        (size, mode): (u64, wgpu::MapMode),
+        size: u64,
+        mode: wgpu::MapMode,
         submission: Option<wgpu::SubmissionIndex>,
         (what, error): (&str, fn(String) -> GpuError),
     ) -> Result<(), GpuError> {

@@ -9,7 +9,7 @@
 //! them in once more. A kept buffer was initialised by its first run and its pages
 //! stay resident, so a later run pays for its copies alone. A GPU worker runs one job
 //! at a time, so one buffer of each kind is enough; runs that overlap in one process
-//! (tests, the bench) find it out and make one of their own.
+//! (tests, the bench) find it taken and make one of their own.
 //!
 //! Nothing of one run reaches the next through them: a kernel binds only the device
 //! buffers the staged bytes are copied into (an input's every byte, its padding
@@ -28,7 +28,7 @@ const KEPT_MAX_BYTES: u64 = 2 * mesh_core::limits::MAX_TASK_INPUT_BYTES;
 const SIZE_STEP: u64 = 1024 * 1024;
 
 /// Where each of a job's buffers lies in one staging buffer.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct Packing {
     /// Byte offset of each buffer, in order; a multiple of `wgpu::MAP_ALIGNMENT`, as
     /// mapping a part of a buffer requires.
