@@ -112,6 +112,10 @@ pub struct Node {
     /// Set as `TOKIO_WORKER_THREADS`, which every build honours, not as
     /// `--worker-threads`, which builds before it refuse (A/B runs start older ones).
     runtime_threads: Option<usize>,
+    /// Listeners on the node's loopback ports while it is down ([`Node::kill9`]), so
+    /// that a mesh another test starts meanwhile ([`NodePorts::allocate`] skips ports
+    /// it cannot bind) never takes them; dropped just before the node starts again.
+    held_ports: Vec<TcpListener>,
 }
 
 /// Where a node runs in a [`crate::netns::NetnsLab`]: its namespace and address.
@@ -147,21 +151,8 @@ impl Node {
         // Distinct ports, below the ephemeral range where possible: three separate
         // `free_port` calls once handed a new node's HTTP port that its seed was using.
         let ports = NodePorts::allocate(1)?.remove(0);
-        let mut node = Node {
-            data_dir: data_dir.into(),
-            ssh_port: ports.ssh,
-            http_port: ports.http,
-            raft_port: ports.raft,
-            admin_keys: admin_keys.iter().map(|p| p.to_path_buf()).collect(),
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            program: None,
-            child: None,
-            paused: AtomicBool::new(false),
-            net: None,
-            runtime_threads: None,
-        };
-        node.spawn()?;
-        Ok(node)
+        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        Node::start_on(None, data_dir, ports, admin_keys, &extra_args)
     }
 
     /// Run `mesh-node run` with `extra_args` on fresh ports and expect it to exit
@@ -260,6 +251,7 @@ impl Node {
 
     fn spawn(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.data_dir)?;
+        self.held_ports.clear();
         // The log outlives restarts and wipes: an error quotes only what this start
         // wrote, so that an earlier start's refusal is never read as this one's.
         let log_start = std::fs::metadata(self.data_dir.join("node.log")).map_or(0, |m| m.len());
@@ -341,13 +333,27 @@ impl Node {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// SIGKILL the process (no shutdown, no flush) and reap it.
+    /// SIGKILL the process (no shutdown, no flush) and reap it. Its loopback ports stay
+    /// held until it starts again (`held_ports`).
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            self.hold_ports();
         }
         self.paused.store(false, Ordering::SeqCst);
+    }
+
+    /// Bind the stopped node's loopback ports (best effort: one still in use by a
+    /// lingering connection is left unheld). A lab node's ports live in its own
+    /// namespace, where no other mesh binds.
+    fn hold_ports(&mut self) {
+        if self.net.is_none() {
+            self.held_ports = [self.ssh_port, self.http_port, self.raft_port]
+                .into_iter()
+                .filter_map(|port| TcpListener::bind(("127.0.0.1", port)).ok())
+                .collect();
+        }
     }
 
     /// Start the process again on the same data directory and ports. A `--join`
@@ -859,6 +865,7 @@ impl Node {
             paused: AtomicBool::new(false),
             net,
             runtime_threads,
+            held_ports: Vec::new(),
         };
         node.spawn()?;
         Ok(node)
