@@ -202,14 +202,23 @@ impl Piece for &mut [u8] {
 /// with) by `copy(local, remote)`, which gets a piece's local bytes and the worker's
 /// ranges they pair with and returns the bytes it moved. A copy of [`SPLIT_MIN_BYTES`]
 /// or more is cut, in order, into pieces of about equal size, one per thread (up to
-/// the cores, at most [`MAX_COPY_THREADS`]), run at once; the calling thread takes
-/// the first. Fewer bytes moved than asked (the kernel stopped at a page it could not
-/// copy) is a refusal, which says "`moved` N of M bytes".
+/// the cores, at most [`MAX_COPY_THREADS`]), each on a thread of its own while the
+/// calling thread waits; a smaller copy runs on the calling thread. Fewer bytes moved
+/// than asked (the kernel stopped at a page it could not copy) is a refusal, which
+/// says "`moved` N of M bytes".
 ///
 /// Why threads: with the worker's staging buffers resident (kept between jobs,
 /// `gpu/staging.rs`), one `process_vm_writev` of 16 MiB ran at about a third of a
 /// `memcpy`'s speed on this project's 2-core machine, and two threads took 1-2 ms off
 /// saxpy's 17 ms run in the worker (docs/benchmarks.md).
+///
+/// Why the calling thread does not take a piece itself: Linux places a new thread on
+/// the least busy core when it is made, and with every core busy at that moment (the
+/// caller copying, the thread that woke it not yet asleep) that is the caller's own.
+/// There it waited behind the caller's piece, up to 2 ms with the other core idle
+/// (`perf sched timehist`; 32 of the GPU bench's 130 large writes started a piece
+/// that late, which doubled them, 3 since). A caller that only waits leaves its core
+/// to the pieces.
 fn copy_in_pieces<P: Piece + Send>(
     segments: Vec<(P, usize)>,
     moved: &str,
@@ -225,11 +234,10 @@ fn copy_in_pieces<P: Piece + Send>(
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_COPY_THREADS))
     };
-    let mut pieces = cut_pieces(
+    let pieces = cut_pieces(
         segments,
         total.div_ceil(threads).next_multiple_of(PIECE_ALIGN),
     );
-    let first = pieces.remove(0);
     let copy = &|piece: Vec<(P, usize)>| {
         let remote: Vec<RemoteIoVec> = piece
             .iter()
@@ -240,19 +248,24 @@ fn copy_in_pieces<P: Piece + Send>(
             .collect();
         copy(piece.into_iter().map(|(bytes, _)| bytes).collect(), &remote)
     };
-    let results: Vec<Result<usize, Refused>> = std::thread::scope(|scope| {
-        let others: Vec<_> = pieces
-            .into_iter()
-            .map(|piece| scope.spawn(move || copy(piece)))
-            .collect();
-        let mut results = vec![copy(first)];
-        results.extend(others.into_iter().map(|handle| {
-            handle
-                .join()
-                .unwrap_or_else(|_| Err(Refused::Kernel("a copy thread panicked".into())))
-        }));
-        results
-    });
+    let results: Vec<Result<usize, Refused>> = if pieces.len() == 1 {
+        pieces.into_iter().map(copy).collect()
+    } else {
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = pieces
+                .into_iter()
+                .map(|piece| scope.spawn(move || copy(piece)))
+                .collect();
+            threads
+                .into_iter()
+                .map(|handle| {
+                    handle
+                        .join()
+                        .unwrap_or_else(|_| Err(Refused::Kernel("a copy thread panicked".into())))
+                })
+                .collect()
+        })
+    };
     let mut done = 0;
     for result in results {
         done += result?;
