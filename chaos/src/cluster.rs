@@ -112,10 +112,6 @@ pub struct Node {
     /// Set as `TOKIO_WORKER_THREADS`, which every build honours, not as
     /// `--worker-threads`, which builds before it refuse (A/B runs start older ones).
     runtime_threads: Option<usize>,
-    /// Listeners on the node's loopback ports while it is down ([`Node::kill9`]), so
-    /// that a mesh another test starts meanwhile ([`NodePorts::allocate`] skips ports
-    /// it cannot bind) never takes them; dropped just before the node starts again.
-    held_ports: Vec<TcpListener>,
 }
 
 /// Where a node runs in a [`crate::netns::NetnsLab`]: its namespace and address.
@@ -251,7 +247,6 @@ impl Node {
 
     fn spawn(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.data_dir)?;
-        self.held_ports.clear();
         // The log outlives restarts and wipes: an error quotes only what this start
         // wrote, so that an earlier start's refusal is never read as this one's.
         let log_start = std::fs::metadata(self.data_dir.join("node.log")).map_or(0, |m| m.len());
@@ -333,27 +328,13 @@ impl Node {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// SIGKILL the process (no shutdown, no flush) and reap it. Its loopback ports stay
-    /// held until it starts again (`held_ports`).
+    /// SIGKILL the process (no shutdown, no flush) and reap it.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
-            self.hold_ports();
         }
         self.paused.store(false, Ordering::SeqCst);
-    }
-
-    /// Bind the stopped node's loopback ports (best effort: one still in use by a
-    /// lingering connection is left unheld). A lab node's ports live in its own
-    /// namespace, where no other mesh binds.
-    fn hold_ports(&mut self) {
-        if self.net.is_none() {
-            self.held_ports = [self.ssh_port, self.http_port, self.raft_port]
-                .into_iter()
-                .filter_map(|port| TcpListener::bind(("127.0.0.1", port)).ok())
-                .collect();
-        }
     }
 
     /// Start the process again on the same data directory and ports. A `--join`
@@ -386,6 +367,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
+        NodePorts::release(&self.ports());
     }
 }
 
@@ -768,15 +750,25 @@ pub struct NodePorts {
 /// Lowest port [`NodePorts::allocate`] hands out.
 const FIXED_PORT_MIN: u16 = 10_000;
 
+/// Ports [`NodePorts::allocate`] handed out whose [`Node`] is not dropped yet, up or
+/// down (tests in one binary run as threads of one process).
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// The first port of the kernel's ephemeral range (`ip_local_port_range`).
+fn ephemeral_min() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768)
+}
+
 impl NodePorts {
     /// Ports for `n` nodes, distinct and free now. They are taken below the kernel's
     /// ephemeral range (`ip_local_port_range`), so no later `bind(":0")` (a proxy
     /// listener, a client's outgoing connection) can take one before its node binds it.
     pub fn allocate(n: usize) -> Result<Vec<NodePorts>> {
-        let ephemeral_min = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-            .unwrap_or(32_768);
+        let ephemeral_min = ephemeral_min();
         let wanted = 3 * n;
         if ephemeral_min < FIXED_PORT_MIN + 1000 + wanted as u16 {
             // No room below the ephemeral range: fall back to released ephemeral ports.
@@ -791,7 +783,21 @@ impl NodePorts {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        let start = (nanos ^ (u64::from(std::process::id()) << 20)) % span;
+        NodePorts::allocate_from(n, (nanos ^ (u64::from(std::process::id()) << 20)) % span)
+    }
+
+    /// [`NodePorts::allocate`], scanning from the `start`th port above
+    /// [`FIXED_PORT_MIN`]. Skips ports it cannot bind and ports it handed out before
+    /// whose [`Node`] this process still has: a node killed by a test is down, its
+    /// ports free, and a mesh another test starts at the same time must not take them
+    /// (t30 once failed to restart a killed leader: "Address already in use"). Holding
+    /// them bound instead would change the fault: a dead node's port must refuse
+    /// connections, which the survivors' leader watch relies on.
+    fn allocate_from(n: usize, start: u64) -> Result<Vec<NodePorts>> {
+        let ephemeral_min = ephemeral_min();
+        let span = u64::from(ephemeral_min.saturating_sub(FIXED_PORT_MIN));
+        let wanted = 3 * n;
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
         // Hold every listener until all are chosen, so no port is handed out twice.
         let mut held = Vec::with_capacity(wanted);
         for step in 0..span {
@@ -799,6 +805,9 @@ impl NodePorts {
                 break;
             }
             let port = FIXED_PORT_MIN + ((start + step) % span) as u16;
+            if handed_out.contains(&port) {
+                continue;
+            }
             if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
                 held.push(l);
             }
@@ -813,6 +822,7 @@ impl NodePorts {
             .iter()
             .map(|l| l.local_addr().map(|a| a.port()))
             .collect::<Result<_, _>>()?;
+        handed_out.extend(&ports);
         Ok(ports
             .chunks_exact(3)
             .map(|p| NodePorts {
@@ -821,6 +831,14 @@ impl NodePorts {
                 raft: p[2],
             })
             .collect())
+    }
+
+    /// Let [`NodePorts::allocate`] hand these ports out again (their node is gone).
+    fn release(ports: &NodePorts) {
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        for port in [ports.ssh, ports.http, ports.raft] {
+            handed_out.remove(&port);
+        }
     }
 
     /// `127.0.0.1:RAFT`, the address peers dial.
@@ -865,7 +883,6 @@ impl Node {
             paused: AtomicBool::new(false),
             net,
             runtime_threads,
-            held_ports: Vec::new(),
         };
         node.spawn()?;
         Ok(node)
@@ -1082,6 +1099,31 @@ fn output_within(mut cmd: Command, limit: Duration, what: &str) -> CliOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ports_handed_out_stay_taken_until_their_node_is_gone() {
+        // Two scans from the same place: the first one's ports are free again (nothing
+        // binds them), yet the second passes over them.
+        let start = u64::from(std::process::id()) * 7 % 5_000;
+        let first = NodePorts::allocate_from(2, start).unwrap();
+        let second = NodePorts::allocate_from(2, start).unwrap();
+        let ports = |all: &[NodePorts]| -> Vec<u16> {
+            all.iter().flat_map(|p| [p.ssh, p.http, p.raft]).collect()
+        };
+        for port in ports(&second) {
+            assert!(
+                !ports(&first).contains(&port),
+                "port {port} handed out twice"
+            );
+        }
+        // Released (their node dropped), the first ones are handed out again.
+        for p in first.iter().chain(&second) {
+            NodePorts::release(p);
+        }
+        let again = NodePorts::allocate_from(2, start).unwrap();
+        again.iter().for_each(NodePorts::release);
+        assert_eq!(again, first);
+    }
 
     #[test]
     fn a_start_reads_only_what_it_wrote_to_the_log() {
