@@ -783,19 +783,19 @@ impl NodePorts {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        NodePorts::allocate_from(n, (nanos ^ (u64::from(std::process::id()) << 20)) % span)
+        let start = (nanos ^ (u64::from(std::process::id()) << 20)) % span;
+        NodePorts::allocate_from(n, start, ephemeral_min)
     }
 
     /// [`NodePorts::allocate`], scanning from the `start`th port above
-    /// [`FIXED_PORT_MIN`]. Skips ports it cannot bind and ports it handed out before
+    /// [`FIXED_PORT_MIN`] and wrapping around below `below`. Skips ports it cannot bind and ports it handed out before
     /// whose [`Node`] this process still has: a node killed by a test is down, its
     /// ports free, and a mesh another test starts at the same time must not take them
     /// (t30 once failed to restart a killed leader: "Address already in use"). Holding
     /// them bound instead would change the fault: a dead node's port must refuse
     /// connections, which the survivors' leader watch relies on.
-    fn allocate_from(n: usize, start: u64) -> Result<Vec<NodePorts>> {
-        let ephemeral_min = ephemeral_min();
-        let span = u64::from(ephemeral_min.saturating_sub(FIXED_PORT_MIN));
+    fn allocate_from(n: usize, start: u64, below: u16) -> Result<Vec<NodePorts>> {
+        let span = u64::from(below - FIXED_PORT_MIN);
         let wanted = 3 * n;
         let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
         // Hold every listener until all are chosen, so no port is handed out twice.
@@ -814,7 +814,7 @@ impl NodePorts {
         }
         if held.len() < wanted {
             bail!(
-                "found only {} free loopback ports below {ephemeral_min}, {wanted} needed",
+                "found only {} free loopback ports below {below}, {wanted} needed",
                 held.len()
             );
         }
@@ -1104,9 +1104,9 @@ mod tests {
     fn ports_handed_out_stay_taken_until_their_node_is_gone() {
         // Two scans from the same place: the first one's ports are free again (nothing
         // binds them), yet the second passes over them.
-        let start = u64::from(std::process::id()) * 7 % 5_000;
-        let first = NodePorts::allocate_from(2, start).unwrap();
-        let second = NodePorts::allocate_from(2, start).unwrap();
+        let (start, below) = (u64::from(std::process::id()) * 7 % 5_000, ephemeral_min());
+        let first = NodePorts::allocate_from(2, start, below).unwrap();
+        let second = NodePorts::allocate_from(2, start, below).unwrap();
         let ports = |all: &[NodePorts]| -> Vec<u16> {
             all.iter().flat_map(|p| [p.ssh, p.http, p.raft]).collect()
         };
@@ -1120,7 +1120,7 @@ mod tests {
         for p in first.iter().chain(&second) {
             NodePorts::release(p);
         }
-        let again = NodePorts::allocate_from(2, start).unwrap();
+        let again = NodePorts::allocate_from(2, start, below).unwrap();
         again.iter().for_each(NodePorts::release);
         assert_eq!(again, first);
     }

@@ -11,8 +11,8 @@
 //!
 //! The worker says where ([`Region`]s in its own address space); the daemon copies.
 //! The two never touch a region at the same time: the worker maps its upload buffer,
-//! sends the inputs' addresses in it and waits, untouched, until the daemon says it is done;
-//! it keeps a reply's mapped outputs, untouched, until the daemon sends the next job.
+//! sends the inputs' addresses in it and waits, untouched, until the daemon says it is
+//! done; it keeps a reply's mapped outputs, untouched, until the daemon sends the next job.
 //!
 //! The calls need the right to trace the worker, which a parent has over its own
 //! child unless a policy says otherwise (Yama's `ptrace_scope` 2 or 3, a seccomp
@@ -201,9 +201,9 @@ impl Piece for &mut [u8] {
 /// Copy `segments` (this process's bytes, each with the worker's address it pairs
 /// with) by `copy(local, remote)`, which gets a piece's local bytes and the worker's
 /// ranges they pair with and returns the bytes it moved. A copy of [`SPLIT_MIN_BYTES`]
-/// or more is cut, in order, into pieces of about equal size, one per thread (up to
-/// the cores, at most [`MAX_COPY_THREADS`]), each on a thread of its own while the
-/// calling thread waits; a smaller copy runs on the calling thread. Fewer bytes moved
+/// or more is cut, in order, into pieces of about equal size, one per core (at most
+/// [`MAX_COPY_THREADS`]), each copied on a thread of its own while the calling thread
+/// waits; a smaller copy runs on the calling thread. Fewer bytes moved
 /// than asked (the kernel stopped at a page it could not copy) is a refusal, which
 /// says "`moved` N of M bytes".
 ///
@@ -216,9 +216,9 @@ impl Piece for &mut [u8] {
 /// the least busy core when it is made, and with every core busy at that moment (the
 /// caller copying, the thread that woke it not yet asleep) that is the caller's own.
 /// There it waited behind the caller's piece, up to 2 ms with the other core idle
-/// (`perf sched timehist`; 32 of the GPU bench's 130 large writes started a piece
-/// that late, which doubled them, 3 since). A caller that only waits leaves its core
-/// to the pieces.
+/// (`perf sched timehist`). In one GPU bench run 57 of its 130 split copies had a
+/// piece start over 0.5 ms late; with the caller only waiting, 11 of 260 pieces did.
+/// A caller that only waits leaves its core to the pieces.
 fn copy_in_pieces<P: Piece + Send>(
     segments: Vec<(P, usize)>,
     moved: &str,
@@ -252,11 +252,11 @@ fn copy_in_pieces<P: Piece + Send>(
         pieces.into_iter().map(copy).collect()
     } else {
         std::thread::scope(|scope| {
-            let threads: Vec<_> = pieces
+            let handles: Vec<_> = pieces
                 .into_iter()
                 .map(|piece| scope.spawn(move || copy(piece)))
                 .collect();
-            threads
+            handles
                 .into_iter()
                 .map(|handle| {
                     handle

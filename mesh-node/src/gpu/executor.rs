@@ -368,7 +368,8 @@ impl Executor {
                 packing.total,
                 wgpu::MapMode::Write,
                 None,
-                ("the inputs", GpuError::Dispatch),
+                "the inputs",
+                GpuError::Dispatch,
             )?;
         }
         let mut views = match &staging {
@@ -661,7 +662,8 @@ impl Executor {
             readback.total(),
             wgpu::MapMode::Read,
             Some(submission),
-            ("the outputs", GpuError::Readback),
+            "the outputs",
+            GpuError::Readback,
         )?;
         Ok(Outputs {
             mapped: Some(Arc::new(Mapped::new(
@@ -684,7 +686,8 @@ impl Executor {
         size: u64,
         mode: wgpu::MapMode,
         submission: Option<wgpu::SubmissionIndex>,
-        (what, error): (&str, fn(String) -> GpuError),
+        what: &str,
+        error: fn(String) -> GpuError,
     ) -> Result<(), GpuError> {
         let (tx, rx) = mpsc::channel();
         let ((), scope_error) = scoped(&self.device, || {

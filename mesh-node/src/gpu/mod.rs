@@ -11,8 +11,8 @@
 //! The daemon does not dispatch in its own process: a [`Supervisor`] runs each job in
 //! a `mesh-node gpu-worker` process ([`child`]) that holds an [`Executor`], talking
 //! over a pipe ([`wire`]) and copying large jobs' inputs and outputs straight between
-//! its memory and the worker's mapped staging buffers ([`direct`]), so that a hung or crashing
-//! kernel is killed at its timeout or on cancel without taking the daemon down.
+//! its memory and the worker's mapped staging buffers ([`direct`]), so that a hung or
+//! crashing kernel is killed at its timeout or on cancel without taking the daemon down.
 
 pub mod child;
 pub mod direct;

@@ -266,9 +266,9 @@ impl Supervisor {
     }
 
     /// Whether jobs' inputs and outputs are copied straight between the daemon's
-    /// memory and the workers' mapped staging buffers (`process_vm_writev`/`readv`), for jobs
-    /// of at least a megabyte (smaller ones always take the pipe): true until the
-    /// kernel refuses such a copy once; the pipe carries every job after that.
+    /// memory and the workers' mapped staging buffers (`process_vm_writev`/`readv`),
+    /// for jobs of at least a megabyte (smaller ones always take the pipe): true until
+    /// the kernel refuses such a copy once; the pipe carries every job after that.
     pub fn copies_directly(&self) -> bool {
         self.inner.direct_refused.get().is_none()
     }

@@ -11,11 +11,12 @@
 //! record, which would copy each byte twice more. They take one of two routes, chosen
 //! per job by the daemon ([`JobHeader::direct`]):
 //! - **direct** (the normal one): the worker maps its upload staging buffer (whose
-//!   bytes its kernel's buffers are copied from) and answers with the inputs' addresses ([`Answer::InputsAt`]); the daemon copies
-//!   the inputs there itself (`super::direct`, `process_vm_writev`) and says
-//!   [`ToWorker::InputsWritten`]. The reply gives the addresses of the mapped buffers
-//!   the device copied the outputs into ([`ReplyOutputs::At`]), which the daemon reads
-//!   (`process_vm_readv`). One copy each way, as in one process.
+//!   bytes its kernel's buffers are copied from) and answers with the inputs'
+//!   addresses in it ([`Answer::InputsAt`]); the daemon copies the inputs there itself
+//!   (`super::direct`, `process_vm_writev`) and says [`ToWorker::InputsWritten`]. The
+//!   reply gives the addresses in the mapped read-back buffer the device copied the
+//!   outputs into ([`ReplyOutputs::At`]), which the daemon reads (`process_vm_readv`).
+//!   One copy each way, as in one process.
 //! - **pipe**: the header lists the lengths and the bytes follow it raw, lent to the
 //!   pipe from where they lie and read into the buffers they are kept in; on the
 //!   worker's side, the device's own mapped memory. Where a direct copy is refused
