@@ -167,7 +167,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     let ssh_listener = listen(config.ssh_listen, "SSH").await?;
     let http_listener = listen(config.http_listen, "HTTP").await?;
 
-    let store = Store::open(&config.data_dir.join("raft")).context("cannot open the Raft store")?;
+    let store =
+        Store::open(&config.data_dir.join("raft"), node.0).context("cannot open the Raft store")?;
     let state = store.state_machine.view();
     // GPU work runs in supervised worker processes, one per slot.
     let gpu = match WorkerCommand::current_exe() {

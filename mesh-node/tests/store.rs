@@ -16,20 +16,32 @@ use std::path::Path;
 use std::time::Duration;
 use tempfile::TempDir;
 
-/// Each store in its own temporary directory, removed when the suite drops the guard.
-struct TempStores;
+/// The Raft id the stores below are opened as: the writer of every entry [`log_id`]
+/// makes, so their appends are a leader's, synced by the log's sync thread.
+const ME: u64 = 1;
+
+/// Each store in its own temporary directory, removed when the suite drops the guard,
+/// opened as node `.0`.
+struct TempStores(u64);
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for TempStores {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError<u64>> {
         let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
-        let store = Store::open(dir.path()).map_err(|e| StorageIOError::write(&e))?;
+        let store = Store::open(dir.path(), self.0).map_err(|e| StorageIOError::write(&e))?;
         Ok((dir, store.log, store.state_machine))
     }
 }
 
 #[test]
 fn passes_the_openraft_storage_suite() {
-    Suite::test_all(TempStores).expect("openraft storage suite");
+    Suite::test_all(TempStores(ME)).expect("openraft storage suite");
+}
+
+/// Opened as a node that wrote none of the suite's entries, every append is a
+/// follower's, synced on the appending thread.
+#[test]
+fn passes_the_openraft_storage_suite_as_a_follower() {
+    Suite::test_all(TempStores(u64::MAX)).expect("openraft storage suite");
 }
 
 fn log_id(index: u64) -> LogId {
@@ -78,7 +90,7 @@ fn retry_lock<T, E: std::fmt::Display>(mut open: impl FnMut() -> Result<T, E>) -
 }
 
 fn reopen(dir: &Path) -> Store {
-    retry_lock(|| Store::open(dir))
+    retry_lock(|| Store::open(dir, ME))
 }
 
 #[tokio::test]
@@ -99,7 +111,7 @@ async fn reopen_restores_log_vote_committed_and_snapshot() {
         let Store {
             mut log,
             mut state_machine,
-        } = Store::open(dir.path()).unwrap();
+        } = Store::open(dir.path(), ME).unwrap();
         log.blocking_append(entries.clone()).await.unwrap();
         log.save_vote(&vote).await.unwrap();
         state_machine.apply(entries[..3].to_vec()).await.unwrap();
@@ -170,7 +182,7 @@ fn poke(dir: &Path, tree: &str, key: &[u8], value: &[u8]) {
 async fn corrupt_log_record_fails_open_naming_the_file_and_offset() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let mut log = Store::open(dir.path()).unwrap().log;
+        let mut log = Store::open(dir.path(), ME).unwrap().log;
         log.blocking_append([membership(1), register(2, 1, "a"), register(3, 2, "b")])
             .await
             .unwrap();
@@ -182,7 +194,7 @@ async fn corrupt_log_record_fails_open_naming_the_file_and_offset() {
     let second = 16 + first_len;
     bytes[second + 20] ^= 0x55;
     std::fs::write(&segment, &bytes).unwrap();
-    match retry_lock(|| match Store::open(dir.path()) {
+    match retry_lock(|| match Store::open(dir.path(), ME) {
         Err(StoreError::Open { path, source }) => Err(StoreError::Open { path, source }),
         other => Ok(other),
     }) {
@@ -200,7 +212,7 @@ async fn corrupt_log_record_fails_open_naming_the_file_and_offset() {
 #[tokio::test]
 async fn corrupt_vote_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
-    drop(Store::open(dir.path()).unwrap());
+    drop(Store::open(dir.path(), ME).unwrap());
     poke(dir.path(), "meta", b"vote", b"\x63");
     let mut log = reopen(dir.path()).log;
     let err = log.read_vote().await.unwrap_err().to_string();
@@ -211,7 +223,7 @@ async fn corrupt_vote_is_an_error_not_a_panic() {
 #[tokio::test]
 async fn a_log_kept_in_sled_moves_into_the_log_files() {
     let dir = tempfile::tempdir().unwrap();
-    drop(Store::open(dir.path()).unwrap());
+    drop(Store::open(dir.path(), ME).unwrap());
     let old = [membership(1), register(2, 1, "a"), register(3, 2, "b")];
     for entry in &old {
         poke(
@@ -244,7 +256,7 @@ fn snapshot_files(dir: &Path) -> Vec<std::path::PathBuf> {
 
 /// A store holding a membership entry applied and snapshotted; returns the payload.
 async fn snapshotted(dir: &Path) -> Vec<u8> {
-    let mut sm = Store::open(dir).unwrap().state_machine;
+    let mut sm = Store::open(dir, ME).unwrap().state_machine;
     sm.apply([membership(1), register(2, 1, "a")])
         .await
         .unwrap();
@@ -259,7 +271,7 @@ async fn snapshotted(dir: &Path) -> Vec<u8> {
 
 /// Opens a store that is expected to fail for reasons other than sled's lock.
 fn open_err(dir: &Path) -> StoreError {
-    match retry_lock(|| match Store::open(dir) {
+    match retry_lock(|| match Store::open(dir, ME) {
         Err(StoreError::Open { path, source }) => Err(StoreError::Open { path, source }),
         other => Ok(other),
     }) {
@@ -308,7 +320,7 @@ async fn a_corrupt_file_record_fails_open_naming_the_record() {
 #[tokio::test]
 async fn only_the_current_snapshot_file_is_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let mut sm = Store::open(dir.path()).unwrap().state_machine;
+    let mut sm = Store::open(dir.path(), ME).unwrap().state_machine;
     sm.apply([membership(1)]).await.unwrap();
     for index in 2..5 {
         sm.apply([register(index, index, "a")]).await.unwrap();
@@ -372,7 +384,7 @@ async fn changes_fire_after_apply_and_install() {
     shareable::<mesh_node::store::StateView>();
 
     let leader_dir = tempfile::tempdir().unwrap();
-    let mut leader = Store::open(leader_dir.path()).unwrap().state_machine;
+    let mut leader = Store::open(leader_dir.path(), ME).unwrap().state_machine;
     let mut changes = leader.view().changes();
     assert_eq!(*changes.borrow_and_update(), 0);
     leader
@@ -387,7 +399,7 @@ async fn changes_fire_after_apply_and_install() {
     assert_eq!(leader.view().read(|s| s.nodes.len()), 1);
 
     let follower_dir = tempfile::tempdir().unwrap();
-    let mut follower = Store::open(follower_dir.path()).unwrap().state_machine;
+    let mut follower = Store::open(follower_dir.path(), ME).unwrap().state_machine;
     let mut follower_changes = follower.view().changes();
     let snapshot = leader
         .get_snapshot_builder()

@@ -35,6 +35,9 @@ pub struct LogStore {
     meta: sled::Tree,
     durable: Durable,
     sync: LogSync,
+    /// This node's Raft id: entries another leader wrote are a follower's, synced on the
+    /// caller's thread (see `log_sync.rs`).
+    me: u64,
     /// When `save_committed` last wrote to sled.
     committed_saved: Option<Instant>,
 }
@@ -50,6 +53,7 @@ impl LogStore {
     /// move into the files first (once: the tree is emptied afterwards).
     pub(crate) fn open(
         dir: &Path,
+        me: u64,
         old_log: sled::Tree,
         meta: sled::Tree,
         durable: Durable,
@@ -94,6 +98,7 @@ impl LogStore {
             meta,
             durable,
             sync: LogSync::start()?,
+            me,
             committed_saved: None,
         })
     }
@@ -277,7 +282,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut records = Vec::new();
         let mut kept = Vec::new();
+        let mut replicated = true;
         for entry in entries {
+            replicated &= entry.log_id.leader_id.node_id != self.me;
             let bytes = encode(&entry)
                 .map_err(StoreError::encode("a log entry"))
                 .map_err(error::write_logs)?;
@@ -302,10 +309,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         };
         metrics::histogram!("mesh_raft_log_write_seconds").record(written.elapsed().as_secs_f64());
-        // openraft treats the entries as persisted once the callback fires, which the sync
-        // thread does after the sync. A follower waits for it before it answers; the
-        // leader replicates meanwhile and counts itself in a quorum only when it fires.
-        self.sync.append(unsynced, callback);
+        // openraft treats the entries as persisted once the callback fires, after the
+        // sync. A follower waits for it before it answers, so it syncs here, without the
+        // hand-off to the sync thread and back; the leader replicates meanwhile and counts
+        // itself in a quorum only when the thread fires it.
+        if replicated {
+            self.sync.append_here(unsynced, callback);
+        } else {
+            self.sync.append(unsynced, callback);
+        }
         Ok(())
     }
 
@@ -336,7 +348,7 @@ mod tests {
         use openraft::{CommittedLeaderId, EntryPayload};
         let log_id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
         let dir = tempfile::tempdir().unwrap();
-        drop(Store::open(dir.path()).unwrap());
+        drop(Store::open(dir.path(), 1).unwrap());
         // Entries 1-3 survived; a power loss took 4 and 5, which the leader had already
         // committed with its followers' copies and stored as committed.
         let mut files = LogFiles::open(&dir.path().join(LOG_DIR), None).unwrap();
@@ -349,7 +361,7 @@ mod tests {
         });
         files.append(entries).unwrap().sync().unwrap();
         drop(files);
-        let mut log = Store::open(dir.path()).unwrap().log;
+        let mut log = Store::open(dir.path(), 1).unwrap().log;
         log.write_meta(COMMITTED, &Some(log_id(5))).unwrap();
         assert_eq!(log.read_committed().await.unwrap(), Some(log_id(3)));
         log.write_meta(COMMITTED, &Some(log_id(2))).unwrap();
@@ -361,7 +373,7 @@ mod tests {
         use openraft::CommittedLeaderId;
         let log_id = |index| Some(LogId::new(CommittedLeaderId::new(1, 1), index));
         let dir = tempfile::tempdir().unwrap();
-        let mut log = Store::open(dir.path()).unwrap().log;
+        let mut log = Store::open(dir.path(), 1).unwrap().log;
         let stored = |log: &LogStore| log.read_meta::<Option<LogId>>(COMMITTED).unwrap().flatten();
         log.save_committed(log_id(1)).await.unwrap();
         assert_eq!(stored(&log), log_id(1), "the first is stored");
@@ -379,7 +391,7 @@ mod tests {
     #[tokio::test]
     async fn an_entry_that_does_not_decode_is_reported_with_its_file_and_offset() {
         let dir = tempfile::tempdir().unwrap();
-        drop(Store::open(dir.path()).unwrap());
+        drop(Store::open(dir.path(), 1).unwrap());
         // A record whose frame and checksum are sound but whose payload is no entry.
         let mut files = LogFiles::open(&dir.path().join(LOG_DIR), None).unwrap();
         files
@@ -388,7 +400,7 @@ mod tests {
             .sync()
             .unwrap();
         drop(files);
-        let mut log = Store::open(dir.path()).unwrap().log;
+        let mut log = Store::open(dir.path(), 1).unwrap().log;
         let err = log.try_get_log_entries(..).await.unwrap_err().to_string();
         assert!(err.contains(&format!("{:020}.seg at byte 0", 1)), "{err}");
         assert!(err.contains("the entry does not decode"), "{err}");

@@ -10,15 +10,23 @@
 //! to the last completed append, so an append must never be reported before an earlier
 //! one.
 //!
+//! A follower's append is synced on the caller's thread instead ([`LogSync::append_here`]):
+//! the follower answers the leader only once its append is durable, so it has nothing
+//! to do meanwhile, and handing the sync to the thread and being woken by it again put
+//! two thread wake-ups on every commit's path (on a machine whose cores are busy, each
+//! can wait for a core). Syncing here keeps the order: it is only done when no append
+//! is queued for the thread, and otherwise the append is queued behind them.
+//!
 //! After a failed sync nothing written before it may be trusted (the kernel may have
-//! dropped the dirty pages and a later sync can succeed without them), so the thread
-//! fails that batch and everything after it.
+//! dropped the dirty pages and a later sync can succeed without them), so every append
+//! after it fails too, on either path.
 
 use super::error::StoreError;
 use super::log_file::Unsynced;
 use mesh_core::raft_types::TypeConfig;
 use openraft::storage::LogFlushed;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 /// What an append or a drain is told when the thread is gone.
@@ -39,13 +47,49 @@ impl Flushed for LogFlushed<TypeConfig> {
 /// A handle to the sync thread, cheap to clone; the thread ends when the last handle goes.
 pub(crate) struct LogSync<F = LogFlushed<TypeConfig>> {
     jobs: mpsc::Sender<Job<F>>,
+    shared: Arc<Shared>,
 }
 
 impl<F> Clone for LogSync<F> {
     fn clone(&self) -> Self {
         LogSync {
             jobs: self.jobs.clone(),
+            shared: self.shared.clone(),
         }
+    }
+}
+
+/// What the thread and the appends that sync on their caller's thread both see.
+#[derive(Default)]
+struct Shared {
+    /// Appends handed to the thread and not yet reported.
+    queued: AtomicUsize,
+    /// The first failed sync, if any: every append after it fails with it.
+    failed: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn failed(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Syncs `files` unless an earlier sync failed; a failure is kept for every later one.
+    fn sync(&self, files: Unsynced, appends: usize) -> Result<(), String> {
+        if let Some(e) = self.failed() {
+            return Err(e);
+        }
+        let started = Instant::now();
+        let result = files.sync();
+        metrics::histogram!("mesh_raft_log_sync_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("mesh_raft_log_appends_per_sync").record(appends as f64);
+        result.map_err(|e| {
+            let e = e.to_string();
+            let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+            failed.get_or_insert(e).clone()
+        })
     }
 }
 
@@ -60,21 +104,39 @@ impl<F: Flushed> LogSync<F> {
     /// Starts the sync thread.
     pub(crate) fn start() -> Result<LogSync<F>, StoreError> {
         let (jobs, queue) = mpsc::channel();
+        let shared = Arc::new(Shared::default());
+        let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("raft-log-sync".into())
-            .spawn(move || run(&queue))
+            .spawn(move || run(&queue, &thread_shared))
             .map_err(|e| StoreError::LogSync(format!("cannot start the sync thread: {e}")))?;
-        Ok(LogSync { jobs })
+        Ok(LogSync { jobs, shared })
     }
 
-    /// Queues an append's records; `callback` is completed once they are durable.
+    /// Queues an append's records for the thread; `callback` is completed once they are
+    /// durable.
     pub(crate) fn append(&self, unsynced: Unsynced, callback: F) {
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
         let sent = self.jobs.send(Job::Append { unsynced, callback });
         // Unreachable while a handle exists (the thread only ends when all are gone), but
         // an append must never be left unanswered.
         if let Err(mpsc::SendError(Job::Append { callback, .. })) = sent {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             callback.completed(Err(std::io::Error::other(STOPPED)));
         }
+    }
+
+    /// Syncs an append's records on the caller's thread and completes `callback` before
+    /// it returns, unless appends are still queued for the thread: then it is queued
+    /// behind them ([`LogSync::append`]), so that appends are reported in order.
+    pub(crate) fn append_here(&self, unsynced: Unsynced, callback: F) {
+        // Appends come one at a time (openraft's `&mut` log store), and the thread only
+        // lowers the count, after it reported: nothing can be queued after this check.
+        if self.shared.queued.load(Ordering::Acquire) > 0 {
+            return self.append(unsynced, callback);
+        }
+        let result = self.shared.sync(unsynced, 1);
+        callback.completed(result.map_err(std::io::Error::other));
     }
 
     /// Returns once every append queued before the call is durable (or reports the
@@ -89,22 +151,19 @@ impl<F: Flushed> LogSync<F> {
     }
 }
 
-fn run<F: Flushed>(queue: &mpsc::Receiver<Job<F>>) {
-    let mut failed: Option<String> = None;
+fn run<F: Flushed>(queue: &mpsc::Receiver<Job<F>>, shared: &Shared) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         batch.extend(queue.try_iter());
-        if failed.is_none() {
-            failed = sync(&batch).err().map(|e| e.to_string());
-        }
+        let result = sync(&batch, shared);
         for job in batch {
-            let result = failed.clone().map_or(Ok(()), Err);
             match job {
                 Job::Append { callback, .. } => {
-                    callback.completed(result.map_err(std::io::Error::other));
+                    callback.completed(result.clone().map_err(std::io::Error::other));
+                    shared.queued.fetch_sub(1, Ordering::AcqRel);
                 }
                 Job::Drain(tx) => {
-                    let _ = tx.send(result);
+                    let _ = tx.send(result.clone());
                 }
             }
         }
@@ -112,8 +171,7 @@ fn run<F: Flushed>(queue: &mpsc::Receiver<Job<F>>) {
 }
 
 /// Syncs every file the batch's appends wrote, each once.
-fn sync<F>(batch: &[Job<F>]) -> Result<(), StoreError> {
-    let started = Instant::now();
+fn sync<F>(batch: &[Job<F>], shared: &Shared) -> Result<(), String> {
     let mut files = Unsynced::default();
     let mut appends = 0;
     for job in batch {
@@ -123,12 +181,9 @@ fn sync<F>(batch: &[Job<F>]) -> Result<(), StoreError> {
         }
     }
     if appends == 0 {
-        return Ok(());
+        return shared.failed().map_or(Ok(()), Err);
     }
-    let result = files.sync();
-    metrics::histogram!("mesh_raft_log_sync_seconds").record(started.elapsed().as_secs_f64());
-    metrics::histogram!("mesh_raft_log_appends_per_sync").record(appends as f64);
-    result
+    shared.sync(files, appends)
 }
 
 #[cfg(test)]
@@ -209,6 +264,62 @@ mod tests {
         assert_eq!(got[0], (1, Ok(())));
         assert_eq!(got.len(), 3, "{got:?}");
         for (n, result) in &got[1..] {
+            let e = result.as_ref().unwrap_err();
+            assert!(
+                e.contains("cannot sync the Raft log file a pipe"),
+                "append {n}: {e}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_append_synced_here_is_reported_before_it_returns_and_after_queued_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = LogFiles::open(dir.path(), None).unwrap();
+        let sync = LogSync::<Probe>::start().unwrap();
+        let (seen, reports) = mpsc::channel();
+        let probe = |n| Probe {
+            n,
+            seen: seen.clone(),
+        };
+        // Nothing queued: synced and reported on this thread, before the call returns.
+        sync.append_here(files.append([(1, b"one".to_vec())]).unwrap(), probe(1));
+        assert_eq!(reports.try_iter().collect::<Vec<_>>(), [(1, Ok(()))]);
+        // Appends queued for the thread go first; one asked to sync here waits its turn.
+        for n in 2..=50 {
+            sync.append(files.append([(n, vec![n as u8; 1000])]).unwrap(), probe(n));
+        }
+        sync.append_here(files.append([(51, b"last".to_vec())]).unwrap(), probe(51));
+        sync.drain().await.unwrap();
+        let got: Vec<_> = reports.try_iter().collect();
+        let want: Vec<_> = (2..=51).map(|n| (n, Ok(()))).collect();
+        assert_eq!(got, want);
+        assert_eq!(sync.shared.queued.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_sync_failed_here_fails_every_later_append_on_either_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = LogFiles::open(dir.path(), None).unwrap();
+        let sync = LogSync::<Probe>::start().unwrap();
+        let (seen, reports) = mpsc::channel();
+        let probe = |n| Probe {
+            n,
+            seen: seen.clone(),
+        };
+        let (_reader, writer) = std::io::pipe().unwrap();
+        let pipe = File::from(std::os::fd::OwnedFd::from(writer));
+        sync.append_here(Unsynced::of("a pipe".into(), pipe), probe(1));
+        sync.append_here(files.append([(1, b"one".to_vec())]).unwrap(), probe(2));
+        sync.append(files.append([(2, b"two".to_vec())]).unwrap(), probe(3));
+        let err = sync.drain().await.unwrap_err().to_string();
+        assert!(
+            err.contains("cannot sync the Raft log file a pipe"),
+            "{err}"
+        );
+        let got: Vec<_> = reports.try_iter().collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        for (n, result) in &got {
             let e = result.as_ref().unwrap_err();
             assert!(
                 e.contains("cannot sync the Raft log file a pipe"),

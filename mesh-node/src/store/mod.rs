@@ -45,8 +45,10 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if missing) the store in `dir` and loads the last snapshot into
-    /// memory. sled locks the directory: one `Store` per directory per process.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    /// memory. sled locks the directory: one `Store` per directory per process. `me` is
+    /// the node's Raft id: the log tells a follower's appends (entries other leaders wrote)
+    /// from its own by it.
+    pub fn open(dir: &Path, me: u64) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_path_buf(),
             source,
@@ -65,7 +67,7 @@ impl Store {
         let (log, meta, snapshots) = (tree(LOG_TREE)?, tree(META_TREE)?, tree(SNAPSHOT_TREE)?);
         let durable = durable::Durable::open(db.clone(), dir)?;
         Ok(Store {
-            log: LogStore::open(&dir.join(LOG_DIR), log, meta, durable.clone())?,
+            log: LogStore::open(&dir.join(LOG_DIR), me, log, meta, durable.clone())?,
             state_machine: StateMachineStore::open(
                 snapshots,
                 snapshot_file::SnapshotFiles::open(&dir.join(SNAPSHOT_DIR))?,
