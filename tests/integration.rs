@@ -13,3 +13,4 @@ mod t45_placement;
 mod t50_operations;
 mod t60_deploy;
 mod t70_chaos;
+mod t80_bench;
