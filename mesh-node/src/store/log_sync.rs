@@ -15,7 +15,8 @@
 //! to do meanwhile, and handing the sync to the thread and being woken by it again put
 //! two thread wake-ups on every commit's path (on a machine whose cores are busy, each
 //! can wait for a core). Syncing here keeps the order: it is only done when no append
-//! is queued for the thread, and otherwise the append is queued behind them.
+//! is queued for the thread, and otherwise the append is queued behind them. It holds
+//! a runtime thread for the sync, so on a slow disk the follower's other work waits.
 //!
 //! After a failed sync nothing written before it may be trusted (the kernel may have
 //! dropped the dirty pages and a later sync can succeed without them), so every append
