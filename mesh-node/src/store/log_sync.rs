@@ -193,10 +193,12 @@ mod tests {
     use super::*;
     use std::fs::File;
 
+    type Report = (u64, Result<(), String>);
+
     /// Reports its append's number and outcome on a channel.
     struct Probe {
         n: u64,
-        seen: mpsc::Sender<(u64, Result<(), String>)>,
+        seen: mpsc::Sender<Report>,
     }
 
     impl Flushed for Probe {
@@ -205,127 +207,141 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn appends_are_reported_in_order_and_a_drain_waits_for_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut files = LogFiles::open(dir.path(), None).unwrap();
-        let sync = LogSync::<Probe>::start().unwrap();
-        let (seen, reports) = mpsc::channel();
-        for n in 1..=200 {
-            let unsynced = files.append([(n, vec![n as u8; 1000])]).unwrap();
-            sync.append(
-                unsynced,
-                Probe {
-                    n,
-                    seen: seen.clone(),
-                },
+    /// Log files in a temporary directory, a sync thread, and the reports of its appends.
+    struct Rig {
+        dir: tempfile::TempDir,
+        files: LogFiles,
+        sync: LogSync<Probe>,
+        seen: mpsc::Sender<Report>,
+        reports: mpsc::Receiver<Report>,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let files = LogFiles::open(dir.path(), None).unwrap();
+            let (seen, reports) = mpsc::channel();
+            Rig {
+                dir,
+                files,
+                sync: LogSync::start().unwrap(),
+                seen,
+                reports,
+            }
+        }
+
+        /// Writes record `n` (its payload `bytes`), to be synced.
+        fn write(&mut self, n: u64, bytes: &[u8]) -> Unsynced {
+            self.files.append([(n, bytes.to_vec())]).unwrap()
+        }
+
+        fn probe(&self, n: u64) -> Probe {
+            Probe {
+                n,
+                seen: self.seen.clone(),
+            }
+        }
+
+        /// The reports received so far.
+        fn reports(&self) -> Vec<Report> {
+            self.reports.try_iter().collect()
+        }
+
+        /// Drains, which must fail with [`failing_file`]'s error; the reports by then.
+        async fn drain_failing(&self) -> Vec<Report> {
+            let err = self.sync.drain().await.unwrap_err().to_string();
+            assert!(
+                err.contains("cannot sync the Raft log file a pipe"),
+                "{err}"
+            );
+            self.reports()
+        }
+    }
+
+    /// `fdatasync` on a pipe fails (EINVAL): a stand-in for a disk that reports an error.
+    fn failing_file() -> Unsynced {
+        let (_reader, writer) = std::io::pipe().unwrap();
+        Unsynced::of(
+            "a pipe".into(),
+            File::from(std::os::fd::OwnedFd::from(writer)),
+        )
+    }
+
+    /// Every report is the failing file's error.
+    fn assert_failed_by_the_pipe(reports: &[Report]) {
+        for (n, result) in reports {
+            let e = result.as_ref().unwrap_err();
+            assert!(
+                e.contains("cannot sync the Raft log file a pipe"),
+                "append {n}: {e}"
             );
         }
-        sync.drain().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn appends_are_reported_in_order_and_a_drain_waits_for_them() {
+        let mut rig = Rig::new();
+        for n in 1..=200 {
+            let unsynced = rig.write(n, &[n as u8; 1000]);
+            rig.sync.append(unsynced, rig.probe(n));
+        }
+        rig.sync.drain().await.unwrap();
         // Everything queued before the drain was reported by the time it returned.
-        let got: Vec<_> = reports.try_iter().collect();
         let want: Vec<_> = (1..=200).map(|n| (n, Ok(()))).collect();
-        assert_eq!(got, want);
+        assert_eq!(rig.reports(), want);
+        let Rig { dir, files, .. } = rig;
         drop(files);
-        assert_eq!(
-            LogFiles::open(dir.path(), None)
-                .unwrap()
-                .read(1, 201)
-                .unwrap()
-                .len(),
-            200
-        );
+        let reopened = LogFiles::open(dir.path(), None).unwrap();
+        assert_eq!(reopened.read(1, 201).unwrap().len(), 200);
     }
 
     #[tokio::test]
     async fn a_failed_sync_fails_its_append_and_every_later_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut files = LogFiles::open(dir.path(), None).unwrap();
-        let sync = LogSync::<Probe>::start().unwrap();
-        let (seen, reports) = mpsc::channel();
-        let probe = |n| Probe {
-            n,
-            seen: seen.clone(),
-        };
-        sync.append(files.append([(1, b"one".to_vec())]).unwrap(), probe(1));
-        sync.drain().await.unwrap();
-        // `fdatasync` on a pipe fails (EINVAL): a stand-in for a disk that reports an error.
-        let (_reader, writer) = std::io::pipe().unwrap();
-        let pipe = File::from(std::os::fd::OwnedFd::from(writer));
-        sync.append(Unsynced::of("a pipe".into(), pipe), probe(2));
+        let mut rig = Rig::new();
+        let one = rig.write(1, b"one");
+        rig.sync.append(one, rig.probe(1));
+        rig.sync.drain().await.unwrap();
+        rig.sync.append(failing_file(), rig.probe(2));
         // A later append to a healthy file is not reported durable either: the failed
         // sync may have dropped pages that this one's sync would not write again.
-        sync.append(files.append([(2, b"two".to_vec())]).unwrap(), probe(3));
-        let err = sync.drain().await.unwrap_err().to_string();
-        assert!(
-            err.contains("cannot sync the Raft log file a pipe"),
-            "{err}"
-        );
-        let got: Vec<_> = reports.try_iter().collect();
+        let two = rig.write(2, b"two");
+        rig.sync.append(two, rig.probe(3));
+        let got = rig.drain_failing().await;
         assert_eq!(got[0], (1, Ok(())));
         assert_eq!(got.len(), 3, "{got:?}");
-        for (n, result) in &got[1..] {
-            let e = result.as_ref().unwrap_err();
-            assert!(
-                e.contains("cannot sync the Raft log file a pipe"),
-                "append {n}: {e}"
-            );
-        }
+        assert_failed_by_the_pipe(&got[1..]);
     }
 
     #[tokio::test]
     async fn an_append_synced_here_is_reported_before_it_returns_and_after_queued_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut files = LogFiles::open(dir.path(), None).unwrap();
-        let sync = LogSync::<Probe>::start().unwrap();
-        let (seen, reports) = mpsc::channel();
-        let probe = |n| Probe {
-            n,
-            seen: seen.clone(),
-        };
+        let mut rig = Rig::new();
         // Nothing queued: synced and reported on this thread, before the call returns.
-        sync.append_here(files.append([(1, b"one".to_vec())]).unwrap(), probe(1));
-        assert_eq!(reports.try_iter().collect::<Vec<_>>(), [(1, Ok(()))]);
+        let one = rig.write(1, b"one");
+        rig.sync.append_here(one, rig.probe(1));
+        assert_eq!(rig.reports(), [(1, Ok(()))]);
         // Appends queued for the thread go first; one asked to sync here waits its turn.
         for n in 2..=50 {
-            sync.append(files.append([(n, vec![n as u8; 1000])]).unwrap(), probe(n));
+            let unsynced = rig.write(n, &[n as u8; 1000]);
+            rig.sync.append(unsynced, rig.probe(n));
         }
-        sync.append_here(files.append([(51, b"last".to_vec())]).unwrap(), probe(51));
-        sync.drain().await.unwrap();
-        let got: Vec<_> = reports.try_iter().collect();
+        let last = rig.write(51, b"last");
+        rig.sync.append_here(last, rig.probe(51));
+        rig.sync.drain().await.unwrap();
         let want: Vec<_> = (2..=51).map(|n| (n, Ok(()))).collect();
-        assert_eq!(got, want);
-        assert_eq!(sync.shared.queued.load(Ordering::Acquire), 0);
+        assert_eq!(rig.reports(), want);
+        assert_eq!(rig.sync.shared.queued.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test]
     async fn a_sync_failed_here_fails_every_later_append_on_either_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut files = LogFiles::open(dir.path(), None).unwrap();
-        let sync = LogSync::<Probe>::start().unwrap();
-        let (seen, reports) = mpsc::channel();
-        let probe = |n| Probe {
-            n,
-            seen: seen.clone(),
-        };
-        let (_reader, writer) = std::io::pipe().unwrap();
-        let pipe = File::from(std::os::fd::OwnedFd::from(writer));
-        sync.append_here(Unsynced::of("a pipe".into(), pipe), probe(1));
-        sync.append_here(files.append([(1, b"one".to_vec())]).unwrap(), probe(2));
-        sync.append(files.append([(2, b"two".to_vec())]).unwrap(), probe(3));
-        let err = sync.drain().await.unwrap_err().to_string();
-        assert!(
-            err.contains("cannot sync the Raft log file a pipe"),
-            "{err}"
-        );
-        let got: Vec<_> = reports.try_iter().collect();
+        let mut rig = Rig::new();
+        rig.sync.append_here(failing_file(), rig.probe(1));
+        let one = rig.write(1, b"one");
+        rig.sync.append_here(one, rig.probe(2));
+        let two = rig.write(2, b"two");
+        rig.sync.append(two, rig.probe(3));
+        let got = rig.drain_failing().await;
         assert_eq!(got.len(), 3, "{got:?}");
-        for (n, result) in &got {
-            let e = result.as_ref().unwrap_err();
-            assert!(
-                e.contains("cannot sync the Raft log file a pipe"),
-                "append {n}: {e}"
-            );
-        }
+        assert_failed_by_the_pipe(&got);
     }
 }
