@@ -771,29 +771,40 @@ impl NodePorts {
         let ephemeral_min = ephemeral_min();
         let wanted = 3 * n;
         if ephemeral_min < FIXED_PORT_MIN + 1000 + wanted as u16 {
-            // No room below the ephemeral range: fall back to released ephemeral ports.
+            // No room below the ephemeral range: fall back to released ephemeral ports,
+            // kept out of other meshes by the same registry.
+            let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+            let mut port = || loop {
+                let port = free_port();
+                if handed_out.insert(port) {
+                    return port;
+                }
+            };
             let ports = (0..n).map(|_| NodePorts {
-                ssh: free_port(),
-                http: free_port(),
-                raft: free_port(),
+                ssh: port(),
+                http: port(),
+                raft: port(),
             });
             return Ok(ports.collect());
         }
-        let span = u64::from(ephemeral_min - FIXED_PORT_MIN);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        let start = (nanos ^ (u64::from(std::process::id()) << 20)) % span;
-        NodePorts::allocate_from(n, start, ephemeral_min)
+        NodePorts::allocate_from(
+            n,
+            nanos ^ (u64::from(std::process::id()) << 20),
+            ephemeral_min,
+        )
     }
 
     /// [`NodePorts::allocate`], scanning from the `start`th port above
-    /// [`FIXED_PORT_MIN`] and wrapping around below `below`. Skips ports it cannot bind and ports it handed out before
-    /// whose [`Node`] this process still has: a node killed by a test is down, its
-    /// ports free, and a mesh another test starts at the same time must not take them
-    /// (t30 once failed to restart a killed leader: "Address already in use"). Holding
-    /// them bound instead would change the fault: a dead node's port must refuse
-    /// connections, which the survivors' leader watch relies on.
+    /// [`FIXED_PORT_MIN`] (modulo the span) and wrapping around below `below`. Skips
+    /// ports it cannot bind and ports it handed out before whose [`Node`] this process
+    /// still has: a node killed by a test is down, its ports free, and a mesh another
+    /// test starts at the same time must not take them (t30 once failed to restart a
+    /// killed leader: "Address already in use"). Holding them bound instead would
+    /// change the fault: a dead node's port must refuse connections, which the
+    /// survivors' leader watch relies on.
     fn allocate_from(n: usize, start: u64, below: u16) -> Result<Vec<NodePorts>> {
         let span = u64::from(below - FIXED_PORT_MIN);
         let wanted = 3 * n;
@@ -804,7 +815,7 @@ impl NodePorts {
             if held.len() == wanted {
                 break;
             }
-            let port = FIXED_PORT_MIN + ((start + step) % span) as u16;
+            let port = FIXED_PORT_MIN + ((start % span + step) % span) as u16;
             if handed_out.contains(&port) {
                 continue;
             }
