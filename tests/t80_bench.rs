@@ -57,6 +57,7 @@ fn mesh_bench_lists_its_scenarios_and_short_runs_report_committed_work() {
         "submit",
         "submit-stream",
         "submit-batch",
+        "status",
         "end-to-end",
         "failover",
         "reassign",

@@ -1,5 +1,6 @@
-//! Proves the store (log files, snapshot file, sled): it passes openraft's storage suite, keeps log, vote, committed
-//! id and snapshot across a reopen (and rebuilds the state from them), reports corrupt
+//! Proves the store (log files, snapshot file, sled): it passes openraft's storage
+//! suite, as a leader's store and as a follower's, keeps log, vote, committed id and
+//! snapshot across a reopen (and rebuilds the state from them), reports corrupt
 //! records as errors instead of panicking, and tells state viewers about applies.
 
 use mesh_core::command::{Command, Request};
