@@ -216,9 +216,9 @@ impl Piece for &mut [u8] {
 /// the least busy core when it is made, and with every core busy at that moment (the
 /// caller copying, the thread that woke it not yet asleep) that is the caller's own.
 /// There it waited behind the caller's piece, up to 2 ms with the other core idle
-/// (`perf sched timehist`). In one GPU bench run 57 of its 130 split copies had a
-/// piece start over 0.5 ms late; with the caller only waiting, 11 of 260 pieces did.
-/// A caller that only waits leaves its core to the pieces.
+/// (`perf sched timehist`; how many pieces started late before and after, timed by a
+/// throwaway build, is in docs/notes/2026-11-23-session-20.md). A caller that only
+/// waits leaves its core to the pieces.
 fn copy_in_pieces<P: Piece + Send>(
     segments: Vec<(P, usize)>,
     moved: &str,
