@@ -23,7 +23,7 @@
 //! `mesh-node/tests/gpu.rs` checks each of these shapes on the adapter it runs on and
 //! names the form a driver computed instead.
 
-use crate::kernel::{BindingPlan, KernelPlan, SpecError, MAX_WORKGROUPS_PER_DIMENSION};
+use crate::kernel::{BindingPlan, Dispatch, KernelPlan, SpecError, MAX_WORKGROUPS_PER_DIMENSION};
 use crate::task::{NamedBytes, OutputDecl};
 use std::collections::BTreeMap;
 
@@ -108,23 +108,69 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
 }
 "#;
 
+/// Invocations that sum one workgroup's lanes in [`REDUCE_SUM`] (its workgroup size).
+const REDUCE_LANES: u32 = 256;
+/// Most workgroups of reduce-sum's first step, each leaving one partial sum: enough
+/// to fill a large GPU (a thousand workgroups of 256), few enough that the second
+/// step's single workgroup adds the partials in a few steps per invocation.
+const REDUCE_MAX_GROUPS: u64 = 1024;
+/// Fewest elements one invocation of reduce-sum's first step adds on its own before
+/// the workgroup combines its lanes: below it, small inputs get fewer workgroups
+/// rather than workgroups that mostly wait at barriers.
+const REDUCE_MIN_PER_INVOCATION: u64 = 8;
+
+/// The workgroups of reduce-sum's first step for `n` elements: a function of `n`
+/// alone, so that the order of the additions, and so the sum's bits, are the same on
+/// every adapter.
+fn reduce_groups(n: u64) -> u32 {
+    n.div_ceil(u64::from(REDUCE_LANES) * REDUCE_MIN_PER_INVOCATION)
+        .clamp(1, REDUCE_MAX_GROUPS) as u32
+}
+
+// Two steps, since workgroups cannot wait for each other within one dispatch: the
+// first has `groups` workgroups, workgroup g's invocation l adding the elements
+// g*256 + l, then every groups*256 after it, and the workgroup summing its 256 lanes
+// into partials[g]; the second, one workgroup, adds the partials the same way into
+// out[0]. [`cpu_reference`] adds in exactly this order.
 const REDUCE_SUM: &str = r#"
-struct Params { n: u32, _p0: u32, _p1: u32, _p2: u32 }
+struct Params { n: u32, groups: u32, _p0: u32, _p1: u32 }
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<uniform> params: Params;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
-var<workgroup> partial: array<f32, 256>;
-@compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) lid: u32) {
-    var acc = 0.0;
-    for (var i = lid; i < params.n; i = i + 256u) { acc = acc + x[i]; }
-    partial[lid] = acc;
+@group(0) @binding(3) var<storage, read_write> partials: array<f32>;
+var<workgroup> lanes: array<f32, 256>;
+var<workgroup> rows: array<f32, 16>;
+// Every invocation brings its `acc` and gets the workgroup's sum: the lanes in rows
+// of 16, each row added in order, then the rows in order. Two barriers, where
+// halving the lanes pairwise takes eight: on a CPU driver (lavapipe) each barrier
+// switches between all of the workgroup's invocations, and with a thousand
+// workgroups the barriers cost more than reading the input.
+fn sum_lanes(lid: u32, acc: f32) -> f32 {
+    lanes[lid] = acc;
     workgroupBarrier();
-    for (var stride = 128u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) { partial[lid] = partial[lid] + partial[lid + stride]; }
-        workgroupBarrier();
+    if (lid < 16u) {
+        var row = 0.0;
+        for (var j = 0u; j < 16u; j = j + 1u) { row = row + lanes[lid * 16u + j]; }
+        rows[lid] = row;
     }
-    if (lid == 0u) { out[0] = partial[0]; }
+    workgroupBarrier();
+    var sum = 0.0;
+    for (var r = 0u; r < 16u; r = r + 1u) { sum = sum + rows[r]; }
+    return sum;
+}
+@compute @workgroup_size(256)
+fn partial_sums(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    var acc = 0.0;
+    for (var i = wg.x * 256u + lid; i < params.n; i = i + params.groups * 256u) { acc = acc + x[i]; }
+    let sum = sum_lanes(lid, acc);
+    if (lid == 0u) { partials[wg.x] = sum; }
+}
+@compute @workgroup_size(256)
+fn total(@builtin(local_invocation_index) lid: u32) {
+    var acc = 0.0;
+    for (var i = lid; i < params.groups; i = i + 256u) { acc = acc + partials[i]; }
+    let sum = sum_lanes(lid, acc);
+    if (lid == 0u) { out[0] = sum; }
 }
 "#;
 
@@ -199,10 +245,21 @@ pub fn plan(
         "reduce-sum" => {
             k.allow_params(&[])?;
             let n = k.same_length_f32(&["x"])?;
-            let mut plan = k.one_d(REDUCE_SUM, &["x"], &[n as u32, 0, 0, 0], n)?;
-            plan.workgroups = [1, 1, 1];
-            plan.outputs[0].size = 4;
-            Ok(plan)
+            let groups = reduce_groups(n);
+            let mut bindings = k.bindings(&["x"], &[n as u32, groups, 0, 0]);
+            bindings.push(BindingPlan::Scratch(u64::from(groups) * 4));
+            Ok(KernelPlan {
+                source: REDUCE_SUM.into(),
+                steps: vec![
+                    Dispatch::new("partial_sums", [groups, 1, 1]),
+                    Dispatch::new("total", [1, 1, 1]),
+                ],
+                bindings,
+                outputs: vec![OutputDecl {
+                    name: "out".into(),
+                    size: 4,
+                }],
+            })
         }
         "mandelbrot" => {
             k.allow_params(&["width", "height", "max_iter"])?;
@@ -372,8 +429,7 @@ impl Builtin<'_> {
         let y = groups.div_ceil(x as u64) as u32;
         Ok(KernelPlan {
             source: format!("{INDEX_1D}{}", with_helpers(src)),
-            entry: "main".into(),
-            workgroups: [x, y, 1],
+            steps: vec![Dispatch::new("main", [x, y, 1])],
             bindings: self.bindings(names, params),
             outputs: vec![OutputDecl {
                 name: "out".into(),
@@ -393,8 +449,10 @@ impl Builtin<'_> {
     ) -> Result<KernelPlan, SpecError> {
         Ok(KernelPlan {
             source: with_helpers(src),
-            entry: "main".into(),
-            workgroups: [width.div_ceil(16), height.div_ceil(16), 1],
+            steps: vec![Dispatch::new(
+                "main",
+                [width.div_ceil(16), height.div_ceil(16), 1],
+            )],
             bindings: self.bindings(names, params),
             outputs: vec![OutputDecl {
                 name: "out".into(),
@@ -507,13 +565,32 @@ pub fn plan_shard(
                     bytes[12..16].copy_from_slice(&(start as u32).to_le_bytes());
                 }
             }
-            p.workgroups[1] = (rows as u32).div_ceil(16);
+            p.steps[0].workgroups[1] = (rows as u32).div_ceil(16);
             p.outputs[0].size = width * rows * 4;
             (p, inputs.to_vec())
         }
         _ => unreachable!("shard_units refused it"),
     };
     Ok((plan, used.into_iter().map(|i| i.data).collect()))
+}
+
+/// `v[start] + v[start + step] + ...` in that order, from 0: one invocation's share
+/// of [`REDUCE_SUM`].
+fn strided_sum(v: &[f32], start: usize, step: usize) -> f32 {
+    v.iter()
+        .skip(start)
+        .step_by(step)
+        .fold(0.0, |acc, x| acc + x)
+}
+
+/// What [`REDUCE_SUM`]'s `sum_lanes` returns for a workgroup whose invocation `lid`
+/// brings `lane(lid)`: each row of 16 lanes summed in order, then the 16 rows in order.
+fn sum_lanes(lane: impl Fn(usize) -> f32) -> f32 {
+    let lanes: Vec<f32> = (0..REDUCE_LANES as usize).map(lane).collect();
+    lanes
+        .chunks(16)
+        .map(|row| row.iter().fold(0.0, |acc, x| acc + x))
+        .fold(0.0, |acc, row| acc + row)
 }
 
 /// Mandelbrot's pixel steps (3.5 / width, 2.5 / height): the image spans
@@ -580,24 +657,12 @@ pub fn cpu_reference(
         }
         "reduce-sum" => {
             let x = input("x");
-            let mut partial = [0f32; 256];
-            for (lid, slot) in partial.iter_mut().enumerate() {
-                let mut acc = 0f32;
-                let mut i = lid;
-                while i < x.len() {
-                    acc += x[i];
-                    i += 256;
-                }
-                *slot = acc;
-            }
-            let mut stride = 128;
-            while stride > 0 {
-                for lid in 0..stride {
-                    partial[lid] += partial[lid + stride];
-                }
-                stride /= 2;
-            }
-            f32_bytes(&partial[..1])
+            let groups = reduce_groups(x.len() as u64) as usize;
+            let lanes = REDUCE_LANES as usize;
+            let partials: Vec<f32> = (0..groups)
+                .map(|g| sum_lanes(|lid| strided_sum(&x, g * lanes + lid, groups * lanes)))
+                .collect();
+            f32_bytes(&[sum_lanes(|lid| strided_sum(&partials, lid, lanes))])
         }
         "mandelbrot" => {
             let (w, h, max_iter) = (u("width"), u("height"), u("max_iter"));
@@ -701,8 +766,69 @@ mod tests {
             ],
         };
         let p = k.one_d(SAXPY, &["x", "y"], &[0; 4], n as u64).unwrap();
-        assert_eq!(p.workgroups, [65535, 2, 1]);
-        assert!(p.workgroups[0] as u64 * p.workgroups[1] as u64 * 256 >= n as u64);
+        let [x, y, _] = p.steps[0].workgroups;
+        assert_eq!([x, y], [65535, 2]);
+        assert!(x as u64 * y as u64 * 256 >= n as u64);
+    }
+
+    #[test]
+    fn reduce_sum_adds_partials_of_a_workgroup_count_set_by_the_length_alone() {
+        let plan_for = |n: usize| {
+            kernel::plan(&spec("reduce-sum", &[]), &[inp("x", &vec![1.0; n])], &[]).unwrap()
+        };
+        for (n, groups) in [
+            (1, 1),
+            (2048, 1),
+            (2049, 2),
+            (1 << 20, 512),
+            (1 << 21, 1024),
+            (3 << 20, 1024),
+        ] {
+            let p = plan_for(n);
+            assert_eq!(
+                p.steps,
+                vec![
+                    Dispatch::new("partial_sums", [groups, 1, 1]),
+                    Dispatch::new("total", [1, 1, 1]),
+                ],
+                "{n} elements"
+            );
+            assert_eq!(p.bindings[3], BindingPlan::Scratch(u64::from(groups) * 4));
+            let BindingPlan::Uniform(params) = &p.bindings[1] else {
+                panic!("{:?}", p.bindings)
+            };
+            assert_eq!(
+                params[..8],
+                [(n as u32).to_le_bytes(), groups.to_le_bytes()].concat()
+            );
+        }
+        let module = kernel::validate_wgsl(&plan_for(8).source).unwrap();
+        let entries: Vec<&str> = module
+            .entry_points
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(entries, ["partial_sums", "total"]);
+    }
+
+    #[test]
+    fn reduce_sum_reference_adds_in_the_shaders_order() {
+        // 1e8's f32 neighbours are 8 apart, so 1e8 + 1 rounds back to 1e8: the order
+        // of the additions shows in the sum. 6,144 elements make 3 workgroups of 256
+        // lanes, each lane adding 8 elements. Lane 0 of workgroup 0 adds its 7 ones
+        // to 1e8 one at a time and loses them; every other lane sums 8 ones apart and
+        // the lanes and partials then combine in multiples of 8, which survive.
+        let n = 2048 * 3;
+        let mut xs = vec![1.0f32; n];
+        xs[0] = 1e8;
+        let got = f32s(&cpu_reference(
+            "reduce-sum",
+            &BTreeMap::new(),
+            &[inp("x", &xs)],
+        ))[0];
+        assert_eq!(got, 1e8 + (n - 8) as f32);
+        let in_a_row = xs.iter().fold(0.0f32, |acc, x| acc + x);
+        assert_eq!(in_a_row, 1e8, "a plain left-to-right sum loses the ones");
     }
 
     #[test]

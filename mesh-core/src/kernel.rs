@@ -17,6 +17,29 @@ pub enum BindingPlan {
     Uniform(Vec<u8>),
     /// A read-write storage buffer read back as the task output at this index.
     Output(usize),
+    /// A read-write storage buffer of this many bytes that one step writes and a later
+    /// one reads (a reduction's partial sums); its contents start undefined and are
+    /// never read back.
+    Scratch(u64),
+}
+
+/// One compute dispatch of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dispatch {
+    /// Entry point in the plan's source.
+    pub entry: String,
+    /// Workgroup counts.
+    pub workgroups: [u32; 3],
+}
+
+impl Dispatch {
+    /// A dispatch of `entry` over `workgroups`.
+    pub fn new(entry: impl Into<String>, workgroups: [u32; 3]) -> Dispatch {
+        Dispatch {
+            entry: entry.into(),
+            workgroups,
+        }
+    }
 }
 
 /// A kernel ready to dispatch: everything the executor needs besides the input bytes.
@@ -24,10 +47,11 @@ pub enum BindingPlan {
 pub struct KernelPlan {
     /// WGSL source.
     pub source: String,
-    /// Entry point.
-    pub entry: String,
-    /// Workgroup counts.
-    pub workgroups: [u32; 3],
+    /// The dispatches, in order, over the same bindings: each sees everything the
+    /// ones before it wrote. One for a WGSL task; a built-in that must synchronise
+    /// across workgroups (reduce-sum) has two, since WGSL gives workgroups no way to
+    /// wait for each other inside one dispatch.
+    pub steps: Vec<Dispatch>,
     /// Bindings in order 0, 1, 2, ...
     pub bindings: Vec<BindingPlan>,
     /// Output buffers, indexed by `BindingPlan::Output`.
@@ -138,12 +162,12 @@ pub fn plan(
             limit: MAX_TASK_OUTPUT_BYTES,
         });
     }
-    if plan
-        .workgroups
-        .iter()
-        .any(|&w| w == 0 || w > MAX_WORKGROUPS_PER_DIMENSION)
-    {
-        return Err(SpecError::BadWorkgroups(plan.workgroups));
+    if let Some(step) = plan.steps.iter().find(|step| {
+        step.workgroups
+            .iter()
+            .any(|&w| w == 0 || w > MAX_WORKGROUPS_PER_DIMENSION)
+    }) {
+        return Err(SpecError::BadWorkgroups(step.workgroups));
     }
     Ok(plan)
 }
@@ -253,8 +277,7 @@ fn plan_wgsl(
         .collect();
     Ok(KernelPlan {
         source: source.into(),
-        entry: entry.into(),
-        workgroups,
+        steps: vec![Dispatch::new(entry, workgroups)],
         bindings,
         outputs: outputs.to_vec(),
     })

@@ -39,9 +39,8 @@
 //! lend them, `wire::splice_all`, and read a chunk at a time as the worker reads them),
 //! and by one `memcpy` (what a single process pays).
 //!
-//! Every path's output must equal the CPU reference bit for bit (`reduce-sum`, whose
-//! driver may sum in another order: the bare path's bytes, and the CPU sum within
-//! 1e-3 of the sum of magnitudes); a mismatch panics. Without a usable adapter the
+//! Every path's output must equal the CPU reference bit for bit (the built-ins
+//! compute the same bytes on every adapter, `mesh_core::builtin`); a mismatch panics. Without a usable adapter the
 //! bench exits 1: it never passes silently.
 //!
 //! Run: `cargo bench -p mesh-node --bench gpu`. Settings (environment):
@@ -55,7 +54,7 @@
 //! runs once on tiny sizes, as a smoke test.
 
 use mesh_core::builtin::{cpu_reference, f32_bytes, f32s};
-use mesh_core::kernel::{self, BindingPlan, KernelPlan};
+use mesh_core::kernel::{self, BindingPlan, Dispatch, KernelPlan};
 use mesh_core::limits::{MAX_TASK_INPUT_BYTES, MAX_TASK_OUTPUT_BYTES};
 use mesh_core::task::{KernelSpec, NamedBytes, OutputDecl};
 use mesh_core::{AdapterInfo, Bytes};
@@ -222,38 +221,9 @@ impl Case {
         self.inputs.iter().map(|i| i.data.clone()).collect()
     }
 
-    /// Drivers may sum `reduce-sum` in another order than the CPU reference.
-    fn exact(&self) -> bool {
-        self.name != "reduce-sum"
-    }
-
-    /// The bare path's output: the CPU reference's bytes, or its sum within rounding.
-    fn check_bare(&self, outputs: &[Vec<u8>]) {
-        if self.exact() {
-            self.check("bare wgpu", outputs, &self.reference);
-            return;
-        }
-        let got = f32s(one_output(self.name, "bare wgpu", outputs))[0];
-        let want = f32s(&self.reference)[0];
-        let magnitude: f32 = f32s(&self.inputs[0].data).iter().map(|x| x.abs()).sum();
-        assert!(
-            (got - want).abs() <= 1e-3 * magnitude.max(1.0),
-            "{}: bare wgpu summed {got}, the CPU {want}",
-            self.name
-        );
-    }
-
-    /// The output of another path: exactly the CPU reference, or the bare path's bytes.
-    fn check_path(&self, path: &str, outputs: &[Vec<u8>], bare: &[Vec<u8>]) {
-        let want = if self.exact() {
-            &self.reference
-        } else {
-            &bare[0]
-        };
-        self.check(path, outputs, want);
-    }
-
-    fn check(&self, path: &str, outputs: &[Vec<u8>], want: &[u8]) {
+    /// A path's output must be exactly the CPU reference's bytes.
+    fn check(&self, path: &str, outputs: &[Vec<u8>]) {
+        let want = &self.reference;
         let got = one_output(self.name, path, outputs);
         if got == want {
             return;
@@ -485,7 +455,8 @@ struct Bare {
 /// What the bare path builds once per kernel.
 struct Pipeline {
     layout: wgpu::BindGroupLayout,
-    pipeline: wgpu::ComputePipeline,
+    /// One per step of the plan, in order.
+    pipelines: Vec<wgpu::ComputePipeline>,
 }
 
 /// The result of a buffer-to-buffer copy measurement.
@@ -560,7 +531,7 @@ impl Bare {
                             wgpu::BufferBindingType::Storage { read_only: true }
                         }
                         BindingPlan::Uniform(_) => wgpu::BufferBindingType::Uniform,
-                        BindingPlan::Output(_) => {
+                        BindingPlan::Output(_) | BindingPlan::Scratch(_) => {
                             wgpu::BufferBindingType::Storage { read_only: false }
                         }
                     },
@@ -583,17 +554,22 @@ impl Bare {
                 bind_group_layouts: &[Some(&layout)],
                 immediate_size: 0,
             });
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some("bench kernel"),
-                layout: Some(&pipeline_layout),
-                module: &module,
-                entry_point: Some(&plan.entry),
-                compilation_options: wgpu::PipelineCompilationOptions::default(),
-                cache: None,
-            });
-        Pipeline { layout, pipeline }
+        let pipelines = plan
+            .steps
+            .iter()
+            .map(|step| {
+                self.device
+                    .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                        label: Some("bench kernel"),
+                        layout: Some(&pipeline_layout),
+                        module: &module,
+                        entry_point: Some(&step.entry),
+                        compilation_options: wgpu::PipelineCompilationOptions::default(),
+                        cache: None,
+                    })
+            })
+            .collect();
+        Pipeline { layout, pipelines }
     }
 
     /// One buffer per binding, inputs and uniforms uploaded, and their bind group.
@@ -613,6 +589,12 @@ impl Bare {
                     label: Some("bench output"),
                     size: plan.outputs[*o].size,
                     usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                }),
+                BindingPlan::Scratch(bytes) => self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("bench scratch"),
+                    size: *bytes,
+                    usage: wgpu::BufferUsages::STORAGE,
                     mapped_at_creation: false,
                 }),
             })
@@ -660,11 +642,13 @@ impl Bare {
                 label: Some("bench kernel"),
                 timestamp_writes: None,
             });
-            pass.set_pipeline(&pipeline.pipeline);
             pass.set_bind_group(0, group, &[]);
-            let [x, y, z] = plan.workgroups;
             for _ in 0..times {
-                pass.dispatch_workgroups(x, y, z);
+                for (step, pipeline) in plan.steps.iter().zip(&pipeline.pipelines) {
+                    pass.set_pipeline(pipeline);
+                    let [x, y, z] = step.workgroups;
+                    pass.dispatch_workgroups(x, y, z);
+                }
             }
         }
         encoder
@@ -784,8 +768,10 @@ impl Bare {
         let x = groups.min(u64::from(kernel::MAX_WORKGROUPS_PER_DIMENSION));
         let plan = KernelPlan {
             source: COPY_WGSL.into(),
-            entry: "main".into(),
-            workgroups: [x as u32, groups.div_ceil(x) as u32, 1],
+            steps: vec![Dispatch::new(
+                "main",
+                [x as u32, groups.div_ceil(x) as u32, 1],
+            )],
             bindings: vec![BindingPlan::Input(0), BindingPlan::Output(0)],
             outputs: vec![OutputDecl {
                 name: "dst".into(),
@@ -922,19 +908,19 @@ fn bench_case(
     let mut measured = measure_paths(runs, &mut paths).into_iter();
 
     let (bare_stats, bare_out) = measured.next().expect("the bare path ran");
-    case.check_bare(&bare_out);
+    case.check("bare wgpu", &bare_out);
     let (fresh, out) = measured
         .next()
         .expect("the bare path with new pipelines ran");
-    case.check_path("bare wgpu, new pipeline", &out, &bare_out);
+    case.check("bare wgpu, new pipeline", &out);
     let (executor_stats, out) = measured.next().expect("the executor ran");
-    case.check_path("executor", &out, &bare_out);
+    case.check("executor", &out);
     let worker = measured.next().map(|(stats, out)| {
-        case.check_path("worker", &out, &bare_out);
+        case.check("worker", &out);
         stats
     });
     let worker_pipe = measured.next().map(|(stats, out)| {
-        case.check_path("worker, pipe route", &out, &bare_out);
+        case.check("worker, pipe route", &out);
         stats
     });
     Row {

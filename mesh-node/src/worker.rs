@@ -402,6 +402,7 @@ fn buffer_bytes(plan: &KernelPlan, inputs: &[Bytes]) -> u64 {
             BindingPlan::Input(i) => inputs.get(*i).map_or(0, |x| x.len() as u64),
             BindingPlan::Uniform(u) => u.len() as u64,
             BindingPlan::Output(o) => plan.outputs.get(*o).map_or(0, |x| x.size),
+            BindingPlan::Scratch(bytes) => *bytes,
         })
         .sum()
 }

@@ -10,7 +10,7 @@
 //! skip): CI must install mesa-vulkan-drivers.
 
 use mesh_core::builtin::{self, cpu_reference, f32_bytes, f32s};
-use mesh_core::kernel::{self, BindingPlan, KernelPlan};
+use mesh_core::kernel::{self, BindingPlan, Dispatch, KernelPlan};
 use mesh_core::task::{KernelSpec, NamedBytes, OutputDecl};
 use mesh_core::Bytes;
 use mesh_node::gpu::{probe, Executor, GpuError};
@@ -160,6 +160,24 @@ fn reduce_sum_over_a_million_elements_matches_the_cpu_reference() {
     );
 }
 
+/// reduce-sum's two steps at the edges of its workgroup count: one workgroup (and a
+/// single element), lengths that end inside a workgroup, and the most elements a
+/// task may carry, where the count stops growing and each invocation adds more.
+#[test]
+fn reduce_sum_at_the_edges_of_its_workgroup_count_matches_the_cpu_reference() {
+    let most = (mesh_core::limits::MAX_TASK_INPUT_BYTES / 4) as usize;
+    for (seed, n) in [(8, 1), (9, 257), (10, 2049), (11, most - 3)] {
+        // Magnitudes spread over 2^-8..2^8 with full mantissas, so that adding in
+        // another order than the reference's changes the sum's bits.
+        let xs: Vec<f32> = lcg_f32s(seed, n)
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x * 1.37 * (2.0f32).powi((i % 17) as i32 - 8))
+            .collect();
+        check_builtin("reduce-sum", params(&[]), vec![input("x", &xs)]);
+    }
+}
+
 #[test]
 fn mandelbrot_matches_the_cpu_reference() {
     check_builtin(
@@ -181,8 +199,7 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
 fn custom_plan(source: &str, n: u64) -> KernelPlan {
     KernelPlan {
         source: source.into(),
-        entry: "main".into(),
-        workgroups: [n.div_ceil(64) as u32, 1, 1],
+        steps: vec![Dispatch::new("main", [n.div_ceil(64) as u32, 1, 1])],
         bindings: vec![BindingPlan::Input(0), BindingPlan::Output(0)],
         outputs: vec![OutputDecl {
             name: "y".into(),
@@ -333,12 +350,21 @@ fn upload_then_launch_reads_outputs_in_place_and_a_failed_fill_is_its_error() {
     assert!(matches!(failed, Err(Failed::Pipe)), "{failed:?}");
     // A plan the adapter refuses is refused before `fill` is called.
     let mut zero = plan.clone();
-    zero.workgroups = [0, 1, 1];
+    zero.steps[0].workgroups = [0, 1, 1];
     let refused = executor().upload(&zero, &[x.len() as u64], |_| -> Result<(), Failed> {
         panic!("fill called for a refused plan")
     });
     assert!(
         matches!(refused, Err(Failed::Gpu(GpuError::InvalidPlan(_)))),
+        "{refused:?}"
+    );
+    let mut stepless = plan.clone();
+    stepless.steps.clear();
+    let refused = executor().upload(&stepless, &[x.len() as u64], |_| -> Result<(), Failed> {
+        panic!("fill called for a plan with nothing to dispatch")
+    });
+    assert!(
+        matches!(&refused, Err(Failed::Gpu(GpuError::InvalidPlan(why))) if why.contains("no steps")),
         "{refused:?}"
     );
     // The executor is unharmed.
@@ -375,8 +401,7 @@ fn concat_plan(a_len: usize, b_len: usize) -> KernelPlan {
     let words = a_len.div_ceil(4) + b_len.div_ceil(4);
     KernelPlan {
         source: CONCAT_WITH_LENGTHS.into(),
-        entry: "main".into(),
-        workgroups: [(words as u32).div_ceil(64), 1, 1],
+        steps: vec![Dispatch::new("main", [(words as u32).div_ceil(64), 1, 1])],
         bindings: vec![
             BindingPlan::Input(0),
             BindingPlan::Input(1),
@@ -693,8 +718,7 @@ fn the_adapter_rounds_builtin_f32_expressions_as_written() {
     let v: Vec<f32> = lcg_f32s(11, 3 * n).iter().map(|x| x * 2.0).collect();
     let plan = KernelPlan {
         source: format!("{}{FORMS_WGSL}", builtin::UNFUSED),
-        entry: "main".into(),
-        workgroups: [(n / 64) as u32, 1, 1],
+        steps: vec![Dispatch::new("main", [(n / 64) as u32, 1, 1])],
         bindings: vec![
             BindingPlan::Input(0),
             BindingPlan::Uniform(vec![0; 16]),

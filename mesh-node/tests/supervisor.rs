@@ -116,7 +116,7 @@ async fn run_refused(
 /// inputs), then a saxpy that must succeed, in the same worker `pid` as ever.
 async fn refused_then_saxpy(supervisor: &Supervisor, pid: u32, route: &str) {
     let (mut plan, inputs, _) = saxpy(LARGE);
-    plan.workgroups = [0, 1, 1];
+    plan.steps[0].workgroups = [0, 1, 1];
     run_refused(supervisor, plan, inputs, ChildErrorKind::InvalidPlan).await;
     assert_saxpy_of(supervisor, LARGE, &format!("{route}: after a refused job")).await;
     assert_eq!(
@@ -308,7 +308,7 @@ async fn a_crashing_worker_is_reported_and_replaced() {
     let pid = only_pid(&supervisor);
     let (mut plan, inputs, _) = saxpy(SMALL);
     plan.source = plan.source.replace("fn main(", "fn crash(");
-    plan.entry = "crash".into();
+    plan.steps[0].entry = "crash".into();
     assert!(
         plan.source.contains("fn crash("),
         "the built-in's entry point was renamed"

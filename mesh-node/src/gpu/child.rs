@@ -128,11 +128,11 @@ pub fn serve() -> i32 {
             Err(e) => bad_job(&e),
         };
         drop(lent.take());
-        if abort_on_entry.as_deref() == Some(header.plan.entry.as_str()) {
-            note!(
-                "{ABORT_ON_ENTRY_ENV} matches entry point '{}': aborting as asked",
-                header.plan.entry
-            );
+        if let Some(entry) = abort_on_entry
+            .as_deref()
+            .filter(|entry| header.plan.steps.iter().any(|step| step.entry == *entry))
+        {
+            note!("{ABORT_ON_ENTRY_ENV} matches entry point '{entry}': aborting as asked");
             std::process::abort();
         }
         let started = Instant::now();

@@ -24,32 +24,40 @@ const UNIFORM_ALIGNMENT: u64 = 16;
 /// are many and distinct, the built-ins few and hot).
 const PIPELINE_CACHE_ENTRIES: usize = 64;
 
-/// What makes two plans share a pipeline.
+/// What makes two plans share their pipelines.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PipelineKey {
     source: String,
-    entry: String,
-    /// 0 input, 1 uniform, 2 output, per binding.
-    bindings: Vec<u8>,
+    /// The entry point of each step, in order.
+    entries: Vec<String>,
+    /// Per binding, the kind of buffer it binds.
+    bindings: Vec<wgpu::BufferBindingType>,
 }
 
 impl PipelineKey {
     fn of(plan: &KernelPlan) -> PipelineKey {
         PipelineKey {
             source: plan.source.clone(),
-            entry: plan.entry.clone(),
-            bindings: plan
-                .bindings
-                .iter()
-                .map(|b| match b {
-                    BindingPlan::Input(_) => 0,
-                    BindingPlan::Uniform(_) => 1,
-                    BindingPlan::Output(_) => 2,
-                })
-                .collect(),
+            entries: plan.steps.iter().map(|step| step.entry.clone()).collect(),
+            bindings: plan.bindings.iter().map(binding_type).collect(),
         }
     }
 }
+
+/// The kind of buffer a binding of a plan is.
+fn binding_type(binding: &BindingPlan) -> wgpu::BufferBindingType {
+    match binding {
+        BindingPlan::Input(_) => wgpu::BufferBindingType::Storage { read_only: true },
+        BindingPlan::Uniform(_) => wgpu::BufferBindingType::Uniform,
+        BindingPlan::Output(_) | BindingPlan::Scratch(_) => {
+            wgpu::BufferBindingType::Storage { read_only: false }
+        }
+    }
+}
+
+/// One bind group layout for all of a plan's steps (they share their bindings), and
+/// a pipeline per step, in step order.
+type Compiled = (wgpu::BindGroupLayout, Vec<wgpu::ComputePipeline>);
 
 /// How long to wait for map callbacks once our submission is done. They normally
 /// fire inside our own poll; a concurrent run's poll on another thread may have taken
@@ -188,7 +196,7 @@ pub struct Executor {
     lost: Arc<Mutex<Option<String>>>,
     /// Compiled pipelines by kernel: a worker runs the same built-ins again and again,
     /// and building a pipeline costs as much as a small kernel's whole run.
-    pipelines: Mutex<HashMap<PipelineKey, (wgpu::BindGroupLayout, wgpu::ComputePipeline)>>,
+    pipelines: Mutex<HashMap<PipelineKey, Compiled>>,
     /// The staging buffers kept between runs ([`super::staging`]).
     uploads: Shelf,
     readbacks: Arc<Shelf>,
@@ -424,18 +432,17 @@ impl Executor {
         );
         self.check_lost()?;
         let started = Instant::now();
-        let (bind_group_layout, pipeline) = self.compile(plan)?;
+        let (bind_group_layout, pipelines) = self.compile(plan)?;
         let compiled = Instant::now();
         let (readback, submission) =
-            self.dispatch(plan, &uploaded, &bind_group_layout, &pipeline)?;
+            self.dispatch(plan, &uploaded, &bind_group_layout, &pipelines)?;
         let outputs = self.read_back(readback, submission)?;
         // The device is done with the inputs' staging buffer: keep it for the next run.
         if let Some((buffer, _)) = uploaded.staged {
             self.uploads.put(buffer);
         }
         tracing::debug!(
-            entry = %plan.entry,
-            workgroups = ?plan.workgroups,
+            steps = ?plan.steps,
             compile_ms = compiled.duration_since(started).as_secs_f64() * 1e3,
             run_ms = compiled.elapsed().as_secs_f64() * 1e3,
             "kernel ran"
@@ -443,12 +450,9 @@ impl Executor {
         Ok(outputs)
     }
 
-    /// The pipeline for `plan`, compiled once per distinct kernel (source, entry point
-    /// and binding kinds) and then taken from the cache.
-    fn compile(
-        &self,
-        plan: &KernelPlan,
-    ) -> Result<(wgpu::BindGroupLayout, wgpu::ComputePipeline), GpuError> {
+    /// The pipelines for `plan`, compiled once per distinct kernel (source, entry
+    /// points and binding kinds) and then taken from the cache.
+    fn compile(&self, plan: &KernelPlan) -> Result<Compiled, GpuError> {
         let key = PipelineKey::of(plan);
         if let Some(hit) = self.pipelines.lock().expect("not poisoned").get(&key) {
             return Ok(hit.clone());
@@ -462,12 +466,10 @@ impl Executor {
         Ok(compiled)
     }
 
-    /// Shader module, bind group layout and pipeline: everything that depends only
-    /// on the source and the binding kinds. Validation errors are `Compile`.
-    fn compile_uncached(
-        &self,
-        plan: &KernelPlan,
-    ) -> Result<(wgpu::BindGroupLayout, wgpu::ComputePipeline), GpuError> {
+    /// Shader module, bind group layout and a pipeline per step: everything that
+    /// depends only on the source, the entry points and the binding kinds. Validation
+    /// errors are `Compile`.
+    fn compile_uncached(&self, plan: &KernelPlan) -> Result<Compiled, GpuError> {
         let (compiled, error) = scoped(&self.device, || {
             let module = self
                 .device
@@ -486,15 +488,7 @@ impl Executor {
                     binding: i as u32,
                     visibility: wgpu::ShaderStages::COMPUTE,
                     ty: wgpu::BindingType::Buffer {
-                        ty: match b {
-                            BindingPlan::Input(_) => {
-                                wgpu::BufferBindingType::Storage { read_only: true }
-                            }
-                            BindingPlan::Uniform(_) => wgpu::BufferBindingType::Uniform,
-                            BindingPlan::Output(_) => {
-                                wgpu::BufferBindingType::Storage { read_only: false }
-                            }
-                        },
+                        ty: binding_type(b),
                         has_dynamic_offset: false,
                         min_binding_size: None,
                     },
@@ -514,17 +508,22 @@ impl Executor {
                         bind_group_layouts: &[Some(&bind_group_layout)],
                         immediate_size: 0,
                     });
-            let pipeline = self
-                .device
-                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some("mesh kernel"),
-                    layout: Some(&pipeline_layout),
-                    module: &module,
-                    entry_point: Some(&plan.entry),
-                    compilation_options: wgpu::PipelineCompilationOptions::default(),
-                    cache: None,
-                });
-            (bind_group_layout, pipeline)
+            let pipelines = plan
+                .steps
+                .iter()
+                .map(|step| {
+                    self.device
+                        .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                            label: Some("mesh kernel"),
+                            layout: Some(&pipeline_layout),
+                            module: &module,
+                            entry_point: Some(&step.entry),
+                            compilation_options: wgpu::PipelineCompilationOptions::default(),
+                            cache: None,
+                        })
+                })
+                .collect();
+            (bind_group_layout, pipelines)
         });
         match error {
             Some(e) => Err(self.classify(e, GpuError::Compile)),
@@ -532,15 +531,16 @@ impl Executor {
         }
     }
 
-    /// Copy the staged inputs into their buffers, bind them with new uniform and
-    /// output buffers, dispatch, and copy every output into the read-back staging
-    /// buffer. Validation errors are `Dispatch`.
+    /// Copy the staged inputs into their buffers, bind them with new uniform, output
+    /// and scratch buffers, dispatch every step in order in one compute pass (wgpu
+    /// puts a barrier between dispatches that share a writable buffer), and copy every
+    /// output into the read-back staging buffer. Validation errors are `Dispatch`.
     fn dispatch(
         &self,
         plan: &KernelPlan,
         uploaded: &Uploaded,
         bind_group_layout: &wgpu::BindGroupLayout,
-        pipeline: &wgpu::ComputePipeline,
+        pipelines: &[wgpu::ComputePipeline],
     ) -> Result<(Option<Readback>, wgpu::SubmissionIndex), GpuError> {
         let layout = &uploaded.layout;
         let packing = Packing::of(
@@ -573,6 +573,12 @@ impl Executor {
                             mapped_at_creation: false,
                         })
                     }
+                    BindingPlan::Scratch(_) => self.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(&format!("mesh scratch {i}")),
+                        size: size.padded,
+                        usage: wgpu::BufferUsages::STORAGE,
+                        mapped_at_creation: false,
+                    }),
                 })
                 .collect();
             let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
@@ -604,10 +610,12 @@ impl Executor {
                     label: Some("mesh kernel"),
                     timestamp_writes: None,
                 });
-                pass.set_pipeline(pipeline);
                 pass.set_bind_group(0, &bind_group, &[]);
-                let [x, y, z] = plan.workgroups;
-                pass.dispatch_workgroups(x, y, z);
+                for (step, pipeline) in plan.steps.iter().zip(pipelines) {
+                    pass.set_pipeline(pipeline);
+                    let [x, y, z] = step.workgroups;
+                    pass.dispatch_workgroups(x, y, z);
+                }
             }
             let readback = (packing.total > 0).then(|| {
                 let (buffer, _) = self
@@ -760,6 +768,15 @@ impl Executor {
                         "max_uniform_buffer_binding_size",
                     )
                 }
+                BindingPlan::Scratch(bytes) => {
+                    storage += 1;
+                    (
+                        *bytes,
+                        STORAGE_ALIGNMENT,
+                        l.max_storage_buffer_binding_size,
+                        "max_storage_buffer_binding_size",
+                    )
+                }
                 BindingPlan::Output(idx) => {
                     let decl = plan.outputs.get(*idx).ok_or_else(|| {
                         GpuError::InvalidPlan(format!(
@@ -826,11 +843,20 @@ impl Executor {
                 l.max_bindings_per_bind_group
             )));
         }
+        if plan.steps.is_empty() {
+            return Err(GpuError::InvalidPlan(
+                "the plan has no steps: nothing to dispatch".into(),
+            ));
+        }
         let max_groups = l.max_compute_workgroups_per_dimension;
-        if plan.workgroups.iter().any(|&w| w == 0 || w > max_groups) {
+        if let Some(step) = plan
+            .steps
+            .iter()
+            .find(|step| step.workgroups.iter().any(|&w| w == 0 || w > max_groups))
+        {
             return Err(GpuError::InvalidPlan(format!(
-                "workgroups {:?}: each count must be between 1 and this adapter's limit of {max_groups}",
-                plan.workgroups
+                "step {}: workgroups {:?}: each count must be between 1 and this adapter's limit of {max_groups}",
+                step.entry, step.workgroups
             )));
         }
         let input_bindings = input_bindings.into_iter().flatten().collect();
@@ -941,6 +967,7 @@ fn padded(bytes: &[u8], len: u64) -> Cow<'_, [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_core::kernel::Dispatch;
 
     #[test]
     fn padding_is_zero_and_never_empty() {
@@ -962,8 +989,7 @@ mod tests {
             source: "@group(0) @binding(0) var<storage, read_write> o: array<u32>;\n\
                      @compute @workgroup_size(1) fn main() { o[0] = 7u; }"
                 .into(),
-            entry: "main".into(),
-            workgroups: [1, 1, 1],
+            steps: vec![Dispatch::new("main", [1, 1, 1])],
             bindings: vec![BindingPlan::Output(0)],
             outputs: vec![mesh_core::task::OutputDecl {
                 name: "o".into(),

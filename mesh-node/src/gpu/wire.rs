@@ -632,15 +632,21 @@ pub async fn read_body_async(r: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_core::kernel::BindingPlan;
+    use mesh_core::kernel::{BindingPlan, Dispatch};
     use mesh_core::task::OutputDecl;
 
     fn plan() -> KernelPlan {
         KernelPlan {
             source: "@compute @workgroup_size(1) fn main() {}".into(),
-            entry: "main".into(),
-            workgroups: [1, 2, 3],
-            bindings: vec![BindingPlan::Input(0), BindingPlan::Output(0)],
+            steps: vec![
+                Dispatch::new("main", [1, 2, 3]),
+                Dispatch::new("end", [1, 1, 1]),
+            ],
+            bindings: vec![
+                BindingPlan::Input(0),
+                BindingPlan::Output(0),
+                BindingPlan::Scratch(16),
+            ],
             outputs: vec![OutputDecl {
                 name: "y".into(),
                 size: 8,
