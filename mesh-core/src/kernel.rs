@@ -18,8 +18,8 @@ pub enum BindingPlan {
     /// A read-write storage buffer read back as the task output at this index.
     Output(usize),
     /// A read-write storage buffer of this many bytes that one step writes and a later
-    /// one reads (a reduction's partial sums); its contents start undefined and are
-    /// never read back.
+    /// one reads (a reduction's partial sums): made for each run (zeroed, as wgpu
+    /// makes every buffer) and never read back.
     Scratch(u64),
 }
 
