@@ -59,8 +59,7 @@ use mesh_core::limits::{MAX_TASK_INPUT_BYTES, MAX_TASK_OUTPUT_BYTES};
 use mesh_core::task::{KernelSpec, NamedBytes, OutputDecl};
 use mesh_core::{AdapterInfo, Bytes};
 use mesh_node::gpu::direct::{self, Region};
-use mesh_node::gpu::{Executor, Supervisor, WorkerCommand, DIRECT_MIN_BYTES};
-use std::borrow::Cow;
+use mesh_node::gpu::{Executor, Pipelines, Supervisor, WorkerCommand, DIRECT_MIN_BYTES};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -452,13 +451,6 @@ struct Bare {
     _instance: wgpu::Instance,
 }
 
-/// What the bare path builds once per kernel.
-struct Pipeline {
-    layout: wgpu::BindGroupLayout,
-    /// One per step of the plan, in order.
-    pipelines: Vec<wgpu::ComputePipeline>,
-}
-
 /// The result of a buffer-to-buffer copy measurement.
 struct CopyBandwidth {
     bytes: u64,
@@ -510,73 +502,17 @@ impl Bare {
         }
     }
 
-    /// Shader module, bind group layout (explicit, as the executor's) and pipeline.
-    fn compile(&self, plan: &KernelPlan) -> Pipeline {
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some("bench kernel"),
-                source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(&plan.source)),
-            });
-        let entries: Vec<wgpu::BindGroupLayoutEntry> = plan
-            .bindings
-            .iter()
-            .enumerate()
-            .map(|(i, b)| wgpu::BindGroupLayoutEntry {
-                binding: i as u32,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty: match b {
-                        BindingPlan::Input(_) => {
-                            wgpu::BufferBindingType::Storage { read_only: true }
-                        }
-                        BindingPlan::Uniform(_) => wgpu::BufferBindingType::Uniform,
-                        BindingPlan::Output(_) | BindingPlan::Scratch(_) => {
-                            wgpu::BufferBindingType::Storage { read_only: false }
-                        }
-                    },
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                },
-                count: None,
-            })
-            .collect();
-        let layout = self
-            .device
-            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                label: Some("bench kernel"),
-                entries: &entries,
-            });
-        let pipeline_layout = self
-            .device
-            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: Some("bench kernel"),
-                bind_group_layouts: &[Some(&layout)],
-                immediate_size: 0,
-            });
-        let pipelines = plan
-            .steps
-            .iter()
-            .map(|step| {
-                self.device
-                    .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                        label: Some("bench kernel"),
-                        layout: Some(&pipeline_layout),
-                        module: &module,
-                        entry_point: Some(&step.entry),
-                        compilation_options: wgpu::PipelineCompilationOptions::default(),
-                        cache: None,
-                    })
-            })
-            .collect();
-        Pipeline { layout, pipelines }
+    /// Shader module, bind group layout and a pipeline per step, by the same wgpu
+    /// calls as the executor's (without its error scopes and cache).
+    fn compile(&self, plan: &KernelPlan) -> Pipelines {
+        Pipelines::build(&self.device, plan, "bench kernel")
     }
 
     /// One buffer per binding, inputs and uniforms uploaded, and their bind group.
     fn bind(
         &self,
         plan: &KernelPlan,
-        pipeline: &Pipeline,
+        pipeline: &Pipelines,
         inputs: &[Bytes],
     ) -> (Vec<wgpu::Buffer>, wgpu::BindGroup) {
         let buffers: Vec<wgpu::Buffer> = plan
@@ -628,7 +564,7 @@ impl Bare {
     fn encode_dispatch(
         &self,
         plan: &KernelPlan,
-        pipeline: &Pipeline,
+        pipeline: &Pipelines,
         group: &wgpu::BindGroup,
         times: u32,
     ) -> wgpu::CommandEncoder {
@@ -642,20 +578,15 @@ impl Bare {
                 label: Some("bench kernel"),
                 timestamp_writes: None,
             });
-            pass.set_bind_group(0, group, &[]);
             for _ in 0..times {
-                for (step, pipeline) in plan.steps.iter().zip(&pipeline.pipelines) {
-                    pass.set_pipeline(pipeline);
-                    let [x, y, z] = step.workgroups;
-                    pass.dispatch_workgroups(x, y, z);
-                }
+                pipeline.dispatch(plan, &mut pass, group);
             }
         }
         encoder
     }
 
     /// One full run: buffers, upload, dispatch, copy back, map, read.
-    fn run(&self, plan: &KernelPlan, pipeline: &Pipeline, inputs: &[Bytes]) -> Vec<Vec<u8>> {
+    fn run(&self, plan: &KernelPlan, pipeline: &Pipelines, inputs: &[Bytes]) -> Vec<Vec<u8>> {
         let (buffers, group) = self.bind(plan, pipeline, inputs);
         let mut encoder = self.encode_dispatch(plan, pipeline, &group, 1);
         let mut staged: Vec<(usize, wgpu::Buffer)> = plan
@@ -729,7 +660,7 @@ impl Bare {
     fn kernel_only(
         &self,
         plan: &KernelPlan,
-        pipeline: &Pipeline,
+        pipeline: &Pipelines,
         inputs: &[Bytes],
         runs: usize,
     ) -> Stats {

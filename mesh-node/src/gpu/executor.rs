@@ -2,6 +2,7 @@
 //! bytes with every wgpu error turned into a [`GpuError`] instead of a panic.
 
 use super::error::{panic_message, GpuError};
+use super::pipeline::{PipelineKey, Pipelines};
 use super::probe;
 use super::staging::{Mapped, Packing, Shelf};
 use mesh_core::capability::AdapterInfo;
@@ -23,41 +24,6 @@ const UNIFORM_ALIGNMENT: u64 = 16;
 /// Pipelines kept per executor (the cache is emptied when full: user WGSL kernels
 /// are many and distinct, the built-ins few and hot).
 const PIPELINE_CACHE_ENTRIES: usize = 64;
-
-/// What makes two plans share their pipelines.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct PipelineKey {
-    source: String,
-    /// The entry point of each step, in order.
-    entries: Vec<String>,
-    /// Per binding, the kind of buffer it binds.
-    bindings: Vec<wgpu::BufferBindingType>,
-}
-
-impl PipelineKey {
-    fn of(plan: &KernelPlan) -> PipelineKey {
-        PipelineKey {
-            source: plan.source.clone(),
-            entries: plan.steps.iter().map(|step| step.entry.clone()).collect(),
-            bindings: plan.bindings.iter().map(binding_type).collect(),
-        }
-    }
-}
-
-/// The kind of buffer a binding of a plan is.
-fn binding_type(binding: &BindingPlan) -> wgpu::BufferBindingType {
-    match binding {
-        BindingPlan::Input(_) => wgpu::BufferBindingType::Storage { read_only: true },
-        BindingPlan::Uniform(_) => wgpu::BufferBindingType::Uniform,
-        BindingPlan::Output(_) | BindingPlan::Scratch(_) => {
-            wgpu::BufferBindingType::Storage { read_only: false }
-        }
-    }
-}
-
-/// One bind group layout for all of a plan's steps (they share their bindings), and
-/// a pipeline per step, in step order.
-type Compiled = (wgpu::BindGroupLayout, Vec<wgpu::ComputePipeline>);
 
 /// How long to wait for map callbacks once our submission is done. They normally
 /// fire inside our own poll; a concurrent run's poll on another thread may have taken
@@ -196,7 +162,7 @@ pub struct Executor {
     lost: Arc<Mutex<Option<String>>>,
     /// Compiled pipelines by kernel: a worker runs the same built-ins again and again,
     /// and building a pipeline costs as much as a small kernel's whole run.
-    pipelines: Mutex<HashMap<PipelineKey, Compiled>>,
+    pipelines: Mutex<HashMap<PipelineKey, Pipelines>>,
     /// The staging buffers kept between runs ([`super::staging`]).
     uploads: Shelf,
     readbacks: Arc<Shelf>,
@@ -432,10 +398,9 @@ impl Executor {
         );
         self.check_lost()?;
         let started = Instant::now();
-        let (bind_group_layout, pipelines) = self.compile(plan)?;
+        let pipelines = self.compile(plan)?;
         let compiled = Instant::now();
-        let (readback, submission) =
-            self.dispatch(plan, &uploaded, &bind_group_layout, &pipelines)?;
+        let (readback, submission) = self.dispatch(plan, &uploaded, &pipelines)?;
         let outputs = self.read_back(readback, submission)?;
         // The device is done with the inputs' staging buffer: keep it for the next run.
         if let Some((buffer, _)) = uploaded.staged {
@@ -452,7 +417,7 @@ impl Executor {
 
     /// The pipelines for `plan`, compiled once per distinct kernel (source, entry
     /// points and binding kinds) and then taken from the cache.
-    fn compile(&self, plan: &KernelPlan) -> Result<Compiled, GpuError> {
+    fn compile(&self, plan: &KernelPlan) -> Result<Pipelines, GpuError> {
         let key = PipelineKey::of(plan);
         if let Some(hit) = self.pipelines.lock().expect("not poisoned").get(&key) {
             return Ok(hit.clone());
@@ -466,64 +431,11 @@ impl Executor {
         Ok(compiled)
     }
 
-    /// Shader module, bind group layout and a pipeline per step: everything that
-    /// depends only on the source, the entry points and the binding kinds. Validation
-    /// errors are `Compile`.
-    fn compile_uncached(&self, plan: &KernelPlan) -> Result<Compiled, GpuError> {
+    /// The plan's [`Pipelines`], made inside error scopes. Validation errors are
+    /// `Compile`.
+    fn compile_uncached(&self, plan: &KernelPlan) -> Result<Pipelines, GpuError> {
         let (compiled, error) = scoped(&self.device, || {
-            let module = self
-                .device
-                .create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some("mesh kernel"),
-                    source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(&plan.source)),
-                });
-            // An explicit layout, not the shader's derived one: a derived layout
-            // leaves out bindings the entry point never touches, and the bind group
-            // would then not match.
-            let entries: Vec<wgpu::BindGroupLayoutEntry> = plan
-                .bindings
-                .iter()
-                .enumerate()
-                .map(|(i, b)| wgpu::BindGroupLayoutEntry {
-                    binding: i as u32,
-                    visibility: wgpu::ShaderStages::COMPUTE,
-                    ty: wgpu::BindingType::Buffer {
-                        ty: binding_type(b),
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
-                    count: None,
-                })
-                .collect();
-            let bind_group_layout =
-                self.device
-                    .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                        label: Some("mesh kernel"),
-                        entries: &entries,
-                    });
-            let pipeline_layout =
-                self.device
-                    .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                        label: Some("mesh kernel"),
-                        bind_group_layouts: &[Some(&bind_group_layout)],
-                        immediate_size: 0,
-                    });
-            let pipelines = plan
-                .steps
-                .iter()
-                .map(|step| {
-                    self.device
-                        .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                            label: Some("mesh kernel"),
-                            layout: Some(&pipeline_layout),
-                            module: &module,
-                            entry_point: Some(&step.entry),
-                            compilation_options: wgpu::PipelineCompilationOptions::default(),
-                            cache: None,
-                        })
-                })
-                .collect();
-            (bind_group_layout, pipelines)
+            Pipelines::build(&self.device, plan, "mesh kernel")
         });
         match error {
             Some(e) => Err(self.classify(e, GpuError::Compile)),
@@ -532,15 +444,14 @@ impl Executor {
     }
 
     /// Copy the staged inputs into their buffers, bind them with new uniform, output
-    /// and scratch buffers, dispatch every step in order in one compute pass (wgpu
-    /// puts a barrier between dispatches that share a writable buffer), and copy every
-    /// output into the read-back staging buffer. Validation errors are `Dispatch`.
+    /// and scratch buffers, dispatch every step in order in one compute pass, and
+    /// copy every output into the read-back staging buffer. Validation errors are
+    /// `Dispatch`.
     fn dispatch(
         &self,
         plan: &KernelPlan,
         uploaded: &Uploaded,
-        bind_group_layout: &wgpu::BindGroupLayout,
-        pipelines: &[wgpu::ComputePipeline],
+        pipelines: &Pipelines,
     ) -> Result<(Option<Readback>, wgpu::SubmissionIndex), GpuError> {
         let layout = &uploaded.layout;
         let packing = Packing::of(
@@ -591,7 +502,7 @@ impl Executor {
                 .collect();
             let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("mesh kernel"),
-                layout: bind_group_layout,
+                layout: &pipelines.layout,
                 entries: &entries,
             });
             let mut encoder = self
@@ -610,12 +521,7 @@ impl Executor {
                     label: Some("mesh kernel"),
                     timestamp_writes: None,
                 });
-                pass.set_bind_group(0, &bind_group, &[]);
-                for (step, pipeline) in plan.steps.iter().zip(pipelines) {
-                    pass.set_pipeline(pipeline);
-                    let [x, y, z] = step.workgroups;
-                    pass.dispatch_workgroups(x, y, z);
-                }
+                pipelines.dispatch(plan, &mut pass, &bind_group);
             }
             let readback = (packing.total > 0).then(|| {
                 let (buffer, _) = self
