@@ -55,7 +55,7 @@ pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 /// Version of the message shapes below; bumped whenever one changes. A worker whose
 /// [`Hello`] carries another version (a binary replaced under a running daemon) is
 /// refused instead of misread.
-pub const WIRE_VERSION: u32 = 3;
+pub const WIRE_VERSION: u32 = 4;
 
 /// The worker's first message: whether it opened an adapter.
 #[derive(Debug, Clone, Serialize, Deserialize)]
