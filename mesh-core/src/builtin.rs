@@ -108,8 +108,8 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
 }
 "#;
 
-/// Invocations that sum one workgroup's lanes in [`REDUCE_SUM`] (its workgroup size).
-const REDUCE_LANES: u32 = 256;
+/// Lanes per row when a [`REDUCE_SUM`] workgroup sums its [`WORKGROUP`] lanes.
+const REDUCE_ROW: usize = 16;
 /// Most workgroups of reduce-sum's first step, each leaving one partial sum: enough
 /// to fill a large GPU (a thousand workgroups of 256), few enough that the second
 /// step's single workgroup adds the partials in a few steps per invocation.
@@ -123,7 +123,7 @@ const REDUCE_MIN_PER_INVOCATION: u64 = 8;
 /// alone, so that the order of the additions, and so the sum's bits, are the same on
 /// every adapter.
 fn reduce_groups(n: u64) -> u32 {
-    n.div_ceil(u64::from(REDUCE_LANES) * REDUCE_MIN_PER_INVOCATION)
+    n.div_ceil(u64::from(WORKGROUP) * REDUCE_MIN_PER_INVOCATION)
         .clamp(1, REDUCE_MAX_GROUPS) as u32
 }
 
@@ -586,9 +586,9 @@ fn strided_sum(v: &[f32], start: usize, step: usize) -> f32 {
 /// What [`REDUCE_SUM`]'s `sum_lanes` returns for a workgroup whose invocation `lid`
 /// brings `lane(lid)`: each row of 16 lanes summed in order, then the 16 rows in order.
 fn sum_lanes(lane: impl Fn(usize) -> f32) -> f32 {
-    let lanes: Vec<f32> = (0..REDUCE_LANES as usize).map(lane).collect();
+    let lanes: [f32; WORKGROUP as usize] = std::array::from_fn(lane);
     lanes
-        .chunks(16)
+        .chunks(REDUCE_ROW)
         .map(|row| row.iter().fold(0.0, |acc, x| acc + x))
         .fold(0.0, |acc, row| acc + row)
 }
@@ -658,7 +658,7 @@ pub fn cpu_reference(
         "reduce-sum" => {
             let x = input("x");
             let groups = reduce_groups(x.len() as u64) as usize;
-            let lanes = REDUCE_LANES as usize;
+            let lanes = WORKGROUP as usize;
             let partials: Vec<f32> = (0..groups)
                 .map(|g| sum_lanes(|lid| strided_sum(&x, g * lanes + lid, groups * lanes)))
                 .collect();

@@ -40,8 +40,8 @@
 //! and by one `memcpy` (what a single process pays).
 //!
 //! Every path's output must equal the CPU reference bit for bit (the built-ins
-//! compute the same bytes on every adapter, `mesh_core::builtin`); a mismatch panics. Without a usable adapter the
-//! bench exits 1: it never passes silently.
+//! compute the same bytes on every adapter, `mesh_core::builtin`); a mismatch panics.
+//! Without a usable adapter the bench exits 1: it never passes silently.
 //!
 //! Run: `cargo bench -p mesh-node --bench gpu`. Settings (environment):
 //! - `MESH_BENCH_GPU_ELEMENTS`: f32 elements per input of the vector kernels (default
