@@ -228,6 +228,10 @@ async fn a_refused_direct_copy_falls_back_to_the_pipe_for_good() {
             !supervisor.copies_directly(),
             "{side}: the refusal switched the supervisor to the pipe"
         );
+        // Memory the kernel will not copy, as a discrete GPU's device memory: the
+        // refusal that is expected there (logged at INFO, not WARN).
+        let why = supervisor.direct_refusal().expect("a reason");
+        assert!(why.contains("EFAULT"), "{side}: {why}");
         assert_saxpy_of(&supervisor, LARGE, &format!("after the {side} refusal")).await;
         // By the pipe: the worker reads past a refused job's inputs, and the next
         // job's header is next. Falling back restarted nothing either.

@@ -18,7 +18,9 @@
 //! child unless a policy says otherwise (Yama's `ptrace_scope` 2 or 3, a seccomp
 //! filter without `@ipc`, gVisor); and the kernel refuses memory that a driver maps
 //! specially (`VM_IO`/`VM_PFNMAP`, as some discrete GPUs' host-visible memory). A
-//! refusal is [`Refused::Kernel`]: the caller moves the bytes through the pipe instead.
+//! refusal is [`Refused::Memory`] (EFAULT: memory it will not copy, expected on
+//! NVIDIA GPUs) or [`Refused::Kernel`] (a policy, or anything else): either way the
+//! caller moves the bytes through the pipe instead.
 
 use mesh_core::Bytes;
 use nix::errno::Errno;
@@ -96,15 +98,30 @@ pub enum Refused {
     /// The worker is gone (ESRCH): the exchange failed, not the method.
     #[error("the GPU worker is gone")]
     Gone,
-    /// The kernel refused or stopped short (a policy, memory it will not copy, an
-    /// address the worker does not map): use the pipe.
+    /// The kernel will not copy this memory (EFAULT, or a copy that stops short):
+    /// device memory a driver maps specially, as NVIDIA's host-visible buffers, or an
+    /// address the worker does not map. Expected on such GPUs: use the pipe.
+    #[error("{0}")]
+    Memory(String),
+    /// The kernel refused for another reason (a ptrace policy's EPERM), or the
+    /// copy could not be made (lengths that do not match, a copy thread that failed):
+    /// use the pipe, and an operator may want to know.
     #[error("{0}")]
     Kernel(String),
+}
+
+impl Refused {
+    /// Whether the refusal is what a GPU whose buffers are device memory always
+    /// gives (nothing an operator can change), as opposed to a policy or a fault.
+    pub fn expected(&self) -> bool {
+        matches!(self, Refused::Memory(_))
+    }
 }
 
 fn refused(what: &str, e: Errno) -> Refused {
     match e {
         Errno::ESRCH => Refused::Gone,
+        Errno::EFAULT => Refused::Memory(format!("{what}: {e}")),
         e => Refused::Kernel(format!("{what}: {e}")),
     }
 }
@@ -271,7 +288,9 @@ fn copy_in_pieces<P: Piece + Send>(
         done += result?;
     }
     if done != total {
-        return Err(Refused::Kernel(format!("{moved} {done} of {total} bytes")));
+        // The calls stop at the first address they cannot copy and count what they
+        // did: the same refusal as EFAULT, met after some bytes.
+        return Err(Refused::Memory(format!("{moved} {done} of {total} bytes")));
     }
     Ok(())
 }
@@ -326,21 +345,21 @@ mod tests {
         let read = read_from(me, &regions).unwrap();
         assert_eq!(read, inputs);
 
-        // Memory nobody maps: the kernel refuses (EFAULT), as it would under a policy.
+        // Memory nobody maps: the kernel refuses with EFAULT, as it does for device
+        // memory (NVIDIA's host-visible buffers): the expected refusal.
         let nowhere = [Region {
             addr: UNMAPPED,
             len: 5000,
         }];
-        assert!(matches!(
-            write_to(me, &inputs[..1], &nowhere),
-            Err(Refused::Kernel(_))
-        ));
-        assert!(matches!(read_from(me, &nowhere), Err(Refused::Kernel(_))));
-        // Lengths that do not match are refused before any call.
-        assert!(matches!(
-            write_to(me, &inputs[..1], &regions[2..]),
-            Err(Refused::Kernel(_))
-        ));
+        let refusal = write_to(me, &inputs[..1], &nowhere).unwrap_err();
+        assert!(matches!(refusal, Refused::Memory(_)), "{refusal:?}");
+        assert!(refusal.expected());
+        assert!(matches!(read_from(me, &nowhere), Err(Refused::Memory(_))));
+        // Lengths that do not match are refused before any call, and are no device's
+        // doing.
+        let refusal = write_to(me, &inputs[..1], &regions[2..]).unwrap_err();
+        assert!(matches!(refusal, Refused::Kernel(_)), "{refusal:?}");
+        assert!(!refusal.expected());
         // A process that does not exist: the worker is gone, not the method refused.
         assert!(matches!(
             read_from(i32::MAX as u32, &regions),
@@ -399,8 +418,8 @@ mod tests {
         nowhere[2].addr = UNMAPPED;
         assert!(matches!(
             write_to(me, &inputs, &nowhere),
-            Err(Refused::Kernel(_))
+            Err(Refused::Memory(_))
         ));
-        assert!(matches!(read_from(me, &nowhere), Err(Refused::Kernel(_))));
+        assert!(matches!(read_from(me, &nowhere), Err(Refused::Memory(_))));
     }
 }

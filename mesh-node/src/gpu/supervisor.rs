@@ -535,15 +535,26 @@ impl Inner {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The kernel refused a direct copy (`why`): every later job takes the pipe.
-    fn refuse_direct(&self, why: &str) {
-        if self.direct_refused.set(why.to_string()).is_ok() {
-            tracing::warn!(
-                error = %why,
-                "the kernel refused a direct copy to or from a GPU worker (a ptrace policy, \
-                 or device memory it will not copy); GPU jobs' inputs and outputs go through \
-                 the worker's pipe from now on, which is slower"
-            );
+    /// The kernel refused a direct copy: every later job takes the pipe. Logged once;
+    /// at INFO when the memory is device memory the kernel never copies (NVIDIA's:
+    /// expected, nothing to fix), at WARN for a policy or a fault.
+    fn refuse_direct(&self, refusal: &Refused) {
+        if self.direct_refused.set(refusal.to_string()).is_ok() {
+            if refusal.expected() {
+                tracing::info!(
+                    error = %refusal,
+                    "the kernel refused a direct copy to or from a GPU worker: its buffers \
+                     are device memory, which the kernel does not copy (expected on NVIDIA \
+                     GPUs); GPU jobs' inputs and outputs go through the worker's pipe"
+                );
+            } else {
+                tracing::warn!(
+                    error = %refusal,
+                    "the kernel refused a direct copy to or from a GPU worker (a ptrace \
+                     policy?); GPU jobs' inputs and outputs go through the worker's pipe \
+                     from now on, which is slower"
+                );
+            }
         }
     }
 
@@ -713,8 +724,8 @@ impl WorkerProcess {
                     self.send(&ToWorker::InputsWritten).await?;
                 }
                 Err(Refused::Gone) => return Err(Exchange::Died),
-                Err(Refused::Kernel(why)) => {
-                    inner.refuse_direct(&why);
+                Err(refusal) => {
+                    inner.refuse_direct(&refusal);
                     self.send(&ToWorker::InputsFollow).await?;
                     job.write_inputs(&mut self.stdin)
                         .await
@@ -761,8 +772,8 @@ impl WorkerProcess {
                 Ok(outputs)
             }
             Err(Refused::Gone) => Err(Exchange::Died),
-            Err(Refused::Kernel(why)) => {
-                inner.refuse_direct(&why);
+            Err(refusal) => {
+                inner.refuse_direct(&refusal);
                 self.send(&ToWorker::SendOutputs).await?;
                 let outputs = wire::read_raw_async(&mut self.stdout, &lens)
                     .await
