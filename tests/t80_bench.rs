@@ -1,7 +1,8 @@
 //! Claim: `mesh-bench`, the command every figure in docs/benchmarks.md comes from, still
 //! runs end to end: `list` names the scenarios, and short runs of `submit-stream` on
 //! three real nodes and of `end-to-end` (a tiny kernel on lavapipe, submit to result)
-//! report committed work with no errors in their JSON.
+//! report committed work with no errors in their JSON, and `run disk` reports the
+//! disk's syncs from one and from three writers.
 //! Method: run the `mesh-bench` binary (built beside this test, like the nodes) with
 //! 2 s load runs; check its exit status and the JSON it prints. The figures of such
 //! short runs of debug builds say nothing about speed and are not checked.
@@ -64,6 +65,7 @@ fn mesh_bench_lists_its_scenarios_and_short_runs_report_committed_work() {
         "join",
         "footprint",
         "etcd",
+        "disk",
     ] {
         assert!(
             list.lines()
@@ -98,4 +100,27 @@ fn mesh_bench_lists_its_scenarios_and_short_runs_report_committed_work() {
         "--json",
     ]);
     only_point(&end_to_end, "end-to-end", 1);
+
+    // The disk's syncs, from one writer and from three at once, and the bound they
+    // set on one client: a third of the three writers' syncs per second.
+    let disk: Value = serde_json::from_str(&mesh_bench(&[
+        "run",
+        "disk",
+        "--duration",
+        "300ms",
+        "--json",
+    ]))
+    .expect("run disk --json prints JSON");
+    for (side, writers) in [("one", 1), ("three", 3)] {
+        assert_eq!(disk[side]["writers"], writers, "{disk:#}");
+        assert!(disk[side]["per_sec"].as_f64().unwrap() > 0.0, "{disk:#}");
+        let (p50, p90) = (
+            disk[side]["p50_us"].as_f64().unwrap(),
+            disk[side]["p90_us"].as_f64().unwrap(),
+        );
+        assert!(0.0 < p50 && p50 <= p90, "{disk:#}");
+    }
+    let bound = disk["one_client_bound"].as_f64().unwrap();
+    let three = disk["three"]["per_sec"].as_f64().unwrap();
+    assert!((bound - three / 3.0).abs() < 1e-6, "{disk:#}");
 }

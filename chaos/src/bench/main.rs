@@ -3,6 +3,7 @@
 //! with etcd. See docs/benchmarks.md for the figures on this machine and the command
 //! behind each.
 
+mod disk;
 mod etcd;
 mod load;
 mod mesh_load;
@@ -30,6 +31,7 @@ use tokio::runtime::Runtime;
   mesh-bench run submit-batch --clients 4
   mesh-bench run failover --runs 5
   mesh-bench compare-etcd --clients 1,16,256
+  mesh-bench run disk --duration 3s         what the disk allows one client, for any system
   mesh-bench all --out target/bench        every figure of docs/benchmarks.md, and the plot
 
 Load runs are closed loops: each client sends its next request when the previous one
@@ -78,7 +80,9 @@ enum Cmd {
     /// counts and payload: both systems' figures and the ratios, with Mesh's clients
     /// sending one `submit` exec per task and, again, lines of one `submit-stream`.
     /// The three take their runs in turn, so each Mesh run has an etcd run beside it
-    /// (the "paired runs" column: the spread of those runs' ratios).
+    /// (the "paired runs" column: the spread of those runs' ratios). The disk is
+    /// measured before and after (`run disk`): where it takes one flush at a time it
+    /// bounds one client's commits for both systems.
     CompareEtcd {
         #[command(flatten)]
         load: LoadArgs,
@@ -112,7 +116,20 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("join", "a new node joins a 3-node mesh holding --size tasks (default 100000) and catches up from a snapshot"),
     ("footprint", "leader memory and disk per task after --size tasks (default 100000), log compacted"),
     ("etcd", "etcd 3-member puts of the same payload (what compare-etcd runs for its side)"),
+    ("disk", "durable 1 KiB appends from 1 and from 3 writers at once (--duration each, at most 5 s): the bound the disk sets on one client"),
 ];
+
+/// How long `compare-etcd` and `all` measure the disk with each writer count, before
+/// and after their load runs.
+const DISK_EACH: Duration = Duration::from_secs(2);
+
+/// The disk, measured where the clusters keep their data (the system's temporary
+/// directory), with a phase line.
+fn disk_now(when: &str, each: Duration) -> Result<disk::Disk> {
+    let d = disk::measure(&std::env::temp_dir(), each)?;
+    phase(&format!("{when}: {d}"));
+    Ok(d)
+}
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     mesh_core::duration::parse_duration(s)
@@ -134,7 +151,7 @@ fn main() {
                 load,
                 size,
             } => run(&rt, &scenario, &load, size),
-            Cmd::CompareEtcd { load } => compare_etcd(&rt, &load).map(|_| ()),
+            Cmd::CompareEtcd { load } => compare_etcd(&rt, &load),
             Cmd::All {
                 out,
                 duration,
@@ -382,6 +399,15 @@ fn run(rt: &Runtime, scenario: &str, a: &LoadArgs, size: Option<u64>) -> Result<
             println!("{}", serde_json::to_string_pretty(&f)?);
             Ok(())
         }
+        "disk" => {
+            let d = disk_now("disk", a.duration.min(Duration::from_secs(5)))?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                println!("disk: {d}");
+            }
+            Ok(())
+        }
         other => bail!("unknown scenario '{other}'; `mesh-bench list` shows them"),
     }
 }
@@ -443,22 +469,33 @@ fn ratios(mesh: &[Point], etcd: &[Point]) -> Vec<Ratio> {
         .collect()
 }
 
-fn compare_etcd(rt: &Runtime, a: &LoadArgs) -> Result<(Vec<Point>, Vec<Ratio>, String)> {
+fn compare_etcd(rt: &Runtime, a: &LoadArgs) -> Result<()> {
     let version = etcd::etcd_version()?;
+    let before = disk_now("disk before the runs", DISK_EACH)?;
     let [mut mesh, stream, etcd] = side_by_side(rt, a)?;
+    let after = disk_now("disk after the runs", DISK_EACH)?;
     mesh.extend(stream);
     let ratios = ratios(&mesh, &etcd);
     if a.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "etcd_version": version, "points": mesh.iter().chain(&etcd).collect::<Vec<_>>(), "ratios": ratios
+                "etcd_version": version, "points": mesh.iter().chain(&etcd).collect::<Vec<_>>(), "ratios": ratios,
+                "disk_before": before, "disk_after": after
             }))?
         );
     } else {
         println!("{}", comparison_table(&mesh, &etcd, &ratios, &version));
+        println!("{}", disk_lines(&before, &after));
     }
-    Ok((mesh.into_iter().chain(etcd).collect(), ratios, version))
+    Ok(())
+}
+
+/// The disk before and after a comparison's runs, as text under its tables.
+fn disk_lines(before: &disk::Disk, after: &disk::Disk) -> String {
+    format!(
+        "The disk before the runs: {before}.\nAfter the runs: {after}.\n(A commit is a sync on each of the 3 nodes or members; `mesh-bench run disk`.)\n"
+    )
 }
 
 fn comparison_table(mesh: &[Point], etcd: &[Point], ratios: &[Ratio], version: &str) -> String {
@@ -496,7 +533,9 @@ fn all(
     };
     let mut md = String::new();
     let mut results = serde_json::Map::new();
+    let disk_before = disk_now("disk before the runs", DISK_EACH)?;
     let [mesh3, stream, etcd] = side_by_side(rt, &base)?;
+    let disk_after = disk_now("disk after the comparison's runs", DISK_EACH)?;
     let others = LoadArgs {
         nodes: vec![1, 5],
         ..base.clone()
@@ -512,8 +551,9 @@ fn all(
     let both: Vec<Point> = mesh3.iter().chain(&stream).cloned().collect();
     let ratios = ratios(&both, &etcd);
     md.push_str(&format!(
-        "\n## compare-etcd\n\n{}",
-        comparison_table(&both, &etcd, &ratios, &version)
+        "\n## compare-etcd\n\n{}\n{}",
+        comparison_table(&both, &etcd, &ratios, &version),
+        disk_lines(&disk_before, &disk_after)
     ));
     std::fs::write(
         out.join("latency-throughput.svg"),
@@ -563,6 +603,8 @@ fn all(
     results.insert("etcd".into(), serde_json::to_value(&etcd)?);
     results.insert("etcd_version".into(), version.into());
     results.insert("ratios".into(), serde_json::to_value(&ratios)?);
+    results.insert("disk_before".into(), serde_json::to_value(&disk_before)?);
+    results.insert("disk_after".into(), serde_json::to_value(&disk_after)?);
     results.insert("submit_batch".into(), serde_json::to_value(&batch)?);
     results.insert("end_to_end".into(), serde_json::to_value(&e2e)?);
     results.insert("status".into(), serde_json::to_value(&status)?);
