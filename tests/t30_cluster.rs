@@ -713,6 +713,57 @@ fn leader_sigkill_while_tasks_run_loses_nothing_and_the_old_leader_rejoins() {
     check_outcomes(&mut mesh, dir.path(), &work);
 }
 
+/// What a restarted node logs when the leader's first AppendEntries ends its hold.
+const HELD: &str = "heard from the leader since the restart; elections on";
+
+#[test]
+fn a_follower_restarted_again_and_again_never_deposes_the_leader() {
+    // A restarted node's election timer (150-300 ms) can run out before the leader,
+    // backing off its tries to a node it could not reach (up to 500 ms), reaches it; on
+    // a loaded machine it often does (the chaos harness saw 55-459 ms). It would then
+    // campaign with a higher term, and the leader steps down at the sight of it. So the
+    // node holds its elections until it hears from the leader
+    // (mesh-node/src/rejoin_hold.rs): each start says so in its log, and the term
+    // never moves.
+    let dir = tempfile::tempdir().unwrap();
+    let mut mesh = Mesh::start(dir.path(), 3, &[]);
+    let leader = mesh.leader_of_three_voters();
+    let term = mesh.status(leader).unwrap()["term"].as_u64().unwrap();
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    for round in 1..=3 {
+        phase(&format!(
+            "round {round}: SIGKILL node {}, wait until the leader backs off from it, restart it",
+            follower + 1
+        ));
+        mesh.nodes[follower].kill9();
+        std::thread::sleep(Duration::from_millis(1500));
+        let held_before = mesh.nodes[follower].log().matches(HELD).count();
+        mesh.nodes[follower].restart().unwrap();
+        let back = follows_agreed_leader(&mut mesh, follower);
+        assert_eq!(
+            back["leader"].as_u64(),
+            Some(leader as u64 + 1),
+            "round {round}: the leader changed: {back}"
+        );
+        let now = mesh.status(leader).unwrap();
+        assert_eq!(
+            (now["role"].as_str(), now["term"].as_u64()),
+            (Some("leader"), Some(term)),
+            "round {round}: the restarted follower forced an election: {now}"
+        );
+        eventually(
+            "the restart held its elections until it heard from the leader",
+            CONVERGE,
+            || {
+                let log = mesh.nodes[follower].log();
+                (log.matches(HELD).count() > held_before)
+                    .then_some(())
+                    .ok_or(format!("no {HELD:?} since the restart"))
+            },
+        );
+    }
+}
+
 #[test]
 fn leader_sigstop_longer_than_an_election_then_sigcont_returns_as_follower() {
     let dir = tempfile::tempdir().unwrap();

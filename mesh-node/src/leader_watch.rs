@@ -60,6 +60,11 @@ impl LeaderContact {
     fn last(&self) -> Option<Contact> {
         *self.0.lock().expect("not poisoned")
     }
+
+    /// The leader this node last accepted an AppendEntries from, if any since it started.
+    pub fn leader(&self) -> Option<u64> {
+        self.last().map(|c| c.leader)
+    }
 }
 
 /// How long after the last contact with a leader that refuses connections this node

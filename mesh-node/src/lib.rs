@@ -16,6 +16,7 @@ pub mod node;
 pub mod peer;
 pub mod placement;
 pub mod proposer;
+pub mod rejoin_hold;
 pub mod rollback_guard;
 pub mod service;
 pub mod ssh;

@@ -17,6 +17,7 @@ use crate::peer::server::PeerServer;
 use crate::peer::MAX_MESSAGE_BYTES;
 use crate::placement::Placement;
 use crate::proposer;
+use crate::rejoin_hold::{self, RejoinHold};
 use crate::rollback_guard;
 use crate::service::Service;
 use crate::ssh::{Endpoint, SshServer};
@@ -81,10 +82,12 @@ fn raft_config(
     node: NodeId,
     election_timeout: Duration,
     snapshot_every: u64,
+    elect: bool,
 ) -> anyhow::Result<Arc<openraft::Config>> {
     let min = election_timeout.as_millis() as u64;
     let config = openraft::Config {
         cluster_name: "mesh".into(),
+        enable_elect: elect,
         heartbeat_interval: RAFT_HEARTBEAT.as_millis() as u64,
         election_timeout_min: min,
         election_timeout_max: 2 * min,
@@ -212,7 +215,15 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             rollback_guard::check(node, local, &peers, &clients, rollback_guard::WAIT).await;
         rollback_guard::enforce(verdict, &config.data_dir)?;
     }
-    let raft_config = raft_config(node, config.election_timeout, config.snapshot_every)?;
+    // A restarted node holds its elections until it hears from a leader
+    // (`rejoin_hold`); a new mesh or a joining node has no term to depose anyone with.
+    let restarted = matches!(membership, Membership::Existing(_));
+    let raft_config = raft_config(
+        node,
+        config.election_timeout,
+        config.snapshot_every,
+        !restarted,
+    )?;
     // openraft 0.9's voters honour a leader's lease for `election_timeout_max`.
     let lease = Duration::from_millis(raft_config.election_timeout_max);
     let raft = Raft::<TypeConfig>::new(
@@ -262,6 +273,17 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         unpinned_methods: JOIN_METHOD,
     };
     let contact = LeaderContact::default();
+    if restarted {
+        tracker.spawn(
+            RejoinHold {
+                me: node.0,
+                raft: raft.clone(),
+                contact: contact.clone(),
+                hold: rejoin_hold::HOLD,
+            }
+            .run(shutdown.clone()),
+        );
+    }
     tracker.spawn(
         LeaderWatch {
             me: node.0,
