@@ -719,7 +719,7 @@ const HELD: &str = "heard from the leader since the restart; elections on";
 #[test]
 fn a_follower_restarted_again_and_again_never_deposes_the_leader() {
     // A restarted node's election timer (150-300 ms) can run out before the leader,
-    // backing off its tries to a node it could not reach (up to 500 ms), reaches it; on
+    // backing off its tries to a node it could not reach (up to 400 ms), reaches it; on
     // a loaded machine it often does (the chaos harness saw 55-459 ms). It would then
     // campaign with a higher term, and the leader steps down at the sight of it. So the
     // node holds its elections until it hears from the leader

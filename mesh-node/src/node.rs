@@ -17,7 +17,7 @@ use crate::peer::server::PeerServer;
 use crate::peer::MAX_MESSAGE_BYTES;
 use crate::placement::Placement;
 use crate::proposer;
-use crate::rejoin_hold::{self, RejoinHold};
+use crate::rejoin_hold::RejoinHold;
 use crate::rollback_guard;
 use crate::service::Service;
 use crate::ssh::{Endpoint, SshServer};
@@ -279,7 +279,6 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
                 me: node.0,
                 raft: raft.clone(),
                 contact: contact.clone(),
-                hold: rejoin_hold::HOLD,
             }
             .run(shutdown.clone()),
         );

@@ -2,7 +2,7 @@
 //!
 //! A node that comes back (a crash, SIGKILL, a restart by systemd) starts its election
 //! timer at once, 150-300 ms by default, while the leader, which could not reach it,
-//! is backing off its tries to that node (up to half a second, `peer::network`). If the
+//! is backing off its tries to that node (up to 400 ms, `peer::network`). If the
 //! timer runs out first the node campaigns with a higher term. The other voters refuse
 //! it (they honour the leader's lease), but the leader steps down as soon as it sees
 //! that term: the mesh has no leader until a new election, and a node that keeps
@@ -19,6 +19,8 @@
 //! once, every node waits that long before the first election. It still grants votes
 //! meanwhile, so the others can elect a leader without it. A node that starts a new
 //! mesh or joins one is not held: it has no term that could depose anyone.
+//! A follower whose runtime stalls past its election timeout can still campaign:
+//! the hold covers a restart, not a stall.
 
 use crate::leader_watch::LeaderContact;
 use mesh_core::raft_types::TypeConfig;
@@ -28,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 /// Longest a restarted voter waits to hear from a leader before it may campaign: the
-/// leader's longest backoff towards a node it could not reach (500 ms), its
+/// leader's longest backoff towards a node it could not reach (400 ms), its
 /// connection and TLS handshake, with room for a loaded machine.
 pub const HOLD: Duration = Duration::from_secs(2);
 /// How often the hold looks.
@@ -41,7 +43,7 @@ fn only_voter(mut voters: impl Iterator<Item = u64>, me: u64) -> bool {
 }
 
 /// Turns elections on once a leader has been heard from, or at once for the only
-/// voter, or after `hold`.
+/// voter, or after [`HOLD`].
 pub struct RejoinHold {
     /// This node.
     pub me: u64,
@@ -49,8 +51,6 @@ pub struct RejoinHold {
     pub raft: Raft<TypeConfig>,
     /// Fed by the Raft endpoint.
     pub contact: LeaderContact,
-    /// How long at most.
-    pub hold: Duration,
 }
 
 impl RejoinHold {
@@ -81,7 +81,7 @@ impl RejoinHold {
                 );
                 break;
             }
-            if started.elapsed() >= self.hold {
+            if started.elapsed() >= HOLD {
                 info!(
                     after_ms = started.elapsed().as_millis() as u64,
                     "no leader heard from since the restart; elections on"

@@ -10,6 +10,7 @@
 //! for Mesh and etcd alike: `compare-etcd` prints that bound beside its one-client
 //! figures (docs/benchmarks.md, "One flush at a time").
 
+use crate::load::percentile_ms;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::fs::File;
@@ -90,7 +91,7 @@ fn syncs(dir: &Path, writers: usize, each: Duration) -> Result<Syncs> {
         })
         .collect::<Result<Vec<File>>>()?;
     let started = Instant::now();
-    let took: Vec<Vec<Duration>> = std::thread::scope(|scope| {
+    let took: Vec<Vec<u64>> = std::thread::scope(|scope| {
         let handles: Vec<_> = files
             .iter()
             .map(|file| scope.spawn(move || append_until(file, started + each)))
@@ -101,22 +102,18 @@ fn syncs(dir: &Path, writers: usize, each: Duration) -> Result<Syncs> {
             .collect::<std::io::Result<Vec<_>>>()
     })?;
     let elapsed = started.elapsed().as_secs_f64();
-    let mut all: Vec<Duration> = took.into_iter().flatten().collect();
-    all.sort();
-    let at = |q: f64| {
-        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
-    };
+    let mut all: Vec<u64> = took.into_iter().flatten().collect();
+    all.sort_unstable();
     Ok(Syncs {
         writers,
         per_sec: all.len() as f64 / elapsed,
-        p50_us: at(0.5),
-        p90_us: at(0.9),
+        p50_us: percentile_ms(&all, 0.5) * 1000.0,
+        p90_us: percentile_ms(&all, 0.9) * 1000.0,
     })
 }
 
-/// Durable appends to `file` until `until`; how long each took.
-fn append_until(file: &File, until: Instant) -> std::io::Result<Vec<Duration>> {
+/// Durable appends to `file` until `until`; how long each took, in microseconds.
+fn append_until(file: &File, until: Instant) -> std::io::Result<Vec<u64>> {
     let record = [b'x'; RECORD];
     let mut took = Vec::new();
     let mut at = 0u64;
@@ -127,7 +124,7 @@ fn append_until(file: &File, until: Instant) -> std::io::Result<Vec<Duration>> {
         let t = Instant::now();
         file.write_all_at(&record, at)?;
         file.sync_data()?;
-        took.push(t.elapsed());
+        took.push(t.elapsed().as_micros() as u64);
         at += RECORD as u64;
     }
     Ok(took)
