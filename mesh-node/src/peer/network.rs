@@ -5,10 +5,16 @@
 //!
 //! Votes and snapshots are unary calls. AppendEntries, the hot path, go over one
 //! `Replicate` stream per link (openraft sends them one at a time per follower): a
-//! request, then its answer. The stream is taken out of the link for the exchange
-//! and put back only once the answer is in, so an exchange cut short (its timeout,
-//! a dropped future) drops the stream, and no later request can read an earlier
-//! request's answer. A peer without `Replicate` (an older build) gets unary calls.
+//! request, then its answer. A peer without `Replicate` (an older build) gets unary
+//! calls.
+//!
+//! openraft cuts each AppendEntries at its heartbeat interval (50 ms). Work that a cut
+//! would waste goes on in a tokio task of its own instead ([`Slot::Settling`]):
+//! opening the stream (on a new connection, a TLS handshake too), and reading the
+//! answer of an exchange that was cut after its request went out. The next exchange
+//! waits for that task, so no request ever reads an earlier request's answer, and a
+//! peer that answers more slowly than 50 ms for a while (just restarted, loaded)
+//! still hears from the leader instead of seeing each try start over.
 
 use super::clients::PeerClients;
 use super::codec::{from_payload, to_payload};
@@ -30,6 +36,7 @@ use openraft::{RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use std::future::Future;
 use std::time::Duration;
+use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::Status;
 use tracing::warn;
@@ -73,14 +80,35 @@ struct Peer {
 struct Replication {
     /// The peer's node id (for the log).
     target: u64,
-    /// The open `Replicate` stream, between exchanges.
-    stream: Option<ReplicationStream>,
+    /// The `Replicate` stream, between exchanges.
+    slot: Slot,
     /// The peer answered `Replicate` with UNIMPLEMENTED: one unary call each.
     unary_only: bool,
 }
 
+/// Where a link's `Replicate` stream is between exchanges.
+// One per link: boxing the stream would save moving ~256 bytes twice an exchange.
+#[allow(clippy::large_enum_variant)]
+enum Slot {
+    /// None open: the next exchange opens one.
+    Empty,
+    /// Open and idle: every request sent on it has had its answer.
+    Ready(ReplicationStream),
+    /// Being opened, or reading the answer of an exchange cut short, in a tokio task
+    /// that openraft's deadline does not cut: the stream once that is done, or why
+    /// none could be opened.
+    Settling(JoinHandle<Result<ReplicationStream, Status>>),
+}
+
 /// Requests a stream buffers before the peer reads them: exchanges are one at a time.
 const REPLICATION_BUFFER: usize = 1;
+
+/// Longest a link waits to open its stream, or for the answer of an exchange cut
+/// short, before it gives the stream up and opens a new one: far above a loaded
+/// peer's answer (tens of ms) and a TLS handshake, short enough that a peer that took
+/// a request and never answers holds the link up only briefly. A peer that is down
+/// fails faster than this (its connection is refused or reset).
+const SETTLE_LIMIT: Duration = Duration::from_secs(1);
 
 /// One open `Replicate` call.
 struct ReplicationStream {
@@ -219,13 +247,13 @@ impl Replication {
     fn new(target: u64) -> Replication {
         Replication {
             target,
-            stream: None,
+            slot: Slot::Empty,
             unary_only: false,
         }
     }
 
-    /// One AppendEntries over the stream (opened now if there is none). The stream is
-    /// put back only once the answer is in.
+    /// One AppendEntries over the stream (opened first if there is none). Cancel-safe:
+    /// cut at any await, it leaves the link able to go on (see [`Slot`]).
     async fn exchange(
         &mut self,
         mut client: RaftClient<Channel>,
@@ -234,39 +262,116 @@ impl Replication {
         if self.unary_only {
             return Ok(client.append_entries(payload).await?.into_inner());
         }
-        let mut stream = match self.stream.take() {
-            Some(s) => s,
-            None => {
-                let (requests, outgoing) = mpsc::channel(REPLICATION_BUFFER);
-                match client.replicate(outgoing).await {
-                    Ok(answers) => ReplicationStream {
-                        requests,
-                        answers: answers.into_inner(),
-                    },
-                    Err(s) if s.code() == tonic::Code::Unimplemented => {
-                        warn!(
-                            peer = self.target,
-                            "the peer has no Replicate call (an older build?): AppendEntries go to it one call each"
-                        );
-                        self.unary_only = true;
-                        return Ok(client.append_entries(payload).await?.into_inner());
-                    }
-                    Err(s) => return Err(s),
+        if matches!(self.slot, Slot::Empty) {
+            self.slot = Slot::Settling(tokio::spawn(open(client.clone())));
+        }
+        if let Slot::Settling(task) = &mut self.slot {
+            // Awaited in place: cut here, the task goes on and the next exchange
+            // awaits it in turn.
+            let settled = task.await;
+            self.slot = Slot::Empty;
+            match settled {
+                Ok(Ok(stream)) => self.slot = Slot::Ready(stream),
+                Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                    warn!(
+                        peer = self.target,
+                        "the peer has no Replicate call (an older build?): AppendEntries go to it one call each"
+                    );
+                    self.unary_only = true;
+                    return Ok(client.append_entries(payload).await?.into_inner());
                 }
+                Ok(Err(status)) => return Err(status),
+                Err(join) => return Err(Status::internal(join.to_string())),
             }
+        }
+        let Slot::Ready(stream) = std::mem::replace(&mut self.slot, Slot::Empty) else {
+            unreachable!("an empty slot was set settling, and a settled one ready");
         };
-        stream
-            .requests
-            .send(payload)
-            .await
-            .map_err(|_| Status::unavailable("the replication stream closed"))?;
-        let answer = stream
-            .answers
-            .message()
-            .await?
-            .ok_or_else(|| Status::unavailable("the peer ended the replication stream"))?;
-        self.stream = Some(stream);
-        Ok(answer)
+        let mut exchange = Exchange {
+            slot: &mut self.slot,
+            client,
+            stream: Some(stream),
+            sent: false,
+        };
+        exchange.run(payload).await
+    }
+}
+
+/// Opens a `Replicate` stream on `client`, within [`SETTLE_LIMIT`].
+async fn open(mut client: RaftClient<Channel>) -> Result<ReplicationStream, Status> {
+    let (requests, outgoing) = mpsc::channel(REPLICATION_BUFFER);
+    let answers = tokio::time::timeout(SETTLE_LIMIT, client.replicate(outgoing))
+        .await
+        .map_err(|_| Status::deadline_exceeded("opening the replication stream timed out"))??;
+    Ok(ReplicationStream {
+        requests,
+        answers: answers.into_inner(),
+    })
+}
+
+/// Reads and drops the answer of an exchange cut short, within [`SETTLE_LIMIT`]: the
+/// stream is idle again after it. If the answer does not come, the stream is given up
+/// and a new one opened.
+async fn finish(
+    mut stream: ReplicationStream,
+    client: RaftClient<Channel>,
+) -> Result<ReplicationStream, Status> {
+    match tokio::time::timeout(SETTLE_LIMIT, stream.answers.message()).await {
+        Ok(Ok(Some(_))) => Ok(stream),
+        _ => {
+            drop(stream);
+            open(client).await
+        }
+    }
+}
+
+/// One request and its answer on a stream; if dropped before the answer is in, it
+/// leaves the stream in its link's slot: ready if the request never went out, else
+/// settling (its answer read in a tokio task of its own).
+struct Exchange<'a> {
+    slot: &'a mut Slot,
+    client: RaftClient<Channel>,
+    stream: Option<ReplicationStream>,
+    sent: bool,
+}
+
+impl Exchange<'_> {
+    async fn run(&mut self, payload: RaftPayload) -> Result<RaftPayload, Status> {
+        let stream = self.stream.as_mut().expect("set until the exchange ends");
+        if stream.requests.send(payload).await.is_err() {
+            self.stream = None;
+            return Err(Status::unavailable("the replication stream closed"));
+        }
+        self.sent = true;
+        let answer = stream.answers.message().await;
+        self.sent = false;
+        match answer {
+            Ok(Some(answer)) => Ok(answer),
+            Ok(None) => {
+                self.stream = None;
+                Err(Status::unavailable("the peer ended the replication stream"))
+            }
+            Err(status) => {
+                self.stream = None;
+                Err(status)
+            }
+        }
+    }
+}
+
+impl Drop for Exchange<'_> {
+    fn drop(&mut self) {
+        let Some(stream) = self.stream.take() else {
+            return;
+        };
+        *self.slot = if !self.sent {
+            Slot::Ready(stream)
+        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // A short task (at most twice SETTLE_LIMIT), owned by the link's slot.
+            Slot::Settling(runtime.spawn(finish(stream, self.client.clone())))
+        } else {
+            Slot::Empty
+        };
     }
 }
 
@@ -283,13 +388,27 @@ mod tests {
     /// A request starting with this byte is answered only after [`SLOW_FOR`].
     const SLOW: u8 = 0xff;
     const SLOW_FOR: Duration = Duration::from_millis(300);
+    /// A request starting with this byte is never answered.
+    const NEVER: u8 = 0xfe;
+    /// openraft's deadline for one AppendEntries (its heartbeat interval).
+    const DEADLINE: Duration = Duration::from_millis(50);
+
+    /// How the test peer serves `Replicate`.
+    #[derive(Clone, Copy)]
+    enum Streams {
+        /// Refused as a build that predates it does.
+        Unknown,
+        /// Opened at once.
+        Quick,
+        /// Opened only after [`SLOW_FOR`] (a new connection to a loaded peer).
+        SlowToOpen,
+    }
 
     /// Answers every AppendEntries with its own bytes, by either call; counts the
-    /// `Replicate` calls. Without `streams` it refuses `Replicate` as a build that
-    /// predates it does.
+    /// `Replicate` calls.
     #[derive(Clone)]
     struct Echo {
-        streams: bool,
+        streams: Streams,
         replicate_calls: Arc<AtomicUsize>,
     }
 
@@ -307,13 +426,17 @@ mod tests {
             req: Request<Streaming<RaftPayload>>,
         ) -> Result<Response<Self::ReplicateStream>, Status> {
             self.replicate_calls.fetch_add(1, Ordering::SeqCst);
-            if !self.streams {
-                return Err(Status::unimplemented("unknown method Replicate"));
+            match self.streams {
+                Streams::Unknown => return Err(Status::unimplemented("unknown method Replicate")),
+                Streams::Quick => {}
+                Streams::SlowToOpen => tokio::time::sleep(SLOW_FOR).await,
             }
             let answers = req.into_inner().then(|m| async move {
                 let m = m?;
-                if m.data.first() == Some(&SLOW) {
-                    tokio::time::sleep(SLOW_FOR).await;
+                match m.data.first() {
+                    Some(&SLOW) => tokio::time::sleep(SLOW_FOR).await,
+                    Some(&NEVER) => futures::future::pending::<()>().await,
+                    _ => {}
                 }
                 Ok(m)
             });
@@ -332,7 +455,7 @@ mod tests {
 
     /// Serves an [`Echo`] on loopback (plain HTTP/2: this is about the stream, not
     /// TLS): a client, and the count of `Replicate` calls the server took.
-    async fn serve(streams: bool) -> (RaftClient<Channel>, Arc<AtomicUsize>) {
+    async fn serve(streams: Streams) -> (RaftClient<Channel>, Arc<AtomicUsize>) {
         let replicate_calls = Arc::new(AtomicUsize::new(0));
         let echo = Echo {
             streams,
@@ -374,9 +497,24 @@ mod tests {
         }
     }
 
+    /// One exchange under openraft's deadline: `None` if it was cut.
+    async fn within_deadline(
+        replication: &mut Replication,
+        client: &RaftClient<Channel>,
+        bytes: &[u8],
+    ) -> Option<RaftPayload> {
+        tokio::time::timeout(
+            DEADLINE,
+            replication.exchange(client.clone(), payload(bytes)),
+        )
+        .await
+        .ok()
+        .map(|answer| answer.expect("the exchange itself does not fail"))
+    }
+
     #[tokio::test]
-    async fn an_exchange_cut_short_never_hands_its_answer_to_the_next() {
-        let (client, calls) = serve(true).await;
+    async fn an_exchange_cut_short_never_hands_its_answer_to_the_next_and_keeps_the_stream() {
+        let (client, calls) = serve(Streams::Quick).await;
         let mut replication = Replication::new(2);
         each_answered(&mut replication, &client, &[0, 1, 2]).await;
         assert_eq!(
@@ -385,31 +523,73 @@ mod tests {
             "one stream carries them all"
         );
 
-        let cut = tokio::time::timeout(
-            Duration::from_millis(50),
-            replication.exchange(client.clone(), payload(&[SLOW, 1])),
-        )
-        .await;
-        assert!(cut.is_err(), "the slow answer came within the timeout");
+        let cut = within_deadline(&mut replication, &client, &[SLOW, 1]).await;
+        assert!(cut.is_none(), "the slow answer came within the deadline");
         assert!(
-            replication.stream.is_none(),
-            "a cut exchange drops its stream"
+            matches!(replication.slot, Slot::Settling(_)),
+            "a cut exchange leaves its stream settling"
         );
 
-        // The slow answer is still on its way; the next exchange must not read it.
-        each_answered(&mut replication, &client, &[7]).await;
-        tokio::time::sleep(SLOW_FOR).await;
-        each_answered(&mut replication, &client, &[8]).await;
+        // The slow answer is still on its way; the next exchanges must not read it.
+        each_answered(&mut replication, &client, &[7, 8]).await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "the stream outlived the cut"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_slower_to_open_than_the_deadline_is_opened_once() {
+        let (client, calls) = serve(Streams::SlowToOpen).await;
+        let mut replication = Replication::new(2);
+        // Each try is cut at the deadline, as openraft cuts them. If a cut threw the
+        // opening away, every try would start over and none would ever get through.
+        let mut tries = 0;
+        let answer = loop {
+            tries += 1;
+            assert!(
+                tries <= 40,
+                "no exchange got through in 40 tries of {DEADLINE:?}"
+            );
+            if let Some(answer) = within_deadline(&mut replication, &client, &[3]).await {
+                break answer;
+            }
+        };
+        assert_eq!(answer.data, [3]);
+        assert!(tries > 1, "the opening was not slower than the deadline");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "the stream was opened once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_answers_costs_its_stream_after_the_settle_limit() {
+        let (client, calls) = serve(Streams::Quick).await;
+        let mut replication = Replication::new(2);
+        assert!(within_deadline(&mut replication, &client, &[NEVER])
+            .await
+            .is_none());
+
+        let started = tokio::time::Instant::now();
+        each_answered(&mut replication, &client, &[4]).await;
+        assert!(
+            started.elapsed() >= SETTLE_LIMIT - DEADLINE,
+            "the link gave the stream up after {:?}",
+            started.elapsed()
+        );
         assert_eq!(
             calls.load(Ordering::SeqCst),
             2,
-            "one new stream after the cut"
+            "a new stream after the limit"
         );
     }
 
     #[tokio::test]
     async fn a_peer_without_replicate_gets_one_call_each() {
-        let (client, calls) = serve(false).await;
+        let (client, calls) = serve(Streams::Unknown).await;
         let mut replication = Replication::new(2);
         each_answered(&mut replication, &client, &[0, 1, 2]).await;
         assert!(replication.unary_only);
