@@ -574,6 +574,12 @@ impl<'a> Nemesis<'a> {
                         "; task {id} moved to node id {} as attempt {} ({}/{} shards done)",
                         now["node"], now["attempt"], now["shards_done"], now["shards"]
                     ));
+                } else if now["state"] == "succeeded" {
+                    // Shards take tens of ms: the last ones may commit between the
+                    // listing and the SIGKILL. Nothing is left to move then.
+                    moved = Some(format!(
+                        "; task {id} had finished (attempt {attempt}) before the kill took hold"
+                    ));
                 }
             }
             std::thread::sleep(Duration::from_millis(250));
