@@ -12,9 +12,10 @@
 //! would waste goes on in a tokio task of its own instead ([`Slot::Settling`]):
 //! opening the stream (on a new connection, a TLS handshake too), and reading the
 //! answer of an exchange that was cut after its request went out. The next exchange
-//! waits for that task, so no request ever reads an earlier request's answer, and a
-//! peer that answers more slowly than 50 ms for a while (just restarted, loaded)
-//! still hears from the leader instead of seeing each try start over.
+//! waits for that task, so no request ever reads an earlier request's answer, a
+//! stream slower than 50 ms to open still gets opened (were each cut to throw the
+//! opening away, every try would start over and none get through), and a late answer
+//! does not cost the stream.
 
 use super::clients::PeerClients;
 use super::codec::{from_payload, to_payload};
@@ -345,17 +346,13 @@ impl Exchange<'_> {
         self.sent = true;
         let answer = stream.answers.message().await;
         self.sent = false;
-        match answer {
-            Ok(Some(answer)) => Ok(answer),
-            Ok(None) => {
-                self.stream = None;
-                Err(Status::unavailable("the peer ended the replication stream"))
-            }
-            Err(status) => {
-                self.stream = None;
-                Err(status)
-            }
-        }
+        let failure = match answer {
+            Ok(Some(answer)) => return Ok(answer),
+            Ok(None) => Status::unavailable("the peer ended the replication stream"),
+            Err(status) => status,
+        };
+        self.stream = None;
+        Err(failure)
     }
 }
 
