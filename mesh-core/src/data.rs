@@ -41,6 +41,14 @@ impl From<Vec<u8>> for Bytes {
     }
 }
 
+/// Keeps the allocation when these bytes are its only holder and fill all of it (as
+/// bytes decoded into a `Vec` do); copies otherwise.
+impl From<Bytes> for Vec<u8> {
+    fn from(b: Bytes) -> Vec<u8> {
+        b.0.into()
+    }
+}
+
 impl From<&[u8]> for Bytes {
     fn from(v: &[u8]) -> Self {
         Bytes(bytes::Bytes::copy_from_slice(v))

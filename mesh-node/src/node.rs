@@ -51,7 +51,7 @@ pub const FIRST_NODE_ID: NodeId = NodeId(1);
 const NODE_ID_FILE: &str = "node.id";
 /// Raft heartbeat interval. openraft 0.9 also gives every AppendEntries this long to
 /// answer, so it is not a setting: shorter times out large appends under load.
-const RAFT_HEARTBEAT: Duration = Duration::from_millis(50);
+pub(crate) const RAFT_HEARTBEAT: Duration = Duration::from_millis(50);
 /// Liveness heartbeat period; the node timeout is several of these.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
 /// The only gRPC method an unpinned key may call.

@@ -3,7 +3,9 @@
 //! target id lets a machine that rejoined under a new id (same key, same address)
 //! refuse traffic meant for its old, removed id.
 //!
-//! Votes and snapshots are unary calls. AppendEntries, the hot path, go over one
+//! Snapshot chunks carry their bytes as one byte string
+//! ([`super::codec::snapshot_chunk_to_payload`]), not openraft's `Vec<u8>` as serde
+//! would encode it, byte by byte. Votes and snapshots are unary calls. AppendEntries, the hot path, go over one
 //! `Replicate` stream per link (openraft sends them one at a time per follower): a
 //! request, then its answer. A peer without `Replicate` (an older build) gets unary
 //! calls.
@@ -18,7 +20,7 @@
 //! does not cost the stream.
 
 use super::clients::PeerClients;
-use super::codec::{from_payload, to_payload};
+use super::codec::{from_payload, snapshot_chunk_to_payload, to_payload};
 use futures::channel::mpsc;
 use futures::SinkExt;
 use mesh_core::raft_types::TypeConfig;
@@ -222,7 +224,8 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Rpc<InstallSnapshotResponse<u64>, InstallSnapshotError> {
-        let payload = encode(&(self.peer.target, &rpc))?;
+        let payload = snapshot_chunk_to_payload(self.peer.target, &rpc)
+            .map_err(|s| RPCError::Network(NetworkError::new(&Transport(s.to_string()))))?;
         self.peer
             .call(RPCTypes::InstallSnapshot, &option, |mut c| async move {
                 Ok(c.install_snapshot(payload).await?.into_inner())

@@ -1,7 +1,7 @@
 //! The node-to-node gRPC services. Every call but `Join` must come from a pinned key,
 //! and the node id a request claims must be the one that key belongs to.
 
-use super::codec::{from_payload, to_payload};
+use super::codec::{from_payload, snapshot_chunk_from_payload, to_payload};
 use super::directory::Directory;
 use crate::liveness::Liveness;
 use crate::proposer::Proposer;
@@ -14,12 +14,10 @@ use mesh_proto::v1::{
     HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest, Member, ProgressReply,
     ProgressRequest, RaftPayload,
 };
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
-};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest};
 use openraft::{Raft, Vote};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Serves `mesh.v1.Raft` and `mesh.v1.Mesh`.
 #[derive(Clone)]
@@ -152,9 +150,20 @@ impl PeerServer {
         self.check_claim(id, fp, &rpc.vote)?;
         self.check_target(target)?;
         let started = std::time::Instant::now();
+        let entries = rpc.entries.len();
         let result = self.raft.append_entries(rpc).await;
-        metrics::histogram!("mesh_raft_append_handle_seconds")
-            .record(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        metrics::histogram!("mesh_raft_append_handle_seconds").record(took.as_secs_f64());
+        if took > crate::node::RAFT_HEARTBEAT {
+            // The leader gave up on this answer (its timeout is the heartbeat interval).
+            debug!(
+                leader = %id,
+                entries,
+                bytes = payload.data.len(),
+                took_ms = took.as_millis() as u64,
+                "answered an AppendEntries after the leader's timeout"
+            );
+        }
         if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
             self.contact.heard(id.0);
         }
@@ -222,7 +231,7 @@ impl RaftService for PeerServer {
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let (fp, id) = self.member(&req)?;
-        let (target, rpc): (u64, InstallSnapshotRequest<TypeConfig>) = from_payload(req.get_ref())?;
+        let (target, rpc) = snapshot_chunk_from_payload(req.get_ref())?;
         self.check_claim(id, &fp, &rpc.vote)?;
         self.check_target(target)?;
         Ok(Response::new(to_payload(

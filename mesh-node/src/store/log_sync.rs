@@ -30,6 +30,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+/// A sync slower than this is logged (at debug): a follower's answer waits for it, and
+/// the leader gives an AppendEntries 50 ms.
+const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(25);
+
 /// What an append or a drain is told when the thread is gone.
 const STOPPED: &str = "the Raft log's sync thread has stopped";
 
@@ -84,7 +88,15 @@ impl Shared {
         }
         let started = Instant::now();
         let result = files.sync();
-        metrics::histogram!("mesh_raft_log_sync_seconds").record(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        metrics::histogram!("mesh_raft_log_sync_seconds").record(took.as_secs_f64());
+        if took > SLOW_SYNC {
+            tracing::debug!(
+                appends,
+                took_ms = took.as_millis() as u64,
+                "the Raft log's sync was slow"
+            );
+        }
         metrics::histogram!("mesh_raft_log_appends_per_sync").record(appends as f64);
         result.map_err(|e| {
             let e = e.to_string();
