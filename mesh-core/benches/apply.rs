@@ -6,9 +6,11 @@
 //!
 //! Submits like mesh-bench's (saxpy, two 512-byte inputs, an idempotency key, 256
 //! submitters), applied 100 per entry; prints the mean time per submit up to each
-//! state size, with idempotency keys and without. Figures: docs/benchmarks.md.
+//! state size, with idempotency keys and without, and what encoding and decoding the
+//! whole state costs at each size (a snapshot: its payload is this state and two small
+//! fields). Figures: docs/benchmarks.md.
 
-use mesh_core::{Bytes, Command, Fingerprint, MeshState, Request, TaskSpec, Timestamp};
+use mesh_core::{codec, Bytes, Command, Fingerprint, MeshState, Request, TaskSpec, Timestamp};
 use std::time::{Duration, Instant};
 
 const PER_ENTRY: u64 = 100;
@@ -38,6 +40,7 @@ fn run(keyed: bool) {
     let mut state = MeshState::default();
     let mut n = 0u64;
     let mut line = format!("idempotency keys {:>3}:", if keyed { "yes" } else { "no" });
+    let mut snapshots = String::new();
     for size in SIZES {
         let (mut took, mut count) = (Duration::ZERO, 0u64);
         while n < size {
@@ -63,8 +66,28 @@ fn run(keyed: bool) {
             size / 1000,
             took.as_secs_f64() * 1e6 / count as f64
         ));
+        snapshots.push_str(&snapshot(&state, size));
     }
     println!("{line}");
+    println!("  the state as a snapshot:{snapshots}");
+}
+
+/// Encode and decode `state` once each; the figures as a line's part.
+fn snapshot(state: &MeshState, size: u64) -> String {
+    let started = Instant::now();
+    let bytes = codec::encode(state).expect("the state encodes");
+    let encoded = started.elapsed();
+    let started = Instant::now();
+    let decoded: MeshState = codec::decode(&bytes).expect("the state decodes");
+    let decode = started.elapsed();
+    std::hint::black_box(decoded);
+    format!(
+        "  {}k tasks {:.1} MiB, encode {:.0} ms, decode {:.0} ms",
+        size / 1000,
+        bytes.len() as f64 / 1048576.0,
+        encoded.as_secs_f64() * 1e3,
+        decode.as_secs_f64() * 1e3
+    )
 }
 
 fn main() {
