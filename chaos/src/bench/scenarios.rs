@@ -13,10 +13,22 @@ use tokio::runtime::Runtime;
 /// Node flags for throughput runs: two slots (unused: the nodes are drained).
 const NODE_ARGS: &[&str] = &["--slots", "2"];
 
-/// A cluster of `nodes` for load: every node drained, so that submitted tasks queue
-/// and the run measures commits, not GPU work; returns it and the leader's index.
-pub fn load_cluster(dir: &std::path::Path, nodes: usize) -> Result<(Cluster, usize)> {
-    let mut cluster = Cluster::start(dir, nodes, NODE_ARGS)?;
+/// Node flags for `join` and `footprint`, whose state must be in a snapshot with the
+/// log before it purged, as a long-running mesh's is: the smallest snapshot interval,
+/// since their fill is one Raft entry per ~1,000 tasks (~100 entries for 100,000),
+/// far fewer than the default 20,000 (before session 25 neither ever took a snapshot:
+/// the joiner caught up from the log, and the disk figure was the log's).
+const COMPACTING_ARGS: &[&str] = &["--slots", "2", "--snapshot-every", "20"];
+
+/// A cluster of `nodes` started with `args`, for load: every node drained, so that
+/// submitted tasks queue and the run measures commits, not GPU work; returns it and
+/// the leader's index.
+pub fn load_cluster(
+    dir: &std::path::Path,
+    nodes: usize,
+    args: &[&str],
+) -> Result<(Cluster, usize)> {
+    let mut cluster = Cluster::start(dir, nodes, args)?;
     let leader = cluster.leader().context("no leader")?;
     let cli = cluster.cli(leader);
     for i in 1..=nodes {
@@ -51,7 +63,7 @@ fn on_loaded_cluster<T>(
     f: impl FnOnce(&Cluster, usize) -> Result<T>,
 ) -> Result<T> {
     let dir = tempfile::tempdir()?;
-    let (cluster, leader) = load_cluster(dir.path(), nodes)?;
+    let (cluster, leader) = load_cluster(dir.path(), nodes, NODE_ARGS)?;
     phase(&what);
     f(&cluster, leader)
 }
@@ -187,9 +199,10 @@ pub struct JoinFigures {
 /// catching up (from a snapshot: the log has been compacted long before).
 pub fn join(rt: &Runtime, tasks: u64) -> Result<JoinFigures> {
     let dir = tempfile::tempdir()?;
-    let (mut cluster, leader) = load_cluster(dir.path(), 3)?;
+    let (mut cluster, leader) = load_cluster(dir.path(), 3, COMPACTING_ARGS)?;
     phase(&format!("join: filling the state with {tasks} tasks"));
     fill(rt, &cluster, leader, tasks)?;
+    snapshot_every_task(&mut cluster, leader, tasks)?;
     let token = cluster.token(1, "10m")?;
     let status = cluster.status(leader)?;
     let target = status["applied_index"]
@@ -225,6 +238,14 @@ pub fn join(rt: &Runtime, tasks: u64) -> Result<JoinFigures> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    if !cluster.nodes[i]
+        .log()
+        .contains("installed a snapshot from the leader")
+    {
+        bail!(
+            "node 4 caught up without installing a snapshot: the scenario measured a log catch-up"
+        );
+    }
     Ok(JoinFigures {
         tasks,
         ready_ms,
@@ -257,6 +278,43 @@ fn fill(rt: &Runtime, cluster: &Cluster, leader: usize, tasks: u64) -> Result<()
     })
 }
 
+/// Wait until node `leader` has built a snapshot of at least `tasks` tasks (its log
+/// says so); each snapshot purges the log before it. Nodes snapshot every
+/// `--snapshot-every` entries, so the last entries of a fill may not be in one yet:
+/// each join token created is one more entry and changes no task.
+fn snapshot_every_task(cluster: &mut Cluster, leader: usize, tasks: u64) -> Result<()> {
+    phase(&format!(
+        "waiting for node {} to snapshot {tasks} tasks",
+        leader + 1
+    ));
+    let start = Instant::now();
+    while largest_snapshot(&cluster.nodes[leader].log()) < Some(tasks) {
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "node {} built no snapshot of {tasks} tasks within 120 s",
+                leader + 1
+            );
+        }
+        cluster.token(1, "1m")?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The most tasks a snapshot held, from a node's `built a snapshot ... tasks=N` lines.
+fn largest_snapshot(log: &str) -> Option<u64> {
+    mesh_chaos::strip_ansi(log)
+        .lines()
+        .filter(|line| line.contains("built a snapshot"))
+        .filter_map(|line| {
+            let field = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("tasks="))?;
+            field.parse().ok()
+        })
+        .max()
+}
+
 /// What `footprint` measured.
 #[derive(Debug, Serialize)]
 pub struct Footprint {
@@ -276,14 +334,15 @@ pub struct Footprint {
 /// `tasks` queued tasks, after snapshots have compacted the log.
 pub fn footprint(rt: &Runtime, tasks: u64) -> Result<Footprint> {
     let dir = tempfile::tempdir()?;
-    let (cluster, leader) = load_cluster(dir.path(), 3)?;
-    let node = &cluster.nodes[leader];
-    let pid = node.pid().context("leader not running")?;
-    let (rss0, disk0) = (rss_bytes(pid)?, dir_bytes(&node.data_dir));
+    let (mut cluster, leader) = load_cluster(dir.path(), 3, COMPACTING_ARGS)?;
+    let pid = cluster.nodes[leader].pid().context("leader not running")?;
+    let (rss0, disk0) = (rss_bytes(pid)?, dir_bytes(&cluster.nodes[leader].data_dir));
     phase(&format!("footprint: adding {tasks} tasks"));
     fill(rt, &cluster, leader, tasks)?;
-    // Let the snapshot that the last entries trigger finish and the log compact.
+    snapshot_every_task(&mut cluster, leader, tasks)?;
+    // Let the log purge that follows the snapshot finish.
     std::thread::sleep(Duration::from_secs(5));
+    let node = &cluster.nodes[leader];
     let (rss1, disk1) = (rss_bytes(pid)?, dir_bytes(&node.data_dir));
     let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / tasks as f64;
     let disk_per_task = per(disk0, disk1);
@@ -408,5 +467,21 @@ pub fn reassign(mut cluster: Cluster) -> Result<f64> {
             bail!("task {victim_task} did not move within 30 s: {t}");
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_snapshot_is_read_from_the_node_log() {
+        let log = "\x1b[2m2026-12-07T21:44:30.58Z\x1b[0m \x1b[32m INFO\x1b[0m mesh_node::store::state_machine: built a snapshot \x1b[3msnapshot\x1b[0m\x1b[2m=\x1b[0m1-114-1 \x1b[3mtasks\x1b[0m\x1b[2m=\x1b[0m18 bytes=6438752
+2026-12-07T21:44:31Z INFO mesh_node::store::state_machine: installed a snapshot from the leader snapshot=1-114-1 bytes=6438752
+2026-12-07T21:44:36Z INFO mesh_node::store::state_machine: built a snapshot snapshot=2-229-3 tasks=41 bytes=6722195 clone_ms=0 total_ms=71
+2026-12-07T21:44:37Z INFO mesh_node::ssh::server: ssh exec command=tasks=99
+";
+        assert_eq!(largest_snapshot(log), Some(41));
+        assert_eq!(largest_snapshot("no snapshot yet\n"), None);
     }
 }
