@@ -3,9 +3,9 @@
 //! target id lets a machine that rejoined under a new id (same key, same address)
 //! refuse traffic meant for its old, removed id.
 //!
-//! Snapshot chunks carry their bytes as one byte string
-//! ([`super::codec::snapshot_chunk_to_payload`]), not openraft's `Vec<u8>` as serde
-//! would encode it, byte by byte. Votes and snapshots are unary calls. AppendEntries, the hot path, go over one
+//! Votes and snapshots are unary calls; a snapshot chunk carries its bytes as one byte
+//! string ([`super::codec::snapshot_chunk_to_payload`]), not as serde would encode
+//! openraft's `Vec<u8>`, byte by byte. AppendEntries, the hot path, go over one
 //! `Replicate` stream per link (openraft sends them one at a time per follower): a
 //! request, then its answer. A peer without `Replicate` (an older build) gets unary
 //! calls.
@@ -197,7 +197,13 @@ impl Peer {
 // openraft's RPC error type is large by design; it is what the trait returns.
 #[allow(clippy::result_large_err)]
 fn encode<T: serde::Serialize, E: std::error::Error>(v: &T) -> Rpc<RaftPayload, E> {
-    to_payload(v).map_err(|s| RPCError::Network(NetworkError::new(&Transport(s.to_string()))))
+    encoded(to_payload(v))
+}
+
+/// A payload, or why it could not be encoded as openraft's error.
+#[allow(clippy::result_large_err)]
+fn encoded<E: std::error::Error>(payload: Result<RaftPayload, Status>) -> Rpc<RaftPayload, E> {
+    payload.map_err(|s| RPCError::Network(NetworkError::new(&Transport(s.to_string()))))
 }
 
 impl RaftNetwork<TypeConfig> for PeerLink {
@@ -224,8 +230,7 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Rpc<InstallSnapshotResponse<u64>, InstallSnapshotError> {
-        let payload = snapshot_chunk_to_payload(self.peer.target, &rpc)
-            .map_err(|s| RPCError::Network(NetworkError::new(&Transport(s.to_string()))))?;
+        let payload = encoded(snapshot_chunk_to_payload(self.peer.target, &rpc))?;
         self.peer
             .call(RPCTypes::InstallSnapshot, &option, |mut c| async move {
                 Ok(c.install_snapshot(payload).await?.into_inner())
