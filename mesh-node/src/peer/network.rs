@@ -22,7 +22,6 @@
 use super::clients::PeerClients;
 use super::codec::{from_payload, snapshot_chunk_to_payload, to_payload};
 use futures::channel::mpsc;
-use futures::SinkExt;
 use mesh_core::raft_types::TypeConfig;
 use mesh_core::MeshNode;
 use mesh_proto::v1::raft_client::RaftClient;
@@ -293,16 +292,22 @@ impl Replication {
                 Err(join) => return Err(Status::internal(join.to_string())),
             }
         }
-        let Slot::Ready(stream) = std::mem::replace(&mut self.slot, Slot::Empty) else {
+        let Slot::Ready(mut stream) = std::mem::replace(&mut self.slot, Slot::Empty) else {
             unreachable!("an empty slot was set settling, and a settled one ready");
         };
-        let mut exchange = Exchange {
+        // The stream is idle (every request on it has had its answer), so its
+        // one-message buffer is free and the send does not wait: no cut can fall
+        // between the request going out and the link knowing that it did.
+        if stream.requests.try_send(payload).is_err() {
+            return Err(Status::unavailable("the replication stream closed"));
+        }
+        Owed {
             slot: &mut self.slot,
             client,
             stream: Some(stream),
-            sent: false,
-        };
-        exchange.run(payload).await
+        }
+        .answer()
+        .await
     }
 }
 
@@ -334,48 +339,42 @@ async fn finish(
     }
 }
 
-/// One request and its answer on a stream; if dropped before the answer is in, it
-/// leaves the stream in its link's slot: ready if the request never went out, else
-/// settling (its answer read in a tokio task of its own).
-struct Exchange<'a> {
+/// A stream whose request went out and whose answer is owed. Read, the stream goes
+/// back to its link's slot ready; dropped before that (openraft's deadline cut the
+/// exchange), it leaves the stream settling there, its answer read in a tokio task of
+/// its own.
+struct Owed<'a> {
     slot: &'a mut Slot,
     client: RaftClient<Channel>,
+    /// Set until the answer is read.
     stream: Option<ReplicationStream>,
-    sent: bool,
 }
 
-impl Exchange<'_> {
-    async fn run(&mut self, payload: RaftPayload) -> Result<RaftPayload, Status> {
-        let stream = self.stream.as_mut().expect("set until the exchange ends");
-        if stream.requests.send(payload).await.is_err() {
-            self.stream = None;
-            return Err(Status::unavailable("the replication stream closed"));
-        }
-        self.sent = true;
+impl Owed<'_> {
+    async fn answer(mut self) -> Result<RaftPayload, Status> {
+        let stream = self.stream.as_mut().expect("set until the answer is read");
         let answer = stream.answers.message().await;
-        self.sent = false;
-        let failure = match answer {
-            Ok(Some(answer)) => return Ok(answer),
-            Ok(None) => Status::unavailable("the peer ended the replication stream"),
-            Err(status) => status,
-        };
-        self.stream = None;
-        Err(failure)
+        let stream = self.stream.take().expect("set until the answer is read");
+        match answer {
+            Ok(Some(answer)) => {
+                *self.slot = Slot::Ready(stream);
+                Ok(answer)
+            }
+            Ok(None) => Err(Status::unavailable("the peer ended the replication stream")),
+            Err(status) => Err(status),
+        }
     }
 }
 
-impl Drop for Exchange<'_> {
+impl Drop for Owed<'_> {
     fn drop(&mut self) {
         let Some(stream) = self.stream.take() else {
             return;
         };
-        *self.slot = if !self.sent {
-            Slot::Ready(stream)
-        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        *self.slot = match tokio::runtime::Handle::try_current() {
             // A short task (at most twice SETTLE_LIMIT), owned by the link's slot.
-            Slot::Settling(runtime.spawn(finish(stream, self.client.clone())))
-        } else {
-            Slot::Empty
+            Ok(runtime) => Slot::Settling(runtime.spawn(finish(stream, self.client.clone()))),
+            Err(_) => Slot::Empty,
         };
     }
 }
@@ -397,6 +396,10 @@ mod tests {
     const NEVER: u8 = 0xfe;
     /// openraft's deadline for one AppendEntries (its heartbeat interval).
     const DEADLINE: Duration = Duration::from_millis(50);
+    /// An exchange a test expects answered but unanswered this long has read from a
+    /// stream that owes an earlier, never-coming answer: a failure, not a hang. Far
+    /// above the settle limit, so slowness cannot reach it.
+    const NEVER_ANSWERED: Duration = Duration::from_secs(10);
 
     /// How the test peer serves `Replicate`.
     #[derive(Clone, Copy)]
@@ -497,7 +500,12 @@ mod tests {
         bytes: &[u8],
     ) {
         for b in bytes {
-            let answer = replication.exchange(client.clone(), payload(&[*b])).await;
+            let answer = tokio::time::timeout(
+                NEVER_ANSWERED,
+                replication.exchange(client.clone(), payload(&[*b])),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("exchange of {b}: no answer in {NEVER_ANSWERED:?}"));
             assert_eq!(answer.unwrap().data, [*b], "exchange of {b}");
         }
     }
