@@ -41,8 +41,8 @@ impl From<Vec<u8>> for Bytes {
     }
 }
 
-/// Keeps the allocation when these bytes are its only holder and fill all of it (as
-/// bytes decoded into a `Vec` do); copies otherwise.
+/// Keeps the allocation when these bytes are its only holder (as bytes just decoded
+/// are); copies otherwise.
 impl From<Bytes> for Vec<u8> {
     fn from(b: Bytes) -> Vec<u8> {
         b.0.into()

@@ -28,11 +28,11 @@ use mesh_core::raft_types::TypeConfig;
 use openraft::storage::LogFlushed;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A sync slower than this is logged (at debug): a follower's answer waits for it, and
 /// the leader gives an AppendEntries 50 ms.
-const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(25);
+const SLOW_SYNC: Duration = Duration::from_millis(25);
 
 /// What an append or a drain is told when the thread is gone.
 const STOPPED: &str = "the Raft log's sync thread has stopped";
